@@ -1,0 +1,77 @@
+"""Shared CLI plumbing: the rich console and turning errors into one line + exit code."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from facetool.errors import FacetoolError
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> None:
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap a command: FacetoolError / Ctrl-C / unexpected errors become one line, non-zero exit.
+
+    ``FACETOOL_DEBUG=1`` re-raises, to see the traceback while developing.
+    """
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except FacetoolError as e:
+            if os.environ.get("FACETOOL_DEBUG"):
+                raise
+            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
+        except KeyboardInterrupt:
+            if os.environ.get("FACETOOL_DEBUG"):
+                raise
+            fail("interrupted; partial results were kept where the command can resume (--resume)", 130)
+        except MemoryError:
+            fail("out of memory; use a smaller --batch-size", 1)
+        except Exception as e:  # noqa: BLE001 - never show a traceback to a user
+            if os.environ.get("FACETOOL_DEBUG"):
+                raise
+            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            fail(f"internal error: {type(e).__name__}: {msg[:300]} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+
+    return wrapper
+
+
+def dict_table(title: str, rows: dict[str, Any] | list[tuple[str, Any]], key: str = "item", value: str = "value") -> Table:
+    t = Table(title=title, title_justify="left")
+    t.add_column(key)
+    t.add_column(value, justify="right")
+    for k, v in (rows.items() if isinstance(rows, dict) else rows):
+        t.add_row(str(k), f"{v:.4g}" if isinstance(v, float) else str(v))
+    return t
+
+
+def records_table(title: str, records: list[dict[str, Any]], columns: list[str] | None = None) -> Table:
+    """A table with one row per record (e.g. one row per model)."""
+    cols = columns or (list(records[0].keys()) if records else [])
+    t = Table(title=title, title_justify="left")
+    for i, c in enumerate(cols):
+        t.add_column(c, justify="left" if i == 0 else "right")
+    for r in records:
+        t.add_row(*[(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols])
+    return t
+
+
+def is_interactive() -> bool:
+    return sys.stderr.isatty()

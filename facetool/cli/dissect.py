@@ -1,0 +1,9 @@
+"""`facetool dissect ...`: look inside trained models."""
+
+from facetool.cli.hub import make_group
+
+MODULES = ["facetool.cli.dissect_gates"]
+
+
+def register(app):
+    make_group("dissect", "Dissect trained models: gate usage per attribute, easy/hard images.", MODULES, app)

@@ -1,0 +1,9 @@
+"""`facetool eval ...`: classification on a store, and the recognition protocols."""
+
+from facetool.cli.hub import make_group
+
+MODULES = ["facetool.cli.eval_classify", "facetool.cli.eval_recognition"]
+
+
+def register(app):
+    make_group("eval", "Evaluate models: classification tables, IJB-B/C, LFW-family verification.", MODULES, app)

@@ -1,0 +1,25 @@
+"""The one normalisation used for training and evaluation: RGB, (x/255 - 0.5) / 0.5."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+MEAN = 127.5
+STD = 127.5
+
+
+def normalize(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 (N,H,W,3) or (H,W,3) RGB -> float32 (N,3,H,W) / (3,H,W) in [-1, 1]."""
+    t = torch.as_tensor(images)
+    if t.dim() == 3:
+        t = t.permute(2, 0, 1)
+    else:
+        t = t.permute(0, 3, 1, 2)
+    return (t.float() - MEAN) / STD
+
+
+def denormalize(x: torch.Tensor) -> np.ndarray:
+    """float (N,3,H,W) in [-1, 1] -> uint8 (N,H,W,3) RGB."""
+    x = (x.detach().float().cpu() * STD + MEAN).clamp(0, 255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).numpy()

@@ -1,0 +1,134 @@
+"""Atomic file output and safe loading of untrusted files."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+from facetool.errors import FacetoolError
+
+
+def partial_path(path: str | Path) -> Path:
+    """The temporary name an output is written under until it is complete (used for resume)."""
+    p = Path(path)
+    return p.with_name(p.name + ".partial")
+
+
+def check_output(path: str | Path, overwrite: bool) -> Path:
+    """Refuse to clobber an existing output unless asked; make sure its folder is writable."""
+    p = Path(path)
+    if p.exists() and not overwrite:
+        raise FacetoolError(f"output exists: {p} (pass --overwrite to replace it)")
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FacetoolError(f"cannot create output folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise FacetoolError(f"output folder is not writable: {parent}")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    tmp_p = Path(tmp)
+    try:
+        yield tmp_p
+        os.replace(tmp_p, p)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_p.unlink()
+        raise
+
+
+def write_json(path: str | Path, obj: Any) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+    return Path(path)
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+    return Path(path)
+
+
+def _json_default(o: Any) -> Any:
+    import numpy as np
+
+    if isinstance(o, np.generic):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def torch_save(obj: Any, path: str | Path) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
+
+
+def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
+    """Load a torch file without executing code (``weights_only=True``); errors become one line."""
+    import torch
+
+    p = Path(path)
+    if not p.is_file():
+        raise FacetoolError(f"{what} not found: {p}")
+    try:
+        return torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
+        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {first[:160]})") from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {first[:160]}") from None
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """Unpickler for data files (e.g. insightface ``.bin`` packs) that allows no globals but
+    plain builtins containers; anything that could execute code is refused."""
+
+    ALLOWED = {
+        ("builtins", "list"),
+        ("builtins", "tuple"),
+        ("builtins", "dict"),
+        ("builtins", "set"),
+        ("builtins", "frozenset"),
+        ("builtins", "bytearray"),
+        ("__builtin__", "list"),
+        ("__builtin__", "tuple"),
+        ("__builtin__", "set"),
+        ("__builtin__", "bytearray"),
+        ("_codecs", "encode"),
+    }
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"refused global {module}.{name}")
+
+
+def restricted_loads(data: bytes, encoding: str = "bytes") -> Any:
+    try:
+        return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
+    except pickle.UnpicklingError as e:
+        raise FacetoolError(f"refused to load pickle: {e}") from None
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError) as e:
+        raise FacetoolError(f"corrupt pickle: {type(e).__name__}: {e}") from None

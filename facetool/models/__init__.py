@@ -1,0 +1,17 @@
+"""Model registry, the shared model interface and checkpoints."""
+
+from facetool.models.base import INTERNALS, FaceModel
+from facetool.models.checkpoint import load_model, load_state_dict_checked, read_checkpoint, save_checkpoint
+from facetool.models.registry import create_model, list_models, register_model
+
+__all__ = [
+    "INTERNALS",
+    "FaceModel",
+    "create_model",
+    "list_models",
+    "register_model",
+    "load_model",
+    "load_state_dict_checked",
+    "read_checkpoint",
+    "save_checkpoint",
+]

@@ -1,0 +1,94 @@
+"""Checkpoints: a plain state_dict plus a small JSON-able config, in one torch file.
+
+    {"format": "facetool-checkpoint", "version": 1, "config": {...}, "state_dict": {...},
+     "meta": {...}}   # meta: JSON-able (training store, metrics, attribute masks, ...)
+
+They load with ``torch.load(weights_only=True)`` in anyone's code. ``load_model`` also accepts
+bare state_dicts of other projects (architecture inferred by the matchers registered in
+:data:`STATE_DICT_MATCHERS`) and ONNX files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from facetool.errors import FacetoolError
+from facetool.io import torch_load, torch_save
+from facetool.models.registry import create_model
+
+FORMAT = "facetool-checkpoint"
+
+#: functions ``state_dict -> (model_name, kwargs) | None`` that recognise foreign checkpoints
+STATE_DICT_MATCHERS: list[Callable[[dict], tuple[str, dict] | None]] = []
+
+
+def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
+    model = getattr(model, "module", model)  # unwrap DDP
+    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    return torch_save({"format": FORMAT, "version": 1, "config": dict(model.config), "state_dict": sd,
+                       "meta": meta or {}}, path)
+
+
+def load_state_dict_checked(model: torch.nn.Module, sd: dict, source: str) -> None:
+    """Strict load; a mismatch names the missing, unexpected and mis-shaped keys."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    shapes = [f"{k} {tuple(sd[k].shape)}≠{tuple(own[k].shape)}" for k in own
+              if k in sd and hasattr(sd[k], "shape") and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        def few(xs: list[str]) -> str:
+            return ", ".join(xs[:4]) + (f" … ({len(xs)} in all)" if len(xs) > 4 else "")
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {few(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {few(unexpected)}")
+        if shapes:
+            parts.append(f"shape mismatch: {few(shapes)}")
+        name = getattr(model, "config", {}).get("name", type(model).__name__)
+        raise FacetoolError(f"checkpoint {source} does not fit model {name}: " + "; ".join(parts))
+    model.load_state_dict(sd, strict=True)
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    obj = torch_load(path)
+    if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        return obj
+    if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        return {"format": "state_dict", "state_dict": obj, "config": None, "meta": {}}
+    raise FacetoolError(f"{path} is neither a facetool checkpoint nor a state_dict")
+
+
+def load_model(path: str | Path, *, name: str | None = None, **kwargs: Any):
+    """Load a model from a facetool checkpoint, a foreign state_dict or (for embedding models)
+    an ONNX file. Returns the model in eval mode; ``model.meta`` holds the checkpoint's meta."""
+    p = Path(path)
+    if p.suffix.lower() == ".onnx":
+        from facetool.models.onnx_model import OnnxModel  # registered by the recognition module
+
+        return OnnxModel(p)
+    ck = read_checkpoint(p)
+    if ck["config"] is not None and name is None:
+        cfg = dict(ck["config"])
+        mname = cfg.pop("name")
+        cfg.update(kwargs)
+    else:
+        if name is None:
+            for matcher in STATE_DICT_MATCHERS:
+                found = matcher(ck["state_dict"])
+                if found:
+                    name, inferred = found
+                    kwargs = {**inferred, **kwargs}
+                    break
+            else:
+                raise FacetoolError(f"cannot tell the architecture of {p}; pass the model name explicitly")
+        mname, cfg = name, kwargs
+    model = create_model(mname, **cfg)
+    load_state_dict_checked(model, ck["state_dict"], str(p))
+    model.meta = ck.get("meta") or {}
+    model.eval()
+    return model
