@@ -13,5 +13,6 @@ def make_group(name: str, help: str, modules: list[str], root: typer.Typer) -> t
     for m in modules:
         if importlib.util.find_spec(m) is not None:
             importlib.import_module(m).register(group)
-    root.add_typer(group, name=name)
+    if group.registered_commands or group.registered_groups:  # a group appears once it has commands
+        root.add_typer(group, name=name)
     return group

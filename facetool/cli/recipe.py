@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import click
 import typer
 
 from facetool.cli.common import console, guarded
@@ -40,11 +41,11 @@ def register(app: typer.Typer) -> None:
                 continue
             t0 = time.time()
             try:
-                root(step.argv, standalone_mode=False)
-            except typer.Exit as e:
-                if e.exit_code:
-                    raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with --from-step {i}") from None
-            except SystemExit as e:
-                if e.code:
-                    raise FacetoolError(f"recipe stopped at step {i} ({step.name}); rerun with --from-step {i}") from None
+                rc = root(step.argv, standalone_mode=False)
+            except click.ClickException as e:  # usage errors inside a recipe line
+                raise FacetoolError(f"recipe step {i} ({step.name}): {e.format_message()}") from None
+            except (typer.Exit, SystemExit) as e:
+                rc = getattr(e, "exit_code", getattr(e, "code", 1))
+            if rc:
+                raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with --from-step {i}")
             console.print(f"[dim]step {i} done in {time.time() - t0:.1f}s[/]")
