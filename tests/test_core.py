@@ -1,0 +1,117 @@
+"""Core plumbing: safe loading, checkpoints, recipes, CLI error handling."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from torch import nn
+
+from facetool.errors import FacetoolError
+from facetool.io import atomic_path, restricted_loads, torch_load, torch_save
+from facetool.models import FaceModel, create_model, load_model, register_model, save_checkpoint
+from facetool.recipe import load_recipe
+
+
+class _Tiny(FaceModel):
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.fc = nn.Linear(4, classes)
+
+    def forward_features(self, x, internals=None):
+        return self.conv(x)
+
+    def forward_head(self, f):
+        return self.fc(f.mean((2, 3)))
+
+
+@register_model("_test_tiny")
+def _tiny(classes: int = 3):
+    return _Tiny(classes)
+
+
+def test_atomic_path_keeps_old_file_on_failure(tmp_path):
+    p = tmp_path / "out.txt"
+    p.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(p) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("boom")
+    assert p.read_text() == "old"
+    assert [x.name for x in tmp_path.iterdir()] == ["out.txt"]
+
+
+def test_restricted_unpickler_refuses_code():
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("echo pwned > /tmp/facetool_pwned",))
+
+    data = pickle.dumps(([b"img"], Evil()))
+    with pytest.raises(FacetoolError, match="refused"):
+        restricted_loads(data)
+    assert not os.path.exists("/tmp/facetool_pwned")
+    assert restricted_loads(pickle.dumps(([b"a", b"b"], [True]), protocol=2)) == ([b"a", b"b"], [True])
+
+
+def test_checkpoint_round_trip_and_mismatch(tmp_path):
+    m = create_model("_test_tiny", classes=3)
+    assert m.config == {"name": "_test_tiny", "classes": 3}
+    p = save_checkpoint(tmp_path / "m.pt", m, meta={"epochs": 2})
+    raw = torch.load(p, weights_only=True)  # anyone can read it safely
+    assert raw["config"]["name"] == "_test_tiny" and set(raw["state_dict"]) == set(m.state_dict())
+    m2 = load_model(p)
+    assert m2.meta == {"epochs": 2} and not m2.training
+    x = torch.randn(2, 3, 8, 8)
+    torch.testing.assert_close(m(x), m2(x))
+    # a checkpoint of another shape names the offending keys
+    other = save_checkpoint(tmp_path / "o.pt", create_model("_test_tiny", classes=5))
+    with pytest.raises(FacetoolError, match=r"shape mismatch: fc\.weight"):
+        load_model(other, name="_test_tiny", classes=3)
+    sd = dict(m.state_dict())
+    sd.pop("fc.bias")
+    sd["extra.w"] = torch.zeros(1)
+    torch_save(sd, tmp_path / "sd.pth")
+    with pytest.raises(FacetoolError, match=r"missing keys: fc\.bias; unexpected keys: extra\.w"):
+        load_model(tmp_path / "sd.pth", name="_test_tiny")
+
+
+def test_torch_load_refuses_pickled_code_and_corrupt(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("true",))
+
+    p = tmp_path / "evil.pt"
+    torch.save({"x": Evil()}, p)
+    with pytest.raises(FacetoolError, match="not a plain weights file"):
+        torch_load(p)
+    c = tmp_path / "corrupt.pt"
+    c.write_bytes(b"PK\x03\x04 not really")
+    with pytest.raises(FacetoolError, match="corrupt"):
+        torch_load(c)
+
+
+def test_recipe_variables_and_errors(tmp_path):
+    r = tmp_path / "r.toml"
+    r.write_text('[vars]\nout = "runs/x"\n[[step]]\nname = "one"\nrun = "info {out}/a.h5 --json"\n')
+    title, steps = load_recipe(r, {"out": "elsewhere"})
+    assert steps[0].argv == ["info", "elsewhere/a.h5", "--json"]
+    r.write_text('[[step]]\nrun = "info {missing}"\n')
+    with pytest.raises(FacetoolError, match="undefined variable"):
+        load_recipe(r)
+
+
+def test_cli_errors_are_one_line(cli, tmp_path):
+    res = cli("info", tmp_path / "missing.h5")
+    assert res.exit_code == 2
+    assert "not found" in res.output and "Traceback" not in res.output
+    bad = tmp_path / "bad.h5"
+    bad.write_bytes(b"not hdf5")
+    res = cli("info", bad)
+    assert res.exit_code == 2 and "corrupt" in res.output
+    r = tmp_path / "r.toml"
+    r.write_text(f'[[step]]\nname = "broken"\nrun = "info {bad}"\n')
+    res = cli("recipe", r)
+    assert res.exit_code == 2 and "stopped at step 1" in res.output
