@@ -45,6 +45,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_p = Path(tmp)
     try:
         yield tmp_p
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_p, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp_p, p)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

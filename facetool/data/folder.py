@@ -1,0 +1,133 @@
+"""Folder-per-identity datasets (VGGFace2 ``n000001/0001_01.jpg``, CASIA-WebFace, LFW-style trees).
+
+Each image is detected with RetinaFace, the main face (largest, most central) is aligned on its 5
+points to ``size`` (112); ``aligned=True`` takes images that are already aligned crops and only
+resizes them. Filters and the seeded split are those of IMDb-Face; counters: ``too few images``,
+``not sampled``, ``unreadable``, ``no face``.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import cv2
+
+from facetool.data.imdbface import check_options, finish_report, sample_split
+from facetool.detect.align import align_5pt, template, transform_points
+from facetool.errors import FacetoolError, require_dir
+from facetool.io import check_output
+from facetool.store import Record
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+
+
+def plan(
+    root: Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int
+) -> tuple[list[str], list[tuple[int, str, int]], Counter]:
+    """Identities = sub-folders of ``root`` (sorted); items ``(label, path relative to root, split)``."""
+    counters: Counter[str] = Counter()
+    groups: dict[str, list[str]] = {}
+    for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        files = sorted(str(f.relative_to(root)) for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        if not files:
+            continue
+        if len(files) < min_images:
+            counters["too few images"] += len(files)
+        else:
+            groups[d.name] = files
+    chosen = sample_split(groups, per_identity, test_fraction, seed)
+    identities, items = [], []
+    for label, key in enumerate(groups):
+        identities.append(key)
+        counters["not sampled"] += len(groups[key]) - len(chosen[key])
+        items += [(label, rel, split) for rel, split in chosen[key]]
+    return identities, items, counters
+
+
+class _Processor:
+    def __init__(self, root: Path, size: int, detector=None) -> None:
+        self.root, self.size, self.detector = root, size, detector
+
+    def __call__(self, item: tuple[int, str, int]) -> Record | str:
+        from facetool.detect.retinaface import read_rgb
+
+        label, rel, split = item
+        try:
+            img = read_rgb(self.root / rel)
+        except OSError:
+            img = None
+        if img is None:
+            return "unreadable"
+        if self.detector is None:
+            interp = cv2.INTER_AREA if max(img.shape[:2]) > self.size else cv2.INTER_LINEAR
+            crop = cv2.resize(img, (self.size, self.size), interpolation=interp)
+            return Record(image=crop, label=label, split=split, source=rel)
+        det = self.detector.detect(img)
+        k = det.pick(img.shape)
+        if k is None:
+            return "no face"
+        crop, M = align_5pt(img, det.landmarks[k], self.size)
+        return Record(image=crop, label=label, split=split, source=rel, bbox=det.boxes[k].tolist(),
+                      landmarks=transform_points(det.landmarks[k], M))
+
+
+def prepare_folder(
+    root: str | Path,
+    out: str | Path,
+    *,
+    aligned: bool = False,
+    size: int = 112,
+    min_images: int = 1,
+    per_identity: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    detector_model: str | Path | None = None,
+    det_size: int | None = 640,
+    score: float = 0.8,
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int = 1,
+) -> tuple[Path, dict[str, Any]]:
+    """Build a store from ``root/<identity>/<images>``. Returns (store path, report dict); the report
+    is also written to ``<out stem>.json``. ``det_size``: longer image side the detector sees."""
+    from facetool.prepare import build_store
+
+    check_options(min_images, per_identity, test_fraction, size)
+    root = require_dir(root, "dataset folder")
+    out = Path(out)
+    if not resume:
+        check_output(out, overwrite)
+    identities, items, counters = plan(
+        root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
+    )
+    if not items:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counters.items()) if v) or "no images in sub-folders"
+        raise FacetoolError(f"no images left in {root} ({reasons}); expected {root}/<identity>/<image>.jpg")
+    detector = None
+    if not aligned:
+        from facetool.detect.retinaface import RetinaFace
+
+        detector = RetinaFace(detector_model, score=score, input_size=det_size).require_landmarks()
+    settings = {
+        "dataset": "folder", "root": str(root), "aligned": aligned, "size": size, "min_images": min_images,
+        "per_identity": per_identity, "test_fraction": test_fraction, "seed": seed,
+        "detector": detector.source if detector else None, "det_size": det_size, "score": score,
+    }
+    path, final = build_store(
+        out,
+        items,
+        _Processor(root, size, detector),
+        writer_kwargs=dict(
+            image_size=(size, size), identities=identities, source=f"folder:{root.name}",
+            preprocessing={k: v for k, v in settings.items() if k != "root"},
+            template=None if aligned else template(size),
+        ),
+        overwrite=overwrite,
+        resume=resume,
+        workers=workers,
+        label=f"folder {root.name}",
+        initial_counters=dict(counters),
+    )
+    return path, finish_report(path, final, settings)

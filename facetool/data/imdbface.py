@@ -1,0 +1,267 @@
+"""IMDb-Face as the ConvNet-IIG paper prepared it: box crops resized to 128x128.
+
+The distributed CSV has the columns ``name,index,image,rect,height width,url``: ``rect`` is
+``x1 y1 x2 y2`` in the frame ``height width`` (``h w``), which may differ from the size of the file on
+disk, so boxes are rescaled to the actual image. Images live under ``<root>/<index>/<image>`` (also
+``<root>/<name>_<index>/`` or ``<root>/<name>/``).
+
+Filters, in order, each counted by reason: unparsable row (``bad row``), box aspect ratio w/h outside
+[0.75, 1.25] (``aspect``), file not on disk (``missing file``), identity with fewer than
+``min_images`` remaining rows (``too few images``), rows beyond ``per_identity`` after seeded sampling
+(``not sampled``); while writing: file that does not decode (``unreadable``) and, with
+``align="retinaface"``, no face found in the box (``no face``). Each identity's sampled images are
+split train/test with a seeded shuffle.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Any, Hashable
+
+import numpy as np
+
+from facetool.detect.align import align_5pt, bbox_crop, template, transform_points
+from facetool.errors import FacetoolError, require_dir, require_file
+from facetool.io import check_output, write_json
+from facetool.store import Record
+
+COLUMNS = ("name", "index", "image", "rect", "height width")
+ASPECT = (0.75, 1.25)
+ALIGN_MODES = ("bbox", "retinaface")
+
+
+def sample_split(
+    groups: dict[Hashable, list[Any]], per_identity: int | None, test_fraction: float, seed: int
+) -> dict[Hashable, list[tuple[Any, int]]]:
+    """Per identity (in the given order): keep at most ``per_identity`` items (seeded, original order
+    kept) and mark ``round(n·test_fraction)`` of them test (1), the rest train (0)."""
+    rng = np.random.default_rng(seed)
+    out: dict[Hashable, list[tuple[Any, int]]] = {}
+    for key, items in groups.items():
+        idx = np.arange(len(items))
+        if per_identity and len(items) > per_identity:
+            idx = np.sort(rng.choice(len(items), per_identity, replace=False))
+        test = set(rng.permutation(idx)[: int(round(len(idx) * test_fraction))].tolist())
+        out[key] = [(items[i], int(i in test)) for i in idx]
+    return out
+
+
+def check_options(min_images: int, per_identity: int | None, test_fraction: float, size: int) -> None:
+    if min_images < 1:
+        raise FacetoolError(f"--min-images must be >= 1, got {min_images}")
+    if per_identity is not None and per_identity < 1:
+        raise FacetoolError(f"--per-identity must be >= 1, got {per_identity}")
+    if not 0.0 <= test_fraction < 1.0:
+        raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if size < 16:
+        raise FacetoolError(f"--size must be >= 16, got {size}")
+
+
+def read_csv(csv: str | Path):
+    """Read the IMDb-Face CSV as strings; missing columns raise a FacetoolError naming them."""
+    import pandas as pd
+
+    require_file(csv, "IMDb-Face CSV")
+    try:
+        df = pd.read_csv(csv, dtype=str, keep_default_na=False, skipinitialspace=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise FacetoolError(f"cannot read {csv}: {str(e).splitlines()[0][:200]}") from None
+    df.columns = [str(c).strip() for c in df.columns]
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise FacetoolError(
+            f"{csv} is missing column(s) {', '.join(repr(c) for c in missing)}; expected {','.join(COLUMNS)},url "
+            f"(found {','.join(df.columns)})"
+        )
+    return df
+
+
+def _floats(text: str, n: int) -> list[float] | None:
+    try:
+        v = [float(x) for x in str(text).replace(",", " ").split()]
+    except ValueError:
+        return None
+    return v if len(v) == n and all(np.isfinite(v)) else None
+
+
+def plan(
+    df, root: str | Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int
+) -> tuple[list[str], list[tuple], Counter]:
+    """Apply the row filters. Returns (identity names, items, counters); an item is
+    ``(label, path relative to root, rect x1 y1 x2 y2, frame (h, w), split)``."""
+    root = Path(root)
+    dirs = {e.name for e in os.scandir(root) if e.is_dir()}
+    counters: Counter[str] = Counter()
+    groups: dict[str, list[tuple]] = {}
+    names: dict[str, str] = {}
+    for name, index, image, rect, frame in zip(*(df[c].tolist() for c in COLUMNS)):
+        box, hw = _floats(rect, 4), _floats(frame, 2)
+        unsafe = not image or not index or "/" in image or "\\" in image or image.startswith(".") or index.startswith(".")
+        if unsafe or box is None or hw is None or box[2] <= box[0] or box[3] <= box[1] or min(hw) <= 0:
+            counters["bad row"] += 1
+            continue
+        aspect = (box[2] - box[0]) / (box[3] - box[1])
+        if not ASPECT[0] <= aspect <= ASPECT[1]:
+            counters["aspect"] += 1
+            continue
+        rel = None
+        for d in (index, f"{name}_{index}", name):
+            if d in dirs and (root / d / image).is_file():
+                rel = f"{d}/{image}"
+                break
+        if rel is None:
+            counters["missing file"] += 1
+            continue
+        groups.setdefault(index, []).append((rel, tuple(box), tuple(hw)))
+        names.setdefault(index, f"{name}_{index}" if name else index)
+    kept = {}
+    for key in sorted(groups):
+        if len(groups[key]) < min_images:
+            counters["too few images"] += len(groups[key])
+        else:
+            kept[key] = groups[key]
+    chosen = sample_split(kept, per_identity, test_fraction, seed)
+    identities, items = [], []
+    for label, key in enumerate(kept):
+        identities.append(names[key])
+        counters["not sampled"] += len(kept[key]) - len(chosen[key])
+        items += [(label, rel, box, hw, split) for (rel, box, hw), split in chosen[key]]
+    return identities, items, counters
+
+
+def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
+    ix = np.clip(np.minimum(boxes[:, 2:], box[2:]) - np.maximum(boxes[:, :2], box[:2]), 0, None).prod(1)
+    area = lambda b: (b[..., 2] - b[..., 0]) * (b[..., 3] - b[..., 1])  # noqa: E731
+    return ix / (area(boxes) + area(box) - ix)
+
+
+class _Processor:
+    """Turns one planned row into a Record (or a skip reason). Thread-safe."""
+
+    def __init__(self, root: Path, size: int, align: str, detector=None) -> None:
+        self.root, self.size, self.align, self.detector = root, size, align, detector
+
+    def __call__(self, item: tuple) -> Record | str:
+        from facetool.detect.retinaface import read_rgb
+
+        label, rel, rect, (fh, fw), split = item
+        try:
+            img = read_rgb(self.root / rel)
+        except OSError:
+            img = None
+        if img is None:
+            return "unreadable"
+        H, W = img.shape[:2]
+        box = np.asarray(rect, np.float32) * np.array([W / fw, H / fh, W / fw, H / fh], np.float32)
+        if self.align == "bbox":
+            crop, _ = bbox_crop(img, box, self.size)
+            return Record(image=crop, label=label, split=split, source=rel, bbox=box.tolist())
+        # detect within the box (with a margin), keep the face overlapping the box most, align on 5 points
+        bw, bh = box[2] - box[0], box[3] - box[1]
+        x0, y0 = int(max(0, box[0] - bw / 2)), int(max(0, box[1] - bh / 2))
+        x1, y1 = int(min(W, box[2] + bw / 2)), int(min(H, box[3] + bh / 2))
+        det = self.detector.detect(img[y0:y1, x0:x1])
+        if not len(det):
+            return "no face"
+        iou = _iou(det.boxes + [x0, y0, x0, y0], box)
+        k = int(np.argmax(iou))
+        if iou[k] < 0.3:
+            return "no face"
+        lm = det.landmarks[k] + [x0, y0]
+        crop, M = align_5pt(img, lm, self.size)
+        return Record(image=crop, label=label, split=split, source=rel,
+                      bbox=(det.boxes[k] + [x0, y0, x0, y0]).tolist(), landmarks=transform_points(lm, M))
+
+
+def report_path(out: str | Path) -> Path:
+    """The JSON report written beside a store: ``imdb.h5`` -> ``imdb.json``."""
+    return Path(out).with_suffix(".json")
+
+
+def finish_report(path: Path, counters: dict[str, int], settings: dict[str, Any]) -> dict[str, Any]:
+    """Summarise a written store + skip counters and write the JSON report beside it."""
+    from facetool.store import FaceStore
+
+    with FaceStore(path) as s:
+        summ = s.summary()
+    rep = {
+        "store": str(path),
+        "identities": summ["identities"],
+        "images": summ["images"],
+        "train": summ["train"],
+        "test": summ["test"],
+        "dropped": {k: int(v) for k, v in sorted(counters.items()) if v},
+        "settings": settings,
+    }
+    write_json(report_path(path), rep)
+    return rep
+
+
+def prepare_imdbface(
+    csv: str | Path | None,
+    root: str | Path,
+    out: str | Path,
+    *,
+    min_images: int = 100,
+    per_identity: int | None = 100,
+    size: int | None = None,
+    test_fraction: float = 0.2,
+    seed: int = 0,
+    align: str = "bbox",
+    overwrite: bool = False,
+    resume: bool = False,
+    workers: int = 1,
+    detector_model: str | Path | None = None,
+) -> tuple[Path, dict[str, Any]]:
+    """Build an IMDb-Face store. ``csv`` defaults to ``<root>/IMDb-Face.csv``; ``size`` defaults to
+    128 (``align="bbox"``) or 112 (``align="retinaface"``, 5-point alignment of the face in the box).
+    Returns (store path, report dict); the report is also written to ``<out stem>.json``."""
+    from facetool.prepare import build_store
+
+    if align not in ALIGN_MODES:
+        raise FacetoolError(f"unknown --align {align!r}; use one of {', '.join(ALIGN_MODES)}")
+    size = size or (128 if align == "bbox" else 112)
+    check_options(min_images, per_identity, test_fraction, size)
+    root = require_dir(root, "IMDb-Face image root")
+    csv = Path(csv) if csv else root / "IMDb-Face.csv"
+    out = Path(out)
+    if not resume:
+        check_output(out, overwrite)
+    df = read_csv(csv)
+    identities, items, counters = plan(
+        df, root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
+    )
+    if not items:
+        reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counters.items()) if v) or "empty CSV"
+        raise FacetoolError(f"no images left after filtering {len(df)} rows ({reasons}); check --root and --min-images")
+    detector = None
+    if align == "retinaface":
+        from facetool.detect.retinaface import RetinaFace
+
+        detector = RetinaFace(detector_model, score=0.5, input_size=320).require_landmarks()
+    settings = {
+        "dataset": "imdb-face", "csv": str(csv), "root": str(root), "align": align, "size": size,
+        "min_images": min_images, "per_identity": per_identity, "test_fraction": test_fraction, "seed": seed,
+        "aspect": list(ASPECT),
+    }
+    preprocessing = {k: v for k, v in settings.items() if k not in ("csv", "root")}
+    if detector is not None:
+        preprocessing["detector"] = detector.source
+    path, final = build_store(
+        out,
+        items,
+        _Processor(root, size, align, detector),
+        writer_kwargs=dict(
+            image_size=(size, size), identities=identities, source="imdb-face", preprocessing=preprocessing,
+            template=template(size) if align == "retinaface" else None,
+        ),
+        overwrite=overwrite,
+        resume=resume,
+        workers=workers,
+        label="imdb-face",
+        initial_counters=dict(counters),
+        extra_attrs={"rows": len(df)},
+    )
+    return path, finish_report(path, final, {**settings, "rows": len(df)})
