@@ -1,0 +1,183 @@
+"""`facetool eval ijbc|ijbb|lfw|cfp-fp|agedb-30|calfw|cplfw`: the face-recognition protocols."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import typer
+
+from facetool.cli.common import console, dict_table, err_console, guarded, records_table
+
+_DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
+_WORKERS = typer.Option(-1, help="DataLoader workers decoding and aligning images (-1: up to 4).")
+
+
+def _device(device: str) -> str:
+    if device != "auto":
+        return device
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _workers(workers: int) -> int:
+    return min(4, os.cpu_count() or 1) if workers < 0 else workers
+
+
+def _load(model: Path) -> Any:
+    from facetool.errors import require_file
+    from facetool.models import load_model
+
+    return load_model(require_file(model, "model"))
+
+
+class _Progress:
+    """A rich progress bar for ``progress(done, total)`` callbacks (silent when not a terminal)."""
+
+    def __init__(self, label: str) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          console=err_console, transient=True, disable=not err_console.is_terminal)
+        self.task = None
+
+    def __enter__(self) -> "_Progress":
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.p.__exit__(*exc)
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.task is None:
+            self.task = self.p.add_task("", total=total)
+        self.p.update(self.task, completed=done)
+
+
+def _roc_png(path: Path, fpr: np.ndarray, tpr: np.ndarray, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from facetool.io import atomic_path
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    m = fpr > 0
+    ax.plot(fpr[m], tpr[m], lw=1.5)
+    ax.set_xscale("log")
+    lo = float(fpr[m].min()) if m.any() else 1e-6
+    ax.set_xlim(min(max(lo, 1e-6), 1e-1), 1)
+    ax.set_xlabel("False accept rate")
+    ax.set_ylabel("True accept rate")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+
+
+def _ijb(prefix: str):
+    title = {"ijbc": "IJB-C", "ijbb": "IJB-B"}[prefix]
+
+    def cmd(
+        root: Path = typer.Option(..., "--root", help="IJB folder with meta/ and loose_crop/ (insightface layout)."),
+        model: Path = typer.Option(..., "--model", help="facetool checkpoint, arcface_torch backbone.pth or .onnx."),
+        batch_size: int = typer.Option(256, "--batch-size", min=1),
+        no_norm: bool = typer.Option(False, "--no-norm", help="L2-normalise each image feature (N0)."),
+        no_det_score: bool = typer.Option(False, "--no-det-score", help="Do not weight by the faceness score (D0)."),
+        no_flip: bool = typer.Option(False, "--no-flip", help="Do not add the flipped crop's feature (F0)."),
+        cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache: reruns skip extraction."),
+        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{prefix})."),
+        one_to_n: bool = typer.Option(False, "--one-to-n", help="Also run 1:N search (NIST gallery/probe CSVs)."),
+        device: str = _DEVICE,
+        workers: int = _WORKERS,
+    ) -> None:
+        from facetool.eval.ijb import evaluate_ijb
+        from facetool.io import write_json
+
+        m = _load(model)
+        out_dir = out or Path("eval") / prefix
+        with _Progress(f"{prefix} features") as prog:
+            res = evaluate_ijb(m, root, prefix=prefix, model_path=model, batch_size=batch_size, norm=not no_norm,
+                               det_score=not no_det_score, flip=not no_flip, device=_device(device),
+                               workers=_workers(workers), cache=cache, one_to_n=one_to_n, progress=prog)
+        fpr, tpr = res.pop("roc")
+        res["model"] = str(model)
+        stem = model.stem
+        sw = "".join(f"{k}{int(v)}" for k, v in zip("NDF", res["switches"].values()))
+        png = out_dir / f"{stem}_{sw}_roc.png"
+        _roc_png(png, fpr, tpr, f"{title} 1:1 {stem} ({sw})")
+        js = write_json(out_dir / f"{stem}_{sw}.json", {**res, "roc_png": str(png)})
+        rows = [{"FAR": k, "TAR (closest)": 100 * v["closest"], "TAR (interp)": 100 * v["interp"],
+                 "FPR used": v["fpr"]} for k, v in res["tar_at_far"].items()]
+        console.print(records_table(f"{title} 1:1 {stem} {sw}: {res['templates']} templates, "
+                                    f"{res['pairs']} pairs", rows))
+        if "one_to_n" in res:
+            one = res["one_to_n"]
+            metrics = [k for k in one["G1"] if k not in ("probes", "mated_probes")]
+            console.print(records_table(f"{title} 1:N mixed-media search (%)", [
+                {"metric": k, **{g: 100 * one[g][k] for g in one}} for k in metrics]))
+        console.print(f"extracted {res['images_extracted']} of {res['images']} images"
+                      f"{' (cache ' + str(cache) + ')' if cache else ''}; wrote {js} and {png}")
+
+    cmd.__doc__ = f"{title} 1:1 verification (TAR@FAR, insightface protocol) and optional 1:N search."
+    return guarded(cmd)
+
+
+def _verification(name: str):
+    def cmd(
+        model: Path = typer.Option(..., "--model", help="facetool checkpoint, arcface_torch backbone.pth or .onnx."),
+        bin: Optional[Path] = typer.Option(None, "--bin", help=f"insightface pack {name}.bin."),
+        pairs: Optional[Path] = typer.Option(None, "--pairs", help="LFW-style pairs.txt (with --images)."),
+        images: Optional[Path] = typer.Option(None, "--images", help="Folder of Name/Name_0001.jpg images."),
+        aligned: bool = typer.Option(False, "--aligned", help="--images are already aligned crops (no detection)."),
+        batch_size: int = typer.Option(128, "--batch-size", min=1),
+        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{name})."),
+        device: str = _DEVICE,
+        workers: int = _WORKERS,
+    ) -> None:
+        from facetool.errors import FacetoolError
+        from facetool.eval import verification as V
+        from facetool.eval.roc import roc
+        from facetool.io import write_json
+
+        if (bin is None) == (pairs is None) or (pairs is not None and images is None):
+            raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
+        m = _load(model)
+        dev, nw = _device(device), _workers(workers)
+        with console.status(f"{name}: extracting embeddings"):
+            if bin is not None:
+                res = V.verify_bin(m, bin, batch_size, dev, nw)
+            else:
+                res = V.verify_pairs(m, pairs, images, aligned=aligned, batch_size=batch_size, device=dev, workers=nw)
+        dist, issame = res.pop("distances"), res.pop("issame")
+        res.update(set=name, model=str(model))
+        out_dir = out or Path("eval") / name
+        png = out_dir / f"{model.stem}_roc.png"
+        fpr, tpr, _ = roc(issame, -dist)
+        _roc_png(png, fpr, tpr, f"{name} {model.stem}")
+        js = write_json(out_dir / f"{model.stem}.json", {**res, "roc_png": str(png)})
+        console.print(dict_table(f"{name} verification: {model.stem} ({res['pairs']} pairs, {res['folds']} folds)", [
+            ("accuracy (%)", f"{100 * res['accuracy']:.2f} ± {100 * res['std']:.2f}"),
+            ("best threshold (all pairs)", f"{res['best_threshold']:.2f}"),
+            ("accuracy at best threshold (%)", f"{100 * res['best_threshold_accuracy']:.2f}"),
+            ("XNorm", f"{res['xnorm']:.3f}"),
+        ], "metric"))
+        console.print(f"wrote {js} and {png}")
+
+    cmd.__doc__ = f"{name} verification accuracy (arcface_torch 10-fold protocol) from a .bin or pairs.txt."
+    return guarded(cmd)
+
+
+def register(app: typer.Typer) -> None:
+    from facetool.eval.verification import BIN_SETS
+
+    for prefix in ("ijbc", "ijbb"):
+        app.command(prefix)(_ijb(prefix))
+    for name in BIN_SETS:
+        app.command(name)(_verification(name))

@@ -1,0 +1,314 @@
+"""Batched embedding extraction and the HDF5 feature cache.
+
+:func:`extract` runs a recognition model over a dataset of aligned uint8 RGB crops (decoding and
+alignment happen in DataLoader workers) and returns the features of the crops and, separately, of their
+horizontal flips; the protocols combine them. :class:`FeatureCache` stores these raw features under a
+key made of the model file's hash, the dataset (root + file list + landmarks) hash and the
+preprocessing, so a second evaluation with other aggregation switches skips extraction. Extraction
+writes into ``<cache>.partial`` in chunks and resumes from there after an interruption; a finished
+entry is moved into the cache file atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from facetool.errors import FacetoolError
+from facetool.io import atomic_path, partial_path
+
+#: the preprocessing every protocol here uses; part of the cache key
+PREPROCESSING = "rgb112-(x-127.5)/127.5"
+
+
+class ImageFiles(Dataset):
+    """Aligned uint8 RGB crops (size, size, 3) read from image files.
+
+    With ``landmarks`` (N, 5, 2) each image is aligned with :func:`facetool.detect.align.align_5pt`;
+    with ``detect=True`` the main face is found by RetinaFace first; otherwise the file is taken as
+    already aligned and only resized to ``size`` if needed.
+    """
+
+    def __init__(self, paths: Sequence[str | Path], landmarks: np.ndarray | None = None, size: int = 112,
+                 detect: bool = False) -> None:
+        self.paths = [str(p) for p in paths]
+        self.landmarks = None if landmarks is None else np.asarray(landmarks, np.float32).reshape(-1, 5, 2)
+        self.size = size
+        self.detect = detect
+        self._detector = None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        from facetool.detect.align import align_5pt
+        from facetool.detect.retinaface import read_rgb
+
+        path = self.paths[i]
+        img = read_rgb(path) if os.path.isfile(path) else None
+        if img is None:
+            raise FacetoolError(f"cannot read image {path}")
+        if self.landmarks is not None:
+            img, _ = align_5pt(img, self.landmarks[i], self.size)
+        elif self.detect:
+            img = self._detect_align(img, path)
+        elif img.shape[:2] != (self.size, self.size):
+            import cv2
+
+            img = cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return torch.from_numpy(np.ascontiguousarray(img))
+
+    def _detect_align(self, img: np.ndarray, path: str) -> np.ndarray:
+        from facetool.detect.align import align_5pt
+
+        if self._detector is None:
+            from facetool.detect.retinaface import RetinaFace
+
+            self._detector = RetinaFace(providers=["CPUExecutionProvider"])
+        det = self._detector.detect(img)
+        j = det.pick(img.shape)
+        if j is None:  # insightface's fallback for undetected LFW faces: the centre crop
+            import cv2
+
+            h, w = img.shape[:2]
+            s = min(h, w) // 2
+            img = img[h // 2 - s // 2: h // 2 + s // 2, w // 2 - s // 2: w // 2 + s // 2]
+            return cv2.resize(img, (self.size, self.size), interpolation=cv2.INTER_AREA)
+        return align_5pt(img, det.landmarks[j], self.size)[0]
+
+    def __getstate__(self) -> dict:
+        d = dict(self.__dict__)
+        d["_detector"] = None  # each worker opens its own ONNX session
+        return d
+
+
+class ImageArray(Dataset):
+    """Crops already in memory: uint8 (N, H, W, 3) RGB."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i]))
+
+
+def _model_call(model: Any, device: str) -> Callable[[torch.Tensor], np.ndarray]:
+    if isinstance(model, torch.nn.Module):
+        model.to(device)
+
+    def call(x: torch.Tensor) -> np.ndarray:
+        out = model(x.to(device, non_blocking=True))
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        return torch.as_tensor(out).float().cpu().numpy()
+
+    return call
+
+
+def extract(
+    model: Any,
+    images: Dataset,
+    batch_size: int = 256,
+    flip: bool = True,
+    device: str = "cpu",
+    workers: int = 0,
+    *,
+    start: int = 0,
+    on_batch: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """Features of ``images[start:]`` (a dataset of uint8 (H, W, 3) RGB crops) and of their flips.
+
+    Returns ``(features, flip_features or None)`` as float32 (N, D) arrays, or, with ``on_batch``,
+    streams ``on_batch(row, feats, flip_feats)`` per batch and returns None (bounded memory).
+    """
+    from facetool.data.transforms import normalize
+
+    call = _model_call(model, device)
+    was_training = isinstance(model, torch.nn.Module) and model.training
+    if was_training:
+        model.eval()  # e.g. called from a training callback: restored below
+    idx = range(start, len(images))
+    loader = DataLoader(torch.utils.data.Subset(images, idx), batch_size=batch_size, shuffle=False,
+                        num_workers=workers, pin_memory=device.startswith("cuda"),
+                        persistent_workers=False)
+    feats: list[np.ndarray] = []
+    flips: list[np.ndarray] = []
+    row = start
+    with torch.inference_mode():
+        try:
+            for batch in loader:
+                x = normalize(batch.to(device, non_blocking=True))  # uint8 travels, floats do not
+                f = call(x)
+                ff = call(x.flip(-1)) if flip else None
+                if on_batch is not None:
+                    on_batch(row, f, ff)
+                else:
+                    feats.append(f)
+                    if ff is not None:
+                        flips.append(ff)
+                row += len(batch)
+        except FacetoolError as e:  # one raised in a worker arrives as "Caught ... <traceback>": keep its line
+            msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+            if len(msg) > 1 and msg[0].startswith("Caught ") and "FacetoolError: " in msg[-1]:
+                raise FacetoolError(msg[-1].split("FacetoolError: ", 1)[1]) from None
+            raise
+        finally:
+            if was_training:
+                model.train()
+    if on_batch is not None:
+        return None
+    if not feats:
+        raise FacetoolError("no images to extract features from")
+    return np.concatenate(feats), (np.concatenate(flips) if flip else None)
+
+
+def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_fingerprint(model: Any, path: str | Path | None = None) -> str:
+    """The model's identity for the cache: its file's sha256, else a hash of its weights."""
+    path = path if path is not None else getattr(model, "path", None)  # e.g. an OnnxModel
+    if path is not None and Path(path).is_file():
+        return file_sha256(path)
+    h = hashlib.sha256(repr(getattr(model, "config", type(model).__name__)).encode())
+    if isinstance(model, torch.nn.Module):
+        for k, v in model.state_dict().items():
+            h.update(k.encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def dataset_fingerprint(root: str | Path, files: Sequence[str], extra: np.ndarray | None = None) -> str:
+    """Hash of the dataset root, its file list and e.g. the landmarks used to align it."""
+    h = hashlib.sha256(str(Path(root).resolve()).encode())
+    h.update("\n".join(files).encode())
+    if extra is not None:
+        h.update(np.ascontiguousarray(extra).tobytes())
+    return h.hexdigest()
+
+
+def cache_key(model_id: str, data_id: str, preprocessing: str = PREPROCESSING) -> str:
+    return hashlib.sha256(json.dumps([model_id, data_id, preprocessing]).encode()).hexdigest()[:32]
+
+
+class FeatureCache:
+    """HDF5 file of raw features: one group per key with ``feats`` (N, D) and ``flip`` (N, D)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.partial = partial_path(self.path)
+
+    def get(self, key: str, flip: bool = True) -> tuple[np.ndarray, np.ndarray | None] | None:
+        if not self.path.exists():
+            return None
+        try:
+            with h5py.File(self.path, "r") as f:
+                if key not in f:
+                    return None
+                g = f[key]
+                if flip and "flip" not in g:
+                    return None
+                return g["feats"][()], (g["flip"][()] if flip else None)
+        except OSError as e:
+            raise FacetoolError(f"feature cache {self.path} is not a readable HDF5 file ({e}); delete it") from None
+
+    def extract(self, key: str, model: Any, images: Dataset, *, flip: bool = True, batch_size: int = 256,
+                device: str = "cpu", workers: int = 0, progress: Callable[[int], None] | None = None,
+                chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray | None, int]:
+        """Cached features if present, else extract (resuming ``<cache>.partial``) and store them.
+
+        Returns ``(features, flip_features, images_extracted_now)``.
+        """
+        hit = self.get(key, flip)
+        if hit is not None:
+            if progress:
+                progress(len(hit[0]))
+            return hit[0], hit[1], 0
+        n = len(images)
+        f = self._open_partial(key, flip, n)
+        done = int(f.attrs["rows_done"])
+        if progress:
+            progress(done)
+        pending: list[tuple[int, np.ndarray, np.ndarray | None]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            r0 = pending[0][0]
+            fs = np.concatenate([p[1] for p in pending])
+            if "feats" not in f:
+                f.create_dataset("feats", (n, fs.shape[1]), "float32", chunks=(min(n, 1024), fs.shape[1]))
+                if flip:
+                    f.create_dataset("flip", (n, fs.shape[1]), "float32", chunks=(min(n, 1024), fs.shape[1]))
+            f["feats"][r0: r0 + len(fs)] = fs
+            if flip:
+                f["flip"][r0: r0 + len(fs)] = np.concatenate([p[2] for p in pending])
+            f.attrs["rows_done"] = r0 + len(fs)
+            f.flush()
+            pending.clear()
+
+        def on_batch(row: int, fs: np.ndarray, ff: np.ndarray | None) -> None:
+            pending.append((row, fs, ff))
+            if sum(len(p[1]) for p in pending) >= chunk_rows:
+                flush()
+            if progress:
+                progress(row + len(fs))
+
+        try:
+            extract(model, images, batch_size, flip, device, workers, start=done, on_batch=on_batch)
+            flush()
+        except BaseException:
+            try:
+                flush()  # keep what was computed: the next run resumes after it
+            finally:
+                f.close()
+            raise
+        feats, flips = f["feats"][()], (f["flip"][()] if flip else None)
+        f.close()
+        self._commit(key)
+        return feats, flips, n - done
+
+    def _open_partial(self, key: str, flip: bool, n: int) -> h5py.File:
+        if self.partial.exists():
+            try:
+                f = h5py.File(self.partial, "a")
+                if f.attrs.get("key") == key and bool(f.attrs.get("flip")) == flip and f.attrs.get("rows") == n:
+                    return f
+                f.close()
+            except OSError:
+                pass
+            self.partial.unlink()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        f = h5py.File(self.partial, "w")
+        f.attrs.update({"key": key, "flip": flip, "rows": n, "rows_done": 0})
+        return f
+
+    def _commit(self, key: str) -> None:
+        """Move the finished partial entry into the cache file (atomically replaced)."""
+        with atomic_path(self.path) as tmp:
+            if self.path.exists():
+                shutil.copyfile(self.path, tmp)
+            with h5py.File(tmp, "a") as dst, h5py.File(self.partial, "r") as src:
+                if key in dst:
+                    del dst[key]
+                g = dst.create_group(key)
+                for name in ("feats", "flip"):
+                    if name in src:
+                        src.copy(src[name], g, name)
+        self.partial.unlink()
