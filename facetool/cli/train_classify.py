@@ -1,0 +1,174 @@
+"""`facetool train resnet|aig|iig`: identity classifiers, ConvNet-AIG and ConvNet-IIG on a face store."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facetool.cli.common import console, dict_table, guarded
+
+ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+
+
+def _arch(arch: str) -> str:
+    from facetool.errors import FacetoolError
+
+    a = arch.lower().removeprefix("aig_")
+    if a not in ARCHS:
+        raise FacetoolError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
+    return a
+
+
+def _show(title: str, result: dict) -> None:
+    m = result["metrics"]
+    keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "val_exec_rate", "val_exec_rate_free"]
+    keys += [k for k in m if k.startswith("val_acc_")]
+    rows = {k: m[k] for k in keys if k in m}
+    rows.update({k: result[k] for k in ("gflops", "exec_gflops", "params_m") if k in result})
+    console.print(dict_table(title, rows, "metric"))
+
+
+def register(app: typer.Typer) -> None:
+    def run(kind: str, store: Path, out: Path, arch: str, input_size: Optional[int], width: int, epochs: int,
+            batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
+            grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
+            overwrite: bool, factory, attributes=(), gate_hidden: int = 16) -> None:
+        from facetool.engine import TrainConfig, train_on_store
+
+        name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
+        kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
+        cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
+                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
+                          seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
+                          max_steps=max_steps or None, flip=flip)
+        result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
+                                model_kwargs=kw)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _show(f"train {kind} ({name}) -> {out}", result)
+
+    store_o = typer.Option(..., "--store", help="Face store (HDF5); train split trains, test split validates.")
+    out_o = typer.Option(..., "--out", help="Run folder: model.pt, last.pt (resume), metrics.csv/jsonl, result.json.")
+    arch_o = typer.Option("resnet50", "--arch", help="resnet18 | resnet34 | resnet50 | resnet101.")
+    size_o = typer.Option(None, "--input-size", help="Network input size (default: the store's image size).")
+    width_o = typer.Option(64, "--width", help="Base width (64 = standard ResNet; 16/32 for CPU runs).")
+    epochs_o = typer.Option(30, "--epochs")
+    bs_o = typer.Option(150, "--batch-size", help="Per process.")
+    lr_o = typer.Option(0.1, "--lr")
+    mom_o = typer.Option(0.9, "--momentum")
+    wd_o = typer.Option(5e-4, "--weight-decay")
+    sched_o = typer.Option("cosine", "--schedule", help="cosine | step | poly (per step, after warm-up).")
+    warm_o = typer.Option(0.0, "--warmup-epochs")
+    clip_o = typer.Option(0.0, "--grad-clip", help="Gradient-norm clip (0 = off).")
+    amp_o = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA.")
+    flip_o = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips.")
+    workers_o = typer.Option(0, "--workers", help="DataLoader workers.")
+    seed_o = typer.Option(0, "--seed")
+    steps_o = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all; continue with --resume).")
+    resume_o = typer.Option(False, "--resume", help="Continue the run in --out.")
+    over_o = typer.Option(False, "--overwrite", help="Start over in an existing --out.")
+
+    @app.command("resnet")
+    @guarded
+    def resnet(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+               width: int = width_o, epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o,
+               momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
+               warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
+               workers: int = workers_o, seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o,
+               overwrite: bool = over_o) -> None:
+        """Train a ResNet identity classifier (softmax cross-entropy).
+
+        Example: facetool train resnet --store data/faces.h5 --arch resnet50 --epochs 30 --out runs/resnet50
+        """
+        from facetool.engine import ClassificationMethod
+
+        run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
+            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
+            lambda model: ClassificationMethod())
+
+    @app.command("aig")
+    @guarded
+    def aig(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+            width: int = width_o,
+            target: float = typer.Option(0.4, "--target", help="Target execution rate t in [0, 1] of the free blocks."),
+            target_schedule: str = typer.Option("", "--target-schedule",
+                                                help="Explicit per-block targets '1,1,0.4,...' (one per gated block)."),
+            target_weight: float = typer.Option(1.0, "--target-weight", help="Weight of L_target."),
+            gate_hidden: int = typer.Option(16, "--gate-hidden", help="Hidden channels of each gate."),
+            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
+            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
+            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
+            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o) -> None:
+        """Train ConvNet-AIG: a gate per residual block, CE + L_target (blocks really skipped at inference).
+
+        Default targets: the middle blocks at --target; ResNet-101 pins the first 7 and last 3 blocks to 1,
+        shallower nets round(7L/33) and round(3L/33) (ResNet-50: 3 and 1).
+
+        Example: facetool train aig --store data/faces.h5 --arch resnet50 --target 0.4 --epochs 30 --out runs/aig
+        """
+        from facetool.methods.aig import AIGMethod, parse_target_schedule
+        from facetool.methods.aig import target_schedule as default_schedule
+
+        def factory(model):
+            L = model.num_gates
+            ts = parse_target_schedule(target_schedule, L) if target_schedule else default_schedule(L, target)
+            return AIGMethod(ts, target_weight)
+
+        if not 0.0 <= target <= 1.0:
+            from facetool.errors import FacetoolError
+
+            raise FacetoolError(f"--target must be in [0, 1], got {target}")
+        run("aig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
+            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
+            gate_hidden=gate_hidden)
+
+    @app.command("iig")
+    @guarded
+    def iig(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+            width: int = width_o,
+            feature: str = typer.Option(..., "--feature", help="Attribute(s) of the store, comma-separated: gender[,age]."),
+            masks: Optional[Path] = typer.Option(None, "--masks",
+                                                 help='JSON {"gender": {"female": [3,5,7], "male": [4,6,8]}} (0-based gated blocks).'),
+            mask_style: str = typer.Option("alternating", "--mask-style", help="alternating | contiguous (without --masks)."),
+            per_value: int = typer.Option(3, "--blocks-per-value", help="Gated blocks per attribute value (without --masks)."),
+            with_target: bool = typer.Option(False, "--with-target", help="Also add L_target (AIG target schedule)."),
+            target: float = typer.Option(0.6, "--target", help="Target rate for --with-target."),
+            iig_weight: float = typer.Option(1.0, "--iig-weight", help="Weight of L_IIG."),
+            gate_hidden: int = typer.Option(16, "--gate-hidden"),
+            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
+            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
+            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
+            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o) -> None:
+        """Train ConvNet-IIG: each attribute value owns disjoint gated blocks; CE + L_IIG (+ L_target).
+
+        The masks and the attribute vocabulary go into the checkpoint meta
+        (facetool annotate --from-model uses them).
+
+        Example: facetool train iig --store data/faces.h5 --arch resnet50 --feature gender --out runs/iig
+        """
+        from facetool.errors import FacetoolError
+        from facetool.methods.aig import target_schedule as default_schedule
+        from facetool.methods.iig import IIGMethod, load_masks, make_masks
+        from facetool.store import FaceStore
+
+        feats = [f.strip() for f in feature.split(",") if f.strip()]
+        if not feats:
+            raise FacetoolError("--feature needs at least one attribute name")
+        if not 0.0 <= target <= 1.0:
+            raise FacetoolError(f"--target must be in [0, 1], got {target}")
+        with FaceStore(store) as s:
+            vocab = {f: s.attribute(f)[1] for f in feats}
+        given = load_masks(masks) if masks is not None else None
+        if given is not None and set(given) != set(feats):
+            raise FacetoolError(f"--masks covers {', '.join(given) or 'nothing'} but --feature asks for {', '.join(feats)}")
+
+        def factory(model):
+            L = model.num_gates
+            m = {f: given[f] for f in feats} if given is not None else make_masks(vocab, L, mask_style, per_value)
+            return IIGMethod(m, vocab, L, default_schedule(L, target) if with_target else None, iig_weight)
+
+        run("iig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
+            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
+            attributes=feats, gate_hidden=gate_hidden)

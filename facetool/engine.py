@@ -1,0 +1,531 @@
+"""The one training loop of facetool. Every trainer is a :class:`Method` plugged into :func:`train`.
+
+A method names its loss terms (``loss`` returns a dict; the total is their sum), its per-batch
+metrics, optional extra trainable modules (a margin head, a connector ...) and an end-of-epoch
+callback. The engine owns everything else: SGD with momentum and weight decay, per-step learning-rate
+schedule with linear warm-up, AMP on CUDA, a NaN/inf guard naming the bad term, gradient clipping,
+metrics (CSV + JSONL + console), atomic per-epoch checkpoints, exact resume, and DDP under
+``torchrun`` (RANK/WORLD_SIZE in the environment; NCCL on GPU, gloo on CPU; rank 0 logs and saves).
+
+Outputs in ``cfg.out``::
+
+    last.pt       resume state (model, method modules, optimizer, scaler, step, RNG, history)
+    model.pt      facetool checkpoint of the model (``load_model``), meta = method.meta() + metrics
+    heads.pt      state_dicts of the method's extra modules (only if it has any)
+    metrics.csv / metrics.jsonl   one row per epoch;  config.json   the TrainConfig
+
+Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)`` and the resume state
+records the step inside the epoch, so ``resume=True`` (after ``max_steps`` or Ctrl-C) continues with
+the same batches, learning rates and RNG stream as an uninterrupted run (``workers=0``; with loader
+workers the random flips of a resumed epoch are re-drawn).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.utils.data import Dataset, Sampler
+
+from facetool.errors import FacetoolError, NonFiniteLossError
+from facetool.io import torch_load, torch_save, write_json, write_text
+from facetool.models.checkpoint import save_checkpoint
+
+SCHEDULES = ("cosine", "step", "poly")
+
+
+class Method:
+    """Training-method plugin. Subclass and override what the method needs."""
+
+    name = "base"
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Extra trainable modules: optimised with the model, saved in the resume state and heads.pt."""
+        return {}
+
+    def loss(self, model: nn.Module, batch: dict, out: Any, internals: dict) -> dict[str, Tensor]:
+        """Named loss terms (scalars); the engine minimises their sum."""
+        raise NotImplementedError
+
+    def metrics(self, batch: dict, out: Any, internals: dict) -> dict[str, float]:
+        """Per-batch numbers, averaged over the epoch (weighted by batch size)."""
+        return {}
+
+    def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
+        """End-of-epoch callback on rank 0 (model in eval mode)."""
+        return {}
+
+    def meta(self) -> dict:
+        """JSON-able facts stored in the checkpoint meta (e.g. attribute masks)."""
+        return {}
+
+
+class ClassificationMethod(Method):
+    """Softmax cross-entropy over identities; metrics top-1 / top-5 accuracy."""
+
+    name = "classify"
+
+    def loss(self, model, batch, out, internals):
+        return {"ce": nn.functional.cross_entropy(out.float(), batch["label"])}
+
+    def metrics(self, batch, out, internals):
+        return topk_accuracy(out, batch["label"])
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hit = top == labels[:, None]
+    return {f"top{k}": float(hit[:, : min(k, k_max)].any(1).float().mean()) for k in ks}
+
+
+@dataclass
+class TrainConfig:
+    out: Path
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"  # cosine | step | poly
+    milestones: tuple[float, ...] = ()  # epochs (step schedule)
+    gamma: float = 0.1
+    warmup_epochs: float = 0.0
+    amp: bool = True  # CUDA only
+    seed: int = 0
+    workers: int = 0
+    grad_clip: float | None = None
+    resume: bool = False
+    overwrite: bool = False
+    log_every: int = 50
+    max_steps: int | None = None  # stop after this many optimizer steps in total (tests, smoke runs)
+    flip: bool = True  # random horizontal flips of training images (if the dataset supports it)
+    verbose: bool = True
+    extra: dict = field(default_factory=dict)  # free JSON-able notes stored in config.json
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise FacetoolError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise FacetoolError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FacetoolError(f"--lr must be a positive number, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise FacetoolError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
+        if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
+            raise FacetoolError(f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise FacetoolError(f"--grad-clip must be positive, got {self.grad_clip}")
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d["out"] = str(self.out)
+        d["milestones"] = list(self.milestones)
+        return d
+
+
+def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
+    """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
+    total = cfg.epochs * steps_per_epoch
+    warm = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    if cfg.schedule == "step":
+        epoch = step / steps_per_epoch
+        return cfg.lr * cfg.gamma ** sum(epoch >= m for m in cfg.milestones)
+    p = min(1.0, (step - warm) / max(1, total - warm))
+    if cfg.schedule == "cosine":
+        return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * p))
+    return cfg.lr * (1.0 - p) ** 2  # poly, power 2 as in arcface_torch
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# -- distributed ---------------------------------------------------------------------------------
+@dataclass
+class _Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed() -> _Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1 or "RANK" not in os.environ:
+        return _Dist()
+    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    here = False
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local)
+        dist.init_process_group(backend=backend)
+        here = True
+    return _Dist(rank, world, local, here)
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices of one epoch as a pure function of (seed, epoch), this rank's shard, from a
+    start offset (used to resume inside an epoch). Every rank gets the same number of indices."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.per_rank = math.ceil(n / world)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 100_003 + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        idx += idx[: self.per_rank * self.world - self.n]  # pad so that ranks get equal shares
+        return idx[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+# -- the loop -------------------------------------------------------------------------------------
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return getattr(model, "module", model)
+
+
+def _rng_state(device: torch.device) -> dict:
+    st = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        st["cuda"] = torch.cuda.get_rng_state(device)
+    return st
+
+
+def _set_rng_state(st: dict, device: torch.device) -> None:
+    torch.set_rng_state(st["cpu"])
+    if device.type == "cuda" and "cuda" in st:
+        torch.cuda.set_rng_state(st["cuda"], device)
+
+
+class _Averager:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, values: dict[str, float], n: int) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v) * n
+        self.n += n
+
+    def mean(self, prefix: str = "") -> dict[str, float]:
+        return {prefix + k: v / max(1, self.n) for k, v in self.sums.items()}
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    cols: list[str] = []
+    for row in history:
+        cols += [k for k in row if k not in cols]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols)
+    w.writeheader()
+    w.writerows(history)
+    write_text(out / "metrics.csv", buf.getvalue())
+    write_text(out / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in history))
+
+
+def _check_finite(terms: dict[str, Tensor], epoch: int, step: int) -> None:
+    vals = torch.stack([t.detach().float().reshape(()) for t in terms.values()])
+    if not bool(torch.isfinite(vals).all()):
+        for (name, _), v in zip(terms.items(), vals.tolist()):
+            if not math.isfinite(v):
+                kind = "nan" if math.isnan(v) else "inf"
+                raise NonFiniteLossError(
+                    f"loss term '{name}' became {kind} at epoch {epoch} step {step}; lower --lr or use --grad-clip"
+                )
+
+
+@torch.no_grad()
+def validate(model: nn.Module, method: Method, ds: Dataset, batch_size: int, device: torch.device,
+             workers: int = 0) -> dict[str, float]:
+    """Method loss terms and metrics averaged over ``ds`` with the model in eval mode."""
+    from facetool.data.dataset import make_loader
+
+    model.eval()
+    avg = _Averager()
+    for batch in make_loader(ds, batch_size, workers=workers):
+        batch = _to_device(batch, device)
+        out, internals = model(batch["image"], return_internals=True)
+        terms = method.loss(model, batch, out, internals)
+        vals = {k: float(v) for k, v in terms.items()}
+        vals["loss"] = sum(vals.values())
+        vals.update(method.metrics(batch, out, internals))
+        avg.add(vals, batch["image"].shape[0])
+    return avg.mean()
+
+
+def train(model: nn.Module, method: Method, train_ds: Dataset, cfg: TrainConfig,
+          val_ds: Dataset | None = None) -> dict[str, float]:
+    """Train ``model`` with ``method``; returns the metrics of the last epoch (see module doc)."""
+    cfg.validate()
+    out = Path(cfg.out)
+    dd = _setup_distributed()
+    try:
+        return _train(model, method, train_ds, cfg, val_ds, out, dd)
+    finally:
+        if dd.initialised_here and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[str, float]:
+    from facetool.data.dataset import make_loader
+
+    if len(train_ds) == 0:
+        raise FacetoolError("the training set is empty")
+    device = torch.device(f"cuda:{dd.local_rank}" if torch.cuda.is_available() else "cpu")
+    last_path = out / "last.pt"
+    if dd.main:
+        if last_path.exists() and not cfg.resume and not cfg.overwrite:
+            raise FacetoolError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
+        out.mkdir(parents=True, exist_ok=True)
+        write_json(out / "config.json", {"train": cfg.to_json(), "method": method.name, "method_meta": method.meta(),
+                                         "model": dict(getattr(model, "config", {}))})
+    if hasattr(train_ds, "flip"):
+        train_ds.flip = cfg.flip
+
+    model.to(device)
+    heads = nn.ModuleDict(method.modules()).to(device)
+    params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    use_amp = cfg.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    n = len(train_ds)
+    drop_last = n // dd.world >= cfg.batch_size  # never a lone last sample (BatchNorm needs 2)
+    sampler = EpochSampler(n, seed=cfg.seed, rank=dd.rank, world=dd.world)
+    steps_per_epoch = (sampler.per_rank // cfg.batch_size) if drop_last else math.ceil(sampler.per_rank / cfg.batch_size)
+    loader = make_loader(train_ds, cfg.batch_size, sampler=sampler, workers=cfg.workers, drop_last=drop_last,
+                         seed=cfg.seed + dd.rank)
+
+    step, history, partial = 0, [], None
+    avg = _Averager()
+    torch.manual_seed(cfg.seed * 1000 + dd.rank)
+    if cfg.resume and last_path.exists():
+        st = torch_load(last_path, "resume state")
+        if st.get("model_config") != dict(getattr(_unwrap(model), "config", {})) or st.get("method") != method.name:
+            raise FacetoolError(f"cannot resume {last_path}: it was trained with another model or method; "
+                                "use another --out or --overwrite")
+        if st.get("steps_per_epoch") != steps_per_epoch:
+            raise FacetoolError(f"cannot resume {last_path}: --batch-size or the data changed since it was written")
+        model.load_state_dict(st["model"])
+        heads.load_state_dict(st["heads"])
+        opt.load_state_dict(st["optimizer"])
+        scaler.load_state_dict(st["scaler"])
+        step, history, partial = int(st["step"]), list(st["history"]), st.get("partial")
+        rng = st["rng"][dd.rank] if dd.rank < len(st["rng"]) else st["rng"][0]
+        _set_rng_state(rng, device)
+
+    train_model: nn.Module = model
+    if dd.world > 1:
+        gated = bool(getattr(model, "num_gates", 0))
+        train_model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=gated)
+
+    def save_state() -> None:
+        rng = [_rng_state(device)]
+        if dd.world > 1:
+            gathered: list[Any] = [None] * dd.world
+            dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
+            rng = gathered
+        if dd.main:
+            torch_save({"format": "facetool-resume", "model": _unwrap(model).state_dict(), "heads": heads.state_dict(),
+                        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                        "steps_per_epoch": steps_per_epoch, "history": history, "rng": rng, "method": method.name,
+                        "partial": {"sums": avg.sums, "n": avg.n} if step % steps_per_epoch else None,
+                        "model_config": dict(getattr(_unwrap(model), "config", {}))}, last_path)
+
+    total_steps = cfg.epochs * steps_per_epoch
+    stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
+    log = _Logger(cfg.verbose and dd.main, total_steps)
+    final: dict[str, float] = dict(history[-1]) if history else {}
+    try:
+        while step < stop_at:
+            epoch, start = divmod(step, steps_per_epoch)
+            sampler.set_epoch(epoch, start * cfg.batch_size)
+            model.train()
+            heads.train()
+            avg = _Averager()
+            if start and partial:  # resuming inside an epoch: keep its running averages
+                avg.sums, avg.n = dict(partial["sums"]), int(partial["n"])
+            partial = None
+            t0 = time.time()
+            for batch in loader:
+                lr = lr_at(cfg, step, steps_per_epoch)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                batch = _to_device(batch, device)
+                with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
+                    out_, internals = train_model(batch["image"], return_internals=True)
+                    terms = method.loss(_unwrap(model), batch, out_, internals)
+                _check_finite(terms, epoch + 1, step + 1)
+                loss = sum(terms.values())
+                opt.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                if dd.world > 1:
+                    for p in heads.parameters():  # the model's grads are reduced by DDP
+                        if p.grad is not None:
+                            dist.all_reduce(p.grad)
+                            p.grad /= dd.world
+                if cfg.grad_clip is not None:
+                    scaler.unscale_(opt)
+                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+                scaler.step(opt)
+                scaler.update()
+                step += 1
+                vals = {k: float(v.detach()) for k, v in terms.items()}
+                vals["loss"] = sum(vals.values())
+                vals.update(method.metrics(batch, out_.detach(), internals))
+                avg.add(vals, batch["image"].shape[0])
+                log.step(step, epoch, vals, lr, cfg.log_every)
+                if step >= stop_at:
+                    break
+            epoch_done = step % steps_per_epoch == 0
+            if epoch_done:
+                row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, steps_per_epoch)}
+                row.update(avg.mean("train_"))
+                row["epoch_time_s"] = round(time.time() - t0, 3)
+                if dd.main:
+                    base = _unwrap(model)
+                    if val_ds is not None and len(val_ds):
+                        row.update({f"val_{k}": v for k, v in
+                                    validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
+                    base.eval()
+                    row.update(method.evaluate(base, epoch + 1))
+                history.append(row)
+                final = row
+                log.epoch(row)
+            save_state()
+            if dd.main and epoch_done:
+                _write_metrics(out, history)
+    except KeyboardInterrupt:
+        save_state()  # the optimizer state is consistent after every completed step
+        raise
+    if dd.main and history:
+        _write_metrics(out, history)
+    if dd.main:
+        meta = {"method": method.name, **method.meta(), "metrics": final, "epochs_done": len(history),
+                "train": cfg.to_json()}
+        save_checkpoint(out / "model.pt", _unwrap(model), meta)
+        if len(heads):
+            torch_save({k: m.state_dict() for k, m in heads.items()}, out / "heads.pt")
+    log.close()
+    return final
+
+
+def train_on_store(store: str | Path, model_name: str, method_factory: Callable[[nn.Module], Method],
+                   cfg: TrainConfig, *, input_size: int | None = None, attributes: Sequence[str] = (),
+                   model_kwargs: dict | None = None) -> dict[str, Any]:
+    """Build train/test datasets of a face store and a registered model, train it with the method
+    returned by ``method_factory(model)`` (validating on the store's test split each epoch), and write
+    ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict."""
+    from facetool.data.dataset import FaceDataset
+    from facetool.flops import count_params, executed_flops, flops_summary
+    from facetool.models.registry import create_model
+
+    train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
+    size = input_size or int(train_ds.image_size[0])
+    if len(train_ds) == 0:
+        raise FacetoolError(f"store {store} has no training images")
+    val_ds = FaceDataset(store, "test", attributes=attributes, size=input_size)
+    seed_everything(cfg.seed)
+    model = create_model(model_name, num_classes=train_ds.num_classes, input_size=size, **(model_kwargs or {}))
+    method = method_factory(model)
+    final = train(model, method, train_ds, cfg, val_ds if len(val_ds) else None)
+    result: dict[str, Any] = {"store": str(store), "model": dict(model.config), "method": method.name,
+                              "metrics": final, "params": count_params(model)}
+    if int(os.environ.get("RANK", "0")) == 0:
+        model.cpu()
+        result.update(flops_summary(model, size))
+        n = result["gated_blocks"]
+        for prefix in ("val_", "train_"):
+            rates = [final.get(f"{prefix}rate_{i:02d}") for i in range(n)]
+            if n and None not in rates:
+                result["exec_gflops"] = float(executed_flops(model, torch.tensor([rates]), size)[0]) / 1e9
+                break
+        write_json(Path(cfg.out) / "result.json", result)
+    return result
+
+
+class _Logger:
+    """Rank-0 console output: a progress bar on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, enabled: bool, total: int) -> None:
+        self.enabled = enabled
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                     TimeRemainingColumn(), console=self.console)
+            self.task = self.progress.add_task("train", total=total)
+            self.progress.start()
+
+    def step(self, step: int, epoch: int, vals: dict, lr: float, every: int) -> None:
+        if not self.enabled:
+            return
+        text = f"epoch {epoch + 1} loss {vals['loss']:.4f} lr {lr:.3g}"
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step, description=text)
+        elif every and step % every == 0:
+            self.console.print(f"step {step}  {text}", highlight=False)
+
+    def epoch(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        keys = [k for k in row if k in ("epoch", "train_loss", "train_top1", "val_top1", "val_exec_rate")
+                or k.startswith("val_acc") or k.startswith("lfw")]
+        self.console.print("  ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys),
+                           highlight=False)
+
+    def close(self) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+
+__all__ = ["Method", "ClassificationMethod", "TrainConfig", "train", "train_on_store", "validate", "lr_at", "topk_accuracy",
+           "seed_everything", "EpochSampler", "SCHEDULES"]

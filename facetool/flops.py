@@ -1,0 +1,94 @@
+"""FLOPs and parameters, counted by ``torch.utils.flop_counter.FlopCounterMode`` (2 FLOPs per
+multiply-add, only the ops that actually ran). Convolutions and matrix products are counted;
+element-wise ops (BN, ReLU, pooling, additions) are not, as usual.
+
+For gated models (ConvNet-AIG/IIG) the cost of an image depends on its gates::
+
+    executed(b) = (dense - sum_l block_l) + sum_l gates[b, l] * block_l
+
+where ``block_l`` is the FLOPs of block l's residual branch; the base (stem, shortcuts, gates
+themselves, head) always runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from facetool.methods.aig import forced_gates, gated_blocks
+
+
+def _input_size(model: nn.Module, input_size: int | None) -> int:
+    size = input_size or getattr(model, "input_size", None) or getattr(model, "config", {}).get("input_size")
+    if not size:
+        raise ValueError("input_size is needed (the model does not record one)")
+    return int(size)
+
+
+def _count(fn, *args) -> int:
+    with FlopCounterMode(display=False) as fc:
+        fn(*args)
+    return int(fc.get_total_flops())
+
+
+def _probe(model: nn.Module, size: int, batch: int) -> Tensor:
+    p = next(model.parameters(), None)
+    return torch.zeros(batch, 3, size, size, device=p.device if p is not None else "cpu")
+
+
+@torch.no_grad()
+def count_flops(model: nn.Module, input_size: int | None = None, batch: int = 1) -> int:
+    """Dense FLOPs per image (every gate forced open), in eval mode."""
+    size = _input_size(model, input_size)
+    was = model.training
+    model.eval()
+    try:
+        with forced_gates(model, 1.0):
+            total = _count(model, _probe(model, size, batch))
+    finally:
+        model.train(was)
+    return total // batch
+
+
+@torch.no_grad()
+def gated_block_flops(model: nn.Module, input_size: int | None = None) -> Tensor:
+    """(L,) FLOPs per image of each gated block's residual branch (empty for ungated models)."""
+    blocks = gated_blocks(model)
+    if not blocks:
+        return torch.zeros(0, dtype=torch.float64)
+    size = _input_size(model, input_size)
+    inputs: dict[int, Tensor] = {}
+    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: inputs.__setitem__(i, a[0])) for i, b in enumerate(blocks)]
+    was = model.training
+    model.eval()
+    try:
+        with forced_gates(model, 1.0):
+            model(_probe(model, size, 1))
+        return torch.tensor([_count(b.residual, inputs[i]) for i, b in enumerate(blocks)], dtype=torch.float64)
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+
+
+def executed_flops(model: nn.Module, gates: Tensor, input_size: int | None = None) -> Tensor:
+    """(B,) FLOPs each image actually needed given its (B, L) gate decisions (or probabilities)."""
+    block = gated_block_flops(model, input_size)
+    dense = float(count_flops(model, input_size))
+    g = gates.detach().to(torch.float64).cpu()
+    if g.dim() != 2 or g.shape[1] != block.numel():
+        raise ValueError(f"gates must be (B, {block.numel()}), got {tuple(g.shape)}")
+    return (dense - block.sum()) + g @ block
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+def flops_summary(model: nn.Module, input_size: int | None = None) -> dict[str, float]:
+    """Dense GFLOPs, gated share and parameters (M) of a model, for tables."""
+    dense = count_flops(model, input_size)
+    block = gated_block_flops(model, input_size)
+    return {"gflops": dense / 1e9, "gated_gflops": float(block.sum()) / 1e9, "params_m": count_params(model) / 1e6,
+            "gated_blocks": int(block.numel())}

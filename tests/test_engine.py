@@ -1,0 +1,148 @@
+"""The training engine: schedules, exact resume, NaN guard, checkpoints, method modules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from facetool.engine import ClassificationMethod, Method, TrainConfig, lr_at, train
+from facetool.errors import FacetoolError, NonFiniteLossError
+from facetool.models import create_model, load_model
+
+
+class ToyFaces(torch.utils.data.Dataset):
+    """Items like FaceDataset's: class-dependent colour + noise, 32 px."""
+
+    def __init__(self, n: int = 24, classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.arange(n) % classes
+        base = torch.linspace(-0.8, 0.8, classes)[self.labels].view(n, 1, 1, 1)
+        self.images = base + 0.3 * torch.randn(n, 3, 32, 32, generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"image": self.images[i], "label": self.labels[i], "index": torch.tensor(i)}
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    return create_model("aig_resnet18", num_classes=3, input_size=32, width=8)
+
+
+def _cfg(out, **kw) -> TrainConfig:
+    base = dict(out=out, epochs=2, batch_size=8, lr=0.05, verbose=False, warmup_epochs=0.5)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_lr_schedules_hand_computed(tmp_path):
+    c = TrainConfig(out=tmp_path, epochs=4, lr=0.1, warmup_epochs=1, schedule="cosine")
+    # 10 steps/epoch: warm-up steps 0..9 -> 0.01 .. 0.1; then cosine over 30 steps
+    assert lr_at(c, 0, 10) == pytest.approx(0.01)
+    assert lr_at(c, 9, 10) == pytest.approx(0.1)
+    assert lr_at(c, 25, 10) == pytest.approx(0.1 * 0.5 * (1 + math.cos(math.pi * 15 / 30)))
+    c.schedule = "poly"
+    assert lr_at(c, 25, 10) == pytest.approx(0.1 * 0.5**2)
+    c.schedule, c.milestones, c.gamma = "step", (2, 3), 0.1
+    assert lr_at(c, 19, 10) == pytest.approx(0.1)
+    assert lr_at(c, 20, 10) == pytest.approx(0.01)
+    assert lr_at(c, 35, 10) == pytest.approx(0.001)
+
+
+def test_resume_continues_to_identical_weights(tmp_path):
+    ds = ToyFaces()
+    full = _model()
+    train(full, ClassificationMethod(), ds, _cfg(tmp_path / "a"))  # 2 epochs x 3 steps
+
+    part = _model()
+    train(part, ClassificationMethod(), ds, _cfg(tmp_path / "b", max_steps=4))  # stops inside epoch 2
+    assert not (tmp_path / "b" / "metrics.csv").read_text().count("\n2,")
+    resumed = _model(seed=123)  # different init: everything must come from last.pt
+    res = train(resumed, ClassificationMethod(), ds, _cfg(tmp_path / "b", resume=True))
+    for (k, a), b in zip(full.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert res["epoch"] == 2 and res["step"] == 6
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    a_rows = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["train_loss"] == pytest.approx(a_rows[1]["train_loss"], abs=0)
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    ds = ToyFaces(n=8)
+    train(_model(), ClassificationMethod(), ds, _cfg(tmp_path, epochs=1))
+    with pytest.raises(FacetoolError, match="--resume"):
+        train(_model(), ClassificationMethod(), ds, _cfg(tmp_path, epochs=1))
+    train(_model(), ClassificationMethod(), ds, _cfg(tmp_path, epochs=1, overwrite=True))
+
+
+class NaNAt(ClassificationMethod):
+    def __init__(self, at: int) -> None:
+        self.calls = 0
+        self.at = at
+
+    def loss(self, model, batch, out, internals):
+        terms = super().loss(model, batch, out, internals)
+        self.calls += 1
+        terms["margin"] = torch.tensor(float("nan") if self.calls == self.at else 0.0)
+        return terms
+
+
+def test_nan_guard_names_the_term(tmp_path):
+    with pytest.raises(NonFiniteLossError, match=r"loss term 'margin' became nan at epoch 2 step 5"):
+        train(_model(), NaNAt(5), ToyFaces(), _cfg(tmp_path))
+
+
+def test_outputs_and_checkpoints_load_weights_only(tmp_path):
+    ds = ToyFaces()
+    model = _model()
+    res = train(model, ClassificationMethod(), ds, _cfg(tmp_path, epochs=1), val_ds=ToyFaces(n=9, seed=1))
+    for name in ["last.pt", "model.pt", "metrics.csv", "metrics.jsonl", "config.json"]:
+        assert (tmp_path / name).is_file(), name
+    st = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert st["step"] == 3 and "optimizer" in st and "rng" in st
+    assert {"val_top1", "val_loss", "train_ce", "train_top1", "val_exec_rate"} - set(res) == {"val_exec_rate"}
+    loaded = load_model(tmp_path / "model.pt")
+    assert loaded.meta["method"] == "classify" and loaded.meta["metrics"]["epoch"] == 1
+    x = ds.images[:4]
+    model.eval()
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["train"]["batch_size"] == 8 and cfg["model"]["name"] == "aig_resnet18"
+
+
+class WithHead(Method):
+    """A method with its own trainable module (like a margin head on an embedding model)."""
+
+    name = "head"
+
+    def __init__(self) -> None:
+        self.head = nn.Linear(16, 3)
+
+    def modules(self):
+        return {"head": self.head}
+
+    def loss(self, model, batch, out, internals):
+        return {"ce": nn.functional.cross_entropy(self.head(out), batch["label"])}
+
+
+def test_method_modules_are_trained_and_saved(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=0, input_size=32, width=2)  # 16-d pooled feature
+    m = WithHead()
+    before = m.head.weight.detach().clone()
+    train(model, m, ToyFaces(), _cfg(tmp_path, epochs=1))
+    assert not torch.equal(before, m.head.weight)
+    heads = torch.load(tmp_path / "heads.pt", weights_only=True)
+    assert torch.equal(heads["head"]["weight"], m.head.weight.detach())
+
+
+def test_bad_config_is_one_line_error(tmp_path):
+    with pytest.raises(FacetoolError, match="schedule"):
+        train(_model(), ClassificationMethod(), ToyFaces(), _cfg(tmp_path, schedule="linear"))
