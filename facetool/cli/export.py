@@ -1,0 +1,33 @@
+"""`facetool export`: a trained model to ONNX (insightface-loadable for recognition models)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from facetool.cli.common import console, dict_table, guarded
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("export")
+    @guarded
+    def export(
+        model: Path = typer.Option(..., "--model", help="facetool checkpoint or arcface_torch backbone.pth."),
+        out: Path = typer.Option(..., "--out", help="Output .onnx file (a .json report is written beside it)."),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+        dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Variable batch size (default: batch 1)."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+    ) -> None:
+        """Export a model to ONNX and verify it against PyTorch with ONNX Runtime."""
+        from facetool.export import export_onnx
+        from facetool.io import check_output
+
+        check_output(out, overwrite)
+        report = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch)
+        rows = {k: report[k] for k in ("onnx", "opset", "dynamic_batch", "input_size", "embedding_size",
+                                       "max_abs_diff_normalised", "insightface_recognition")}
+        console.print(dict_table("ONNX export", rows))
+        if not report["insightface_recognition"]:
+            console.print("[yellow]note:[/] insightface routes only square inputs >= 112 px (multiple of 16) "
+                          "to recognition")

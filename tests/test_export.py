@@ -1,0 +1,121 @@
+"""ONNX export: insightface loads it as a recognition model; embeddings match PyTorch; bad files fail."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from facetool.data.transforms import normalize
+from facetool.errors import FacetoolError
+from facetool.export import export_onnx
+from facetool.models import create_model, load_model, save_checkpoint
+from facetool.models.onnx_model import OnnxModel
+
+
+@pytest.fixture(scope="module")
+def r18(tmp_path_factory):
+    """A narrow IR-ResNet-18 at 112 px with non-trivial BatchNorm statistics, saved as a checkpoint."""
+    torch.manual_seed(0)
+    m = create_model("iresnet18", width=16, embedding_size=128)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, (torch.nn.BatchNorm2d, torch.nn.BatchNorm1d)):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("export") / "r18.pt"
+    save_checkpoint(path, m)
+    return path, m.eval()
+
+
+def _faces(n: int) -> list[np.ndarray]:
+    return [np.random.default_rng(i).integers(0, 256, (112, 112, 3), dtype=np.uint8) for i in range(n)]
+
+
+def test_export_loads_in_insightface_and_matches_pytorch(r18, tmp_path):
+    from insightface.model_zoo import get_model
+
+    ckpt, model = r18
+    out = tmp_path / "r18.onnx"
+    report = export_onnx(ckpt, out, dynamic_batch=True)
+    assert out.is_file() and report["insightface_recognition"] and report["max_abs_diff_normalised"] < 1e-4
+    assert json.loads(out.with_suffix(".json").read_text())["embedding_size"] == 128
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r18.json", "r18.onnx"]  # no temp files left
+
+    zoo = get_model(str(out), providers=["CPUExecutionProvider"])
+    assert type(zoo).__name__ == "ArcFaceONNX" and zoo.taskname == "recognition"
+    assert (zoo.input_mean, zoo.input_std, zoo.input_size) == (127.5, 127.5, (112, 112))
+    bgr = _faces(3)
+    theirs = torch.from_numpy(zoo.get_feat(bgr))  # insightface: BGR uint8 -> its own blob
+    with torch.no_grad():
+        ours = model(normalize(np.stack([im[:, :, ::-1] for im in bgr])))
+    unit = torch.nn.functional.normalize
+    assert (unit(theirs) - unit(ours)).abs().max() < 1e-4
+    assert (theirs - ours).abs().max() / ours.abs().max() < 1e-4
+
+    onnx_model = load_model(out)  # the facetool model call contract
+    assert isinstance(onnx_model, OnnxModel) and onnx_model.task == "embedding" and onnx_model.embedding_size == 128
+    assert (unit(onnx_model(normalize(np.stack(bgr)[..., ::-1].copy()))) - unit(ours)).abs().max() < 1e-4
+
+
+def test_fixed_batch_export_runs_any_batch(r18, tmp_path):
+    ckpt, model = r18
+    out = tmp_path / "fixed.onnx"
+    export_onnx(ckpt, out)
+    m = OnnxModel(out)
+    assert m.fixed_batch == 1
+    x = normalize(np.stack(_faces(3)))
+    with torch.no_grad():
+        ref = torch.nn.functional.normalize(model(x))
+    assert (torch.nn.functional.normalize(m(x)) - ref).abs().max() < 1e-4
+
+
+def _export_plain(module: torch.nn.Module, x: torch.Tensor, path, outputs: list[str]) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module.eval(), (x,), str(path), dynamo=False, input_names=["x"], output_names=outputs)
+
+
+class _TwoHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y, y.mean((2, 3))
+
+
+def test_non_recognition_onnx_is_refused(tmp_path):
+    _export_plain(torch.nn.Linear(10, 4), torch.randn(1, 10), tmp_path / "linear.onnx", ["y"])
+    with pytest.raises(FacetoolError, match="not a recognition model: needs one 4-D image input") as e:
+        load_model(tmp_path / "linear.onnx")
+    assert "\n" not in str(e.value)
+    _export_plain(_TwoHeads(), torch.randn(1, 3, 16, 16), tmp_path / "det.onnx", ["map", "vec"])
+    with pytest.raises(FacetoolError, match="needs one 2-D embedding output"):
+        OnnxModel(tmp_path / "det.onnx")
+    (tmp_path / "junk.onnx").write_bytes(b"not an onnx file at all")
+    with pytest.raises(FacetoolError, match="not a loadable ONNX model"):
+        load_model(tmp_path / "junk.onnx")
+    with pytest.raises(FacetoolError, match="not found"):
+        load_model(tmp_path / "missing.onnx")
+
+
+def test_export_cli(cli, r18, tmp_path):
+    ckpt, _ = r18
+    out = tmp_path / "cli.onnx"
+    res = cli("export", "--model", ckpt, "--out", out, "--dynamic-batch")
+    assert res.exit_code == 0, res.output
+    assert out.is_file() and "max_abs_diff_normalised" in res.output
+    res = cli("export", "--model", ckpt, "--out", out)
+    assert res.exit_code != 0 and "output exists" in res.output
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"garbage")
+    res = cli("export", "--model", bad, "--out", tmp_path / "bad.onnx")
+    assert res.exit_code != 0 and "checkpoint" in res.output and "Traceback" not in res.output
+    assert not (tmp_path / "bad.onnx").exists()
+    res = cli("export", "--model", ckpt, "--out", tmp_path / "x.txt")
+    assert res.exit_code != 0 and ".onnx" in res.output
