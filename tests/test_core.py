@@ -115,3 +115,11 @@ def test_cli_errors_are_one_line(cli, tmp_path):
     r.write_text(f'[[step]]\nname = "broken"\nrun = "info {bad}"\n')
     res = cli("recipe", r)
     assert res.exit_code == 2 and "stopped at step 1" in res.output
+
+
+def test_ddp_prefixed_state_dict_loads(tmp_path):
+    m = create_model("_test_tiny", classes=3)
+    torch_save({f"module.{k}": v for k, v in m.state_dict().items()}, tmp_path / "ddp.pth")
+    m2 = load_model(tmp_path / "ddp.pth", name="_test_tiny")
+    x = torch.randn(1, 3, 8, 8)
+    torch.testing.assert_close(m(x), m2(x))

@@ -59,6 +59,9 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
+        # state_dicts saved from a DDP-wrapped model carry a "module." prefix on every key
+        if all(k.startswith("module.") for k in obj):
+            obj = {k[len("module."):]: v for k, v in obj.items()}
         return {"format": "state_dict", "state_dict": obj, "config": None, "meta": {}}
     raise FacetoolError(f"{path} is neither a facetool checkpoint nor a state_dict")
 
