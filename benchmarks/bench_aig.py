@@ -14,7 +14,6 @@ index_add). ``--pinned`` keeps the target schedule's pinned first/last blocks al
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
 
@@ -44,22 +43,24 @@ def calibrate_gates(model: torch.nn.Module, x: torch.Tensor, rate: float, pinned
 
 
 @torch.no_grad()
-def _time(model: torch.nn.Module, x: torch.Tensor) -> float:
+def _time(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process) of one forward pass."""
     if x.is_cuda:
         torch.cuda.synchronize()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     model(x)
     if x.is_cuda:
         torch.cuda.synchronize()
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - c0
 
 
-def time_variants(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, float]:
-    """Median wall time per batch of: gates forced open, masking, real skipping (one warm-up round)."""
+def time_variants(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, tuple[float, float]]:
+    """Median (wall, CPU) time per batch of: gates forced open, masking, real skipping. The CPU
+    time of this process is the steadier measure on a machine shared with other jobs."""
     from facetool.methods.aig import forced_gates, set_skipping
 
-    ts: dict[str, list[float]] = {"open": [], "mask": [], "skip": []}
-    for i in range(iters + 1):
+    ts: dict[str, list[tuple[float, float]]] = {"open": [], "mask": [], "skip": []}
+    for i in range(iters + 1):  # round 0 warms up
         with forced_gates(model, 1.0):
             t_open = _time(model, x)
         set_skipping(model, False)
@@ -70,7 +71,7 @@ def time_variants(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[s
             ts["open"].append(t_open)
             ts["mask"].append(t_mask)
             ts["skip"].append(t_skip)
-    return {k: statistics.median(v) for k, v in ts.items()}
+    return {k: (statistics.median(w for w, _ in v), statistics.median(c for _, c in v)) for k, v in ts.items()}
 
 
 def main() -> None:
@@ -82,7 +83,7 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--rate", type=float, default=0.5, help="Fraction of samples each gated block runs on.")
     ap.add_argument("--pinned", action="store_true", help="Keep the target schedule's pinned blocks open.")
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--threads", type=int, default=1, help="1 is steadiest on a shared machine.")
     ap.add_argument("--device", default="cpu")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -105,12 +106,13 @@ def main() -> None:
     print(f"gate execution rate             {gates.mean():.3f} over {gates.shape[1]} gated blocks "
           f"(per block {min(gates.mean(0)):.2f}..{max(gates.mean(0)):.2f})")
     print(f"GFLOPs/image dense / executed   {dense / 1e9:.3f} / {executed / 1e9:.3f}")
-    print(f"all gates forced open           {t['open'] * 1e3:9.1f} ms/batch")
-    print(f"masking z*F(x) (reference)      {t['mask'] * 1e3:9.1f} ms/batch")
-    print(f"real skipping                   {t['skip'] * 1e3:9.1f} ms/batch")
+    print(f"{'ms/batch':31s} {'wall':>9s} {'CPU':>9s}")
+    for k, name in (("open", "all gates forced open"), ("mask", "masking z*F(x) (reference)"), ("skip", "real skipping")):
+        print(f"{name:31s} {t[k][0] * 1e3:9.1f} {t[k][1] * 1e3:9.1f}")
     print(f"executed-FLOPs ratio            {executed / dense:.3f}")
-    print(f"wall-time ratio skip / open     {t['skip'] / t['open']:.3f}  (speed-up x{t['open'] / t['skip']:.2f})")
-    print(f"wall-time ratio skip / masking  {t['skip'] / t['mask']:.3f}")
+    for i, what in ((0, "wall"), (1, "CPU")):
+        print(f"{what + '-time ratio skip / open':31s} {t['skip'][i] / t['open'][i]:.3f}  "
+              f"(skip / masking {t['skip'][i] / t['mask'][i]:.3f})")
 
 
 if __name__ == "__main__":

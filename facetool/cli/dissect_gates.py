@@ -1,0 +1,47 @@
+"""`facetool dissect gates`: which gated blocks run, per attribute, per image difficulty, per outcome."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facetool.cli.common import console, guarded, records_table
+
+
+def register(group: typer.Typer) -> None:
+    @group.command("gates")
+    @guarded
+    def gates(
+        model: Path = typer.Option(..., "--model", help="AIG/IIG checkpoint."),
+        store: Path = typer.Option(..., "--store", help="Face store (.h5) with attributes."),
+        out: Path = typer.Option(..., "--out", help="Output folder (PNGs, CSVs, JSON)."),
+        attributes: Optional[str] = typer.Option(None, "--attributes", help="Comma list, e.g. gender,age (default: all)."),
+        split: str = typer.Option("test", "--split", help="train, test or all."),
+        run: Optional[Path] = typer.Option(None, "--run", help="Training run folder: plot its top-1/top-5 curves."),
+        batch_size: int = typer.Option(64, "--batch-size", min=1),
+        identities: int = typer.Option(8, "--identities", min=1, help="Identities in the easy/hard grid."),
+        per_identity: int = typer.Option(4, "--per-identity", min=1, help="Easy and hard images per identity."),
+    ) -> None:
+        """Gate execution per attribute value (heatmaps), easy/hard images, active gates of correct vs
+        wrong predictions, training curves.
+
+        Example: facetool dissect gates --model runs/aig/model.pt --store data/imdb.h5 --out runs/aig/dissect --attributes gender,age
+        """
+        from facetool.methods.dissect import dissect_gates
+
+        attrs = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else None
+        with console.status(f"running {model.name} over {store.name} [{split}]"):
+            res = dissect_gates(model, store, out, attributes=attrs, split=split, run=run, batch_size=batch_size,
+                                identities=identities, per_identity=per_identity)
+        console.print(f"{res['images']} images, {res['blocks']} gated blocks, top-1 {res['top1']:.2f} %, "
+                      f"top-5 {res['top5']:.2f} %, gate rate {res['gate_rate']:.3f}")
+        recs = [{"attribute": a, "images per value": ", ".join(f"{v} {n}" for v, n in d["images"].items()),
+                 "max spread": d["max_spread"], "block": d["most_selective_block"]}
+                for a, d in res["attributes"].items()]
+        if recs:
+            console.print(records_table("gate execution by attribute (spread = max-min fraction over values)", recs))
+        st = res["active_gates"]
+        console.print(records_table("active gates per image", [{"prediction": k, **v} for k, v in st.items()]))
+        console.print(f"wrote {len(res['files'])} files to {out}")

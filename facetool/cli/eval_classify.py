@@ -1,0 +1,51 @@
+"""`facetool eval classify`: identity classification of several models side by side (Table II)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from facetool.cli.common import console, guarded, records_table
+
+COLUMNS = ["model", "top1", "top5", "gflops_executed", "gflops_dense", "params_m", "gate_rate"]
+HEADERS = ["model", "top-1 %", "top-5 %", "GFLOPs exec.", "GFLOPs dense", "params M", "gate rate"]
+
+
+def register(group: typer.Typer) -> None:
+    @group.command("classify")
+    @guarded
+    def classify(
+        store: Path = typer.Option(..., "--store", help="Face store (.h5) the models were trained on."),
+        model: list[Path] = typer.Option(..., "--model", help="Checkpoint; repeat for a side-by-side table."),
+        split: str = typer.Option("test", "--split", help="train, test or all."),
+        batch_size: int = typer.Option(64, "--batch-size", min=1),
+        workers: int = typer.Option(0, "--workers", min=0),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+    ) -> None:
+        """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
+
+        Example: facetool eval classify --store data/imdb.h5 --model runs/resnet/model.pt --model runs/aig/model.pt
+        """
+        from rich.progress import Progress
+
+        from facetool.eval.classification import compare_classifiers
+        from facetool.io import write_json
+        from facetool.store import FaceStore
+
+        with FaceStore(store) as s:
+            n = len(s.indices(split))
+        with Progress(console=console, transient=True) as prog:
+            task = prog.add_task("evaluating", total=n * len(model))
+            rows = compare_classifiers(model, store, split, batch_size, workers=workers,
+                                       on_batch=lambda k: prog.advance(task, k))
+        table_rows = []
+        for r in rows:
+            name = f"{Path(r['checkpoint']).parent.name}/{Path(r['checkpoint']).name} ({r['model']})"
+            table_rows.append({h: (name if c == "model" else ("-" if r[c] is None else r[c]))
+                               for c, h in zip(COLUMNS, HEADERS)})
+        console.print(records_table(f"classification on {store.name} [{split}]", table_rows, HEADERS))
+        if json_out is not None:
+            write_json(json_out, {"store": str(store), "split": split, "models": rows})
+            console.print(f"results: {json_out}")

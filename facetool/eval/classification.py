@@ -1,0 +1,165 @@
+"""Closed-set identity classification on a face store (ConvNet-IIG Table II).
+
+:func:`predict` runs a model over a split once (batched, eval mode, no grad) and keeps what the
+tables and dissections need: the top-k classes and the executed gate pattern per image.
+:func:`evaluate_classifier` turns that into top-1/top-5, executed GFLOPs per image (from the
+gate decisions actually taken on the evaluated images), dense GFLOPs, parameters and the mean
+gate execution rate.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from facetool.errors import FacetoolError
+from facetool.store import FaceStore
+
+
+@dataclass
+class Predictions:
+    """Per-image results of one pass over a split (rows in store order of ``indices``)."""
+
+    indices: np.ndarray  # (N,) store rows
+    labels: np.ndarray  # (N,) true identity
+    topk: np.ndarray  # (N, k) predicted identities, best first
+    gates: np.ndarray | None  # (N, L) uint8 executed gates, None for non-gated models
+
+    @property
+    def correct(self) -> np.ndarray:
+        return self.topk[:, 0] == self.labels
+
+    def topk_accuracy(self, k: int) -> float:
+        if not len(self.labels):
+            return float("nan")
+        return float((self.topk[:, :k] == self.labels[:, None]).any(1).mean())
+
+
+def model_input_size(model: torch.nn.Module, store_size: int) -> int:
+    return int(getattr(model, "config", {}).get("input_size") or store_size)
+
+
+def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
+    """Refuse embedding models and classifiers trained on another number of identities."""
+    if getattr(model, "task", "classification") != "classification":
+        raise FacetoolError(f"model {source} is an embedding model; classification needs a classifier")
+    n = getattr(model, "config", {}).get("num_classes")
+    if n is not None and int(n) != num_classes:
+        raise FacetoolError(f"model {source} has {n} classes but the store has {num_classes} identities")
+
+
+@torch.no_grad()
+def predict(
+    model: torch.nn.Module,
+    store: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    *,
+    topk: int = 5,
+    workers: int = 0,
+    device: str | None = None,
+    indices: Sequence[int] | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> Predictions:
+    """One pass of ``model`` (eval mode) over ``split`` of ``store``; ``on_batch(n)`` reports progress."""
+    from facetool.data import FaceDataset, make_loader
+
+    with FaceStore(store) as s:
+        size = s.image_size[0]
+        ncls = s.num_classes
+    check_classifier(model, ncls, getattr(model, "config", {}).get("name", ""))
+    insize = model_input_size(model, size)
+    ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices)
+    if not len(ds):
+        raise FacetoolError(f"split {split!r} of {store} has no images")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    model.eval().to(dev)
+    idx, labels, tops, gates = [], [], [], []
+    for batch in make_loader(ds, batch_size, workers=workers):
+        x = batch["image"].to(dev, non_blocking=True)
+        out, internals = model(x, return_internals=True)
+        if out.shape[1] != ncls:
+            raise FacetoolError(f"model outputs {out.shape[1]} classes but the store has {ncls} identities")
+        k = min(topk, out.shape[1])
+        tops.append(out.float().topk(k, dim=1).indices.cpu().numpy())
+        idx.append(batch["index"].numpy())
+        labels.append(batch["label"].numpy())
+        g = (internals or {}).get("gates")
+        if g is not None:
+            gates.append((g.detach() > 0.5).to(torch.uint8).cpu().numpy())
+        if on_batch:
+            on_batch(len(x))
+    return Predictions(np.concatenate(idx), np.concatenate(labels), np.concatenate(tops),
+                       np.concatenate(gates) if gates else None)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def evaluate_classifier(
+    model: torch.nn.Module,
+    store: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    *,
+    workers: int = 0,
+    device: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict:
+    """Top-1/top-5 (%), executed and dense GFLOPs per image, parameters (M) and mean gate execution
+    rate of ``model`` on ``split`` of ``store``. Executed FLOPs come from the gate decisions the
+    model took on these images (the dense count for models without gates)."""
+    from facetool.flops import count_flops, executed_flops
+
+    pred = predict(model, store, split, batch_size, workers=workers, device=device, on_batch=on_batch)
+    with FaceStore(store) as s:
+        size = model_input_size(model, s.image_size[0])
+    cpu_model = model.cpu()
+    dense = float(count_flops(cpu_model, size))
+    res = {
+        "model": getattr(model, "config", {}).get("name", type(model).__name__),
+        "split": split,
+        "images": int(len(pred.labels)),
+        "top1": 100.0 * pred.topk_accuracy(1),
+        "top5": 100.0 * pred.topk_accuracy(5),
+        "gflops_dense": dense / 1e9,
+        "gflops_executed": dense / 1e9,
+        "params_m": count_parameters(model) / 1e6,
+        "gate_rate": None,
+    }
+    if pred.gates is not None and pred.gates.size:
+        g = torch.as_tensor(pred.gates, dtype=torch.float32)
+        res["gflops_executed"] = float(executed_flops(cpu_model, g, size).double().mean()) / 1e9
+        res["gate_rate"] = float(pred.gates.mean())
+        res["gate_rate_per_block"] = pred.gates.mean(0).round(4).tolist()
+    res["flops_ratio"] = res["gflops_executed"] / res["gflops_dense"] if dense else None
+    return res
+
+
+def compare_classifiers(
+    model_paths: Sequence[str | Path],
+    store: str | Path,
+    split: str = "test",
+    batch_size: int = 64,
+    *,
+    workers: int = 0,
+    device: str | None = None,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[dict]:
+    """One :func:`evaluate_classifier` row per checkpoint (Table II: models side by side)."""
+    from facetool.models import load_model
+
+    if not model_paths:
+        raise FacetoolError("give at least one --model")
+    FaceStore(store).close()
+    models = [(Path(p), load_model(p)) for p in model_paths]  # fail on a bad checkpoint before any work
+    rows = []
+    for p, m in models:
+        r = evaluate_classifier(m, store, split, batch_size, workers=workers, device=device, on_batch=on_batch)
+        rows.append({"checkpoint": str(p), **r})
+    return rows
