@@ -1,0 +1,131 @@
+"""`facetool invert`: reconstruct faces from a model's embeddings (DeepInversion)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import typer
+
+from facetool.cli.common import console, dict_table, err_console, guarded
+
+
+def register(app: typer.Typer) -> None:
+    app.command("invert")(invert_cmd)
+
+
+@guarded
+def invert_cmd(
+    model: Path = typer.Option(..., "--model", help="Model checkpoint (the embeddings' model)."),
+    out: Path = typer.Option(..., "--out", help="Output folder: inverted.h5, grid.png, metrics.json."),
+    images: Path = typer.Option(None, "--images", help="Face store (.h5) or folder of aligned crops to invert."),
+    embeddings: Path = typer.Option(None, "--embeddings", help="HDF5 with 'embeddings' (N,D) [+ 'images', 'labels']."),
+    split: str = typer.Option("test", "--split", help="Store split to take faces from (train/test/all)."),
+    limit: int = typer.Option(8, "--limit", help="Number of faces to invert."),
+    iterations: int = typer.Option(300, "--iterations", help="Optimisation steps per batch (thesis: 20000)."),
+    batch: int = typer.Option(8, "--batch", help="Faces optimised together."),
+    lr: float = typer.Option(0.25, "--lr"),
+    id_loss: str = typer.Option("cosine", "--id-loss", help="cosine or l2."),
+    bn_weight: float = typer.Option(0.01, "--bn-weight", help="Weight of the BN-statistics prior."),
+    no_bn_prior: bool = typer.Option(False, "--no-bn-prior", help="Drop the BN prior (models without BatchNorm)."),
+    tv_l2: float = typer.Option(1e-3, "--tv-l2"),
+    tv_l1: float = typer.Option(0.0, "--tv-l1"),
+    l2: float = typer.Option(1e-4, "--l2"),
+    gate_prior: float = typer.Option(0.0, "--gate-prior", help="Weight of the AIG gate-pattern prior."),
+    routing_prior: float = typer.Option(0.0, "--routing-prior", help="Weight of the routing prior (thesis: 10)."),
+    multires: bool = typer.Option(False, "--multires", help="First half of the steps at half resolution."),
+    judge: Path = typer.Option(None, "--judge", help="Second model to judge identity (cosine, --pairs)."),
+    pairs: bool = typer.Option(False, "--pairs", help="Verification accuracy of inverted vs real pairs."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs in OUT."),
+) -> None:
+    """Invert faces: optimise images whose embeddings match the targets, then score them."""
+    import torch
+
+    from facetool.data.transforms import normalize
+    from facetool.errors import FacetoolError
+    from facetool.io import atomic_path, check_output, write_json
+    from facetool.methods import invert as inv
+    from facetool.models import load_model
+
+    for name in ("inverted.h5", "grid.png", "metrics.json"):
+        if not resume:
+            check_output(out / name, overwrite)
+    state_dir = out / "state"
+    if state_dir.exists() and not resume:
+        for f in state_dir.glob("state-*.pt"):
+            f.unlink()
+    cfg = inv.InversionConfig(iterations=iterations, lr=lr, batch=batch, id_loss=id_loss,
+                              w_bn=0.0 if no_bn_prior else bn_weight, w_tv_l2=tv_l2, w_tv_l1=tv_l1, w_l2=l2,
+                              multires=multires, seed=seed)
+    net = load_model(model)
+    size = int(getattr(net, "config", {}).get("input_size", 112))
+    cfg.size = size
+    data = inv.load_inputs(images, embeddings, split=None if split == "all" else split, limit=limit, size=size)
+    if pairs and data.store is None:
+        raise FacetoolError("--pairs needs --images STORE.h5 (real images of the same identities)")
+    real = normalize(data.images) if data.images is not None else None
+    targets = torch.from_numpy(data.embeddings) if data.embeddings is not None else inv.embed(net, real)
+    judge_net = load_model(judge) if judge is not None else None
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    prog = Progress(TextColumn("[bold]invert[/] {task.fields[batch]}"), BarColumn(), MofNCompleteColumn(),
+                    TimeRemainingColumn(), TextColumn("{task.fields[terms]}"), console=err_console, transient=True,
+                    disable=not err_console.is_terminal)
+    task = prog.add_task("invert", total=cfg.iterations, batch="", terms="")
+
+    def on_step(k: int, n: int, step: int, terms: dict[str, float]) -> None:
+        if step % 5 == 0 or step == cfg.iterations:
+            txt = " ".join(f"{a}={b:.3g}" for a, b in terms.items())
+            prog.update(task, completed=step, batch=f"batch {k + 1}/{n}", terms=txt)
+
+    t0 = time.perf_counter()
+    diverged = None
+    with prog:
+        try:
+            res = inv.invert_batches(net, targets, cfg, target_images=real, gate_weight=gate_prior,
+                                     routing_weight=routing_prior, state_dir=state_dir, progress=on_step)
+        except inv.InversionDiverged as e:
+            res, diverged = e.result, e
+    seconds = time.perf_counter() - t0
+    n = len(res.images)
+    keep = slice(0, n)
+    done = inv.InversionInputs(
+        data.images[keep] if data.images is not None else None, None, data.labels[keep], data.identities,
+        data.sources[keep], data.split[keep], data.store, data.rows[keep] if data.rows is not None else None)
+    metrics = inv.evaluate_inversion(res, done, net, judge_net, pairs and diverged is None, seed)
+    metrics |= {"model": str(model), "judge": str(judge) if judge else None, "seconds": round(seconds, 2),
+                "config": {k: v for k, v in vars(cfg).items()}, "final_loss": {k: v[-1] for k, v in res.history.items() if v}}
+    if diverged is not None:
+        metrics["diverged"] = str(diverged)
+
+    from facetool.store import Record, StoreWriter
+
+    w = StoreWriter(out / "inverted.h5", image_size=(size, size), identities=data.identities, overwrite=True,
+                    source=f"facetool invert --model {model}", preprocessing={"inverted_from": str(images or embeddings)})
+    try:
+        for i, img in enumerate(res.uint8):
+            w.append(Record(img, int(done.labels[i]), int(done.split[i]), f"inverted:{done.sources[i]}"))
+        w.finalize(extra_attrs={"inversion": metrics["config"]})
+    except BaseException:
+        w.abort(keep=False)
+        raise
+    import cv2
+
+    grid = inv.grid_image(done.images, res.uint8)
+    ok, png = cv2.imencode(".png", cv2.cvtColor(grid, cv2.COLOR_RGB2BGR))
+    if not ok:
+        raise FacetoolError(f"cannot encode {out / 'grid.png'}")
+    with atomic_path(out / "grid.png") as tmp:
+        tmp.write_bytes(png.tobytes())
+    write_json(out / "metrics.json", metrics)
+    if diverged is None:
+        for f in state_dir.glob("state-*.pt"):
+            f.unlink()
+    rows = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k not in ("model", "judge")}
+    console.print(dict_table(f"inversion of {n} faces ({cfg.iterations} iterations)", rows, "metric"))
+    console.print(f"wrote {out / 'inverted.h5'}, {out / 'grid.png'}, {out / 'metrics.json'}")
+    if diverged is not None:
+        raise diverged

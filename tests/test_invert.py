@@ -1,0 +1,331 @@
+"""facetool.methods.invert (DeepInversion) and `facetool invert`."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from facetool.errors import FacetoolError
+from facetool.methods.invert import (
+    BNStatsPrior,
+    GatePatternPrior,
+    IdentityLoss,
+    InversionConfig,
+    InversionDiverged,
+    L2Prior,
+    RoutingPrior,
+    TVPrior,
+    attached,
+    best_threshold_accuracy,
+    grid_image,
+    invert,
+    pair_accuracy,
+)
+from facetool.models.base import FaceModel
+
+
+class Tiny(FaceModel):
+    """conv-BN-ReLU x2 -> pool -> linear embedding; optional gate_probs internal."""
+
+    task = "embedding"
+
+    def __init__(self, dim: int = 16, bn: bool = True, gates: bool = False) -> None:
+        super().__init__()
+        norm = nn.BatchNorm2d if bn else (lambda c: nn.Identity())
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 2, 1), norm(8), nn.ReLU(), nn.Conv2d(8, 16, 3, 2, 1), norm(16),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.fc = nn.Linear(16, dim)
+        self.gate = nn.Linear(16, 3)
+        self.internal_names = ("gate_probs",) if gates else ()
+        self.nan_after: int | None = None
+        self.calls = 0
+
+    def forward_features(self, x, internals=None):
+        f = self.body(x)
+        if internals is not None and self.internal_names:
+            internals["gate_probs"] = torch.sigmoid(self.gate(f))
+        return f
+
+    def forward_head(self, f):
+        self.calls += 1
+        out = self.fc(f)
+        if self.nan_after is not None and self.calls > self.nan_after:
+            out = out * float("nan")
+        return out
+
+
+def tiny(seed: int = 0, **kw) -> Tiny:
+    torch.manual_seed(seed)
+    m = Tiny(**kw)
+    m.train()
+    with torch.no_grad():  # give BN non-trivial running statistics
+        for _ in range(3):
+            m(torch.rand(8, 3, 32, 32) * 1.6 - 0.8)
+    return m.eval()
+
+
+CFG = dict(size=32, iterations=6, save_every=0)
+
+
+# -- priors vs hand-computed values -------------------------------------------------------------
+def test_bn_prior_matches_hand_computation():
+    bn1, bn2 = nn.BatchNorm2d(1), nn.BatchNorm2d(2)
+    bn1.running_mean.fill_(1.0)
+    bn1.running_var.fill_(2.0)
+    bn2.running_mean.copy_(torch.tensor([0.0, 1.0]))
+    bn2.running_var.copy_(torch.tensor([1.0, 1.0]))
+    model = nn.Sequential(bn1, nn.Conv2d(1, 2, 1, bias=False), bn2).eval()
+    model[1].weight.data = torch.tensor([[[[1.0]]], [[[2.0]]]])
+    x = torch.tensor([[[[0.0, 2.0]]], [[[4.0, 6.0]]]])  # (2, 1, 1, 2): mean 3, biased var 5
+    prior = BNStatsPrior(weight=1.0, first_bn_mult=10.0)
+    with attached(model, [prior]):
+        model(x)
+        loss = float(prior(x, None, None))
+        assert bn1._forward_hooks and bn2._forward_hooks
+    # layer 1: |3-1| + |5-2| = 5, x10.  layer 2 input = BN1(x) * [1, 2]
+    z = (x - 1.0) / math.sqrt(2.0 + 1e-5)
+    m, v = z.mean(), z.var(unbiased=False)
+    l2 = math.hypot(float(m) - 0.0, float(2 * m) - 1.0) + math.hypot(float(v) - 1.0, float(4 * v) - 1.0)
+    assert loss == pytest.approx(10 * 5.0 + l2, rel=1e-5)
+    assert not bn1._forward_hooks and not bn2._forward_hooks  # removed on exit
+
+
+def test_tv_and_l2_priors_match_hand_computation():
+    x = torch.tensor([[[[0.0, 1.0], [3.0, 5.0]]]])  # horizontal 1,2; vertical 3,4; diagonal 5; anti-diagonal 2
+    assert float(TVPrior("l2")(x, None, None)) == pytest.approx(math.sqrt(5) + 5 + 5 + 2)
+    assert float(TVPrior("l1")(x, None, None)) == pytest.approx(1.5 + 3.5 + 5 + 2)
+    assert float(L2Prior(1.0)(x, None, None)) == pytest.approx(math.sqrt(35))
+    xb = torch.cat([x, torch.zeros_like(x)])  # per-image terms are averaged over the batch
+    assert float(TVPrior("l2")(xb, None, None)) == pytest.approx((math.sqrt(5) + 12) / 2)
+    assert float(TVPrior("l1")(xb, None, None)) == pytest.approx(6.0)
+    assert float(L2Prior(1.0)(xb, None, None)) == pytest.approx(math.sqrt(35) / 2)
+
+
+def test_identity_losses_match_hand_computation():
+    t = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    out = torch.tensor([[1.0, 1.0], [0.0, -1.0]])  # cos = 1/sqrt2 and -1
+    assert float(IdentityLoss(t, "cosine")(None, out, None)) == pytest.approx(((1 - 2**-0.5) + 2) / 2)
+    assert float(IdentityLoss(t, "l2")(None, out, None)) == pytest.approx((1 + 9) / 2)
+
+
+def test_gate_and_routing_priors():
+    probs = torch.tensor([[0.5, 0.8]])
+    target = torch.tensor([[1.0, 0.0]])
+    g = GatePatternPrior(target, kind="bce")
+    assert float(g(None, None, {"gate_probs": probs})) == pytest.approx((-math.log(0.5) - math.log(0.2)) / 2)
+    assert float(GatePatternPrior(target, kind="mse")(None, None, {"gate_probs": probs})) == pytest.approx((0.25 + 0.64) / 2)
+    r = RoutingPrior([torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 1.0, 0.0]])])
+    assert r.weight == 10.0
+    val = r(None, None, {"routing": [torch.tensor([[0.5, 0.5]]), torch.tensor([[0.0, 1.0, 0.0]])]})
+    assert float(val) == pytest.approx(0.25)
+    with pytest.raises(FacetoolError, match="gate_probs"):
+        g.setup(tiny())
+    with pytest.raises(FacetoolError, match="routing"):
+        r.setup(tiny())
+
+
+# -- the optimisation ---------------------------------------------------------------------------
+def test_invert_runs_and_restores_the_model():
+    m = tiny()
+    t = m(torch.rand(2, 3, 32, 32) * 2 - 1).detach()
+    grads = [p.requires_grad for p in m.parameters()]
+    seen = []
+    r = invert(m, t, InversionConfig(**CFG), progress=lambda s, n, v: seen.append((s, n, sorted(v))))
+    assert r.images.shape == (2, 3, 32, 32) and r.uint8.shape == (2, 32, 32, 3) and r.uint8.dtype == np.uint8
+    assert r.images.abs().max() <= 1.0 and r.steps == 6
+    assert set(r.history) == {"id", "bn", "tv_l2", "l2", "total"} and all(len(v) == 6 for v in r.history.values())
+    assert [s for s, _, _ in seen] == list(range(1, 7)) and seen[0][1] == 6
+    assert [p.requires_grad for p in m.parameters()] == grads and not m.training
+    assert all(not mod._forward_hooks for mod in m.modules())
+    assert torch.allclose(r.final_cosine, nn.functional.cosine_similarity(m(r.images), t), atol=1e-5)
+
+
+def test_gate_prior_in_the_loop_and_weight_overrides():
+    m = tiny(gates=True)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        t, internals = m(x, return_internals=True)
+    cfg = InversionConfig(**CFG, prior_weights={"gate": 2.0, "l2": 0.0})
+    r = invert(m, t, cfg, priors=[GatePatternPrior(internals["gate_probs"], weight=1.0)])
+    assert "gate" in r.history and "l2" not in r.history
+    with pytest.raises(FacetoolError, match="unknown priors"):
+        invert(m, t, InversionConfig(**CFG, prior_weights={"nope": 1.0}))
+
+
+def test_multires_warm_start_returns_full_resolution():
+    m = tiny()
+    t = m(torch.rand(2, 3, 32, 32) * 2 - 1).detach()
+    r = invert(m, t, InversionConfig(**CFG, multires=True))
+    assert r.images.shape == (2, 3, 32, 32) and len(r.history["total"]) == 6
+
+
+def test_errors_dimension_empty_and_no_bn():
+    m = tiny(dim=16)
+    with pytest.raises(FacetoolError, match="16-dimensional.*8-dimensional"):
+        invert(m, torch.randn(2, 8), InversionConfig(**CFG))
+    with pytest.raises(FacetoolError, match="non-empty"):
+        invert(m, torch.zeros(0, 16), InversionConfig(**CFG))
+    nobn = tiny(bn=False)
+    with pytest.raises(FacetoolError, match="no BatchNorm2d.*--no-bn-prior"):
+        invert(nobn, torch.randn(2, 16), InversionConfig(**CFG))
+    assert all(not mod._forward_hooks for mod in nobn.modules())
+    r = invert(nobn, torch.randn(2, 16), InversionConfig(**CFG, w_bn=0.0))
+    assert "bn" not in r.history
+    with pytest.raises(FacetoolError, match="identity loss"):
+        InversionConfig(id_loss="huber")
+
+
+def _interrupt_at(n: int):
+    def cb(step, total, values):
+        if step == n:
+            raise KeyboardInterrupt
+
+    return cb
+
+
+def test_resume_continues_exactly(tmp_path):
+    m = tiny()
+    t = m(torch.rand(2, 3, 32, 32) * 2 - 1).detach()
+    cfg = InversionConfig(size=32, iterations=8, save_every=3, multires=True)
+    full = invert(m, t, cfg)
+    with pytest.raises(KeyboardInterrupt):
+        invert(m, t, cfg, state_path=tmp_path / "s.pt", progress=_interrupt_at(5))  # last state: step 3
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["step"] == 3
+    resumed = invert(m, t, cfg, state_path=tmp_path / "s.pt")
+    assert torch.allclose(resumed.images, full.images, atol=1e-6)
+    assert resumed.history["total"] == pytest.approx(full.history["total"], rel=1e-5)
+    with pytest.raises(FacetoolError, match="other settings"):
+        invert(m, t, InversionConfig(size=32, iterations=9, save_every=3), state_path=tmp_path / "s.pt")
+    with pytest.raises(FacetoolError, match="other embeddings"):
+        invert(m, t + 1, cfg, state_path=tmp_path / "s.pt")
+
+
+def test_nan_stops_and_keeps_last_good_images(tmp_path):
+    m = tiny()
+    t = m(torch.rand(2, 3, 32, 32) * 2 - 1).detach()
+    cfg = InversionConfig(size=32, iterations=10, lr=0.05, save_every=3)
+    with pytest.raises(KeyboardInterrupt):  # a clean run's state after 3 steps
+        invert(m, t, cfg, state_path=tmp_path / "clean.pt", progress=_interrupt_at(4))
+    clean3 = torch.load(tmp_path / "clean.pt", weights_only=True)["images"]
+    m.calls, m.nan_after = 0, 4  # call 1 is the dimension probe, calls 2-4 are steps 1-3; step 4 gives NaN
+    with pytest.raises(InversionDiverged, match="iteration 4: non-finite id") as e:
+        invert(m, t, cfg, state_path=tmp_path / "nan.pt")
+    res = e.value.result
+    assert isinstance(e.value, FacetoolError)
+    assert res.steps == 3 and len(res.history["total"]) == 3 and torch.isfinite(res.images).all()
+    assert torch.equal(res.images, clean3)
+    st = torch.load(tmp_path / "nan.pt", weights_only=True)  # saved before raising
+    assert st["step"] == 3 and torch.equal(st["images"], clean3)
+
+
+# -- helpers used by the other tests and the CLI ----------------------------------------------------
+def test_grid_and_pair_accuracy():
+    inp = np.zeros((3, 4, 4, 3), np.uint8)
+    out = np.full((3, 4, 4, 3), 9, np.uint8)
+    g = grid_image(inp, out, columns=2, pad=1)
+    assert g.shape == (2 * 2 * 5 + 1, 2 * 5 + 1, 3)
+    assert (g[1:5, 1:5] == 0).all() and (g[6:10, 1:5] == 9).all() and (g[16:20, 1:5] == 9).all()
+    assert best_threshold_accuracy(np.array([0.9, 0.8, 0.1, 0.85]), np.array([1, 1, 0, 0], bool)) == 0.75
+    scores = np.tile([0.9, 0.1], 10)
+    assert pair_accuracy(scores, np.tile([True, False], 10)) == (1.0, "10-fold")
+    assert pair_accuracy(scores[:4], np.array([True, False, True, False]))[1] == "best-threshold"
+
+
+@pytest.mark.slow
+def test_inversion_learns_the_identity(synthetic_store, tmp_path):
+    """A briefly trained classifier (engine + cross-entropy): inverting its outputs for real faces
+    pulls the inversions' outputs far above the starting noise and above a priors-only run."""
+    from facetool.data.dataset import FaceDataset
+    from facetool.engine import ClassificationMethod, TrainConfig, train
+    from facetool.methods.invert import embed
+    from facetool.models import create_model
+
+    S = 48
+    torch.manual_seed(0)
+    model = create_model("resnet18", width=8, num_classes=8, input_size=S)
+    train(model, ClassificationMethod(), FaceDataset(synthetic_store, "train", flip=True, size=S),
+          TrainConfig(out=tmp_path / "train", epochs=6, batch_size=16, lr=0.1, verbose=False))
+    test = FaceDataset(synthetic_store, "test", size=S)
+    t = embed(model, torch.stack([test[i]["image"] for i in range(6)]))
+    with_id = invert(model, t, InversionConfig(iterations=40, size=S))
+    no_id = invert(model, t, InversionConfig(iterations=40, size=S, w_id=0.0))
+    start = 1 - with_id.history["id"][0]
+    assert with_id.final_cosine.mean() > start + 0.3
+    assert with_id.final_cosine.mean() > no_id.final_cosine.mean() + 0.3
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory):
+    """A 3-identity store of smooth random faces and two narrow IR-ResNet-18 checkpoints."""
+    from facetool.models import create_model
+    from facetool.models.checkpoint import save_checkpoint
+    from facetool.store import Record, StoreWriter
+
+    d = tmp_path_factory.mktemp("invert")
+    rng = np.random.default_rng(0)
+    w = StoreWriter(d / "s.h5", image_size=(32, 32), identities=["a", "b", "c"])
+    for i in range(9):
+        img = np.kron(rng.integers(0, 256, (8, 8, 3)), np.ones((4, 4, 1))).astype(np.uint8)
+        w.append(Record(img, i % 3, split=1, source=f"img{i}.png"))
+    w.finalize()
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        m = create_model("iresnet18", width=4, embedding_size=16, input_size=32)
+        m.train()
+        with torch.no_grad():
+            m(torch.rand(8, 3, 32, 32) * 2 - 1)
+        paths.append(save_checkpoint(d / f"m{seed}.pt", m.eval()))
+    return d, paths
+
+
+def test_cli_end_to_end(cli, tiny_setup, tmp_path):
+    from facetool.store import FaceStore
+
+    d, (m0, m1) = tiny_setup
+    out = tmp_path / "inv"
+    r = cli("invert", "--model", m0, "--images", d / "s.h5", "--limit", 6, "--batch", 4, "--iterations", 3,
+            "--judge", m1, "--pairs", "--out", out)
+    assert r.exit_code == 0, r.output
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["images"] == 6 and met["iterations"] == 3 and met["pairs"] == 12
+    for k in ("ssim", "cosine_model", "cosine_judge", "pair_accuracy"):
+        assert math.isfinite(met[k]) and len(met["per_image"].get(k, [0] * 6)) == 6
+    with FaceStore(out / "inverted.h5") as s:
+        assert len(s) == 6 and s.image_size == (32, 32)
+        assert s.identities == ["a", "b", "c"] and list(s.labels) == [0, 1, 2, 0, 1, 2]
+        assert s.sources[0] == "inverted:img0.png"
+    import cv2
+
+    assert cv2.imread(str(out / "grid.png")).shape == (2 + 2 * 34, 2 + 6 * 34, 3)
+    assert not list((out / "state").glob("*.pt"))
+    r = cli("invert", "--model", m0, "--images", d / "s.h5", "--iterations", 3, "--out", out)
+    assert r.exit_code != 0 and "--overwrite" in r.output
+
+
+def test_cli_embeddings_input_and_errors(cli, tiny_setup, tmp_path):
+    d, (m0, _) = tiny_setup
+    emb = tmp_path / "e.h5"
+    with h5py.File(emb, "w") as f:
+        f["embeddings"] = np.random.default_rng(0).normal(size=(2, 16)).astype(np.float32)
+    r = cli("invert", "--model", m0, "--embeddings", emb, "--iterations", 2, "--out", tmp_path / "a")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "a" / "metrics.json").read_text())["images"] == 2
+    with h5py.File(emb, "w") as f:
+        f["embeddings"] = np.zeros((2, 7), np.float32)
+    r = cli("invert", "--model", m0, "--embeddings", emb, "--iterations", 2, "--out", tmp_path / "b")
+    assert r.exit_code != 0 and "7-dimensional" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "b" / "metrics.json").exists() and not (tmp_path / "b" / "inverted.h5").exists()
+    r = cli("invert", "--model", m0, "--embeddings", emb, "--pairs", "--out", tmp_path / "c")
+    assert r.exit_code != 0
+    r = cli("invert", "--model", m0, "--images", d / "s.h5", "--gate-prior", "1", "--out", tmp_path / "d")
+    assert r.exit_code != 0 and "gate_probs" in r.output
+    r = cli("invert", "--model", m0, "--out", tmp_path / "e")
+    assert r.exit_code != 0 and "exactly one" in r.output
