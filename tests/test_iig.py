@@ -102,3 +102,18 @@ def test_method_loss_metrics_meta():
         masks_from_meta({"method": "aig"})
     with pytest.raises(FacetoolError, match="overlap"):
         IIGMethod({"gender": {"f": [1], "m": [1]}}, vocab, 6)
+
+
+def test_make_masks_per_feature_counts_paper_layout():
+    """ConvNet-IIG on ResNet-101: 3+3 blocks for gender, 4x4 for age, disjoint, inside the free blocks."""
+    from facetool.methods.iig import make_masks, validate_masks
+
+    feats = {"gender": ["female", "male"], "age": ["0-20", "20-40", "40-60", "60+"]}
+    m = make_masks(feats, 33, "contiguous", (3, 4))
+    assert m["gender"] == {"female": [7, 8, 9], "male": [10, 11, 12]}
+    assert m["age"]["0-20"] == [13, 14, 15, 16] and m["age"]["60+"] == [25, 26, 27, 28]
+    validate_masks(m, 33)
+    with pytest.raises(FacetoolError, match="one per feature"):
+        make_masks(feats, 33, "contiguous", (3, 4, 5))
+    with pytest.raises(FacetoolError, match="only 23 free"):
+        make_masks(feats, 33, "contiguous", (4, 4))

@@ -22,6 +22,13 @@ def _arch(arch: str) -> str:
     return a
 
 
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise FacetoolError(f"{option} needs integers separated by commas, got {text!r}") from None
+
+
 def _show(title: str, result: dict) -> None:
     m = result["metrics"]
     keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "val_exec_rate", "val_exec_rate_free"]
@@ -132,7 +139,7 @@ def register(app: typer.Typer) -> None:
             masks: Optional[Path] = typer.Option(None, "--masks",
                                                  help='JSON {"gender": {"female": [3,5,7], "male": [4,6,8]}} (0-based gated blocks).'),
             mask_style: str = typer.Option("alternating", "--mask-style", help="alternating | contiguous (without --masks)."),
-            per_value: int = typer.Option(3, "--blocks-per-value", help="Gated blocks per attribute value (without --masks)."),
+            per_value: str = typer.Option("3", "--blocks-per-value", help="Gated blocks per attribute value (without --masks): one number, or one per feature, e.g. 3,4 for gender,age."),
             with_target: bool = typer.Option(False, "--with-target", help="Also add L_target (AIG target schedule)."),
             target: float = typer.Option(0.6, "--target", help="Target rate for --with-target."),
             iig_weight: float = typer.Option(1.0, "--iig-weight", help="Weight of L_IIG."),
@@ -166,7 +173,7 @@ def register(app: typer.Typer) -> None:
 
         def factory(model):
             L = model.num_gates
-            m = {f: given[f] for f in feats} if given is not None else make_masks(vocab, L, mask_style, per_value)
+            m = {f: given[f] for f in feats} if given is not None else make_masks(vocab, L, mask_style, _int_list(per_value, '--blocks-per-value'))
             return IIGMethod(m, vocab, L, default_schedule(L, target) if with_target else None, iig_weight)
 
         run("iig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,

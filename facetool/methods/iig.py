@@ -45,26 +45,33 @@ def contiguous_masks(values: Sequence[str], blocks: Sequence[int]) -> dict[str, 
 
 
 def make_masks(features: Mapping[str, Sequence[str]], num_blocks: int, style: str = "alternating",
-               per_value: int = 3, candidates: Sequence[int] | None = None) -> Masks:
-    """Masks for several features, each feature taking the next ``V * per_value`` candidate blocks.
+               per_value: int | Sequence[int] = 3, candidates: Sequence[int] | None = None) -> Masks:
+    """Masks for several features, feature k taking the next ``V_k * per_value[k]`` candidate blocks.
 
+    ``per_value`` is one number for every feature or one per feature (the paper's gender + age
+    masks on ResNet-101 are 3 per gender value and 4 per age bracket: ``per_value=(3, 4)``).
     ``candidates`` defaults to the blocks the AIG target schedule leaves free (not pinned, see
     :func:`facetool.methods.aig.scaled_pins`): e.g. blocks 3..14 of a 16-block ResNet-50."""
     if style not in MASK_STYLES:
         raise FacetoolError(f"unknown mask style {style!r}; use one of {', '.join(MASK_STYLES)}")
-    if per_value < 1:
-        raise FacetoolError(f"blocks per value must be >= 1, got {per_value}")
+    per = [int(per_value)] * len(features) if isinstance(per_value, int) else [int(k) for k in per_value]
+    if len(per) != len(features):
+        raise FacetoolError(f"{len(per)} blocks-per-value numbers for {len(features)} feature(s) "
+                            f"({', '.join(features)}); give one, or one per feature")
+    if min(per, default=1) < 1:
+        raise FacetoolError(f"blocks per value must be >= 1, got {min(per)}")
     if candidates is None:
         first, last = scaled_pins(num_blocks)
         candidates = list(range(first, num_blocks - last))
-    need = sum(len(v) * per_value for v in features.values())
+    need = sum(len(v) * k for v, k in zip(features.values(), per))
     if need > len(candidates):
-        raise FacetoolError(f"{need} blocks needed for {per_value} per value of {', '.join(features)}, but only "
-                            f"{len(candidates)} free gated blocks; use fewer per value, fewer features or a deeper model")
+        what = ", ".join(f"{f} {k}/value" for f, k in zip(features, per))
+        raise FacetoolError(f"{need} blocks needed ({what}), but only {len(candidates)} free gated blocks; "
+                            "use fewer per value, fewer features or a deeper model")
     masks: Masks = {}
     pos = 0
-    for feat, values in features.items():
-        take = list(candidates[pos : pos + len(values) * per_value])
+    for (feat, values), k in zip(features.items(), per):
+        take = list(candidates[pos : pos + len(values) * k])
         pos += len(take)
         masks[feat] = (alternating_masks if style == "alternating" else contiguous_masks)(list(values), take)
     return masks
