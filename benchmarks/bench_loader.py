@@ -75,7 +75,7 @@ def main() -> None:
             loader = make_loader(ds, args.batch_size, shuffle=True, workers=workers)
             rates = []
             for _ in range(args.epochs):
-                rates.append(_rate(len(ds), lambda: [b["image"] for b in loader]))
+                rates.append(_rate(len(ds), lambda ld=loader: [b["image"] for b in ld]))
             r = max(rates[1:] or rates)
             rows.append((f"FaceDataset+DataLoader workers={workers}", r, f"{r / r_ram:.2f}"))
             del loader

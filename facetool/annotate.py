@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import hashlib
 import json
 import shutil
 from collections import Counter, defaultdict
@@ -38,7 +37,7 @@ import numpy as np
 import pandas as pd
 
 from facetool.errors import FacetoolError, require_file
-from facetool.io import atomic_path
+from facetool.io import atomic_path, sha256_file
 from facetool.store import UNKNOWN, FaceStore
 
 #: The ConvNet-IIG annotation features and their values (``unknown`` is always allowed).
@@ -293,14 +292,6 @@ def _rows_for_key(path: Path, key: str, k: str, identities: dict[str, int], by_s
 
 
 # -- estimation with an IIG model --------------------------------------------------------------
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while b := f.read(chunk):
-            h.update(b)
-    return h.hexdigest()
-
-
 def estimate_from_model(
     store: str | Path,
     model_path: str | Path,

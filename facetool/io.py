@@ -79,6 +79,17 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def sha256_file(path: str | Path, block: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in blocks (provenance records, feature-cache keys)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def torch_save(obj: Any, path: str | Path) -> Path:
     import torch
 

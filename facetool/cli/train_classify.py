@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from facetool.cli.common import console, dict_table, guarded
+from facetool.errors import FacetoolError
 
 ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
 

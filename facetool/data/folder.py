@@ -54,10 +54,7 @@ class _Processor:
         from facetool.detect.retinaface import read_rgb
 
         label, rel, split = item
-        try:
-            img = read_rgb(self.root / rel)
-        except OSError:
-            img = None
+        img = read_rgb(self.root / rel)
         if img is None:
             return "unreadable"
         if self.detector is None:

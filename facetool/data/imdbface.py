@@ -147,10 +147,7 @@ class _Processor:
         from facetool.detect.retinaface import read_rgb
 
         label, rel, rect, (fh, fw), split = item
-        try:
-            img = read_rgb(self.root / rel)
-        except OSError:
-            img = None
+        img = read_rgb(self.root / rel)
         if img is None:
             return "unreadable"
         H, W = img.shape[:2]

@@ -311,7 +311,10 @@ def _as_rgb(im: np.ndarray) -> np.ndarray:
 
 
 def read_rgb(path: str | Path) -> np.ndarray | None:
-    """Read an image file as RGB uint8, or None if it cannot be decoded."""
-    data = np.fromfile(str(path), np.uint8) if os.path.getsize(path) else np.zeros(0, np.uint8)
+    """Read an image file as RGB uint8, or None if it cannot be read or decoded."""
+    try:
+        data = np.fromfile(str(path), np.uint8) if os.path.getsize(path) else np.zeros(0, np.uint8)
+    except OSError:
+        return None
     im = cv2.imdecode(data, cv2.IMREAD_COLOR) if data.size else None
     return None if im is None else cv2.cvtColor(im, cv2.COLOR_BGR2RGB)

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from facetool.errors import FacetoolError
-from facetool.io import atomic_path, partial_path
+from facetool.io import atomic_path, partial_path, sha256_file
 
 #: the preprocessing every protocol here uses; part of the cache key
 PREPROCESSING = "rgb112-(x-127.5)/127.5"
@@ -173,19 +173,11 @@ def extract(
     return np.concatenate(feats), (np.concatenate(flips) if flip else None)
 
 
-def file_sha256(path: str | Path, block: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(block):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def model_fingerprint(model: Any, path: str | Path | None = None) -> str:
     """The model's identity for the cache: its file's sha256, else a hash of its weights."""
     path = path if path is not None else getattr(model, "path", None)  # e.g. an OnnxModel
     if path is not None and Path(path).is_file():
-        return file_sha256(path)
+        return sha256_file(path)
     h = hashlib.sha256(repr(getattr(model, "config", type(model).__name__)).encode())
     if isinstance(model, torch.nn.Module):
         for k, v in model.state_dict().items():

@@ -54,7 +54,9 @@ def make_masks(features: Mapping[str, Sequence[str]], num_blocks: int, style: st
     :func:`facetool.methods.aig.scaled_pins`): e.g. blocks 3..14 of a 16-block ResNet-50."""
     if style not in MASK_STYLES:
         raise FacetoolError(f"unknown mask style {style!r}; use one of {', '.join(MASK_STYLES)}")
-    per = [int(per_value)] * len(features) if isinstance(per_value, int) else [int(k) for k in per_value]
+    per = [int(per_value)] if isinstance(per_value, int) else [int(k) for k in per_value]
+    if len(per) == 1:
+        per = per * len(features)  # one number serves every feature
     if len(per) != len(features):
         raise FacetoolError(f"{len(per)} blocks-per-value numbers for {len(features)} feature(s) "
                             f"({', '.join(features)}); give one, or one per feature")

@@ -764,14 +764,10 @@ def pair_accuracy(scores: np.ndarray, same: np.ndarray) -> tuple[float, str]:
     scores, same = np.asarray(scores, float), np.asarray(same, bool)
     if len(scores) < 20:
         return best_threshold_accuracy(scores, same), "best-threshold"
-    folds = np.array_split(np.arange(len(scores)), 10)
-    accs = []
-    for k, test in enumerate(folds):
-        train = np.concatenate([f for j, f in enumerate(folds) if j != k])
-        cands = np.concatenate([[-np.inf], np.sort(scores[train])])
-        best = max(cands, key=lambda c: ((scores[train] > c) == same[train]).mean())
-        accs.append(((scores[test] > best) == same[test]).mean())
-    return float(np.mean(accs)), "10-fold"
+    from facetool.eval.verification import kfold_accuracy
+
+    # cosine of unit embeddings -> squared L2 distance 2 - 2cos, the LFW protocol's scale (0..4)
+    return kfold_accuracy(2.0 - 2.0 * scores, same)["accuracy"], "10-fold"
 
 
 def evaluate_inversion(
