@@ -67,7 +67,7 @@ def records_table(title: str, records: list[dict[str, Any]], columns: list[str] 
     cols = columns or (list(records[0].keys()) if records else [])
     t = Table(title=title, title_justify="left")
     for i, c in enumerate(cols):
-        t.add_column(c, justify="left" if i == 0 else "right")
+        t.add_column(c, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for r in records:
         t.add_row(*[(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols])
     return t

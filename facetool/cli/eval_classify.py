@@ -42,7 +42,8 @@ def register(group: typer.Typer) -> None:
                                        on_batch=lambda k: prog.advance(task, k))
         table_rows = []
         for r in rows:
-            name = f"{Path(r['checkpoint']).parent.name}/{Path(r['checkpoint']).name} ({r['model']})"
+            ck = Path(r["checkpoint"])  # runs/<run>/model.pt -> "<run>"; other files by their stem
+            name = f"{ck.parent.name if ck.stem == 'model' else ck.stem}\n{r['model']}"
             table_rows.append({h: (name if c == "model" else ("-" if r[c] is None else r[c]))
                                for c, h in zip(COLUMNS, HEADERS)})
         console.print(records_table(f"classification on {store.name} [{split}]", table_rows, HEADERS))
