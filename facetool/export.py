@@ -38,17 +38,35 @@ def export_onnx(
     that the L2-normalised ONNX embeddings match PyTorch's within ``atol`` (max absolute difference;
     raw outputs of untrained IR-ResNets reach ~1e3, so the raw difference is reported relative).
     Returns a report, also written to ``out`` with suffix ``.json``."""
-    import onnx
-
-    from facetool.models import load_model
-    from facetool.models.onnx_model import OnnxModel
 
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", type(model).__name__)
     if isinstance(model, (str, Path)):
         if Path(model).suffix.lower() == ".onnx":
             raise FacetoolError(f"{model} is already an ONNX file")
+        from facetool.models import load_model
+
         model = load_model(model)
     model = getattr(model, "module", model).float().cpu().eval()
+    # Gated (AIG) blocks skip work per sample at inference, a data-dependent path a trace would freeze
+    # for the probe; the exported graph multiplies by the gate instead (same outputs, traceable).
+    from facetool.methods.aig import gated_blocks
+
+    blocks = gated_blocks(model)
+    was = [b.skip for b in blocks]
+    for b in blocks:
+        b.skip = False
+    try:
+        return _export(model, out, source, opset, dynamic_batch, atol, seed)
+    finally:
+        for b, w in zip(blocks, was):
+            b.skip = w
+
+
+def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: float, seed: int) -> dict:
+    import onnx
+
+    from facetool.models.onnx_model import OnnxModel
+
     config = dict(getattr(model, "config", {}))
     size = int(getattr(model, "input_size", config.get("input_size", 112)))
     out = Path(out)

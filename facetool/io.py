@@ -105,11 +105,19 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     p = Path(path)
     if not p.is_file():
         raise FacetoolError(f"{what} not found: {p}")
+    with open(p, "rb") as f:
+        head = f.read(8)
+    if head.startswith(b"\x89HDF"):
+        raise FacetoolError(f"{what} {p} is an HDF5 file (a face store or feature cache), not a torch checkpoint")
+    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip format or legacy pickle
+        raise FacetoolError(f"{what} {p} is not a torch checkpoint (nor an ONNX file: give those a .onnx suffix)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe content"
-        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {first[:160]})") from None
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        # torch's message is long; the line naming the refused global is the useful one
+        why = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), lines[0] if lines else "unsafe content")
+        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {why[:160]})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {first[:160]}") from None

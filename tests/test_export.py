@@ -119,3 +119,27 @@ def test_export_cli(cli, r18, tmp_path):
     assert not (tmp_path / "bad.onnx").exists()
     res = cli("export", "--model", ckpt, "--out", tmp_path / "x.txt")
     assert res.exit_code != 0 and ".onnx" in res.output
+
+
+def test_aig_export_keeps_per_sample_gate_decisions(tmp_path):
+    """AIG skips blocks per sample at inference; the exported graph must reproduce every sample's own
+    decisions (not those of the trace's probe), and the caller's model keeps skipping afterwards."""
+    from facetool.methods.aig import gated_blocks
+
+    torch.manual_seed(0)
+    m = create_model("aig_resnet18", num_classes=5, input_size=32, width=8).eval()
+    for b in gated_blocks(m):  # strong, unbiased gates: decisions differ from sample to sample
+        torch.nn.init.normal_(b.gate.fc2.weight, 0.0, 3.0)
+        b.gate.fc2.bias.data.zero_()
+    x = torch.randn(6, 3, 32, 32)
+    x[:3] += 0.5
+    x[3:] -= 0.5
+    with torch.no_grad():
+        _, internals = m(x, return_internals=True)
+    g = internals["gates"]
+    assert ((g.sum(0) > 0) & (g.sum(0) < len(x))).any(), "test needs a block with mixed decisions"
+    report = export_onnx(m, tmp_path / "aig.onnx", dynamic_batch=True)
+    assert report["max_abs_diff_normalised"] < 1e-4
+    assert all(b.skip for b in gated_blocks(m))
+    got = OnnxModel(tmp_path / "aig.onnx", providers=["CPUExecutionProvider"])(x)
+    torch.testing.assert_close(got, m(x), atol=1e-4, rtol=1e-4)
