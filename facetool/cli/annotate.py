@@ -17,7 +17,7 @@ def register(app: typer.Typer) -> None:
     def annotate(
         csv: list[Path] = typer.Argument(None, help="Annotation CSV files: identity|source|index,feature,value[,annotator] "
                                                     "or wide identity|source|index,gender,age,..."),
-        store: Path = typer.Option(..., "--store", help="Face store (.h5) to annotate."),
+        store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5) to annotate. [env FACETOOL_STORE]"),
         extend_vocab: bool = typer.Option(False, "--extend-vocab", help="Accept features/values outside the paper vocabulary."),
         replace: bool = typer.Option(False, "--replace", help="Drop the store's existing values of these features."),
         from_model: Optional[Path] = typer.Option(None, "--from-model", help="IIG checkpoint: estimate --feature by Eq. 5."),

@@ -15,7 +15,7 @@ def register(group: typer.Typer) -> None:
     @guarded
     def gates(
         model: Path = typer.Option(..., "--model", help="AIG/IIG checkpoint."),
-        store: Path = typer.Option(..., "--store", help="Face store (.h5) with attributes."),
+        store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5) with attributes. [env FACETOOL_STORE]"),
         out: Path = typer.Option(..., "--out", help="Output folder (PNGs, CSVs, JSON)."),
         attributes: Optional[str] = typer.Option(None, "--attributes", help="Comma list, e.g. gender,age (default: all)."),
         split: str = typer.Option("test", "--split", help="train, test or all."),

@@ -17,7 +17,7 @@ def register(group: typer.Typer) -> None:
     @group.command("classify")
     @guarded
     def classify(
-        store: Path = typer.Option(..., "--store", help="Face store (.h5) the models were trained on."),
+        store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5) the models were trained on. [env FACETOOL_STORE]"),
         model: list[Path] = typer.Option(..., "--model", help="Checkpoint; repeat for a side-by-side table."),
         split: str = typer.Option("test", "--split", help="train, test or all."),
         batch_size: int = typer.Option(64, "--batch-size", min=1),

@@ -13,7 +13,7 @@ def register(app: typer.Typer) -> None:
     @app.command("arcface")
     @guarded
     def arcface(
-        store: Path = typer.Option(..., "--store", help="Face store (HDF5) to train on (train split; test split validates)."),
+        store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5) to train on (train split; test split validates). [env FACETOOL_STORE]"),
         out: Path = typer.Option(..., "--out", help="Run folder: model.pt, backbone.pth, metrics, resume state."),
         network: str = typer.Option("r50", "--network", help="r18 | r34 | r50 | r100 | r200 | mbf (or a registry name)."),
         loss: str = typer.Option("arcface", "--loss", help="arcface | cosface | softmax."),

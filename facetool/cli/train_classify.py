@@ -57,7 +57,7 @@ def register(app: typer.Typer) -> None:
         if int(os.environ.get("RANK", "0")) == 0:
             _show(f"train {kind} ({name}) -> {out}", result)
 
-    store_o = typer.Option(..., "--store", help="Face store (HDF5); train split trains, test split validates.")
+    store_o = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5); train split trains, test split validates. [env FACETOOL_STORE]")
     out_o = typer.Option(..., "--out", help="Run folder: model.pt, last.pt (resume), metrics.csv/jsonl, result.json.")
     arch_o = typer.Option("resnet50", "--arch", help="resnet18 | resnet34 | resnet50 | resnet101.")
     size_o = typer.Option(None, "--input-size", help="Network input size (default: the store's image size).")
