@@ -97,10 +97,6 @@ def predict(
                        np.concatenate(gates) if gates else None)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    return int(sum(p.numel() for p in model.parameters()))
-
-
 def evaluate_classifier(
     model: torch.nn.Module,
     store: str | Path,
@@ -114,7 +110,7 @@ def evaluate_classifier(
     """Top-1/top-5 (%), executed and dense GFLOPs per image, parameters (M) and mean gate execution
     rate of ``model`` on ``split`` of ``store``. Executed FLOPs come from the gate decisions the
     model took on these images (the dense count for models without gates)."""
-    from facetool.flops import count_flops, executed_flops
+    from facetool.flops import count_flops, count_params, executed_flops
 
     pred = predict(model, store, split, batch_size, workers=workers, device=device, on_batch=on_batch)
     with FaceStore(store) as s:
@@ -129,7 +125,7 @@ def evaluate_classifier(
         "top5": 100.0 * pred.topk_accuracy(5),
         "gflops_dense": dense / 1e9,
         "gflops_executed": dense / 1e9,
-        "params_m": count_parameters(model) / 1e6,
+        "params_m": count_params(model) / 1e6,
         "gate_rate": None,
     }
     if pred.gates is not None and pred.gates.size:
