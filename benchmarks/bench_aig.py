@@ -63,10 +63,10 @@ def time_variants(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[s
     for i in range(iters + 1):  # round 0 warms up
         with forced_gates(model, 1.0):
             t_open = _time(model, x)
-        set_skipping(model, False)
-        t_mask = _time(model, x)
-        set_skipping(model, True)
-        t_skip = _time(model, x)
+        with set_skipping(model, False):
+            t_mask = _time(model, x)
+        with set_skipping(model, True):
+            t_skip = _time(model, x)
         if i:
             ts["open"].append(t_open)
             ts["mask"].append(t_mask)

@@ -49,17 +49,10 @@ def export_onnx(
     model = getattr(model, "module", model).float().cpu().eval()
     # Gated (AIG) blocks skip work per sample at inference, a data-dependent path a trace would freeze
     # for the probe; the exported graph multiplies by the gate instead (same outputs, traceable).
-    from facetool.methods.aig import gated_blocks
+    from facetool.methods.aig import set_skipping
 
-    blocks = gated_blocks(model)
-    was = [b.skip for b in blocks]
-    for b in blocks:
-        b.skip = False
-    try:
+    with set_skipping(model, False):
         return _export(model, out, source, opset, dynamic_batch, atol, seed)
-    finally:
-        for b, w in zip(blocks, was):
-            b.skip = w
 
 
 def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: float, seed: int) -> dict:

@@ -67,9 +67,9 @@ def test_skipping_equals_masking_in_eval():
     m = _mixed_model().eval()
     x = torch.randn(12, 3, 32, 32)
     skipped, gi = m(x, return_internals=True)
-    set_skipping(m, False)
-    masked, gm = m(x, return_internals=True)
-    set_skipping(m, True)
+    with set_skipping(m, False):
+        masked, gm = m(x, return_internals=True)
+    assert all(b.skip for b in gated_blocks(m))  # restored
     assert torch.equal(gi["gates"], gm["gates"])
     assert 0 < gi["gates"].mean() < 1
     assert torch.allclose(skipped, masked, atol=1e-5, rtol=1e-5)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import sys
 from typing import Any, Callable
 
 import typer
@@ -72,6 +71,3 @@ def records_table(title: str, records: list[dict[str, Any]], columns: list[str] 
         t.add_row(*[(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols])
     return t
 
-
-def is_interactive() -> bool:
-    return sys.stderr.isatty()

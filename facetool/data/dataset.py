@@ -38,8 +38,9 @@ class FaceDataset(Dataset):
             self.labels = s.labels
             self.num_classes = s.num_classes
             self.image_size = s.image_size
-            self.attr_codes = np.stack([s.attribute(a)[0] for a in attributes], 1) if attributes else None
-            self.attr_values = {a: s.attribute(a)[1] for a in attributes}
+            read = {a: s.attribute(a) for a in attributes}
+            self.attr_codes = np.stack([read[a][0] for a in attributes], 1) if attributes else None
+            self.attr_values = {a: read[a][1] for a in attributes}
         self.flip = flip
         self.size = size
         self._f: h5py.File | None = None

@@ -104,10 +104,19 @@ def gated_blocks(model: nn.Module) -> list[GatedResidual]:
     return [m for m in model.modules() if isinstance(m, GatedResidual) and m.gate is not None]
 
 
-def set_skipping(model: nn.Module, skip: bool) -> None:
-    """Turn real compute skipping at inference on or off (off: ``z * F(x)`` like in training)."""
-    for b in gated_blocks(model):
+@contextlib.contextmanager
+def set_skipping(model: nn.Module, skip: bool) -> Iterator[nn.Module]:
+    """Within the block, real compute skipping at inference is on or off (off: ``z * F(x)`` like in
+    training); each block's previous setting is restored afterwards."""
+    blocks = gated_blocks(model)
+    was = [b.skip for b in blocks]
+    for b in blocks:
         b.skip = skip
+    try:
+        yield model
+    finally:
+        for b, w in zip(blocks, was):
+            b.skip = w
 
 
 @contextlib.contextmanager
