@@ -35,6 +35,50 @@ def check_output(path: str | Path, overwrite: bool) -> Path:
     return p
 
 
+def guard_output(
+    path: str | Path,
+    *,
+    inputs: "tuple[str | Path | None, ...] | list[str | Path | None]" = (),
+    overwrite: bool = False,
+    option: str = "--out",
+    is_dir: bool = False,
+) -> Path:
+    """THE check every command runs on each output path before it writes anything.
+
+    * never an input of the same command (refused even with ``--overwrite``);
+    * an existing file/folder is not replaced without ``--overwrite``;
+    * the parent folder is created and must be writable; a folder output must not be a file and vice versa.
+
+    Returns the path. ``option`` names the command-line option in the error message.
+    """
+    p = Path(path)
+    for i in inputs:
+        if i is None:
+            continue
+        ip = Path(i)
+        try:
+            same = p.exists() and ip.exists() and os.path.samefile(p, ip)
+        except OSError:
+            same = False
+        if same or p.resolve() == ip.resolve():
+            raise FacetoolError(f"{option} {p} is also an input of this command; choose another output path")
+    if p.exists():
+        if is_dir and not p.is_dir():
+            raise FacetoolError(f"{option} {p} is a file, not a folder")
+        if not is_dir and p.is_dir():
+            raise FacetoolError(f"{option} {p} is a folder; give a file name")
+        if not overwrite:
+            raise FacetoolError(f"{option} {p} exists (pass --overwrite to replace it)")
+    parent = p.parent if str(p.parent) else Path(".")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise FacetoolError(f"{option}: cannot create folder {parent}: {e.strerror}") from None
+    if not os.access(parent, os.W_OK):
+        raise FacetoolError(f"{option}: folder is not writable: {parent}")
+    return p
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
