@@ -35,9 +35,27 @@ class FaceModel(nn.Module):
     #: names of the internals this model reports (subset of INTERNALS)
     internal_names: tuple[str, ...] = ()
 
+    #: named stages (attribute names of sub-modules) that explainers may hook, in forward order
+    #: (``dissect units --layers``, Grad-CAM, relevance); subclasses set it
+    layer_names: tuple[str, ...] = ()
+    #: the entry of ``layer_names`` whose output is the last spatial feature map (Grad-CAM's layer)
+    cam_layer: str = ""
+
     def __init__(self) -> None:
         super().__init__()
         self.config: dict[str, Any] = {}
+
+    def layers(self) -> dict[str, nn.Module]:
+        """``{name: module}`` of the named stages, in forward order."""
+        return {n: self.get_submodule(n) for n in self.layer_names}
+
+    def get_layer(self, name: str) -> nn.Module:
+        """The named stage ``name``; an unknown name is a user error listing the names it has."""
+        from facetool.errors import FacetoolError
+
+        if name not in self.layer_names:
+            raise FacetoolError(f"model {self.name} has no layer {name!r}; it has: {', '.join(self.layer_names) or 'none'}")
+        return self.get_submodule(name)
 
     def forward_features(self, x: torch.Tensor, internals: dict | None = None) -> torch.Tensor:
         raise NotImplementedError

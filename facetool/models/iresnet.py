@@ -58,6 +58,8 @@ class IResNet(FaceModel):
     """IR-ResNet embedding network (ArcFace backbone)."""
 
     task = "embedding"
+    layer_names = ("layer1", "layer2", "layer3", "layer4")
+    cam_layer = "layer4"
 
     def __init__(
         self,

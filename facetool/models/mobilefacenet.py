@@ -57,6 +57,8 @@ class MobileFaceNet(FaceModel):
     """MobileFaceNet embedding network with a global depthwise-conv (GDC) head."""
 
     task = "embedding"
+    layer_names = ("conv1", "conv2_dw", "blocks", "conv_sep")
+    cam_layer = "conv_sep"
 
     def __init__(self, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> None:
         super().__init__()

@@ -81,6 +81,9 @@ def _projection(cin: int, cout: int, stride: int) -> nn.Sequential | None:
 class ResNet(FaceModel):
     """ResNet classifier; with ``gate_hidden`` every block is a ConvNet-AIG gated block."""
 
+    layer_names = ("layer1", "layer2", "layer3", "layer4")
+    cam_layer = "layer4"
+
     def __init__(self, block: type[GatedResidual], layers: list[int], num_classes: int = 1000,
                  input_size: int = 128, width: int = 64, gate_hidden: int | None = None) -> None:
         super().__init__()
