@@ -15,7 +15,9 @@ if [ "$("$VENV/bin/uv" --version 2>/dev/null | cut -d' ' -f2)" != "$UV_VERSION" 
   "$VENV/bin/python" -m pip install -q --disable-pip-version-check "uv==$UV_VERSION"
 fi
 # uv ignores pip's find-links folder, whose CPU torch wheel would not match torchvision.
-"$VENV/bin/uv" pip sync -q --python "$VENV/bin/python" --require-hashes requirements.lock
+# --compile-bytecode: fresh interpreters (the CLI, subprocess tests) then start without recompiling
+# torch, also where PYTHONDONTWRITEBYTECODE is set.
+"$VENV/bin/uv" pip sync -q --python "$VENV/bin/python" --require-hashes --compile-bytecode requirements.lock
 "$VENV/bin/uv" pip install -q --python "$VENV/bin/python" --no-deps --no-build-isolation -e .
 "$VENV/bin/python" - <<'PY'
 import importlib.metadata as md
