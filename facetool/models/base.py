@@ -26,7 +26,8 @@ from torch import nn
 
 #: Names and meaning of the internals a model may report.
 INTERNALS = {
-    "gates": "(B, L) hard 0/1 execution decisions of the L gated blocks (straight-through in training)",
+    "gates": "(B, L) hard 0/1 decisions of the L conditional blocks, in conditional_blocks() order "
+             "(straight-through in training)",
     "gate_probs": "(B, L) probability of executing each gated block",
     "routing": "list of (B, K) routing vectors, one per dynamic layer",
     "attention": "(B, 1, h, w) attention map in [0, 1]",
