@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -171,13 +172,13 @@ print(json.dumps({"failed": failed, "checked": len(names)}))
 """
 
 
-@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_every_module_imports_first_in_a_fresh_interpreter():
     """Each module is imported first, alone, in a fresh interpreter (a fork of one that has loaded the
     third-party packages but no facetool module): an import circle or an order dependence fails here."""
     names = sorted(facetool_modules())
     r = subprocess.run([sys.executable, "-c", _ISOLATED, str(ROOT), json.dumps(names)], capture_output=True,
-                       text=True, timeout=600, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                       text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["checked"] == len(names) > 50
@@ -227,7 +228,7 @@ print(json.dumps({"helps": helps, "modules": sorted(sys.modules)}))
 
 def test_every_subcommand_help_without_torch():
     r = subprocess.run([sys.executable, "-c", _WALK], capture_output=True, text=True, timeout=300, cwd=ROOT,
-                       env={**__import__("os").environ, "COLUMNS": "200", "NO_COLOR": "1"})
+                       env={**os.environ, "COLUMNS": "200", "NO_COLOR": "1"})
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout)
     helps = res["helps"]
