@@ -1,10 +1,68 @@
 """facetool: a research bench for interpretable, efficient face recognition.
 
 The package is a library first; ``facetool.cli`` is a thin Typer layer over it.
+
+The main entry points are importable from here (``from facetool import create_model, FaceStore,
+train``). They are resolved on first access (module ``__getattr__``), so ``import facetool`` -- and
+``facetool --help`` -- do not import torch.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
 from facetool.errors import FacetoolError  # noqa: E402
 
-__all__ = ["FacetoolError", "__version__"]
+#: public name -> module that defines it (imported on first access)
+_LAZY: dict[str, str] = {
+    # models
+    "FaceModel": "facetool.models.base",
+    "create_model": "facetool.models.registry",
+    "list_models": "facetool.models.registry",
+    "register_model": "facetool.models.registry",
+    "load_model": "facetool.models.checkpoint",
+    "save_checkpoint": "facetool.models.checkpoint",
+    # data
+    "FaceStore": "facetool.store",
+    "FaceDataset": "facetool.data.dataset",
+    "make_loader": "facetool.data.dataset",
+    "prepare_synthetic": "facetool.data.synthetic",
+    # training
+    "train": "facetool.engine",
+    "train_on_store": "facetool.engine",
+    "TrainConfig": "facetool.engine",
+    "Method": "facetool.engine",
+    "ClassificationMethod": "facetool.engine",
+    # evaluation
+    "evaluate_classifier": "facetool.eval.classification",
+    "compare_classifiers": "facetool.eval.classification",
+    "evaluate_ijb": "facetool.eval.ijb",
+    "verify_bin": "facetool.eval.verification",
+    "verify_pairs": "facetool.eval.verification",
+    # cost, export, explanation
+    "count_flops": "facetool.flops",
+    "count_params": "facetool.flops",
+    "executed_flops": "facetool.flops",
+    "flops_summary": "facetool.flops",
+    "export_onnx": "facetool.export",
+    "invert": "facetool.methods.invert",
+    "InversionConfig": "facetool.methods.invert",
+}
+
+__all__ = ["FacetoolError", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'facetool' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later accesses skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

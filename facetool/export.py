@@ -49,7 +49,7 @@ def export_onnx(
     model = getattr(model, "module", model).float().cpu().eval()
     # Gated (AIG) blocks skip work per sample at inference, a data-dependent path a trace would freeze
     # for the probe; the exported graph multiplies by the gate instead (same outputs, traceable).
-    from facetool.methods.aig import set_skipping
+    from facetool.models.gated import set_skipping
 
     with set_skipping(model, False):
         return _export(model, out, source, opset, dynamic_batch, atol, seed)

@@ -2,12 +2,16 @@
 multiply-add, only the ops that actually ran). Convolutions and matrix products are counted;
 element-wise ops (BN, ReLU, pooling, additions) are not, as usual.
 
-For gated models (ConvNet-AIG/IIG) the cost of an image depends on its gates::
+For conditional models (ConvNet-AIG/IIG gates, or any model whose blocks decide per sample) the cost
+of an image depends on its decisions::
 
     executed(b) = (dense - sum_l block_l) + sum_l gates[b, l] * block_l
 
-where ``block_l`` is the FLOPs of block l's residual branch; the base (stem, shortcuts, gates
-themselves, head) always runs.
+where ``block_l`` is the FLOPs of block l's conditional part (a gated block's residual branch); the
+base (stem, shortcuts, the decision layers themselves, head) always runs. Which blocks are
+conditional, what they skip and how to force their decisions comes from the model interface
+(:func:`facetool.models.base.conditional_blocks`, :func:`~facetool.models.base.forced_decisions`),
+so every conditional model plugs into the same counter.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from facetool.methods.aig import forced_gates, gated_blocks
+from facetool.models.base import conditional_blocks, forced_decisions
 
 
 def _input_size(model: nn.Module, input_size: int | None) -> int:
@@ -39,12 +43,12 @@ def _probe(model: nn.Module, size: int, batch: int) -> Tensor:
 
 @torch.no_grad()
 def count_flops(model: nn.Module, input_size: int | None = None, batch: int = 1) -> int:
-    """Dense FLOPs per image (every gate forced open), in eval mode."""
+    """Dense FLOPs per image (every conditional block forced to run), in eval mode."""
     size = _input_size(model, input_size)
     was = model.training
     model.eval()
     try:
-        with forced_gates(model, 1.0):
+        with forced_decisions(model, 1.0):
             total = _count(model, _probe(model, size, batch))
     finally:
         model.train(was)
@@ -53,8 +57,9 @@ def count_flops(model: nn.Module, input_size: int | None = None, batch: int = 1)
 
 @torch.no_grad()
 def gated_block_flops(model: nn.Module, input_size: int | None = None) -> Tensor:
-    """(L,) FLOPs per image of each gated block's residual branch (empty for ungated models)."""
-    blocks = gated_blocks(model)
+    """(L,) FLOPs per image of each conditional block's conditional part (a gated block's residual
+    branch), in the order of the model's decision columns; empty for models that always run everything."""
+    blocks = conditional_blocks(model)
     if not blocks:
         return torch.zeros(0, dtype=torch.float64)
     size = _input_size(model, input_size)
@@ -63,9 +68,9 @@ def gated_block_flops(model: nn.Module, input_size: int | None = None) -> Tensor
     was = model.training
     model.eval()
     try:
-        with forced_gates(model, 1.0):
+        with forced_decisions(model, 1.0):
             model(_probe(model, size, 1))
-        return torch.tensor([_count(b.residual, inputs[i]) for i, b in enumerate(blocks)], dtype=torch.float64)
+        return torch.tensor([_count(b.conditional_part, inputs[i]) for i, b in enumerate(blocks)], dtype=torch.float64)
     finally:
         for h in hooks:
             h.remove()
@@ -73,7 +78,7 @@ def gated_block_flops(model: nn.Module, input_size: int | None = None) -> Tensor
 
 
 def executed_flops(model: nn.Module, gates: Tensor, input_size: int | None = None) -> Tensor:
-    """(B,) FLOPs each image actually needed given its (B, L) gate decisions (or probabilities)."""
+    """(B,) FLOPs each image actually needed given its (B, L) decisions (or probabilities)."""
     block = gated_block_flops(model, input_size)
     dense = float(count_flops(model, input_size))
     g = gates.detach().to(torch.float64).cpu()
@@ -87,7 +92,7 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
 
 
 def flops_summary(model: nn.Module, input_size: int | None = None) -> dict[str, float]:
-    """Dense GFLOPs, gated share and parameters (M) of a model, for tables."""
+    """Dense GFLOPs, conditional ("gated") share and parameters (M) of a model, for tables."""
     dense = count_flops(model, input_size)
     block = gated_block_flops(model, input_size)
     return {"gflops": dense / 1e9, "gated_gflops": float(block.sum()) / 1e9, "params_m": count_params(model) / 1e6,

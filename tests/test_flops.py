@@ -1,4 +1,5 @@
-"""FLOP counting: hand-computed toy net, known ResNet-50 cost, and real savings of skipped blocks."""
+"""FLOP counting: hand-computed toy nets (AIG and a generic conditional block), known ResNet-50 cost,
+and real savings of skipped blocks."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from facetool.flops import count_flops, count_params, executed_flops, flops_summary, gated_block_flops
 from facetool.methods.aig import gated_blocks
 from facetool.models import FaceModel, create_model
+from facetool.models.base import ConditionalBlock, conditional_blocks, forced_decisions
 from facetool.models.resnet import BasicBlock
 
 
@@ -72,3 +74,89 @@ def test_skipped_blocks_really_cost_nothing():
     measured = fc.get_total_flops()
     assert measured == pytest.approx(float(executed_flops(m, g).sum()), rel=1e-9)
     assert measured < 10 * count_flops(m)
+
+
+class Skippable(ConditionalBlock):
+    """A non-AIG conditional block: ``x + conv1x1(x)`` only for the samples whose mean is positive."""
+
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 1, bias=False)
+        self.force: float | None = None
+        self.last: torch.Tensor | None = None
+
+    def conditional_part(self, x):
+        return self.conv(x)
+
+    def force_decision(self, value):
+        old, self.force = self.force, value
+        return old
+
+    def forward(self, x):
+        z = (x.mean((1, 2, 3)) > 0).float() if self.force is None else torch.full((len(x),), float(self.force))
+        self.last = z
+        idx = z.nonzero().flatten()
+        return x.index_add(0, idx, self.conditional_part(x.index_select(0, idx)))  # runs only where z = 1
+
+
+class Switchy(FaceModel):
+    """conv 3->4 (3x3, pad 1) on 8x8 -> two Skippable(4) -> linear 4->2; reports ``gates``."""
+
+    internal_names = ("gates",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_size = 8
+        self.stem = nn.Conv2d(3, 4, 3, 1, 1, bias=False)
+        self.a, self.b = Skippable(4), Skippable(4)
+        self.fc = nn.Linear(4, 2)
+
+    def forward_features(self, x, internals=None):
+        x = self.b(self.a(self.stem(x)))
+        if internals is not None:
+            internals["gates"] = torch.stack([self.a.last, self.b.last], 1)
+        return x
+
+    def forward_head(self, f):
+        return self.fc(f.mean((2, 3)))
+
+
+# MACs by hand: stem 4*8*8 x 27 = 6912; each Skippable 4*8*8 x 4 = 1024; linear 8
+S_STEM, S_BLOCK, S_FC = 2 * 6912, 2 * 1024, 2 * 8
+
+
+@torch.no_grad()
+def test_any_conditional_block_plugs_into_the_counter():
+    """The counter asks the model interface (ConditionalBlock), nothing AIG-specific."""
+    torch.manual_seed(0)
+    m = Switchy()
+    assert conditional_blocks(m) == [m.a, m.b] and m.conditional_blocks() == [m.a, m.b]
+    assert count_flops(m) == S_STEM + 2 * S_BLOCK + S_FC
+    assert gated_block_flops(m).tolist() == [S_BLOCK, S_BLOCK]
+    assert m.a.force is None and m.b.force is None  # forcing for the count was undone
+    with forced_decisions(m, 0.0):
+        assert m.a.force == 0.0
+        with FlopCounterMode(display=False) as fc:
+            m(torch.randn(1, 3, 8, 8))
+        assert fc.get_total_flops() == S_STEM + S_FC
+    assert m.a.force is None
+    x = torch.randn(16, 3, 8, 8)
+    with FlopCounterMode(display=False) as fc:
+        _, internals = m(x, return_internals=True)
+    g = internals["gates"]
+    assert 0 < g.mean() < 1  # mixed decisions
+    assert fc.get_total_flops() == pytest.approx(float(executed_flops(m, g).sum()), rel=1e-12)
+    assert flops_summary(m)["gated_blocks"] == 2
+
+
+def test_conditional_blocks_order_comes_from_the_model():
+    class Reordered(Switchy):
+        def conditional_blocks(self):  # decisions reported in another order than registration
+            return [self.b, self.a]
+
+    m = Reordered()
+    m.b.conv = nn.Conv2d(4, 4, 3, 1, 1, bias=False)  # b now costs 9x a
+    assert gated_block_flops(m).tolist() == [9 * S_BLOCK, S_BLOCK]
+    assert conditional_blocks(create_model("resnet18", num_classes=2, input_size=32, width=8)) == []
+    aig = create_model("aig_resnet18", num_classes=2, input_size=32, width=8)
+    assert conditional_blocks(aig) == aig.conditional_blocks() == gated_blocks(aig) and len(gated_blocks(aig)) == 8

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-import numpy as np
 import typer
 
 from facetool.cli.common import console, dict_table, err_console, guarded, records_table
+
+if TYPE_CHECKING:  # numpy only in annotations here; imported by the commands (fast --help)
+    import numpy as np
 
 _DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
 _WORKERS = typer.Option(-1, help="DataLoader workers decoding and aligning images (-1: up to 4).")
@@ -175,7 +177,7 @@ def _verification(name: str):
 
 
 def register(app: typer.Typer) -> None:
-    from facetool.eval.verification import BIN_SETS
+    from facetool.eval import BIN_SETS
 
     for prefix in ("ijbc", "ijbb"):
         app.command(prefix)(_ijb(prefix))

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from facetool.cli.common import console, dict_table, guarded
-from facetool.data.synthetic import BIAS_HELP
+from facetool.data.synthetic_spec import BIAS_HELP
 
 
 def register(prepare_app: typer.Typer) -> None:

@@ -1,6 +1,30 @@
-"""Data: the PyTorch dataset over a face store, transforms and dataset loaders."""
+"""Data: the PyTorch dataset over a face store, transforms and dataset loaders.
 
-from facetool.data.dataset import FaceDataset, make_loader
-from facetool.data.transforms import denormalize, normalize
+The names below are resolved on first access, so importing a light submodule (or
+``facetool.data`` itself) does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_LAZY = {
+    "FaceDataset": "facetool.data.dataset",
+    "make_loader": "facetool.data.dataset",
+    "normalize": "facetool.data.transforms",
+    "denormalize": "facetool.data.transforms",
+}
 
 __all__ = ["FaceDataset", "make_loader", "normalize", "denormalize"]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'facetool.data' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))

@@ -15,12 +15,11 @@ import torch
 from torch.utils.data import Dataset
 
 from facetool.errors import FacetoolError
+from facetool.eval import BIN_SETS  # noqa: F401  (defined beside the package, re-exported here)
 from facetool.eval.embed import ImageFiles, extract
 from facetool.io import restricted_loads
 
 THRESHOLDS = np.arange(0, 4, 0.01)
-#: the packs of insightface's verification sets, by command name
-BIN_SETS = ("lfw", "cfp-fp", "agedb-30", "calfw", "cplfw")
 
 
 class BinImages(Dataset):

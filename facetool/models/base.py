@@ -8,24 +8,89 @@
 ``internals`` is a plain dict the model fills with its named internal quantities, always under the
 same names and shapes across models (see :data:`INTERNALS`). Plain ``forward(x)`` returns a tensor,
 so the same model works with zennit, captum, ONNX export and DDP.
+
+Conditional computation (ConvNet-AIG/IIG gates, and any later model that skips work per sample) is
+described by the model too: its :class:`ConditionalBlock` s, in the order of the columns of
+``internals["gates"]``, say what they skip and let a caller force their decisions
+(:meth:`FaceModel.conditional_blocks`, :meth:`FaceModel.forced_decisions`). Executed-FLOP counting
+(:mod:`facetool.flops`) and dense explanations use only this interface, never a method module.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Iterator
 
 import torch
 from torch import nn
 
 #: Names and meaning of the internals a model may report.
 INTERNALS = {
-    "gates": "(B, L) hard 0/1 execution decisions of the L gated blocks (straight-through in training)",
+    "gates": "(B, L) hard 0/1 decisions of the L conditional blocks, in conditional_blocks() order "
+             "(straight-through in training)",
     "gate_probs": "(B, L) probability of executing each gated block",
     "routing": "list of (B, K) routing vectors, one per dynamic layer",
     "attention": "(B, 1, h, w) attention map in [0, 1]",
     "attention_logits": "(B, C) logits of an attention branch",
     "block_flops": "(L,) FLOPs per image of each gated block when executed",
 }
+
+
+class ConditionalBlock(nn.Module):
+    """A block that decides per sample whether its conditional part runs (decision 1) or not (0).
+
+    Executed FLOPs of an image are ``dense - sum_l cost_l + sum_l decision[b, l] * cost_l`` with
+    ``cost_l`` the FLOPs of block l's :meth:`conditional_part` on the block's input; everything else
+    (stem, shortcuts, the decision layers themselves, head) always runs. A subclass implements:
+
+    * :meth:`conditional_part` -- the computation that runs only where the decision is 1, applied to
+      the block's input (for a gated residual block: the residual branch);
+    * :meth:`force_decision` -- from now on every sample gets ``value`` (1 = dense, 0 = skipped;
+      None = the block decides again); returns the previous setting so it can be restored;
+    * :attr:`is_conditional` -- False for an instance built without a decision (a plain block).
+
+    A block whose cost does not depend on its decisions (e.g. a dynamic convolution that mixes K
+    kernels into one) is not conditional in this sense; one that runs only selected experts is one
+    conditional block per expert.
+    """
+
+    @property
+    def is_conditional(self) -> bool:
+        return True
+
+    def conditional_part(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def force_decision(self, value: float | None) -> float | None:
+        raise NotImplementedError
+
+
+def conditional_blocks(model: nn.Module) -> list[ConditionalBlock]:
+    """The conditional blocks of any module: :meth:`FaceModel.conditional_blocks` where the model
+    defines it, else every :class:`ConditionalBlock` sub-module in registration (forward) order."""
+    own = getattr(model, "conditional_blocks", None)
+    if callable(own):
+        return list(own())
+    return [m for m in model.modules() if isinstance(m, ConditionalBlock) and m.is_conditional]
+
+
+def forced_decisions(model: nn.Module, value: float | None = 1.0) -> contextlib.AbstractContextManager:
+    """Context manager: within it every conditional block of ``model`` decides ``value`` for every
+    sample (1 = the dense network, 0 = every conditional part skipped); afterwards each block's
+    previous setting is back. Uses :meth:`FaceModel.forced_decisions` where the model defines it."""
+    own = getattr(model, "forced_decisions", None)
+    return own(value) if callable(own) else _forced_blocks(model, value)
+
+
+@contextlib.contextmanager
+def _forced_blocks(model: nn.Module, value: float | None) -> Iterator[nn.Module]:
+    blocks = conditional_blocks(model)
+    old = [b.force_decision(value) for b in blocks]
+    try:
+        yield model
+    finally:
+        for b, o in zip(blocks, old):
+            b.force_decision(o)
 
 
 class FaceModel(nn.Module):
@@ -56,6 +121,17 @@ class FaceModel(nn.Module):
         if name not in self.layer_names:
             raise FacetoolError(f"model {self.name} has no layer {name!r}; it has: {', '.join(self.layer_names) or 'none'}")
         return self.get_submodule(name)
+
+    def conditional_blocks(self) -> list[ConditionalBlock]:
+        """The blocks with per-sample decisions, in the order of the columns of ``internals["gates"]``
+        (default: every :class:`ConditionalBlock` sub-module, in registration order). Empty for a
+        model that always runs everything."""
+        return [m for m in self.modules() if isinstance(m, ConditionalBlock) and m.is_conditional]
+
+    def forced_decisions(self, value: float | None = 1.0) -> contextlib.AbstractContextManager:
+        """Context manager: every conditional block decides ``value`` (1 = dense) for every sample;
+        previous settings are restored afterwards. Override for decisions that are not per block."""
+        return _forced_blocks(self, value)
 
     def forward_features(self, x: torch.Tensor, internals: dict | None = None) -> torch.Tensor:
         raise NotImplementedError

@@ -20,8 +20,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from facetool.methods.aig import Gate, GatedResidual, gated_blocks
 from facetool.models.base import FaceModel
+from facetool.models.gated import Gate, GatedResidual, gated_blocks
 from facetool.models.registry import register_model
 
 
