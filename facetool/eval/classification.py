@@ -146,14 +146,21 @@ def compare_classifiers(
     workers: int = 0,
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    archs: Sequence[str | None] | None = None,
 ) -> list[dict]:
-    """One :func:`evaluate_classifier` row per checkpoint (Table II: models side by side)."""
+    """One :func:`evaluate_classifier` row per checkpoint (Table II: models side by side).
+
+    ``archs``: the architecture of each file that does not record one (one per model, in order)."""
     from facetool.models import load_model
 
     if not model_paths:
         raise FacetoolError("give at least one --model")
+    archs = list(archs or [None] * len(model_paths))
+    if len(archs) != len(model_paths):
+        raise FacetoolError(f"give --arch once per --model, in the same order ({len(model_paths)} models, "
+                            f"{len(archs)} --arch), or not at all")
     FaceStore(store).close()
-    models = [(Path(p), load_model(p)) for p in model_paths]  # fail on a bad checkpoint before any work
+    models = [(Path(p), load_model(p, name=a)) for p, a in zip(model_paths, archs)]  # fail before any work
     rows = []
     for p, m in models:
         r = evaluate_classifier(m, store, split, batch_size, workers=workers, device=device, on_batch=on_batch)
