@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_facetool
 from facetool.models import create_model, save_checkpoint
-from fixtures_ijb import make_ijb, write_bin
+from fixtures_ijb import make_ijb, write_bin  # also registers the test models (in this process only)
 from test_iresnet import DEPTHS, published_layout
 
 
@@ -128,18 +128,23 @@ def test_info_on_a_bare_backbone_and_arch_for_unknown_layouts(backbone, tmp_path
     assert info["model"] == "iresnet18" and info["task"] == "embedding"
     assert json.loads(info["config"]) == {"name": "iresnet18", "embedding_size": 512, "input_size": 112}
 
-    # a layout no matcher knows (a bare torchvision-style ResNet-18 state_dict): the error points to --arch
-    torch.manual_seed(0)
-    bare = tmp_path / "resnet.pth"
-    torch.save(create_model("resnet18").state_dict(), bare)
+    # a layout no matcher knows (here the test model `test_mean_colour`'s weights): the error points to --arch
+    bare = tmp_path / "unknown.pth"
+    torch.save(create_model("test_mean_colour").state_dict(), bare)
     err = _one_line_error(run_facetool("info", bare, cwd=tmp_path), "--arch", "iresnet50", "resnet18")
     assert "cannot tell the architecture" in err
-    # (the rest does not depend on import order: in-process)
-    r = cli("info", bare, "--arch", "resnet18", "--json")
+    # (the rest does not depend on import order: in-process, where the test model is registered)
+    r = cli("info", bare, "--arch", "test_mean_colour", "--json")
     assert r.exit_code == 0, r.output
-    assert json.loads(r.output)["model"] == "resnet18"
+    assert json.loads(r.output)["model"] == "test_mean_colour"
     r = cli("info", bare, "--arch", "nonet")
     assert r.exit_code == 2 and "unknown model 'nonet'" in r.output
+    # bare ResNet / AIG classifier weights are recognised too (depth, gates, width, classes)
+    torch.save(create_model("aig_resnet18", num_classes=5, width=4, input_size=32).state_dict(), tmp_path / "a.pth")
+    r = cli("info", tmp_path / "a.pth", "--json")
+    assert r.exit_code == 0, r.output
+    assert json.loads(json.loads(r.output)["config"]) == {"name": "aig_resnet18", "num_classes": 5, "width": 4,
+                                                           "gate_hidden": 16}
     # a facetool checkpoint records its architecture: a contradicting --arch is refused
     ck = save_checkpoint(tmp_path / "m.pt", create_model("iresnet18", width=4, embedding_size=8, input_size=32))
     r = cli("info", ck, "--arch", "iresnet34")

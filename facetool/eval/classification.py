@@ -40,7 +40,10 @@ class Predictions:
 
 
 def model_input_size(model: torch.nn.Module, store_size: int) -> int:
-    return int(getattr(model, "config", {}).get("input_size") or store_size)
+    """The model's own input size (:func:`facetool.models.features.input_size_of`), else the store's."""
+    from facetool.models.features import input_size_of
+
+    return input_size_of(model) or int(store_size)
 
 
 def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
@@ -76,7 +79,9 @@ def predict(
     ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices)
     if not len(ds):
         raise FacetoolError(f"split {split!r} of {store} has no images")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from facetool.devices import resolve_device
+
+    dev = torch.device(resolve_device(device))
     model.eval().to(dev)
     idx, labels, tops, gates = [], [], [], []
     for batch in make_loader(ds, batch_size, workers=workers):
