@@ -40,10 +40,9 @@ class Predictions:
 
 
 def model_input_size(model: torch.nn.Module, store_size: int) -> int:
-    """The model's own input size (:func:`facetool.models.features.input_size_of`), else the store's."""
-    from facetool.models.features import input_size_of
-
-    return input_size_of(model) or int(store_size)
+    """The input size recorded in the model's config, else the store's (a ResNet takes any size >= 32;
+    an embedding protocol uses :func:`facetool.models.features.input_size_of` instead)."""
+    return int(getattr(model, "config", {}).get("input_size") or store_size)
 
 
 def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
