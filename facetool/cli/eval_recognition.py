@@ -11,7 +11,7 @@ import typer
 
 from facetool.cli.common import arch_option, console, dict_table, err_console, features_option, guarded, records_table
 
-_DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
+_DEVICE = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N or mps.")
 _WORKERS = typer.Option(-1, help="DataLoader workers decoding and aligning images (-1: up to 4).")
 
 
