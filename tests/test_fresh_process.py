@@ -93,8 +93,8 @@ def test_eval_lfw_on_a_bare_backbone(narrow_backbone, synthetic_store, tmp_path)
             bins.append(cv2.imencode(".jpg", cv2.cvtColor(imgs[i], cv2.COLOR_RGB2BGR))[1].tobytes())
         issame.append(bool(labels[a] == labels[b]))
     pack = write_bin(tmp_path / "lfw.bin", bins, issame)
-    r = run_facetool("eval", "lfw", "--bin", pack, "--model", narrow_backbone, "--out", tmp_path / "o", "--workers", "0",
-                     cwd=tmp_path)
+    r = run_facetool("eval", "lfw", "--bin", pack, "--model", narrow_backbone, "--out", tmp_path / "o",
+                     "--workers", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lfw verification" in r.stdout and "accuracy (%)" in r.stdout
     res = json.loads(next((tmp_path / "o").glob("*.json")).read_text())

@@ -141,13 +141,15 @@ def _model_call(model: Any, device: str) -> Callable[[torch.Tensor], np.ndarray]
                 out = model(x)
             except (RuntimeError, ValueError) as e:
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                own = "unknown" if size is None else size
                 raise FacetoolError(f"{model_label(model)} cannot embed {x.shape[-1]}x{x.shape[-2]} face crops "
-                                    f"(its input size is {'unknown' if size is None else size}): {first[:200]}") from None
+                                    f"(its input size is {own}): {first[:200]}") from None
         out = out[0] if isinstance(out, (tuple, list)) else out
         out = torch.as_tensor(out)
         if not checked:
             if out.dim() != 2:
-                raise FacetoolError(f"{model_label(model)} outputs shape {tuple(out.shape)}, not (batch, dim) embeddings")
+                raise FacetoolError(f"{model_label(model)} outputs shape {tuple(out.shape)}, "
+                                    "not (batch, dim) embeddings")
             checked = True
         return out.float().cpu().numpy()
 
