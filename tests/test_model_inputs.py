@@ -154,3 +154,18 @@ def test_resolve_device():
     else:
         with pytest.raises(FacetoolError, match="CUDA GPU"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
+
+
+def test_arch_options_of_the_classifier_commands(tmp_path, synthetic_store, cli):
+    from facetool.eval.classification import compare_classifiers
+
+    with pytest.raises(FacetoolError, match="give --arch once per --model"):
+        compare_classifiers([tmp_path / "a.pt", tmp_path / "b.pt"], synthetic_store, archs=["resnet18"])
+    r = cli("annotate", "--store", synthetic_store, tmp_path / "x.csv", "--arch", "resnet18")
+    assert r.exit_code == 2 and "--arch applies to --from-model only" in r.output
+    # a bare AIG state_dict runs through `eval classify` (architecture from the keys; --arch must agree)
+    torch.manual_seed(0)
+    torch.save(create_model("aig_resnet18", num_classes=8, width=4, input_size=32).state_dict(), tmp_path / "a.pth")
+    r = cli("eval", "classify", "--store", synthetic_store, "--model", tmp_path / "a.pth", "--arch", "aig_resnet18")
+    assert r.exit_code == 0, r.output
+    assert "aig_resnet18" in r.output
