@@ -301,10 +301,12 @@ def estimate_from_model(
     batch_size: int = 64,
     in_place: bool = False,
     device: str | None = None,
+    arch: str | None = None,
 ) -> dict:
     """Run an IIG model over every image of ``store``, estimate ``feature`` by Eq. 5 (the value whose
     gate mask is nearest to the executed gate pattern) and write it as a per-image attribute
     ``<feature>_estimated`` (or ``as_name``) with the model's path and sha256 as provenance.
+    ``arch`` names the architecture of a bare state_dict no matcher recognises.
     Returns counts and, where the store has ground truth for ``feature``, the accuracy."""
     import torch
 
@@ -321,7 +323,7 @@ def estimate_from_model(
         if name == feature and has_gt:
             raise FacetoolError(f"--as {name} would overwrite the store's ground truth {feature!r}; choose another name")
         gt = s.attribute(feature) if has_gt else None
-    model = load_model(model_path)
+    model = load_model(model_path, name=arch)
     masks, vocab = masks_from_meta(getattr(model, "meta", {}))
     if feature not in masks:
         raise FacetoolError(f"IIG model {model_path} has no gate masks for {feature!r} (has: {', '.join(masks)})")

@@ -4,6 +4,11 @@ The file takes one input ``input`` (B, 3, S, S) RGB normalised ``(x - 127.5) / 1
 output ``embedding`` (B, D): exactly what insightface's model zoo routes to ``ArcFaceONNX``
 (square input, S >= 112 and a multiple of 16; no ``Sub``/``Mul`` preprocessing nodes, so it
 normalises with mean 127.5 and std 127.5). The facetool config rides along as ONNX metadata.
+
+Only embeddings are written as ``embedding``: a classifier (ResNet / AIG with a class head) is refused
+unless ``features`` asks for its pooled penultimate feature (``penultimate``, written as
+``embedding``) or for its class logits (``logits``, written as an output named ``logits``, which no
+embedding command accepts).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import torch
 
 from facetool.errors import FacetoolError
 from facetool.io import atomic_path, write_json
+from facetool.models.features import input_size_of
 
 
 def insightface_compatible(input_size: int) -> bool:
@@ -33,11 +39,16 @@ def export_onnx(
     dynamic_batch: bool = False,
     atol: float = 1e-4,
     seed: int = 0,
+    features: str = "embedding",
+    arch: str | None = None,
 ) -> dict[str, Any]:
     """Export ``model`` (a module or a checkpoint path) to ``out``; before the file appears, verify
     that the L2-normalised ONNX embeddings match PyTorch's within ``atol`` (max absolute difference;
     raw outputs of untrained IR-ResNets reach ~1e3, so the raw difference is reported relative).
-    Returns a report, also written to ``out`` with suffix ``.json``."""
+    ``features`` selects the output (:func:`facetool.models.features.select_features`); ``arch`` names
+    the architecture of a bare state_dict no matcher recognises. Returns a report, also written to
+    ``out`` with suffix ``.json``."""
+    from facetool.models.features import select_features
 
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", type(model).__name__)
     if isinstance(model, (str, Path)):
@@ -45,23 +56,25 @@ def export_onnx(
             raise FacetoolError(f"{model} is already an ONNX file")
         from facetool.models import load_model
 
-        model = load_model(model)
-    model = getattr(model, "module", model).float().cpu().eval()
+        model = load_model(model, name=arch)
+    model = select_features(getattr(model, "module", model), features).float().cpu().eval()
     # Gated (AIG) blocks skip work per sample at inference, a data-dependent path a trace would freeze
     # for the probe; the exported graph multiplies by the gate instead (same outputs, traceable).
     from facetool.models.gated import set_skipping
 
     with set_skipping(model, False):
-        return _export(model, out, source, opset, dynamic_batch, atol, seed)
+        return _export(model, out, source, opset, dynamic_batch, atol, seed, features)
 
 
-def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: float, seed: int) -> dict:
+def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: float, seed: int,
+            features: str = "embedding") -> dict:
     import onnx
 
     from facetool.models.onnx_model import OnnxModel
 
     config = dict(getattr(model, "config", {}))
-    size = int(getattr(model, "input_size", config.get("input_size", 112)))
+    size = int(input_size_of(model) or 112)
+    output = "logits" if features == "logits" else "embedding"
     out = Path(out)
     if out.suffix.lower() != ".onnx":
         raise FacetoolError(f"--out must end in .onnx, got {out}")
@@ -72,18 +85,20 @@ def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: floa
         ref = model(probe).float()
     if ref.dim() != 2:
         raise FacetoolError(f"model output has shape {tuple(ref.shape)}; only (B, D) outputs can be exported")
-    axes = {"input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
+    axes = {"input": {0: "batch"}, output: {0: "batch"}} if dynamic_batch else None
     with atomic_path(out) as tmp:
         tmp_onnx = tmp.with_name(tmp.name + ".onnx")
         try:
             with warnings.catch_warnings(), torch.no_grad():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (probe[:1],), str(tmp_onnx), dynamo=False, opset_version=opset,
-                                  input_names=["input"], output_names=["embedding"], dynamic_axes=axes,
+                                  input_names=["input"], output_names=[output], dynamic_axes=axes,
                                   do_constant_folding=True)
             proto = onnx.load(str(tmp_onnx))
             meta = proto.metadata_props.add()
             meta.key, meta.value = "facetool_config", json.dumps(config, default=str)
+            meta = proto.metadata_props.add()
+            meta.key, meta.value = "facetool_output", output
             onnx.save(proto, str(tmp))
         except FacetoolError:
             raise
@@ -100,8 +115,10 @@ def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: floa
             raise FacetoolError(f"ONNX embeddings differ from PyTorch by {diff:.2e} > {atol:g}; not written")
     report = {
         "source": source, "onnx": str(out), "opset": opset, "dynamic_batch": dynamic_batch,
-        "input_size": size, "embedding_size": int(ref.shape[1]), "max_abs_diff_normalised": diff, "max_rel_diff_raw": rel,
-        "insightface_recognition": insightface_compatible(size), "config": config,
+        "input_size": size, "output": output, "features": features, "output_size": int(ref.shape[1]),
+        "embedding_size": int(ref.shape[1]) if output == "embedding" else None,
+        "max_abs_diff_normalised": diff, "max_rel_diff_raw": rel,
+        "insightface_recognition": output == "embedding" and insightface_compatible(size), "config": config,
     }
     write_json(out.with_suffix(".json"), report)
     return report

@@ -138,8 +138,14 @@ def test_aig_export_keeps_per_sample_gate_decisions(tmp_path):
         _, internals = m(x, return_internals=True)
     g = internals["gates"]
     assert ((g.sum(0) > 0) & (g.sum(0) < len(x))).any(), "test needs a block with mixed decisions"
-    report = export_onnx(m, tmp_path / "aig.onnx", dynamic_batch=True)
-    assert report["max_abs_diff_normalised"] < 1e-4
+    with pytest.raises(FacetoolError, match="is a classifier.*--features penultimate"):
+        export_onnx(m, tmp_path / "refused.onnx")  # class logits are never written as `embedding`
+    assert not (tmp_path / "refused.onnx").exists()
+    report = export_onnx(m, tmp_path / "aig.onnx", dynamic_batch=True, features="logits")
+    assert report["max_abs_diff_normalised"] < 1e-4 and report["output"] == "logits"
+    assert not report["insightface_recognition"]
     assert all(b.skip for b in gated_blocks(m))
-    got = OnnxModel(tmp_path / "aig.onnx", providers=["CPUExecutionProvider"])(x)
+    onnx_model = OnnxModel(tmp_path / "aig.onnx", providers=["CPUExecutionProvider"])
+    assert onnx_model.task == "classification"  # no embedding command takes it for an embedder
+    got = onnx_model(x)
     torch.testing.assert_close(got, m(x), atol=1e-4, rtol=1e-4)

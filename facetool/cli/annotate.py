@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from facetool.cli.common import console, dict_table, guarded, records_table
+from facetool.cli.common import arch_option, console, dict_table, guarded, records_table
 from facetool.errors import FacetoolError
 
 
@@ -26,6 +26,7 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1),
         in_place: bool = typer.Option(False, "--in-place", help="Modify the store in place instead of copy+rename (huge stores)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON."),
+        arch: Optional[str] = arch_option(of="--from-model"),
     ) -> None:
         """Add attributes (gender, skin, eye_colour, facial_hair, race, age) to a face store.
 
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
                 raise FacetoolError("--from-model needs --feature (e.g. --feature gender)")
             with console.status(f"running {from_model.name} over {store.name}"):
                 res = estimate_from_model(store, from_model, feature, as_name=as_name, batch_size=batch_size,
-                                          in_place=in_place)
+                                          in_place=in_place, arch=arch)
             rows = [(f"{res['attribute']} = {v}", n) for v, n in res["counts"].items()]
             for k in ("ground_truth_images", "accuracy", "accuracy_train", "accuracy_test"):
                 if k in res:
@@ -51,6 +52,8 @@ def register(app: typer.Typer) -> None:
             if "accuracy" not in res:
                 console.print(f"[dim]no ground truth for {res['feature']} in the store: accuracy not computed[/]")
         else:
+            if arch is not None:
+                raise FacetoolError("--arch applies to --from-model only")
             if not csv:
                 raise FacetoolError("give annotation CSV files, or --from-model MODEL --feature NAME")
             res = annotate_store(store, csv, extend_vocab=extend_vocab, replace=replace, in_place=in_place)

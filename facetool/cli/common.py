@@ -71,3 +71,19 @@ def records_table(title: str, records: list[dict[str, Any]], columns: list[str] 
         t.add_row(*[(f"{r.get(c):.4g}" if isinstance(r.get(c), float) else str(r.get(c, ""))) for c in cols])
     return t
 
+
+
+def arch_option(flag: str = "--arch", of: str = "--model") -> Any:
+    """``--arch NAME``: the architecture of a model file that does not record one."""
+    return typer.Option(None, flag, metavar="NAME",
+                        help=f"Architecture of {of} when the file does not record one (a bare state_dict no known "
+                             "layout matches), e.g. iresnet50; the error lists the names.")
+
+
+def features_option(choices: tuple[str, ...] = ("embedding", "penultimate"), flag: str = "--features",
+                    of: str = "--model") -> Any:
+    """``--features``: which output of the model an embedding command uses (classifiers need it)."""
+    return typer.Option("embedding", flag, metavar="|".join(choices),
+                        help=f"Output of {of} to use: embedding (refuses a classifier); penultimate (a classifier's "
+                             "pooled penultimate feature)" + ("; logits (a classifier's class logits)"
+                                                              if "logits" in choices else "") + ".")

@@ -23,6 +23,9 @@ def register(group: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1),
         workers: int = typer.Option(0, "--workers", min=0),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+        arch: Optional[list[str]] = typer.Option(None, "--arch", metavar="NAME",
+                                                 help="Architecture of each --model file that does not record one "
+                                                      "(once per --model, same order), e.g. resnet18."),
     ) -> None:
         """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
 
@@ -39,7 +42,7 @@ def register(group: typer.Typer) -> None:
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("evaluating", total=n * len(model))
             rows = compare_classifiers(model, store, split, batch_size, workers=workers,
-                                       on_batch=lambda k: prog.advance(task, k))
+                                       on_batch=lambda k: prog.advance(task, k), archs=arch or None)
         table_rows = []
         for r in rows:
             ck = Path(r["checkpoint"])  # runs/<run>/model.pt -> "<run>"; other files by their stem

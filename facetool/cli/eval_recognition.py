@@ -8,32 +8,38 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from facetool.cli.common import console, dict_table, err_console, guarded, records_table
+from facetool.cli.common import arch_option, console, dict_table, err_console, features_option, guarded, records_table
 
 if TYPE_CHECKING:  # numpy only in annotations here; imported by the commands (fast --help)
     import numpy as np
 
-_DEVICE = typer.Option("auto", help="cpu, cuda, cuda:1 ... (auto: cuda when available).")
+_DEVICE = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N or mps.")
 _WORKERS = typer.Option(-1, help="DataLoader workers decoding and aligning images (-1: up to 4).")
 
 
 def _device(device: str) -> str:
-    if device != "auto":
-        return device
-    import torch
+    from facetool.devices import resolve_device
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    return resolve_device(device)
 
 
 def _workers(workers: int) -> int:
     return min(4, os.cpu_count() or 1) if workers < 0 else workers
 
 
-def _load(model: Path) -> Any:
+def _load(model: Path, arch: Optional[str], features: str) -> Any:
     from facetool.errors import require_file
     from facetool.models import load_model
+    from facetool.models.features import EMBEDDING_FEATURES, select_features
 
-    return load_model(require_file(model, "model"))
+    return select_features(load_model(require_file(model, "model"), name=arch), features, allowed=EMBEDDING_FEATURES)
+
+
+def _input_note(res: dict) -> str:
+    """The line saying at which size the model saw the faces."""
+    if res["input_size"] == res["crop_size"]:
+        return f"model input {res['input_size']} px (the aligned crops as they are)"
+    return f"model input {res['input_size']} px: the aligned {res['crop_size']}-px crops were resized to it"
 
 
 class _Progress:
@@ -98,15 +104,18 @@ def _ijb(prefix: str):
         one_to_n: bool = typer.Option(False, "--one-to-n", help="Also run 1:N search (NIST gallery/probe CSVs)."),
         device: str = _DEVICE,
         workers: int = _WORKERS,
+        arch: Optional[str] = arch_option(),
+        features: str = features_option(),
     ) -> None:
         from facetool.eval.ijb import evaluate_ijb
         from facetool.io import write_json
 
-        m = _load(model)
+        dev = _device(device)
+        m = _load(model, arch, features)
         out_dir = out or Path("eval") / prefix
         with _Progress(f"{prefix} features") as prog:
             res = evaluate_ijb(m, root, prefix=prefix, model_path=model, batch_size=batch_size, norm=not no_norm,
-                               det_score=not no_det_score, flip=not no_flip, device=_device(device),
+                               det_score=not no_det_score, flip=not no_flip, device=dev,
                                workers=_workers(workers), cache=cache, one_to_n=one_to_n, progress=prog)
         fpr, tpr = res.pop("roc")
         res["model"] = str(model)
@@ -124,6 +133,7 @@ def _ijb(prefix: str):
             metrics = [k for k in one["G1"] if k not in ("probes", "mated_probes")]
             console.print(records_table(f"{title} 1:N mixed-media search (%)", [
                 {"metric": k, **{g: 100 * one[g][k] for g in one}} for k in metrics]))
+        console.print(_input_note(res))
         console.print(f"extracted {res['images_extracted']} of {res['images']} images"
                       f"{' (cache ' + str(cache) + ')' if cache else ''}; wrote {js} and {png}")
 
@@ -142,6 +152,8 @@ def _verification(name: str):
         out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{name})."),
         device: str = _DEVICE,
         workers: int = _WORKERS,
+        arch: Optional[str] = arch_option(),
+        features: str = features_option(),
     ) -> None:
         from facetool.errors import FacetoolError
         from facetool.eval import verification as V
@@ -150,8 +162,8 @@ def _verification(name: str):
 
         if (bin is None) == (pairs is None) or (pairs is not None and images is None):
             raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
-        m = _load(model)
         dev, nw = _device(device), _workers(workers)
+        m = _load(model, arch, features)
         with console.status(f"{name}: extracting embeddings"):
             if bin is not None:
                 res = V.verify_bin(m, bin, batch_size, dev, nw)
@@ -170,6 +182,7 @@ def _verification(name: str):
             ("accuracy at best threshold (%)", f"{100 * res['best_threshold_accuracy']:.2f}"),
             ("XNorm", f"{res['xnorm']:.3f}"),
         ], "metric"))
+        console.print(_input_note(res))
         console.print(f"wrote {js} and {png}")
 
     cmd.__doc__ = f"{name} verification accuracy (arcface_torch 10-fold protocol) from a .bin or pairs.txt."

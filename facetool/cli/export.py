@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from facetool.cli.common import console, dict_table, guarded
+from facetool.cli.common import arch_option, console, dict_table, features_option, guarded
 
 
 def register(app: typer.Typer) -> None:
@@ -18,16 +19,20 @@ def register(app: typer.Typer) -> None:
         opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Variable batch size (default: batch 1)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
+        arch: Optional[str] = arch_option(),
+        features: str = features_option(("embedding", "penultimate", "logits")),
     ) -> None:
         """Export a model to ONNX and verify it against PyTorch with ONNX Runtime."""
         from facetool.export import export_onnx
         from facetool.io import check_output
 
         check_output(out, overwrite)
-        report = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch)
-        rows = {k: report[k] for k in ("onnx", "opset", "dynamic_batch", "input_size", "embedding_size",
+        report = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, features=features, arch=arch)
+        rows = {k: report[k] for k in ("onnx", "opset", "dynamic_batch", "input_size", "output", "output_size",
                                        "max_abs_diff_normalised", "insightface_recognition")}
         console.print(dict_table("ONNX export", rows))
-        if not report["insightface_recognition"]:
+        if report["output"] == "logits":
+            console.print("note: the output is the class logits (named 'logits'), not a face embedding")
+        elif not report["insightface_recognition"]:
             console.print("[yellow]note:[/] insightface routes only square inputs >= 112 px (multiple of 16) "
                           "to recognition")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import typer
 
-from facetool.cli.common import console, dict_table, guarded
+from facetool.cli.common import arch_option, console, dict_table, guarded
 from facetool.errors import require_file
 
 
@@ -17,6 +18,7 @@ def register(app: typer.Typer) -> None:
     def info(
         path: Path = typer.Argument(..., help="A face store (.h5), a checkpoint (.pt/.pth) or an ONNX model."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+        arch: Optional[str] = arch_option(of="PATH"),
     ) -> None:
         """Show what a face store or a model file holds."""
         require_file(path)
@@ -35,7 +37,7 @@ def register(app: typer.Typer) -> None:
             return
         from facetool.models import load_model
 
-        model = load_model(path)
+        model = load_model(path, name=arch)
         n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
         rows = {"model": getattr(model, "name", type(model).__name__), "task": getattr(model, "task", "?"),
                 "parameters (M)": round(n_params / 1e6, 3),

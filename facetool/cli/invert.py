@@ -7,7 +7,7 @@ from pathlib import Path
 
 import typer
 
-from facetool.cli.common import console, dict_table, err_console, guarded
+from facetool.cli.common import arch_option, console, dict_table, err_console, features_option, guarded
 
 
 def register(app: typer.Typer) -> None:
@@ -39,6 +39,10 @@ def invert_cmd(
     seed: int = typer.Option(0, "--seed"),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run in OUT."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace existing outputs in OUT."),
+    arch: str = arch_option(),
+    features: str = features_option(("embedding", "penultimate", "logits")),
+    judge_arch: str = arch_option("--judge-arch", of="--judge"),
+    judge_features: str = features_option(flag="--judge-features", of="--judge"),
 ) -> None:
     """Invert faces: optimise images whose embeddings match the targets, then score them."""
     import torch
@@ -59,7 +63,9 @@ def invert_cmd(
     cfg = inv.InversionConfig(iterations=iterations, lr=lr, batch=batch, id_loss=id_loss,
                               w_bn=0.0 if no_bn_prior else bn_weight, w_tv_l2=tv_l2, w_tv_l1=tv_l1, w_l2=l2,
                               multires=multires, seed=seed)
-    net = load_model(model)
+    from facetool.models.features import EMBEDDING_FEATURES, select_features
+
+    net = select_features(load_model(model, name=arch), features)
     size = int(getattr(net, "config", {}).get("input_size", 112))
     cfg.size = size
     data = inv.load_inputs(images, embeddings, split=None if split == "all" else split, limit=limit, size=size)
@@ -67,7 +73,10 @@ def invert_cmd(
         raise FacetoolError("--pairs needs --images STORE.h5 (real images of the same identities)")
     real = normalize(data.images) if data.images is not None else None
     targets = torch.from_numpy(data.embeddings) if data.embeddings is not None else inv.embed(net, real)
-    judge_net = load_model(judge) if judge is not None else None
+    judge_net = None
+    if judge is not None:
+        judge_net = select_features(load_model(judge, name=judge_arch, option="--judge-arch"), judge_features,
+                                    option="--judge-features", allowed=EMBEDDING_FEATURES)
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -96,7 +105,7 @@ def invert_cmd(
         data.images[keep] if data.images is not None else None, None, data.labels[keep], data.identities,
         data.sources[keep], data.split[keep], data.store, data.rows[keep] if data.rows is not None else None)
     metrics = inv.evaluate_inversion(res, done, net, judge_net, pairs and diverged is None, seed)
-    metrics |= {"model": str(model), "judge": str(judge) if judge else None, "seconds": round(seconds, 2),
+    metrics |= {"model": str(model), "features": features, "judge": str(judge) if judge else None, "seconds": round(seconds, 2),
                 "config": {k: v for k, v in vars(cfg).items()}, "final_loss": {k: v[-1] for k, v in res.history.items() if v}}
     if diverged is not None:
         metrics["diverged"] = str(diverged)

@@ -40,6 +40,8 @@ class Predictions:
 
 
 def model_input_size(model: torch.nn.Module, store_size: int) -> int:
+    """The input size recorded in the model's config, else the store's (a ResNet takes any size >= 32;
+    an embedding protocol uses :func:`facetool.models.features.input_size_of` instead)."""
     return int(getattr(model, "config", {}).get("input_size") or store_size)
 
 
@@ -76,7 +78,9 @@ def predict(
     ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices)
     if not len(ds):
         raise FacetoolError(f"split {split!r} of {store} has no images")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from facetool.devices import resolve_device
+
+    dev = torch.device(resolve_device(device))
     model.eval().to(dev)
     idx, labels, tops, gates = [], [], [], []
     for batch in make_loader(ds, batch_size, workers=workers):
@@ -146,14 +150,21 @@ def compare_classifiers(
     workers: int = 0,
     device: str | None = None,
     on_batch: Callable[[int], None] | None = None,
+    archs: Sequence[str | None] | None = None,
 ) -> list[dict]:
-    """One :func:`evaluate_classifier` row per checkpoint (Table II: models side by side)."""
+    """One :func:`evaluate_classifier` row per checkpoint (Table II: models side by side).
+
+    ``archs``: the architecture of each file that does not record one (one per model, in order)."""
     from facetool.models import load_model
 
     if not model_paths:
         raise FacetoolError("give at least one --model")
+    archs = list(archs or [None] * len(model_paths))
+    if len(archs) != len(model_paths):
+        raise FacetoolError(f"give --arch once per --model, in the same order ({len(model_paths)} models, "
+                            f"{len(archs)} --arch), or not at all")
     FaceStore(store).close()
-    models = [(Path(p), load_model(p)) for p in model_paths]  # fail on a bad checkpoint before any work
+    models = [(Path(p), load_model(p, name=a)) for p, a in zip(model_paths, archs)]  # fail before any work
     rows = []
     for p, m in models:
         r = evaluate_classifier(m, store, split, batch_size, workers=workers, device=device, on_batch=on_batch)

@@ -4,7 +4,9 @@
 alignment happen in DataLoader workers) and returns the features of the crops and, separately, of their
 horizontal flips; the protocols combine them. :class:`FeatureCache` stores these raw features under a
 key made of the model file's hash, the dataset (root + file list + landmarks) hash and the
-preprocessing, so a second evaluation with other aggregation switches skips extraction. Extraction
+preprocessing, so a second evaluation with other aggregation switches skips extraction. Every model gets
+the aligned crops at its own input size (:func:`facetool.models.features.input_size_of`; the 112-px
+crops are resized, antialiased), and a classifier is refused (its logits are no embedding). Extraction
 writes into ``<cache>.partial`` in chunks and resumes from there after an interruption; a finished
 entry is moved into the cache file atomically.
 """
@@ -23,11 +25,30 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
 from facetool.io import atomic_path, partial_path, sha256_file
+from facetool.models.features import input_size_of, model_label, require_embedder
 
 #: the preprocessing every protocol here uses; part of the cache key
 PREPROCESSING = "rgb112-(x-127.5)/127.5"
+#: the side of the aligned crops every protocol here makes (insightface's 112 x 112)
+CROP_SIZE = 112
+
+
+def preprocessing(input_size: int | None, crop_size: int = CROP_SIZE) -> str:
+    """The preprocessing string of the cache key for a model taking ``input_size`` px."""
+    if input_size is None or input_size == crop_size:
+        return PREPROCESSING
+    return f"{PREPROCESSING}-resized{int(input_size)}"
+
+
+def resize_to(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(B, 3, H, W) normalised crops at ``size`` x ``size`` (bilinear, antialiased; as is if already)."""
+    if size is None or (x.shape[-1] == size and x.shape[-2] == size):
+        return x
+    return torch.nn.functional.interpolate(x.float(), size=(size, size), mode="bilinear", align_corners=False,
+                                           antialias=True)
 
 
 class ImageFiles(Dataset):
@@ -107,11 +128,30 @@ class ImageArray(Dataset):
 def _model_call(model: Any, device: str) -> Callable[[torch.Tensor], np.ndarray]:
     if isinstance(model, torch.nn.Module):
         model.to(device)
+    size = input_size_of(model)
+    checked = False
 
     def call(x: torch.Tensor) -> np.ndarray:
-        out = model(x.to(device, non_blocking=True))
+        nonlocal checked
+        x = resize_to(x.to(device, non_blocking=True), size)
+        if checked:
+            out = model(x)
+        else:  # the first batch says whether this model takes these crops at all: one clear line if not
+            try:
+                out = model(x)
+            except (RuntimeError, ValueError) as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                own = "unknown" if size is None else size
+                raise FacetoolError(f"{model_label(model)} cannot embed {x.shape[-1]}x{x.shape[-2]} face crops "
+                                    f"(its input size is {own}): {first[:200]}") from None
         out = out[0] if isinstance(out, (tuple, list)) else out
-        return torch.as_tensor(out).float().cpu().numpy()
+        out = torch.as_tensor(out)
+        if not checked:
+            if out.dim() != 2:
+                raise FacetoolError(f"{model_label(model)} outputs shape {tuple(out.shape)}, "
+                                    "not (batch, dim) embeddings")
+            checked = True
+        return out.float().cpu().numpy()
 
     return call
 
@@ -129,11 +169,15 @@ def extract(
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Features of ``images[start:]`` (a dataset of uint8 (H, W, 3) RGB crops) and of their flips.
 
-    Returns ``(features, flip_features or None)`` as float32 (N, D) arrays, or, with ``on_batch``,
+    The crops are resized to the model's input size (:func:`input_size_of`) after normalisation; a
+    classifier is refused (select its pooled feature with :func:`facetool.models.features.select_features`).
+    ``device`` is checked first (:func:`facetool.devices.resolve_device`). Returns ``(features, flip_features or None)`` as float32 (N, D) arrays, or, with ``on_batch``,
     streams ``on_batch(row, feats, flip_feats)`` per batch and returns None (bounded memory).
     """
     from facetool.data.transforms import normalize
 
+    require_embedder(model)
+    device = resolve_device(device)
     call = _model_call(model, device)
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
@@ -174,10 +218,12 @@ def extract(
 
 
 def model_fingerprint(model: Any, path: str | Path | None = None) -> str:
-    """The model's identity for the cache: its file's sha256, else a hash of its weights."""
+    """The model's identity for the cache: its file's sha256 (+ the selected output, e.g.
+    ``:penultimate``), else a hash of its config and weights."""
     path = path if path is not None else getattr(model, "path", None)  # e.g. an OnnxModel
     if path is not None and Path(path).is_file():
-        return sha256_file(path)
+        features = getattr(model, "config", {}).get("features")
+        return sha256_file(path) + (f":{features}" if features else "")
     h = hashlib.sha256(repr(getattr(model, "config", type(model).__name__)).encode())
     if isinstance(model, torch.nn.Module):
         for k, v in model.state_dict().items():

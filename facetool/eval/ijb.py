@@ -26,7 +26,17 @@ import torch
 
 from facetool.errors import FacetoolError
 from facetool.eval import roc as roc_mod
-from facetool.eval.embed import FeatureCache, ImageFiles, cache_key, dataset_fingerprint, extract, model_fingerprint
+from facetool.eval.embed import (
+    CROP_SIZE,
+    FeatureCache,
+    ImageFiles,
+    cache_key,
+    dataset_fingerprint,
+    extract,
+    model_fingerprint,
+    preprocessing,
+)
+from facetool.models.features import input_size_of, require_embedder
 
 PREFIXES = ("ijbc", "ijbb")
 
@@ -318,14 +328,17 @@ def evaluate_ijb(
 ) -> dict[str, Any]:
     """Run the IJB 1:1 (and optionally 1:N) protocol. ``progress(done, total)`` reports extraction.
 
-    Returns the results dict; ``"roc"`` holds the (fpr, tpr) arrays (not JSON)."""
+    The model gets the aligned 112-px crops resized to its own input size (``input_size`` in the
+    results). Returns the results dict; ``"roc"`` holds the (fpr, tpr) arrays (not JSON)."""
+    require_embedder(model)
     meta = read_meta(root, prefix)
-    images = ImageFiles([str(meta.image_dir / n) for n in meta.files], meta.landmarks)
+    images = ImageFiles([str(meta.image_dir / n) for n in meta.files], meta.landmarks, size=CROP_SIZE)
     n = len(images)
+    size = input_size_of(model)
     report = (lambda d: progress(d, n)) if progress else None
     if cache is not None:
         key = cache_key(model_fingerprint(model, model_path),
-                        dataset_fingerprint(meta.root, meta.files, meta.landmarks))
+                        dataset_fingerprint(meta.root, meta.files, meta.landmarks), preprocessing(size))
         feats, flips, extracted = FeatureCache(cache).extract(key, model, images, flip=flip, batch_size=batch_size,
                                                               device=device, workers=workers, progress=report)
     else:
@@ -344,6 +357,8 @@ def evaluate_ijb(
         "pairs": int(len(meta.pairs)),
         "genuine_pairs": int(meta.labels.sum()),
         "switches": {"norm": norm, "det_score": det_score, "flip": flip},
+        "crop_size": CROP_SIZE,
+        "input_size": size or CROP_SIZE,
         "images_extracted": int(extracted),
         "cache": str(cache) if cache else None,
         "tar_at_far": res["tar_at_far"],

@@ -17,6 +17,7 @@ from torch.utils.data import Dataset
 from facetool.errors import FacetoolError
 from facetool.eval import BIN_SETS  # noqa: F401  (defined beside the package, re-exported here)
 from facetool.eval.embed import ImageFiles, extract
+from facetool.models.features import input_size_of, require_embedder
 from facetool.io import restricted_loads
 
 THRESHOLDS = np.arange(0, 4, 0.01)
@@ -141,11 +142,14 @@ def embeddings(model: Any, images: Dataset, batch_size: int = 128, device: str =
 
 def evaluate_pairs(model: Any, images: Dataset, issame: np.ndarray, *, folds: int = 10, batch_size: int = 128,
                    device: str = "cpu", workers: int = 0) -> dict[str, Any]:
-    """Verification accuracy of ``model`` on image pairs (images 2i, 2i+1 form pair i)."""
+    """Verification accuracy of ``model`` on image pairs (images 2i, 2i+1 form pair i); the crops are
+    resized to the model's own input size (``input_size`` in the results)."""
     emb, xnorm = embeddings(model, images, batch_size, device, workers)
     dist = ((emb[0::2] - emb[1::2]) ** 2).sum(1)
     res = kfold_accuracy(dist, issame, folds)
-    res.update(pairs=int(len(issame)), genuine_pairs=int(issame.sum()), xnorm=xnorm)
+    crop = int(getattr(images, "size", 112))
+    res.update(pairs=int(len(issame)), genuine_pairs=int(issame.sum()), xnorm=xnorm, crop_size=crop,
+               input_size=input_size_of(model) or crop)
     res.update(distances=dist, issame=np.asarray(issame, bool))  # arrays, for plots; not JSON
     return res
 
@@ -153,6 +157,7 @@ def evaluate_pairs(model: Any, images: Dataset, issame: np.ndarray, *, folds: in
 def verify_bin(model: Any, bin_path: str | Path, batch_size: int = 128, device: str | None = None,
                workers: int = 0) -> dict[str, Any]:
     """Accuracy (mean, std over 10 folds), best threshold and XNorm of ``model`` on a ``.bin`` pack."""
+    require_embedder(model)
     images, issame = load_bin(bin_path)
     device = device or _default_device(model)
     res = evaluate_pairs(model, images, issame, batch_size=batch_size, device=device, workers=workers)
@@ -163,6 +168,7 @@ def verify_bin(model: Any, bin_path: str | Path, batch_size: int = 128, device: 
 def verify_pairs(model: Any, pairs: str | Path, images: str | Path, *, aligned: bool = False, batch_size: int = 128,
                  device: str | None = None, workers: int = 0) -> dict[str, Any]:
     """LFW ``pairs.txt`` protocol; images are detected and aligned unless ``aligned``."""
+    require_embedder(model)
     files, issame, folds = read_pairs(pairs, images)
     ds = ImageFiles(files, detect=not aligned)
     device = device or _default_device(model)

@@ -112,26 +112,12 @@ class ArcFaceMethod(Method):
                 "num_classes": self.num_classes}
 
 
-class _Resized(nn.Module):
-    """Feeds 112-px verification crops to a model trained at another input size."""
-
-    def __init__(self, model: nn.Module, size: int) -> None:
-        super().__init__()
-        self.model, self.size = model, size
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True)
-        return self.model(x)
-
-
 def _verify_bin(model: nn.Module, path: Path, pack, batch_size: int, device: torch.device) -> dict[str, float]:
     """arcface_torch's 10-fold verification accuracy on a ``.bin`` pack (facetool.eval.verification)."""
     from facetool.eval.verification import evaluate_pairs
 
-    images, issame = pack
-    size = int(getattr(model, "config", {}).get("input_size") or 112)
-    net = model if size == 112 else _Resized(model, size)
-    res = evaluate_pairs(net, images, issame, batch_size=batch_size, device=str(device))
+    images, issame = pack  # 112-px crops; evaluate_pairs resizes them to the model's own input size
+    res = evaluate_pairs(model, images, issame, batch_size=batch_size, device=str(device))
     model.eval()
     return {f"{path.stem}_acc": float(res["accuracy"]), f"{path.stem}_acc_std": float(res["std"])}
 

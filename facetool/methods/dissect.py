@@ -187,10 +187,12 @@ def dissect_gates(
     identities: int = 8,
     per_identity: int = 4,
     device: str | None = None,
+    arch: str | None = None,
 ) -> dict:
     """Run a gated model over ``split`` of ``store`` and write to ``out``: per attribute a heatmap
     PNG + CSV of gate execution fractions, ``easy_hard.png``, ``gate_stats.csv/json`` and
     ``active_gates.png`` (correct vs wrong), and ``curves.png/csv`` from ``run``'s metrics.csv.
+    ``arch`` names the architecture of a bare state_dict no matcher recognises.
     Returns the summary that is also written to ``out/summary.json``."""
     from facetool.eval.classification import predict
     from facetool.models import load_model
@@ -204,7 +206,7 @@ def dissect_gates(
             raise FacetoolError(f"store {Path(store).name} has no attribute {', '.join(map(repr, missing))} "
                                 f"(has: {', '.join(have) or 'none'}); add it with `facetool annotate`")
     curves = training_curves(run) if run is not None else None  # fail early on a bad run folder
-    model = load_model(model_path)
+    model = load_model(model_path, name=arch)
     pred = predict(model, store, split, batch_size, device=device)
     if pred.gates is None:
         raise FacetoolError(f"model {model_path} has no gates; dissect gates needs an AIG/IIG model")

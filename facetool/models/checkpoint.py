@@ -4,25 +4,25 @@
      "meta": {...}}   # meta: JSON-able (training store, metrics, attribute masks, ...)
 
 They load with ``torch.load(weights_only=True)`` in anyone's code. ``load_model`` also accepts
-bare state_dicts of other projects (architecture inferred by the matchers registered in
-:data:`STATE_DICT_MATCHERS`) and ONNX files.
+bare state_dicts of other projects (architecture inferred by the matchers in the registry,
+:func:`facetool.models.registry.match_state_dict`, or named by the caller: ``--arch``) and ONNX files.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
 from facetool.errors import FacetoolError
 from facetool.io import torch_load, torch_save
-from facetool.models.registry import create_model
+from facetool.models.registry import STATE_DICT_MATCHERS, create_model, list_models, match_state_dict
 
 FORMAT = "facetool-checkpoint"
 
-#: functions ``state_dict -> (model_name, kwargs) | None`` that recognise foreign checkpoints
-STATE_DICT_MATCHERS: list[Callable[[dict], tuple[str, dict] | None]] = []
+__all__ = ["FORMAT", "STATE_DICT_MATCHERS", "load_model", "load_state_dict_checked", "read_checkpoint",
+           "save_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
@@ -66,30 +66,36 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
     raise FacetoolError(f"{path} is neither a facetool checkpoint nor a state_dict")
 
 
-def load_model(path: str | Path, *, name: str | None = None, **kwargs: Any):
+def load_model(path: str | Path, *, name: str | None = None, option: str = "--arch", **kwargs: Any):
     """Load a model from a facetool checkpoint, a foreign state_dict or (for embedding models)
-    an ONNX file. Returns the model in eval mode; ``model.meta`` holds the checkpoint's meta."""
+    an ONNX file. Returns the model in eval mode; ``model.meta`` holds the checkpoint's meta.
+
+    ``name`` is the architecture (a registered model name) of a file that does not record one: a bare
+    state_dict no matcher recognises. For a facetool checkpoint it must agree with the recorded one.
+    ``kwargs`` override the recorded / inferred constructor arguments. ``option`` is the command-line
+    option that sets ``name``, for the error messages."""
     p = Path(path)
     if p.suffix.lower() == ".onnx":
-        from facetool.models.onnx_model import OnnxModel  # registered by the recognition module
+        if name is not None:
+            raise FacetoolError(f"{p} is an ONNX model; {option} applies only to PyTorch state_dicts")
+        from facetool.models.onnx_model import OnnxModel
 
         return OnnxModel(p)
     ck = read_checkpoint(p)
-    if ck["config"] is not None and name is None:
+    if ck["config"] is not None:
         cfg = dict(ck["config"])
         mname = cfg.pop("name")
+        if name is not None and name != mname:
+            raise FacetoolError(f"{p} is a facetool checkpoint of {mname}; {option} {name} contradicts it "
+                                f"(leave {option} out)")
         cfg.update(kwargs)
     else:
-        if name is None:
-            for matcher in STATE_DICT_MATCHERS:
-                found = matcher(ck["state_dict"])
-                if found:
-                    name, inferred = found
-                    kwargs = {**inferred, **kwargs}
-                    break
-            else:
-                raise FacetoolError(f"cannot tell the architecture of {p}; pass the model name explicitly")
-        mname, cfg = name, kwargs
+        found = match_state_dict(ck["state_dict"], name)
+        if found is None and name is None:
+            raise FacetoolError(f"cannot tell the architecture of {p}: not a facetool checkpoint and no known "
+                                f"state_dict layout matches; pass {option} NAME, one of: {', '.join(list_models())}")
+        mname, inferred = found if found is not None else (name, {})
+        cfg = {**inferred, **kwargs}
     model = create_model(mname, **cfg)
     load_state_dict_checked(model, ck["state_dict"], str(p))
     model.meta = ck.get("meta") or {}

@@ -20,8 +20,7 @@ from torch import nn
 
 from facetool.errors import FacetoolError
 from facetool.models.base import FaceModel
-from facetool.models.checkpoint import STATE_DICT_MATCHERS
-from facetool.models.registry import register_model
+from facetool.models.registry import register_model, register_state_dict_matcher
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
 BN_EPS = 1e-5
@@ -130,6 +129,7 @@ for _d in LAYERS:
 _BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
 
 
+@register_state_dict_matcher
 def match_iresnet(sd: dict) -> tuple[str, dict] | None:
     """Recognise a bare IR-ResNet state_dict (arcface_torch ``backbone.pth``): depth, width,
     embedding size and input size from the keys and shapes."""
@@ -151,5 +151,3 @@ def match_iresnet(sd: dict) -> tuple[str, dict] | None:
         kwargs["width"] = width
     return f"iresnet{depth}", kwargs
 
-
-STATE_DICT_MATCHERS.append(match_iresnet)

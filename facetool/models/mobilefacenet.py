@@ -15,8 +15,7 @@ from torch import nn
 
 from facetool.errors import FacetoolError
 from facetool.models.base import FaceModel
-from facetool.models.checkpoint import STATE_DICT_MATCHERS
-from facetool.models.registry import register_model
+from facetool.models.registry import register_model, register_state_dict_matcher
 
 #: (out channels, blocks, first stride, expansion channels of the first block, of the others)
 STAGES = ((64, 5, 2, 128, 128), (128, 7, 2, 256, 256), (128, 3, 2, 512, 256))
@@ -99,6 +98,7 @@ def mobilefacenet(embedding_size: int = 512, input_size: int = 112, dropout: flo
     return MobileFaceNet(embedding_size, input_size, dropout)
 
 
+@register_state_dict_matcher
 def match_mobilefacenet(sd: dict) -> tuple[str, dict] | None:
     """Recognise a bare facetool MobileFaceNet state_dict."""
     if not all(k in sd for k in ("conv2_dw.0.weight", "gdc.0.weight", "linear.weight")):
@@ -106,5 +106,3 @@ def match_mobilefacenet(sd: dict) -> tuple[str, dict] | None:
     side = int(sd["gdc.0.weight"].shape[-1])
     return "mobilefacenet", {"embedding_size": int(sd["linear.weight"].shape[0]), "input_size": side * 16}
 
-
-STATE_DICT_MATCHERS.append(match_mobilefacenet)

@@ -24,7 +24,8 @@ def _providers() -> list[str]:
 
 
 class OnnxModel:
-    """An ONNX Runtime embedder with the facetool model call contract (``task = "embedding"``)."""
+    """An ONNX Runtime embedder with the facetool model call contract (``task = "embedding"``;
+    ``"classification"`` for a classifier facetool exported with its ``logits`` output)."""
 
     task = "embedding"
 
@@ -59,6 +60,9 @@ class OnnxModel:
         self.fixed_batch = shape[0] if isinstance(shape[0], int) else None
         emb = outputs[0].shape[1]
         self.embedding_size = emb if isinstance(emb, int) else int(self(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
+        meta = self.session.get_modelmeta().custom_metadata_map or {}
+        if meta.get("facetool_output") == "logits" or outputs[0].name == "logits":
+            self.task = "classification"  # a facetool-exported classifier: its output is no embedding
         self.config = {"name": "onnx", "path": str(self.path)}
         self.meta: dict = {}
 

@@ -1,7 +1,10 @@
-"""timm-style model registry: ``@register_model`` on a factory, ``create_model(name, **kw)``.
+"""timm-style model registry: ``@register_model`` on a factory, ``create_model(name, **kw)``, and the
+state_dict matchers that recognise bare checkpoints of other projects (``@register_state_dict_matcher``).
 
-Every module in ``facetool.models`` is imported on first use, so an architecture file only has to
-decorate its factories to appear here.
+Every module in ``facetool.models`` is imported before any lookup (:func:`create_model`,
+:func:`list_models`, :func:`match_state_dict`), so an architecture file only has to decorate its
+factories and matchers to appear here, and what a lookup finds never depends on what the caller
+happened to import first.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from typing import Any, Callable
 from facetool.errors import FacetoolError
 
 _REGISTRY: dict[str, Callable[..., Any]] = {}
+#: functions ``state_dict -> (model_name, kwargs) | None`` recognising bare foreign state_dicts
+STATE_DICT_MATCHERS: list[Callable[[dict], "tuple[str, dict] | None"]] = []
 _loaded = False
 
 
@@ -25,6 +30,14 @@ def register_model(name: str | None = None):
         return fn
 
     return deco
+
+
+def register_state_dict_matcher(fn: Callable[[dict], "tuple[str, dict] | None"]):
+    """Decorator: ``fn(state_dict) -> (model_name, kwargs) | None`` recognises a bare state_dict
+    (e.g. arcface_torch's ``backbone.pth``) and says which registered model and kwargs rebuild it."""
+    if fn not in STATE_DICT_MATCHERS:
+        STATE_DICT_MATCHERS.append(fn)
+    return fn
 
 
 def _load_all() -> None:
@@ -52,3 +65,14 @@ def create_model(name: str, **kwargs: Any):
     model = _REGISTRY[name](**kwargs)
     model.config = {"name": name, **kwargs}
     return model
+
+
+def match_state_dict(sd: dict, name: str | None = None) -> tuple[str, dict] | None:
+    """``(model_name, kwargs)`` of the first matcher recognising ``sd`` (every architecture module is
+    imported first); with ``name``, only a match for that model counts (its kwargs: width, sizes ...)."""
+    _load_all()
+    for matcher in STATE_DICT_MATCHERS:
+        found = matcher(sd)
+        if found and (name is None or found[0] == name):
+            return found[0], dict(found[1])
+    return None

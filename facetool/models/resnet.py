@@ -17,12 +17,14 @@ Internals (``forward(x, return_internals=True)``): ``gates`` (B, L) hard decisio
 
 from __future__ import annotations
 
+import re
+
 import torch
 from torch import Tensor, nn
 
 from facetool.models.base import FaceModel
 from facetool.models.gated import Gate, GatedResidual, gated_blocks
-from facetool.models.registry import register_model
+from facetool.models.registry import register_model, register_state_dict_matcher
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -183,3 +185,32 @@ def aig_resnet50(**kw) -> ResNet:
 @register_model("aig_resnet101")
 def aig_resnet101(**kw) -> ResNet:
     return _make(101, True, **kw)
+
+
+_KEY = re.compile(r"^(conv1|bn1|fc|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]|gate\.(fc1|bn|fc2)))\."
+                  r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
+_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
+
+
+@register_state_dict_matcher
+def match_resnet(sd: dict) -> tuple[str, dict] | None:
+    """Recognise a bare ResNet / ConvNet-AIG state_dict (``model.state_dict()`` of these models; also
+    torchvision's ResNet layout): depth, block type, gates, width, gate width and classes from the keys.
+    The input size is not in the weights (the pooling is adaptive): the default is kept."""
+    if "conv1.weight" not in sd or "layer1.0.conv1.weight" not in sd or not all(_KEY.match(k) for k in sd):
+        return None
+    counts = [0, 0, 0, 0]
+    for k in sd:
+        m = _BLOCK.match(k)
+        if m:
+            counts[int(m.group(1)) - 1] = max(counts[int(m.group(1)) - 1], int(m.group(2)) + 1)
+    block = Bottleneck if "layer1.0.conv3.weight" in sd else BasicBlock
+    depth = next((d for d, (b, lay) in _DEPTHS.items() if b is block and counts == lay), None)
+    if depth is None:
+        return None
+    kwargs: dict = {"num_classes": int(sd["fc.weight"].shape[0]) if "fc.weight" in sd else 0,
+                    "width": int(sd["conv1.weight"].shape[0])}
+    if "layer1.0.gate.fc1.weight" in sd:
+        kwargs["gate_hidden"] = int(sd["layer1.0.gate.fc1.weight"].shape[0])
+        return f"aig_resnet{depth}", kwargs
+    return f"resnet{depth}", kwargs
