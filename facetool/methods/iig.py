@@ -19,6 +19,7 @@ Attribute estimation (Eq. 5): ``c_hat = argmin_c sum_{j in U_f} (1[j in M_{f,c}]
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -201,6 +202,9 @@ class IIGMethod(ClassificationMethod):
         self.masks = validate_masks(masks, num_blocks, self.vocab)
         self.targets = [float(t) for t in targets] if targets is not None else None
         self.weight, self.target_weight = float(weight), float(target_weight)
+        for opt, v in (("--iig-weight", self.weight), ("--target-weight", self.target_weight)):
+            if not (v >= 0 and math.isfinite(v)):
+                raise FacetoolError(f"{opt} must be >= 0, got {v}")
 
     def loss(self, model, batch, out, internals):
         terms = super().loss(model, batch, out, internals)
