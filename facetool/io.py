@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from facetool.errors import FacetoolError
+from facetool.errors import FacetoolError, clip_message
 
 
 def partial_path(path: str | Path) -> Path:
@@ -249,10 +249,10 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's message is long; the line naming the refused global is the useful one
         why = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), lines[0] if lines else "unsafe content")
-        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {why[:160]})") from None
+        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {clip_message(why, 200)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {first[:160]}") from None
+        raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {clip_message(first, 200)}") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):

@@ -23,6 +23,7 @@ def register(group: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1),
         workers: int = typer.Option(0, "--workers", min=0),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a --json file this command did not write."),
     ) -> None:
         """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
 
@@ -31,8 +32,11 @@ def register(group: typer.Typer) -> None:
         from rich.progress import Progress
 
         from facetool.eval.classification import compare_classifiers
-        from facetool.io import write_json
+        from facetool.io import guard_output, write_json
         from facetool.store import FaceStore
+
+        if json_out is not None:
+            guard_output(json_out, inputs=(store, *model), overwrite=overwrite, option="--json", owner="eval classify")
 
         with FaceStore(store) as s:
             n = len(s.indices(split))

@@ -5,7 +5,6 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import click
 import typer
 
 from facetool.cli.common import console, guarded
@@ -42,7 +41,9 @@ def register(app: typer.Typer) -> None:
             t0 = time.time()
             try:
                 rc = root(step.argv, standalone_mode=False)
-            except click.ClickException as e:  # usage errors inside a recipe line
+            except typer.TyperException as e:  # usage errors inside a recipe line (typer vendors click)
+                if not hasattr(e, "format_message"):
+                    raise
                 raise FacetoolError(f"recipe step {i} ({step.name}): {e.format_message()}") from None
             except (typer.Exit, SystemExit) as e:
                 rc = getattr(e, "exit_code", getattr(e, "code", 1))
