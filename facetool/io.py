@@ -82,6 +82,11 @@ def record_output(path: str | Path) -> None:
             os.unlink(tmp)
 
 
+def release_claims() -> None:
+    """Forget claims whose files were never written (called when a command ends)."""
+    _claims.clear()
+
+
 def _existing_ancestor(p: Path) -> Path:
     q = p.parent if str(p.parent) else Path(".")
     while not q.exists() and q != q.parent:
@@ -135,7 +140,8 @@ def guard_output(
         if not (overwrite or empty_dir or own):
             advice = "pass --resume to continue it or --overwrite to replace it" if resumable else \
                 "pass --overwrite to replace it, or choose another path"
-            raise FacetoolError(f"{option} {p} exists and is not this command's earlier output ({advice})")
+            what = "exists and was not written by this command" if owner is not None else "exists"
+            raise FacetoolError(f"{option} {p} {what} ({advice})")
     anc = _existing_ancestor(p)
     if not anc.is_dir():
         raise FacetoolError(f"{option} {p}: cannot create a folder inside {anc}, which is a file")

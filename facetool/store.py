@@ -96,7 +96,7 @@ class StoreWriter:
         flush_every: int = 256,
     ) -> None:
         self.path = Path(path)
-        guard_output(self.path, overwrite=overwrite, resumable=True)
+        guard_output(self.path, overwrite=overwrite)
         self.tmp = partial_path(self.path)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.attribute_values = {k: list(v) for k, v in (attribute_values or {}).items()}

@@ -41,6 +41,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from facetool.io import release_claims
+
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -55,6 +57,12 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             fail("interrupted; partial results were kept where the command can resume (--resume)", 130)
         except MemoryError:
             fail("out of memory; use a smaller --batch-size", 1)
+        except OSError as e:  # a path the user gave that the system refuses (too long, permission, disk full)
+            if os.environ.get("FACETOOL_DEBUG"):
+                raise
+            if not e.filename:
+                fail(f"internal error: {type(e).__name__}: {one_line(e)} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+            fail(f"cannot use {e.filename}: {e.strerror or one_line(e)}", 2)
         except Exception as e:  # noqa: BLE001 - never show a traceback to a user
             if os.environ.get("FACETOOL_DEBUG"):
                 raise
@@ -62,6 +70,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             if len(msg) > 600:  # e.g. a library's multi-paragraph message: keep whole words
                 msg = msg[:600].rsplit(" ", 1)[0] + " ..."
             fail(f"internal error: {type(e).__name__}: {msg} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+        finally:
+            release_claims()
 
     return wrapper
 

@@ -36,6 +36,8 @@ def _guard_results(out_dir: Path, stem: str, owner: str, inputs: tuple, overwrit
     from facetool.io import guard_output
 
     js, png = out_dir / f"{stem}.json", out_dir / f"{stem}_roc.png"
+    # the folder collects every model's results (so it may exist), but it is never an input folder
+    guard_output(out_dir, inputs=inputs, overwrite=True, is_dir=True, option="--out")
     for p in (js, png):
         guard_output(p, inputs=inputs, overwrite=overwrite, option="--out", owner=owner)
     return js, png
@@ -169,12 +171,12 @@ def _verification(name: str):
         from facetool.eval.roc import roc
         from facetool.io import run_name, write_json
 
-        if (bin is None) == (pairs is None) or (pairs is not None and images is None):
-            raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
         out_dir = out or Path("eval") / name
         stem = run_name(model)
         js, png = _guard_results(out_dir, stem, f"eval {name} {Path(model).resolve()}", (model, bin, pairs, images),
                                  overwrite)
+        if (bin is None) == (pairs is None) or (pairs is not None and images is None):
+            raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
         nw = _workers(workers)
         m = _load(model)
         dev = _device(device)

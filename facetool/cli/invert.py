@@ -67,7 +67,7 @@ def invert_cmd(
     inputs = (model, images, embeddings, judge)
     guard_output(out, inputs=inputs, overwrite=overwrite or resume, is_dir=True, resumable=True)
     for name in ("inverted.h5", "grid.png", "metrics.json"):
-        guard_output(out / name, inputs=inputs, overwrite=overwrite or resume, option="--out", resumable=True)
+        guard_output(out / name, inputs=inputs, overwrite=overwrite or resume, option="--out")
     state_dir = out / "state"
     if state_dir.exists() and not resume:
         for f in state_dir.glob("state-*.pt"):

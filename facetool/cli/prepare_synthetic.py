@@ -39,7 +39,7 @@ def register(prepare_app: typer.Typer) -> None:
         grid = grid if grid is not None else out.with_name(out.name + ".grid.png")
         if grid.suffix.lower() != ".png":
             raise FacetoolError(f"--grid must be a .png file, got {grid}")
-        guard_output(out, overwrite=overwrite or resume, resumable=True)
+        guard_output(out, overwrite=overwrite or resume)
         guard_output(grid, inputs=(out,), overwrite=overwrite, option="--grid", owner=f"prepare synthetic {out.resolve()}")
         path, s = prepare_synthetic(
             out, identities=identities, per_identity=per_identity, size=size, seed=seed,

@@ -99,8 +99,8 @@ def prepare_folder(
     if workers < 1:
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "dataset folder")
-    out = guard_output(out, inputs=(root,), overwrite=overwrite or resume, resumable=True)
-    guard_report(out, overwrite, inputs=(root,))
+    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume)
+    guard_report(out, overwrite, inputs=(root, detector_model))
     identities, items, counters = plan(
         root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
     )

@@ -233,8 +233,8 @@ def prepare_imdbface(
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "IMDb-Face image root")
     csv = Path(csv) if csv else root / "IMDb-Face.csv"
-    out = guard_output(out, inputs=(csv, root), overwrite=overwrite or resume, resumable=True)
-    guard_report(out, overwrite, inputs=(csv, root))
+    out = guard_output(out, inputs=(csv, root, detector_model), overwrite=overwrite or resume)
+    guard_report(out, overwrite, inputs=(csv, root, detector_model))
     df = read_csv(csv)
     identities, items, counters = plan(
         df, root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
