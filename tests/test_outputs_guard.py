@@ -119,11 +119,15 @@ def test_clip_message_keeps_whole_words():
 
 
 # -- walking the CLI ---------------------------------------------------------------------------------
-def _commands():
+def _root():
     import typer
 
     from facetool.cli import app
 
+    return typer.main.get_command(app)
+
+
+def _commands(root):
     def walk(cmd, path):
         if hasattr(cmd, "commands"):
             for name, sub in cmd.commands.items():
@@ -131,7 +135,21 @@ def _commands():
         else:
             yield path, cmd
 
-    yield from walk(typer.main.get_command(app), ())
+    yield from walk(root, ())
+
+
+def _invoke(root, capsys, argv) -> tuple[int, str]:
+    """Run the click command in this process (built once: CliRunner rebuilds it per call)."""
+    import typer
+
+    capsys.readouterr()
+    try:
+        rc = root.main([str(a) for a in argv], standalone_mode=False, prog_name="facetool")
+    except typer.TyperException as e:  # usage errors
+        rc = getattr(e, "exit_code", 2)
+        print(e.format_message() if hasattr(e, "format_message") else e)
+    cap = capsys.readouterr()
+    return (rc if isinstance(rc, int) else 0), cap.out + cap.err
 
 
 def _hints(cmd) -> dict:
@@ -192,29 +210,31 @@ def _plan(tmp: Path, cmd, name: str):
     return base, inputs, outputs
 
 
-def test_every_output_option_refuses_inputs_and_foreign_files(tmp_path, monkeypatch, cli):
+def test_every_output_option_refuses_inputs_and_foreign_files(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("FACETOOL_STORE", raising=False)
+    monkeypatch.setenv("COLUMNS", "100000")  # one logical line stays one printed line
     walked = set()
-    for path, cmd in _commands():
+    root = _root()
+    for path, cmd in _commands(root):
         base, inputs, outputs = _plan(tmp_path / "_".join(path), cmd, " ".join(path))
         has_overwrite = any("--overwrite" in p.opts for p in cmd.params)
         for param, opt in outputs:
             walked.add((" ".join(path), opt))
             before = {k: _digest(v) for k, v in inputs.items()}
-            cases = [(inp, []) for inp in inputs.values()]
-            cases += [(inp, ["--overwrite"]) for inp in inputs.values() if has_overwrite]
+            # an input is refused even with --overwrite (which implies: without it too)
+            cases = [(inp, ["--overwrite"] if has_overwrite else []) for inp in inputs.values()]
             foreign = tmp_path / "foreign" / f"{'_'.join(path)}{opt}.dat"
             foreign.parent.mkdir(exist_ok=True)
             foreign.write_bytes(b"not written by facetool\n")
             cases.append((foreign, []))
             for target, extra in cases:
                 argv = [*path, *base, opt, str(target), *extra]
-                r = cli(*argv)
-                what = f"facetool {' '.join(argv)} -> {r.exit_code}: {r.output.strip()}"
-                assert r.exit_code == 2, what
-                assert opt in r.output or str(target) in r.output, what
-                assert "Traceback" not in r.output and len(r.output.strip().splitlines()) == 1, what
+                rc, output = _invoke(root, capsys, argv)
+                what = f"facetool {' '.join(argv)} -> {rc}: {output.strip()}"
+                assert rc == 2, what
+                assert opt in output or str(target) in output, what
+                assert "Traceback" not in output and len(output.strip().splitlines()) == 1, what
             assert {k: _digest(v) for k, v in inputs.items()} == before, f"{path} {opt} changed an input"
             assert foreign.read_bytes() == b"not written by facetool\n"
     assert not (tmp_path / "runs").exists() and not (tmp_path / "eval").exists()  # nothing written
@@ -294,6 +314,17 @@ def test_prepare_bad_numbers(tmp_path, cli):
         assert not (tmp_path / "o").exists()
 
 
+def test_folder_outputs_are_not_written_into_without_overwrite(tmp_path, cli):
+    out = tmp_path / "dissect"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    r = cli("dissect", "gates", "--model", tmp_path / "m.pt", "--store", tmp_path / "s.h5", "--out", out)
+    assert r.exit_code == 2 and "--out" in r.output and "--overwrite" in r.output
+    r = cli("train", "aig", "--store", tmp_path / "s.h5", "--out", out)
+    assert r.exit_code == 2 and "--resume" in r.output and "--overwrite" in r.output
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+
+
 def test_annotate_as_refuses_an_existing_attribute_without_overwrite(synthetic_store, tmp_path, cli):
     from facetool.annotate import estimate_from_model
 
@@ -335,14 +366,14 @@ def test_card_command_writes_a_new_default_run_folder(synthetic_store, tmp_path)
     first = tmp_path / "runs" / "aig-resnet18-1"
     assert (first / "model.pt").is_file()
     stamp = (first / "model.pt").stat().st_mtime_ns
-    r = run_facetool("train", "aig", "--target", "0.4", *fast, "--max-steps", "-1", cwd=tmp_path, env=env)
-    assert r.returncode == 2 and "--max-steps must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "runs" / "aig-resnet18-2").exists()
     r = run_facetool("train", "aig", "--target", "0.4", *fast, cwd=tmp_path, env=env)
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "runs" / "aig-resnet18-2" / "model.pt").is_file()
     assert (first / "model.pt").stat().st_mtime_ns == stamp
-    r = run_facetool("train", "aig", "--width", "0", cwd=tmp_path, env=env)  # usage-level and library errors: one line
-    assert r.returncode == 2 and "--width must be >= 1" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    r = run_facetool("train", "aig", "--epochs", "x", cwd=tmp_path, env=env)
-    assert r.returncode == 2 and "--epochs" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_usage_errors_are_one_line_in_a_fresh_process(tmp_path):
+    r = run_facetool("train", "aig", "--epochs", "x", "--store", tmp_path / "s.h5", cwd=tmp_path)
+    assert r.returncode == 2 and "--epochs" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not (tmp_path / "runs").exists()
