@@ -95,8 +95,6 @@ class ResNet(FaceModel):
             raise FacetoolError(f"--width must be >= 1 (64 = standard ResNet), got {width}")
         if gate_hidden is not None and gate_hidden < 1:
             raise FacetoolError(f"--gate-hidden must be >= 1, got {gate_hidden}")
-        if num_classes < 1:
-            raise FacetoolError(f"a classifier needs at least 1 class, got {num_classes}")
         self.input_size = int(input_size)
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
