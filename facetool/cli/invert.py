@@ -46,7 +46,7 @@ def invert_cmd(
 
     from facetool.data.transforms import normalize
     from facetool.errors import FacetoolError
-    from facetool.io import atomic_path, guard_output, next_free_folder, run_name, write_json
+    from facetool.io import atomic_path, guard_output, guard_run_folder, run_name, write_json
     from facetool.methods import invert as inv
     from facetool.models import load_model
 
@@ -60,12 +60,8 @@ def invert_cmd(
                    ("--gate-prior", gate_prior), ("--routing-prior", routing_prior)):
         if not v >= 0:
             raise FacetoolError(f"{opt} must be >= 0, got {v}")
-    if out is None:
-        if resume:
-            raise FacetoolError("--resume needs --out FOLDER (the inversion to continue)")
-        out = next_free_folder("runs", f"invert-{run_name(model)}")
     inputs = (model, images, embeddings, judge)
-    guard_output(out, inputs=inputs, overwrite=overwrite or resume, is_dir=True, resumable=True)
+    out = guard_run_folder(out, f"invert-{run_name(model)}", inputs=inputs, overwrite=overwrite, resume=resume)
     for name in ("inverted.h5", "grid.png", "metrics.json"):
         guard_output(out / name, inputs=inputs, overwrite=overwrite or resume, option="--out")
     state_dir = out / "state"

@@ -43,15 +43,11 @@ def register(app: typer.Typer) -> None:
         """Train a recognition backbone (arcface_torch recipe) through the facetool engine."""
         from facetool.engine import TrainConfig
         from facetool.errors import FacetoolError
-        from facetool.io import guard_output, next_free_folder
+        from facetool.io import guard_run_folder
         from facetool.methods.arcface import parse_margins, resolve_network, train_arcface
 
         name = resolve_network(network)
-        if out is None:
-            if resume:
-                raise FacetoolError("--resume needs --out RUN_FOLDER (the run to continue)")
-            out = next_free_folder("runs", f"arcface-{network}")
-        guard_output(out, inputs=(store, *val_bin), overwrite=overwrite or resume, is_dir=True, resumable=True)
+        out = guard_run_folder(out, f"arcface-{network}", inputs=(store, *val_bin), overwrite=overwrite, resume=resume)
         if width != 64 and not name.startswith("iresnet"):
             raise FacetoolError(f"--width applies to IR-ResNets only, not {name}")
         cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,

@@ -32,13 +32,9 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _out(kind: str, arch: str, out: Optional[Path], inputs: tuple, overwrite: bool, resume: bool) -> Path:
     """The run folder: --out, or runs/<kind>-<arch>-<n> (the next free n); guarded before anything runs."""
-    from facetool.io import guard_output, next_free_folder
+    from facetool.io import guard_run_folder
 
-    if out is None:
-        if resume:
-            raise FacetoolError("--resume needs --out RUN_FOLDER (the run to continue)")
-        out = next_free_folder("runs", f"{kind}-{arch}")
-    return guard_output(out, inputs=inputs, overwrite=overwrite or resume, is_dir=True, resumable=True)
+    return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=overwrite, resume=resume)
 
 
 def _show(title: str, result: dict) -> None:
