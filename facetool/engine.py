@@ -130,6 +130,8 @@ class TrainConfig:
             raise FacetoolError(f"--momentum must be in [0, 1), got {self.momentum}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FacetoolError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise FacetoolError(f"--seed must be >= 0, got {self.seed}")
         if self.workers < 0:
             raise FacetoolError(f"--workers must be >= 0 (0 = load in the main process), got {self.workers}")
         if self.max_steps is not None and self.max_steps < 1:

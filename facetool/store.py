@@ -131,6 +131,7 @@ class StoreWriter:
         if self.tmp.exists():
             self.tmp.unlink()
         try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
             self.f = h5py.File(self.tmp, "w")
         except OSError as e:
             raise FacetoolError(f"cannot write store {self.tmp}: {e}") from None

@@ -50,7 +50,7 @@ def invert_cmd(
     from facetool.methods import invert as inv
     from facetool.models import load_model
 
-    for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1)):
+    for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1), ("--seed", seed, 0)):
         if v < lo:
             raise FacetoolError(f"{opt} must be >= {lo}, got {v}")
     for opt, v in (("--lr", lr),):

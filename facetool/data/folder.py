@@ -91,7 +91,7 @@ def prepare_folder(
     is also written to ``<out stem>.json``. ``det_size``: longer image side the detector sees."""
     from facetool.prepare import build_store
 
-    check_options(min_images, per_identity, test_fraction, size)
+    check_options(min_images, per_identity, test_fraction, size, seed)
     if det_size is not None and det_size < 0:
         raise FacetoolError(f"--det-size must be >= 0 (0: the image's own size), got {det_size}")
     if not 0.0 <= score <= 1.0:

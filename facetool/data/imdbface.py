@@ -48,7 +48,9 @@ def sample_split(
     return out
 
 
-def check_options(min_images: int, per_identity: int | None, test_fraction: float, size: int) -> None:
+def check_options(min_images: int, per_identity: int | None, test_fraction: float, size: int, seed: int = 0) -> None:
+    if seed < 0:
+        raise FacetoolError(f"--seed must be >= 0, got {seed}")
     if min_images < 1:
         raise FacetoolError(f"--min-images must be >= 1, got {min_images}")
     if per_identity is not None and per_identity < 1:
@@ -228,7 +230,7 @@ def prepare_imdbface(
     if align not in ALIGN_MODES:
         raise FacetoolError(f"unknown --align {align!r}; use one of {', '.join(ALIGN_MODES)}")
     size = size if size is not None else (128 if align == "bbox" else 112)
-    check_options(min_images, per_identity, test_fraction, size)
+    check_options(min_images, per_identity, test_fraction, size, seed)
     if workers < 1:
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "IMDb-Face image root")

@@ -62,7 +62,7 @@ def make_masks(features: Mapping[str, Sequence[str]], num_blocks: int, style: st
         raise FacetoolError(f"{len(per)} blocks-per-value numbers for {len(features)} feature(s) "
                             f"({', '.join(features)}); give one, or one per feature")
     if min(per, default=1) < 1:
-        raise FacetoolError(f"blocks per value must be >= 1, got {min(per)}")
+        raise FacetoolError(f"--blocks-per-value must be >= 1, got {min(per)}")
     if candidates is None:
         first, last = scaled_pins(num_blocks)
         candidates = list(range(first, num_blocks - last))
