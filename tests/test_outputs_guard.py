@@ -260,6 +260,29 @@ def test_eval_classify_and_annotate_never_write_over_the_store(synthetic_store, 
     assert _digest(store) == digest
 
 
+def test_a_rerun_replaces_its_own_result_and_nothing_else(tmp_path, cli):
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.models import create_model, save_checkpoint
+
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=4, size=32)
+    model = save_checkpoint(tmp_path / "run1" / "model.pt",
+                            create_model("resnet18", num_classes=4, width=4, input_size=32))
+    table = tmp_path / "t.json"
+    argv = ["eval", "classify", "--store", store, "--model", model, "--json", table]
+    assert cli(*argv).exit_code == 0
+    first = table.stat().st_mtime_ns
+    r = cli(*argv)  # the same command again: its own earlier result is refreshed
+    assert r.exit_code == 0, r.output
+    assert table.stat().st_mtime_ns != first
+    table.write_text('{"mine": true}')  # edited by someone else: no longer this command's output
+    r = cli(*argv)
+    assert r.exit_code == 2 and "was not written by this command" in r.output
+    assert table.read_text() == '{"mine": true}'
+    assert cli(*argv, "--overwrite").exit_code == 0
+    r = cli("annotate", "--store", store, tmp_path / "a.csv", "--json", table)  # another command
+    assert r.exit_code == 2 and "was not written by this command" in r.output
+
+
 def test_error_text_is_literal_and_whole(cli, tmp_path):
     r = cli("info", "data[v2]/s.h5")
     assert r.exit_code == 2 and "data[v2]/s.h5" in r.output
