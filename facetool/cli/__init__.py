@@ -50,8 +50,8 @@ def main() -> None:
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
     try:
         rc = app(standalone_mode=False)
-    except typer.Abort:  # Ctrl-C while the command line was being parsed
-        sys.exit(130)
+    except typer.Abort:  # end of input at a prompt (Ctrl-C already comes back as exit code 130)
+        sys.exit(1)
     except typer.TyperException as e:  # click's usage errors (typer vendors click)
         if not hasattr(e, "format_message"):
             raise
