@@ -302,6 +302,7 @@ def estimate_from_model(
     in_place: bool = False,
     device: str | None = None,
     arch: str | None = None,
+    overwrite: bool = False,
 ) -> dict:
     """Run an IIG model over every image of ``store``, estimate ``feature`` by Eq. 5 (the value whose
     gate mask is nearest to the executed gate pattern) and write it as a per-image attribute
@@ -322,6 +323,10 @@ def estimate_from_model(
         has_gt = feature in set(s.attribute_names("image")) | set(s.attribute_names("identity"))
         if name == feature and has_gt:
             raise FacetoolError(f"--as {name} would overwrite the store's ground truth {feature!r}; choose another name")
+        existing = set(s.attribute_names("image")) | set(s.attribute_names("identity"))
+        if name in existing and not overwrite:
+            raise FacetoolError(f"--as {name}: the store already has an attribute {name!r}; pass --overwrite to "
+                                "replace it, or choose another name")
         gt = s.attribute(feature) if has_gt else None
     model = load_model(model_path, name=arch)
     masks, vocab = masks_from_meta(getattr(model, "meta", {}))

@@ -124,8 +124,18 @@ class TrainConfig:
             raise FacetoolError(f"unknown schedule {self.schedule!r}; use one of {', '.join(SCHEDULES)}")
         if self.warmup_epochs < 0 or self.warmup_epochs >= self.epochs:
             raise FacetoolError(f"--warmup-epochs must be in [0, epochs), got {self.warmup_epochs}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise FacetoolError(f"--grad-clip must be positive, got {self.grad_clip}")
+        if self.grad_clip is not None and not (self.grad_clip > 0 and math.isfinite(self.grad_clip)):
+            raise FacetoolError(f"--grad-clip must be positive (0 = off), got {self.grad_clip}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise FacetoolError(f"--momentum must be in [0, 1), got {self.momentum}")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FacetoolError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if self.seed < 0:
+            raise FacetoolError(f"--seed must be >= 0, got {self.seed}")
+        if self.workers < 0:
+            raise FacetoolError(f"--workers must be >= 0 (0 = load in the main process), got {self.workers}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise FacetoolError(f"--max-steps must be >= 1 (0 = all epochs), got {self.max_steps}")
 
     def to_json(self) -> dict:
         d = asdict(self)
@@ -462,6 +472,9 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
     from facetool.flops import count_params, executed_flops, flops_summary
     from facetool.models.registry import create_model
 
+    cfg.validate()
+    if input_size is not None and input_size < 1:
+        raise FacetoolError(f"--input-size must be a positive number of pixels, got {input_size}")
     train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
     size = input_size or int(train_ds.image_size[0])
     if len(train_ds) == 0:

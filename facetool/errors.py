@@ -15,6 +15,17 @@ class NonFiniteLossError(FacetoolError):
     """Raised by the training engine when a loss term becomes NaN or infinite."""
 
 
+def clip_message(text: object, limit: int = 300) -> str:
+    """A foreign library's message on one line, at most ``limit`` characters, cut at a sentence or word
+    boundary (marked with ``...``), never mid-word."""
+    msg = " ".join(str(text).split())
+    if len(msg) <= limit:
+        return msg
+    head = msg[:limit]
+    end = head.rfind(". ")
+    return head[: end + 1] + " ..." if end > limit // 2 else head.rsplit(" ", 1)[0] + " ..."
+
+
 def require_file(path: str | Path, what: str = "file") -> Path:
     p = Path(path)
     if not p.exists():

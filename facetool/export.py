@@ -21,9 +21,25 @@ from typing import Any
 import numpy as np
 import torch
 
-from facetool.errors import FacetoolError
+from facetool.errors import FacetoolError, clip_message
 from facetool.io import atomic_path, write_json
 from facetool.models.features import input_size_of
+
+
+#: opsets torch's TorchScript exporter (the one used here) can write
+OPSETS = (7, 20)
+
+
+def check_export_options(out: str | Path, opset: int) -> None:
+    if Path(out).suffix.lower() != ".onnx":
+        raise FacetoolError(f"--out must end in .onnx, got {out}")
+    if not OPSETS[0] <= opset <= OPSETS[1]:
+        raise FacetoolError(f"--opset must be in {OPSETS[0]}..{OPSETS[1]}, got {opset}")
+
+
+def report_path(out: str | Path) -> Path:
+    """The JSON report beside the exported model: ``r50.onnx`` -> ``r50.json``."""
+    return Path(out).with_suffix(".json")
 
 
 def insightface_compatible(input_size: int) -> bool:
@@ -50,6 +66,7 @@ def export_onnx(
     ``out`` with suffix ``.json``."""
     from facetool.models.features import select_features
 
+    check_export_options(out, opset)
     source = str(model) if isinstance(model, (str, Path)) else getattr(model, "name", type(model).__name__)
     if isinstance(model, (str, Path)):
         if Path(model).suffix.lower() == ".onnx":
@@ -103,8 +120,7 @@ def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: floa
         except FacetoolError:
             raise
         except Exception as e:  # the exporter raises many types; make it one line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise FacetoolError(f"ONNX export failed (opset {opset}): {type(e).__name__}: {first[:200]}") from None
+            raise FacetoolError(f"ONNX export failed (opset {opset}): {type(e).__name__}: {clip_message(e) or '-'}") from None
         finally:
             tmp_onnx.unlink(missing_ok=True)
         got = OnnxModel(tmp, providers=["CPUExecutionProvider"])(probe)
@@ -120,5 +136,5 @@ def _export(model, out, source: str, opset: int, dynamic_batch: bool, atol: floa
         "max_abs_diff_normalised": diff, "max_rel_diff_raw": rel,
         "insightface_recognition": output == "embedding" and insightface_compatible(size), "config": config,
     }
-    write_json(out.with_suffix(".json"), report)
+    write_json(report_path(out), report)
     return report

@@ -11,7 +11,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
-from facetool.errors import FacetoolError
+from facetool.errors import FacetoolError, clip_message
 
 
 def partial_path(path: str | Path) -> Path:
@@ -21,18 +21,77 @@ def partial_path(path: str | Path) -> Path:
 
 
 def check_output(path: str | Path, overwrite: bool) -> Path:
-    """Refuse to clobber an existing output unless asked; make sure its folder is writable."""
-    p = Path(path)
-    if p.exists() and not overwrite:
-        raise FacetoolError(f"output exists: {p} (pass --overwrite to replace it)")
-    parent = p.parent if str(p.parent) else Path(".")
+    """Deprecated alias of :func:`guard_output` (kept for callers on other branches)."""
+    return guard_output(path, overwrite=overwrite)
+
+
+#: Hidden file in an output's folder recording which files a command wrote there (so that rerunning the
+#: same command may replace its own earlier result, and nothing else, without ``--overwrite``).
+OUTPUTS_MANIFEST = ".facetool-outputs.json"
+
+# resolved output path -> owner, set by guard_output(owner=...) and recorded once the file is written
+_claims: dict[str, str] = {}
+
+
+def _manifest(folder: Path) -> dict:
     try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FacetoolError(f"cannot create output folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise FacetoolError(f"output folder is not writable: {parent}")
-    return p
+        data = json.loads((folder / OUTPUTS_MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _signature(p: Path) -> dict:
+    st = p.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def is_own_output(path: str | Path, owner: str) -> bool:
+    """True when ``path`` was written by ``owner`` (a command + what identifies its result) and has not
+    been changed since (same size and modification time as recorded)."""
+    p = Path(path)
+    entry = _manifest(p.parent).get(p.name)
+    if not isinstance(entry, dict) or entry.get("owner") != owner or not p.is_file():
+        return False
+    return {k: entry.get(k) for k in ("size", "mtime_ns")} == _signature(p)
+
+
+def record_output(path: str | Path) -> None:
+    """Note that ``path`` was just written; if a guard claimed it with an owner, remember the owner.
+
+    Called by :func:`atomic_path` and the store writer; harmless for paths nobody claimed.
+    """
+    p = Path(path)
+    try:
+        owner = _claims.pop(str(p.resolve()), None)
+    except OSError:
+        return
+    if owner is None or not p.is_file():
+        return
+    folder = p.parent
+    data = _manifest(folder)
+    data = {k: v for k, v in data.items() if (folder / k).exists()}  # forget deleted files
+    data[p.name] = {"owner": owner, **_signature(p)}
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{OUTPUTS_MANIFEST}.", suffix=".tmp", dir=folder)
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+        os.replace(tmp, folder / OUTPUTS_MANIFEST)
+    except OSError:  # the record is a convenience: without it a rerun just needs --overwrite
+        with contextlib.suppress(OSError, UnboundLocalError):
+            os.unlink(tmp)
+
+
+def release_claims() -> None:
+    """Forget claims whose files were never written (called when a command ends)."""
+    _claims.clear()
+
+
+def _existing_ancestor(p: Path) -> Path:
+    q = p.parent if str(p.parent) else Path(".")
+    while not q.exists() and q != q.parent:
+        q = q.parent
+    return q
 
 
 def guard_output(
@@ -42,18 +101,27 @@ def guard_output(
     overwrite: bool = False,
     option: str = "--out",
     is_dir: bool = False,
+    owner: str | None = None,
+    resumable: bool = False,
 ) -> Path:
     """THE check every command runs on each output path before it writes anything.
 
     * never an input of the same command (refused even with ``--overwrite``);
-    * an existing file/folder is not replaced without ``--overwrite``;
-    * the parent folder is created and must be writable; a folder output must not be a file and vice versa.
+    * an existing file or non-empty folder is not replaced without ``--overwrite``, except a file this
+      command wrote there earlier: with ``owner`` (the command and what identifies its result, e.g.
+      ``"eval ijbc model=/abs/runs/a/model.pt"``) a file recorded with the same owner and unchanged since
+      may be replaced by a rerun; stores, checkpoints and run folders pass no owner;
+    * a folder output must not be a file and vice versa;
+    * the folder it goes in must exist or be creatable (the nearest existing ancestor is a writable folder).
 
-    Returns the path. ``option`` names the command-line option in the error message.
+    Writes nothing (the writers create missing folders). Returns the path. ``option`` names the
+    command-line option in the error messages; ``resumable`` adds "or --resume" to the advice.
     """
     p = Path(path)
+    if str(p) in ("", "."):
+        raise FacetoolError(f"{option} needs a path")
     for i in inputs:
-        if i is None:
+        if i is None or str(i) == "":
             continue
         ip = Path(i)
         try:
@@ -62,21 +130,61 @@ def guard_output(
             same = False
         if same or p.resolve() == ip.resolve():
             raise FacetoolError(f"{option} {p} is also an input of this command; choose another output path")
-    if p.exists():
+    if p.exists() or p.is_symlink():
         if is_dir and not p.is_dir():
-            raise FacetoolError(f"{option} {p} is a file, not a folder")
+            raise FacetoolError(f"{option} {p} is a file, not a folder; give a new or empty folder")
         if not is_dir and p.is_dir():
             raise FacetoolError(f"{option} {p} is a folder; give a file name")
-        if not overwrite:
-            raise FacetoolError(f"{option} {p} exists (pass --overwrite to replace it)")
-    parent = p.parent if str(p.parent) else Path(".")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise FacetoolError(f"{option}: cannot create folder {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise FacetoolError(f"{option}: folder is not writable: {parent}")
+        empty_dir = is_dir and p.is_dir() and not any(p.iterdir())
+        own = owner is not None and not is_dir and is_own_output(p, owner)
+        if not (overwrite or empty_dir or own):
+            advice = "pass --resume to continue it or --overwrite to replace it" if resumable else \
+                "pass --overwrite to replace it, or choose another path"
+            what = "exists and was not written by this command" if owner is not None else "exists"
+            raise FacetoolError(f"{option} {p} {what} ({advice})")
+    anc = _existing_ancestor(p)
+    if not anc.is_dir():
+        raise FacetoolError(f"{option} {p}: cannot create a folder inside {anc}, which is a file")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise FacetoolError(f"{option} {p}: folder {anc} is not writable")
+    if owner is not None and not is_dir:
+        _claims[str(p.resolve())] = owner
     return p
+
+
+def guard_run_folder(out: "str | Path | None", default_stem: str, *, inputs=(), overwrite: bool = False,
+                     resume: bool = False, parent: str | Path = "runs") -> Path:
+    """A training-style run folder: ``out``, or ``<parent>/<default_stem>-<n>`` (the next free n); guarded
+    (a new or empty folder, or ``--overwrite``/``--resume``). Under ``torchrun`` every rank must name the
+    same folder, so ``--out`` is required there and only rank 0 checks that it is free."""
+    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if out is None:
+        if resume:
+            raise FacetoolError("--resume needs --out RUN_FOLDER (the run to continue)")
+        if distributed:
+            raise FacetoolError("under torchrun give --out RUN_FOLDER (every process must write the same run)")
+        out = next_free_folder(parent, default_stem)
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    return guard_output(out, inputs=inputs, overwrite=overwrite or resume or not rank0, is_dir=True, resumable=True)
+
+
+def next_free_folder(parent: str | Path, stem: str) -> Path:
+    """``parent/stem-1``, ``parent/stem-2``, ...: the first that does not exist (default run folders)."""
+    base = Path(parent)
+    stem = "".join(c if c.isalnum() or c in "-_." else "-" for c in stem) or "run"
+    n = 1
+    while (base / f"{stem}-{n}").exists() or (base / f"{stem}-{n}").is_symlink():
+        n += 1
+    return base / f"{stem}-{n}"
+
+
+def run_name(model: str | Path) -> str:
+    """What eval outputs are named after: the checkpoint's folder + file stem
+    (``runs/aig04/model.pt`` -> ``aig04_model``; a bare ``model.pt`` is named after the working folder)."""
+    p = Path(model)
+    folder = Path(os.path.abspath(p)).parent.name
+    name = f"{folder}_{p.stem}" if folder else p.stem
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name)
 
 
 @contextlib.contextmanager
@@ -94,9 +202,11 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         os.chmod(tmp_p, 0o666 & ~umask)  # mkstemp creates 0600; outputs get the usual permissions
         os.replace(tmp_p, p)
     except BaseException:
+        _claims.pop(str(p.resolve()), None)
         with contextlib.suppress(FileNotFoundError):
             tmp_p.unlink()
         raise
+    record_output(p)
 
 
 def write_json(path: str | Path, obj: Any) -> Path:
@@ -161,10 +271,10 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
         # torch's message is long; the line naming the refused global is the useful one
         why = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), lines[0] if lines else "unsafe content")
-        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {why[:160]})") from None
+        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {clip_message(why, 200)})") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {first[:160]}") from None
+        raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {clip_message(first, 200)}") from None
 
 
 class RestrictedUnpickler(pickle.Unpickler):

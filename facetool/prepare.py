@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+from facetool.errors import FacetoolError
 from facetool.store import Record, StoreWriter
 
 
@@ -54,6 +55,8 @@ def build_store(
     extra_attrs: dict | None = None,
 ) -> tuple[Path, dict[str, int]]:
     """Run ``process`` over ``items`` and write the store. Returns (path, skip counters)."""
+    if workers < 1:
+        raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     writer = StoreWriter(out, overwrite=overwrite, resume=resume, **writer_kwargs)
     start = writer.cursor if writer.resumed else 0
     counters: Counter[str] = Counter(writer.counters if writer.resumed else (initial_counters or {}))

@@ -25,6 +25,15 @@ class Step:
     argv: list[str]
 
 
+def resume_argv(argv: list[str], options: set[str]) -> list[str]:
+    """The step's command line continuing its interrupted run: ``--overwrite`` (which would start over)
+    becomes ``--resume`` when the command has ``--resume``; otherwise the line is unchanged."""
+    if "--resume" not in options:
+        return list(argv)
+    out = [a for a in argv if a != "--overwrite"]
+    return out if "--resume" in out else [*out, "--resume"]
+
+
 def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[str, list[Step]]:
     p = require_file(path, "recipe")
     try:

@@ -37,7 +37,7 @@ import numpy as np
 
 from facetool import __version__
 from facetool.errors import FacetoolError
-from facetool.io import check_output, partial_path
+from facetool.io import guard_output, partial_path, record_output
 
 FORMAT = "facetool-store"
 FORMAT_VERSION = 1
@@ -96,7 +96,7 @@ class StoreWriter:
         flush_every: int = 256,
     ) -> None:
         self.path = Path(path)
-        check_output(self.path, overwrite)
+        guard_output(self.path, overwrite=overwrite)
         self.tmp = partial_path(self.path)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.attribute_values = {k: list(v) for k, v in (attribute_values or {}).items()}
@@ -131,6 +131,7 @@ class StoreWriter:
         if self.tmp.exists():
             self.tmp.unlink()
         try:
+            self.tmp.parent.mkdir(parents=True, exist_ok=True)
             self.f = h5py.File(self.tmp, "w")
         except OSError as e:
             raise FacetoolError(f"cannot write store {self.tmp}: {e}") from None
@@ -282,6 +283,7 @@ class StoreWriter:
         f.attrs["complete"] = True
         f.close()
         os.replace(self.tmp, self.path)
+        record_output(self.path)
         return self.path
 
     def abort(self, keep: bool = True) -> None:

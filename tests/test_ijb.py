@@ -15,6 +15,7 @@ from facetool.errors import FacetoolError
 from facetool.eval import ijb
 from facetool.eval.embed import FeatureCache, ImageArray
 from facetool.eval.roc import FARS, tar_at_far
+from facetool.io import run_name
 from facetool.models import create_model, save_checkpoint
 from fixtures_ijb import PixelEmbed, make_ijb
 
@@ -141,9 +142,10 @@ def test_cli_end_to_end_with_cache(ijbc, model_file, tmp_path, cli):
     assert r.exit_code == 0, r.output
     n = len(gt["names"])
     assert PixelEmbed.images_seen - before == 2 * n  # crops + flipped crops
-    res = json.loads((out / "pix_N1D1F1.json").read_text())
+    stem = run_name(model_file)  # results are named after the run: <folder>_<file>
+    res = json.loads((out / f"{stem}_N1D1F1.json").read_text())
     assert res["images"] == n and res["images_extracted"] == n and res["pairs"] == len(gt["pairs"])
-    assert (out / "pix_N1D1F1_roc.png").read_bytes()[:4] == b"\x89PNG"
+    assert (out / f"{stem}_N1D1F1_roc.png").read_bytes()[:4] == b"\x89PNG"
     # the whole pipeline (alignment -> features -> aggregation -> scores -> TAR) equals the naive loops
     meta = ijb.read_meta(root)
     feats, flips = FeatureCache(cache).get(next(iter(_keys(cache))))
@@ -170,7 +172,7 @@ def test_cli_end_to_end_with_cache(ijbc, model_file, tmp_path, cli):
             "--workers", "0", "--no-det-score", "--no-norm")
     assert r.exit_code == 0, r.output
     assert PixelEmbed.images_seen == seen
-    res2 = json.loads((out / "pix_N0D0F1.json").read_text())
+    res2 = json.loads((out / f"{stem}_N0D0F1.json").read_text())
     assert res2["images_extracted"] == 0 and res2["switches"] == {"norm": False, "det_score": False, "flip": True}
 
 

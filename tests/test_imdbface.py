@@ -115,7 +115,7 @@ def test_cli_table_json_and_errors(imdb, tmp_path, cli):
     assert "unreadable" in r.output and "too few images" in r.output and report_path(out).exists()
     # existing output
     r = cli("prepare", "imdb-face", "--root", imdb, "--out", out, "--min-images", 3)
-    assert r.exit_code != 0 and "output exists" in r.output and "Traceback" not in r.output
+    assert r.exit_code == 2 and " exists" in r.output and "Traceback" not in r.output
     # nothing left after filtering
     r = cli("prepare", "imdb-face", "--root", imdb, "--out", tmp_path / "none.h5", "--min-images", 100)
     assert r.exit_code != 0 and "no images left" in r.output and "too few images: 13" in r.output

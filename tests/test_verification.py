@@ -13,6 +13,7 @@ import pytest
 
 from facetool.errors import FacetoolError
 from facetool.eval import verification as V
+from facetool.io import run_name
 from facetool.models import create_model, save_checkpoint
 from fixtures_ijb import MeanColour, write_bin
 
@@ -132,15 +133,16 @@ def test_cli_bin_and_pairs(tmp_path, cli):
     b = write_bin(tmp_path / "agedb_30.bin", bins, issame)
     r = cli("eval", "agedb-30", "--bin", b, "--model", model, "--out", tmp_path / "o", "--workers", "0")
     assert r.exit_code == 0, r.output
-    res = json.loads((tmp_path / "o" / "mc.json").read_text())
+    stem = run_name(model)  # results are named after the run: <folder>_<file>
+    res = json.loads((tmp_path / "o" / f"{stem}.json").read_text())
     assert res["accuracy"] == pytest.approx((9 + 5 / 6) / 10) and res["set"] == "agedb-30"
-    assert (tmp_path / "o" / "mc_roc.png").exists() and "±" in r.output
+    assert (tmp_path / "o" / f"{stem}_roc.png").exists() and "±" in r.output
 
     pairs = _lfw_tree(tmp_path / "lfw")
     r = cli("eval", "lfw", "--pairs", pairs, "--images", tmp_path / "lfw", "--aligned", "--model", model,
             "--out", tmp_path / "o2", "--workers", "0")
     assert r.exit_code == 0, r.output
-    res = json.loads((tmp_path / "o2" / "mc.json").read_text())
+    res = json.loads((tmp_path / "o2" / f"{stem}.json").read_text())
     assert res["accuracy"] == 1.0 and res["pairs"] == 4
 
     r = cli("eval", "lfw", "--model", model)

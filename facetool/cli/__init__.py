@@ -44,5 +44,23 @@ for _m in COMMAND_MODULES:
 
 
 def main() -> None:
+    """Entry point: usage errors (a missing option, a number out of range) are one line, exit 2."""
+    import sys
+
     os.environ.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
-    app()
+    try:
+        rc = app(standalone_mode=False)
+    except typer.Abort:  # end of input at a prompt (Ctrl-C already comes back as exit code 130)
+        sys.exit(1)
+    except typer.TyperException as e:  # click's usage errors (typer vendors click)
+        if not hasattr(e, "format_message"):
+            raise
+        from facetool.cli.common import print_error
+
+        if not e.format_message().strip():  # e.g. no_args_is_help: the help was printed already
+            sys.exit(getattr(e, "exit_code", 2))
+        ctx = getattr(e, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        print_error(e.format_message() + hint)
+        sys.exit(getattr(e, "exit_code", 2))
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -27,6 +27,8 @@ def register(app: typer.Typer) -> None:
         in_place: bool = typer.Option(False, "--in-place", help="Modify the store in place instead of copy+rename (huge stores)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON."),
         arch: Optional[str] = arch_option(of="--from-model"),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --as attribute, or a --json "
+                                                                  "file this command did not write."),
     ) -> None:
         """Add attributes (gender, skin, eye_colour, facial_hair, race, age) to a face store.
 
@@ -34,8 +36,11 @@ def register(app: typer.Typer) -> None:
         or:      facetool annotate --store data/imdb.h5 --from-model runs/iig/model.pt --feature gender
         """
         from facetool.annotate import annotate_store, estimate_from_model
-        from facetool.io import write_json
+        from facetool.io import guard_output, write_json
 
+        if json_out is not None:
+            guard_output(json_out, inputs=(store, from_model, *(csv or ())), overwrite=overwrite, option="--json",
+                         owner=f"annotate {Path(store).resolve()}")
         if from_model is not None:
             if csv:
                 raise FacetoolError("give either annotation CSVs or --from-model, not both")
@@ -43,7 +48,7 @@ def register(app: typer.Typer) -> None:
                 raise FacetoolError("--from-model needs --feature (e.g. --feature gender)")
             with console.status(f"running {from_model.name} over {store.name}"):
                 res = estimate_from_model(store, from_model, feature, as_name=as_name, batch_size=batch_size,
-                                          in_place=in_place, arch=arch)
+                                          in_place=in_place, arch=arch, overwrite=overwrite)
             rows = [(f"{res['attribute']} = {v}", n) for v, n in res["counts"].items()]
             for k in ("ground_truth_images", "accuracy", "accuracy_train", "accuracy_test"):
                 if k in res:

@@ -16,8 +16,20 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def one_line(text: str) -> str:
+    """The whole message on one line (newlines and runs of spaces become one space)."""
+    return " ".join(str(text).split())
+
+
+def print_error(message: str) -> None:
+    """``error: MESSAGE`` on stderr, one line, the message printed literally (no rich markup)."""
+    from rich.markup import escape
+
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str, code: int = 2) -> None:
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     raise typer.Exit(code)
 
 
@@ -29,6 +41,8 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from facetool.io import release_claims
+
         try:
             return fn(*args, **kwargs)
         except typer.Exit:
@@ -36,18 +50,28 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except FacetoolError as e:
             if os.environ.get("FACETOOL_DEBUG"):
                 raise
-            fail(str(e).splitlines()[0] if str(e) else type(e).__name__, e.exit_code)
+            fail(str(e) if str(e).strip() else type(e).__name__, e.exit_code)
         except KeyboardInterrupt:
             if os.environ.get("FACETOOL_DEBUG"):
                 raise
             fail("interrupted; partial results were kept where the command can resume (--resume)", 130)
         except MemoryError:
             fail("out of memory; use a smaller --batch-size", 1)
+        except OSError as e:  # a path the user gave that the system refuses (too long, permission, disk full)
+            if os.environ.get("FACETOOL_DEBUG"):
+                raise
+            if not e.filename:
+                fail(f"internal error: {type(e).__name__}: {one_line(e)} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+            fail(f"cannot use {e.filename}: {e.strerror or one_line(e)}", 2)
         except Exception as e:  # noqa: BLE001 - never show a traceback to a user
             if os.environ.get("FACETOOL_DEBUG"):
                 raise
-            msg = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            fail(f"internal error: {type(e).__name__}: {msg[:300]} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+            msg = one_line(e)
+            if len(msg) > 600:  # e.g. a library's multi-paragraph message: keep whole words
+                msg = msg[:600].rsplit(" ", 1)[0] + " ..."
+            fail(f"internal error: {type(e).__name__}: {msg} (set FACETOOL_DEBUG=1 for the traceback)", 1)
+        finally:
+            release_claims()
 
     return wrapper
 

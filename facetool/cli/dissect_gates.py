@@ -16,7 +16,8 @@ def register(group: typer.Typer) -> None:
     def gates(
         model: Path = typer.Option(..., "--model", help="AIG/IIG checkpoint."),
         store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5) with attributes. [env FACETOOL_STORE]"),
-        out: Path = typer.Option(..., "--out", help="Output folder (PNGs, CSVs, JSON)."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Output folder (PNGs, CSVs, JSON); a new or empty one "
+                                                               "unless --overwrite (default: runs/dissect-<run>-<n>)."),
         attributes: Optional[str] = typer.Option(None, "--attributes", help="Comma list, e.g. gender,age (default: all)."),
         split: str = typer.Option("test", "--split", help="train, test or all."),
         run: Optional[Path] = typer.Option(None, "--run", help="Training run folder: plot its top-1/top-5 curves."),
@@ -24,13 +25,19 @@ def register(group: typer.Typer) -> None:
         identities: int = typer.Option(8, "--identities", min=1, help="Identities in the easy/hard grid."),
         per_identity: int = typer.Option(4, "--per-identity", min=1, help="Easy and hard images per identity."),
         arch: Optional[str] = arch_option(),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing, non-empty --out folder."),
     ) -> None:
         """Gate execution per attribute value (heatmaps), easy/hard images, active gates of correct vs
         wrong predictions, training curves.
 
         Example: facetool dissect gates --model runs/aig/model.pt --store data/imdb.h5 --out runs/aig/dissect --attributes gender,age
         """
+        from facetool.io import guard_output, next_free_folder, run_name
         from facetool.methods.dissect import dissect_gates
+
+        if out is None:
+            out = next_free_folder("runs", f"dissect-{run_name(model)}")
+        guard_output(out, inputs=(model, store, run), overwrite=overwrite, is_dir=True)
 
         attrs = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else None
         with console.status(f"running {model.name} over {store.name} [{split}]"):

@@ -26,6 +26,7 @@ def register(group: typer.Typer) -> None:
         arch: Optional[list[str]] = typer.Option(None, "--arch", metavar="NAME",
                                                  help="Architecture of each --model file that does not record one "
                                                       "(once per --model, same order), e.g. resnet18."),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace a --json file this command did not write."),
     ) -> None:
         """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
 
@@ -34,8 +35,11 @@ def register(group: typer.Typer) -> None:
         from rich.progress import Progress
 
         from facetool.eval.classification import compare_classifiers
-        from facetool.io import write_json
+        from facetool.io import guard_output, write_json
         from facetool.store import FaceStore
+
+        if json_out is not None:
+            guard_output(json_out, inputs=(store, *model), overwrite=overwrite, option="--json", owner="eval classify")
 
         with FaceStore(store) as s:
             n = len(s.indices(split))

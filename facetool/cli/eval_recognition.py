@@ -24,7 +24,23 @@ def _device(device: str) -> str:
 
 
 def _workers(workers: int) -> int:
+    if workers < -1:
+        from facetool.errors import FacetoolError
+
+        raise FacetoolError(f"--workers must be >= -1 (-1: up to 4, 0: main process), got {workers}")
     return min(4, os.cpu_count() or 1) if workers < 0 else workers
+
+
+def _guard_results(out_dir: Path, stem: str, owner: str, inputs: tuple, overwrite: bool) -> tuple[Path, Path]:
+    """The JSON and PNG of one model's result: named after the run, never another model's file."""
+    from facetool.io import guard_output
+
+    js, png = out_dir / f"{stem}.json", out_dir / f"{stem}_roc.png"
+    # the folder collects every model's results (so it may exist), but it is never an input folder
+    guard_output(out_dir, inputs=inputs, overwrite=True, is_dir=True, option="--out")
+    for p in (js, png):
+        guard_output(p, inputs=inputs, overwrite=overwrite, option="--out", owner=owner)
+    return js, png
 
 
 def _load(model: Path, arch: Optional[str], features: str) -> Any:
@@ -100,30 +116,37 @@ def _ijb(prefix: str):
         no_det_score: bool = typer.Option(False, "--no-det-score", help="Do not weight by the faceness score (D0)."),
         no_flip: bool = typer.Option(False, "--no-flip", help="Do not add the flipped crop's feature (F0)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache: reruns skip extraction."),
-        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{prefix})."),
+        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{prefix}); files are "
+                                                                "named after the run: runs/a/model.pt -> a_model_N1D1F1.json."),
         one_to_n: bool = typer.Option(False, "--one-to-n", help="Also run 1:N search (NIST gallery/probe CSVs)."),
         device: str = _DEVICE,
         workers: int = _WORKERS,
         arch: Optional[str] = arch_option(),
         features: str = features_option(),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace result files this command did not write."),
     ) -> None:
+        from facetool.eval.embed import check_cache
         from facetool.eval.ijb import evaluate_ijb
-        from facetool.io import write_json
+        from facetool.io import run_name, write_json
 
         dev = _device(device)
-        m = _load(model, arch, features)
         out_dir = out or Path("eval") / prefix
+        stem = run_name(model)
+        sw = f"N{int(not no_norm)}D{int(not no_det_score)}F{int(not no_flip)}"
+        inputs = (root, model, cache)
+        js, png = _guard_results(out_dir, f"{stem}_{sw}", f"eval {prefix} {Path(model).resolve()}", inputs, overwrite)
+        if cache is not None:
+            check_cache(cache, inputs=(root, model, js, png))
+        workers = _workers(workers)
+        m = _load(model, arch, features)
         with _Progress(f"{prefix} features") as prog:
             res = evaluate_ijb(m, root, prefix=prefix, model_path=model, batch_size=batch_size, norm=not no_norm,
                                det_score=not no_det_score, flip=not no_flip, device=dev,
-                               workers=_workers(workers), cache=cache, one_to_n=one_to_n, progress=prog)
+                               workers=workers, cache=cache, one_to_n=one_to_n, progress=prog)
         fpr, tpr = res.pop("roc")
         res["model"] = str(model)
-        stem = model.stem
-        sw = "".join(f"{k}{int(v)}" for k, v in zip("NDF", res["switches"].values()))
-        png = out_dir / f"{stem}_{sw}_roc.png"
         _roc_png(png, fpr, tpr, f"{title} 1:1 {stem} ({sw})")
-        js = write_json(out_dir / f"{stem}_{sw}.json", {**res, "roc_png": str(png)})
+        write_json(js, {**res, "roc_png": str(png)})
         rows = [{"FAR": k, "TAR (closest)": 100 * v["closest"], "TAR (interp)": 100 * v["interp"],
                  "FPR used": v["fpr"]} for k, v in res["tar_at_far"].items()]
         console.print(records_table(f"{title} 1:1 {stem} {sw}: {res['templates']} templates, "
@@ -149,17 +172,23 @@ def _verification(name: str):
         images: Optional[Path] = typer.Option(None, "--images", help="Folder of Name/Name_0001.jpg images."),
         aligned: bool = typer.Option(False, "--aligned", help="--images are already aligned crops (no detection)."),
         batch_size: int = typer.Option(128, "--batch-size", min=1),
-        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{name})."),
+        out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{name}); files are "
+                                                                "named after the run: runs/a/model.pt -> a_model.json."),
         device: str = _DEVICE,
         workers: int = _WORKERS,
         arch: Optional[str] = arch_option(),
         features: str = features_option(),
+        overwrite: bool = typer.Option(False, "--overwrite", help="Replace result files this command did not write."),
     ) -> None:
         from facetool.errors import FacetoolError
         from facetool.eval import verification as V
         from facetool.eval.roc import roc
-        from facetool.io import write_json
+        from facetool.io import run_name, write_json
 
+        out_dir = out or Path("eval") / name
+        stem = run_name(model)
+        js, png = _guard_results(out_dir, stem, f"eval {name} {Path(model).resolve()}", (model, bin, pairs, images),
+                                 overwrite)
         if (bin is None) == (pairs is None) or (pairs is not None and images is None):
             raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
         dev, nw = _device(device), _workers(workers)
@@ -171,12 +200,10 @@ def _verification(name: str):
                 res = V.verify_pairs(m, pairs, images, aligned=aligned, batch_size=batch_size, device=dev, workers=nw)
         dist, issame = res.pop("distances"), res.pop("issame")
         res.update(set=name, model=str(model))
-        out_dir = out or Path("eval") / name
-        png = out_dir / f"{model.stem}_roc.png"
         fpr, tpr, _ = roc(issame, -dist)
-        _roc_png(png, fpr, tpr, f"{name} {model.stem}")
-        js = write_json(out_dir / f"{model.stem}.json", {**res, "roc_png": str(png)})
-        console.print(dict_table(f"{name} verification: {model.stem} ({res['pairs']} pairs, {res['folds']} folds)", [
+        _roc_png(png, fpr, tpr, f"{name} {stem}")
+        write_json(js, {**res, "roc_png": str(png)})
+        console.print(dict_table(f"{name} verification: {stem} ({res['pairs']} pairs, {res['folds']} folds)", [
             ("accuracy (%)", f"{100 * res['accuracy']:.2f} ± {100 * res['std']:.2f}"),
             ("best threshold (all pairs)", f"{res['best_threshold']:.2f}"),
             ("accuracy at best threshold (%)", f"{100 * res['best_threshold_accuracy']:.2f}"),

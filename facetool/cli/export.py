@@ -15,18 +15,24 @@ def register(app: typer.Typer) -> None:
     @guarded
     def export(
         model: Path = typer.Option(..., "--model", help="facetool checkpoint or arcface_torch backbone.pth."),
-        out: Path = typer.Option(..., "--out", help="Output .onnx file (a .json report is written beside it)."),
-        opset: int = typer.Option(17, "--opset", help="ONNX opset version."),
+        out: Path = typer.Option(None, "--out", help="Output .onnx file (a .json report is written beside it; "
+                                                     "default: <run>.onnx beside the checkpoint, runs/a/model.pt -> runs/a/a_model.onnx)."),
+        opset: int = typer.Option(17, "--opset", help="ONNX opset version (7..20)."),
         dynamic_batch: bool = typer.Option(False, "--dynamic-batch", help="Variable batch size (default: batch 1)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         arch: Optional[str] = arch_option(),
         features: str = features_option(("embedding", "penultimate", "logits")),
     ) -> None:
         """Export a model to ONNX and verify it against PyTorch with ONNX Runtime."""
-        from facetool.export import export_onnx
-        from facetool.io import check_output
+        from facetool.export import check_export_options, export_onnx, report_path
+        from facetool.io import guard_output, run_name
 
-        check_output(out, overwrite)
+        if out is None:
+            out = model.parent / f"{run_name(model)}.onnx"
+        check_export_options(out, opset)
+        guard_output(out, inputs=(model,), overwrite=overwrite, option="--out")
+        guard_output(report_path(out), inputs=(model, out), overwrite=overwrite, option="--out (report)",
+                     owner=f"export {out.resolve()}")
         report = export_onnx(model, out, opset=opset, dynamic_batch=dynamic_batch, features=features, arch=arch)
         rows = {k: report[k] for k in ("onnx", "opset", "dynamic_batch", "input_size", "output", "output_size",
                                        "max_abs_diff_normalised", "insightface_recognition")}

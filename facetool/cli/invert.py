@@ -17,7 +17,8 @@ def register(app: typer.Typer) -> None:
 @guarded
 def invert_cmd(
     model: Path = typer.Option(..., "--model", help="Model checkpoint (the embeddings' model)."),
-    out: Path = typer.Option(..., "--out", help="Output folder: inverted.h5, grid.png, metrics.json."),
+    out: Path = typer.Option(None, "--out", help="Output folder: inverted.h5, grid.png, metrics.json "
+                                                 "(default: runs/invert-<run>-<n>, the next free n)."),
     images: Path = typer.Option(None, "--images", help="Face store (.h5) or folder of aligned crops to invert."),
     embeddings: Path = typer.Option(None, "--embeddings", help="HDF5 with 'embeddings' (N,D) [+ 'images', 'labels']."),
     split: str = typer.Option("test", "--split", help="Store split to take faces from (train/test/all)."),
@@ -49,13 +50,24 @@ def invert_cmd(
 
     from facetool.data.transforms import normalize
     from facetool.errors import FacetoolError
-    from facetool.io import atomic_path, check_output, write_json
+    from facetool.io import atomic_path, guard_output, guard_run_folder, run_name, write_json
     from facetool.methods import invert as inv
     from facetool.models import load_model
 
+    for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1), ("--seed", seed, 0)):
+        if v < lo:
+            raise FacetoolError(f"{opt} must be >= {lo}, got {v}")
+    for opt, v in (("--lr", lr),):
+        if not v > 0:
+            raise FacetoolError(f"{opt} must be > 0, got {v}")
+    for opt, v in (("--bn-weight", bn_weight), ("--tv-l2", tv_l2), ("--tv-l1", tv_l1), ("--l2", l2),
+                   ("--gate-prior", gate_prior), ("--routing-prior", routing_prior)):
+        if not v >= 0:
+            raise FacetoolError(f"{opt} must be >= 0, got {v}")
+    inputs = (model, images, embeddings, judge)
+    out = guard_run_folder(out, f"invert-{run_name(model)}", inputs=inputs, overwrite=overwrite, resume=resume)
     for name in ("inverted.h5", "grid.png", "metrics.json"):
-        if not resume:
-            check_output(out / name, overwrite)
+        guard_output(out / name, inputs=inputs, overwrite=overwrite or resume, option="--out")
     state_dir = out / "state"
     if state_dir.exists() and not resume:
         for f in state_dir.glob("state-*.pt"):

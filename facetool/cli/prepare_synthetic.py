@@ -18,7 +18,7 @@ def register(prepare_app: typer.Typer) -> None:
         out: Path = typer.Option(Path("data/synthetic.h5"), "--out", "-o", help="Output face store (.h5)."),
         identities: int = typer.Option(20, "--identities", min=1, help="Number of identities."),
         per_identity: int = typer.Option(40, "--per-identity", min=1, help="Images per identity."),
-        size: int = typer.Option(112, "--size", help="Image size in pixels (square)."),
+        size: int = typer.Option(112, "--size", help="Image size in pixels (square, 32..1024)."),
         seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives bit-identical images."),
         test_fraction: float = typer.Option(0.2, "--test-fraction", help="Share of each identity's images in the test split."),
         bias: Optional[str] = typer.Option(None, "--bias", help=BIAS_HELP),
@@ -33,7 +33,14 @@ def register(prepare_app: typer.Typer) -> None:
         Example: facetool prepare synthetic --identities 20 --per-identity 40 --out data/synthetic.h5
         """
         from facetool.data.synthetic import prepare_synthetic, save_grid
+        from facetool.errors import FacetoolError
+        from facetool.io import guard_output
 
+        grid = grid if grid is not None else out.with_name(out.name + ".grid.png")
+        if grid.suffix.lower() != ".png":
+            raise FacetoolError(f"--grid must be a .png file, got {grid}")
+        guard_output(out, overwrite=overwrite or resume)
+        guard_output(grid, inputs=(out,), overwrite=overwrite, option="--grid", owner=f"prepare synthetic {out.resolve()}")
         path, s = prepare_synthetic(
             out, identities=identities, per_identity=per_identity, size=size, seed=seed,
             test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers,
@@ -46,5 +53,5 @@ def register(prepare_app: typer.Typer) -> None:
             rows.append((name, ", ".join(f"{k} {v}" for k, v in counts.items() if k != "unknown" or v)))
         rows.append(("parts", ", ".join(s["parts"])))
         console.print(dict_table(f"synthetic store {path}", rows))
-        png = save_grid(path, grid if grid is not None else path.with_name(path.name + ".grid.png"))
+        png = save_grid(path, grid)
         console.print(f"example grid: {png}")

@@ -5,11 +5,28 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-import click
 import typer
 
-from facetool.cli.common import console, guarded
+from rich.markup import escape
+
+from facetool.cli.common import console, guarded, print_error
 from facetool.errors import FacetoolError
+
+
+def _options_of(root: typer.Typer):
+    """``argv -> set of option names`` of the facetool command that ``argv`` runs."""
+    command = typer.main.get_command(root)
+
+    def options(argv: list[str]) -> set[str]:
+        cmd = command
+        for word in argv:
+            sub = getattr(cmd, "commands", {}).get(word) if hasattr(cmd, "commands") else None
+            if sub is None:
+                break
+            cmd = sub
+        return {o for p in getattr(cmd, "params", []) for o in (*p.opts, *p.secondary_opts)}
+
+    return options
 
 
 def register(app: typer.Typer) -> None:
@@ -20,10 +37,13 @@ def register(app: typer.Typer) -> None:
         set_: list[str] = typer.Option([], "--set", help="Override a recipe variable: name=value."),
         from_step: int = typer.Option(1, "--from-step", help="Start at this step (1-based)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the command lines only."),
+        resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of the first step run "
+                                                            "(--from-step): --overwrite becomes --resume where the "
+                                                            "step's command can resume."),
     ) -> None:
         """Run a recipe: a list of facetool command lines (the quickstart, the papers' tables)."""
         from facetool.cli import app as root
-        from facetool.recipe import load_recipe
+        from facetool.recipe import load_recipe, resume_argv
 
         overrides = {}
         for s in set_:
@@ -32,20 +52,34 @@ def register(app: typer.Typer) -> None:
             k, v = s.split("=", 1)
             overrides[k] = v
         title, steps = load_recipe(path, overrides)
-        console.rule(f"[bold]{title}")
+        if not 1 <= from_step <= len(steps):
+            raise FacetoolError(f"--from-step must be in 1..{len(steps)} (the recipe has {len(steps)} steps), got {from_step}")
+        options = _options_of(root)
+        console.rule(f"[bold]{escape(title)}")
         for i, step in enumerate(steps, 1):
             if i < from_step:
                 continue
-            console.print(f"[bold cyan]step {i}/{len(steps)}[/] {step.name}: facetool {' '.join(step.argv)}")
+            argv = step.argv
+            if resume and i == from_step:
+                argv = resume_argv(argv, options(argv))
+            console.print(f"[bold cyan]step {i}/{len(steps)}[/] {escape(step.name)}: facetool {escape(' '.join(argv))}")
             if dry_run:
                 continue
             t0 = time.time()
             try:
-                rc = root(step.argv, standalone_mode=False)
-            except click.ClickException as e:  # usage errors inside a recipe line
+                rc = root(argv, standalone_mode=False)
+            except typer.TyperException as e:  # usage errors inside a recipe line (typer vendors click)
+                if not hasattr(e, "format_message"):
+                    raise
                 raise FacetoolError(f"recipe step {i} ({step.name}): {e.format_message()}") from None
             except (typer.Exit, SystemExit) as e:
                 rc = getattr(e, "exit_code", getattr(e, "code", 1))
+            again = f"facetool recipe {path} --from-step {i}"
+            if rc == 130:  # Ctrl-C inside the step: pass it through, with how to continue
+                can_resume = "--resume" in options(argv)
+                print_error(f"recipe interrupted at step {i} ({step.name}); continue with: "
+                            + (f"{again} --resume" if can_resume else again))
+                raise typer.Exit(130)
             if rc:
-                raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with --from-step {i}")
+                raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with {again}")
             console.print(f"[dim]step {i} done in {time.time() - t0:.1f}s[/]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -14,7 +15,8 @@ def register(app: typer.Typer) -> None:
     @guarded
     def arcface(
         store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5) to train on (train split; test split validates). [env FACETOOL_STORE]"),
-        out: Path = typer.Option(..., "--out", help="Run folder: model.pt, backbone.pth, metrics, resume state."),
+        out: Optional[Path] = typer.Option(None, "--out", help="Run folder: model.pt, backbone.pth, metrics, resume state "
+                                                               "(default: runs/arcface-<network>-<n>, the next free n)."),
         network: str = typer.Option("r50", "--network", help="r18 | r34 | r50 | r100 | r200 | mbf (or a registry name)."),
         loss: str = typer.Option("arcface", "--loss", help="arcface | cosface | softmax."),
         embedding_size: int = typer.Option(512, "--embedding-size", help="Embedding dimension."),
@@ -41,9 +43,11 @@ def register(app: typer.Typer) -> None:
         """Train a recognition backbone (arcface_torch recipe) through the facetool engine."""
         from facetool.engine import TrainConfig
         from facetool.errors import FacetoolError
+        from facetool.io import guard_run_folder
         from facetool.methods.arcface import parse_margins, resolve_network, train_arcface
 
         name = resolve_network(network)
+        out = guard_run_folder(out, f"arcface-{network}", inputs=(store, *val_bin), overwrite=overwrite, resume=resume)
         if width != 64 and not name.startswith("iresnet"):
             raise FacetoolError(f"--width applies to IR-ResNets only, not {name}")
         cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,

@@ -30,6 +30,13 @@ def _int_list(text: str, option: str) -> list[int]:
         raise FacetoolError(f"{option} needs integers separated by commas, got {text!r}") from None
 
 
+def _out(kind: str, arch: str, out: Optional[Path], inputs: tuple, overwrite: bool, resume: bool) -> Path:
+    """The run folder: --out, or runs/<kind>-<arch>-<n> (the next free n); guarded before anything runs."""
+    from facetool.io import guard_run_folder
+
+    return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=overwrite, resume=resume)
+
+
 def _show(title: str, result: dict) -> None:
     m = result["metrics"]
     keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "val_exec_rate", "val_exec_rate_free"]
@@ -47,6 +54,7 @@ def register(app: typer.Typer) -> None:
         from facetool.engine import TrainConfig, train_on_store
 
         name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
+        out = _out(kind, _arch(arch), out, (store,), overwrite, resume)
         kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
         cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
@@ -58,7 +66,8 @@ def register(app: typer.Typer) -> None:
             _show(f"train {kind} ({name}) -> {out}", result)
 
     store_o = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5); train split trains, test split validates. [env FACETOOL_STORE]")
-    out_o = typer.Option(..., "--out", help="Run folder: model.pt, last.pt (resume), metrics.csv/jsonl, result.json.")
+    out_o = typer.Option(None, "--out", help="Run folder: model.pt, last.pt (resume), metrics.csv/jsonl, result.json "
+                                             "(default: runs/<command>-<arch>-<n>, the next free n).")
     arch_o = typer.Option("resnet50", "--arch", help="resnet18 | resnet34 | resnet50 | resnet101.")
     size_o = typer.Option(None, "--input-size", help="Network input size (default: the store's image size).")
     width_o = typer.Option(64, "--width", help="Base width (64 = standard ResNet; 16/32 for CPU runs).")
@@ -80,7 +89,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("resnet")
     @guarded
-    def resnet(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+    def resnet(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
                width: int = width_o, epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o,
                momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
                warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
@@ -98,7 +107,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("aig")
     @guarded
-    def aig(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+    def aig(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
             width: int = width_o,
             target: float = typer.Option(0.4, "--target", help="Target execution rate t in [0, 1] of the free blocks."),
             target_schedule: str = typer.Option("", "--target-schedule",
@@ -134,7 +143,7 @@ def register(app: typer.Typer) -> None:
 
     @app.command("iig")
     @guarded
-    def iig(store: Path = store_o, out: Path = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
+    def iig(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
             width: int = width_o,
             feature: str = typer.Option(..., "--feature", help="Attribute(s) of the store, comma-separated: gender[,age]."),
             masks: Optional[Path] = typer.Option(None, "--masks",
@@ -166,6 +175,7 @@ def register(app: typer.Typer) -> None:
             raise FacetoolError("--feature needs at least one attribute name")
         if not 0.0 <= target <= 1.0:
             raise FacetoolError(f"--target must be in [0, 1], got {target}")
+        out = _out("iig", _arch(arch), out, (store, masks), overwrite, resume)
         with FaceStore(store) as s:
             vocab = {f: s.attribute(f)[1] for f in feats}
         given = load_masks(masks) if masks is not None else None

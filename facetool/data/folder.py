@@ -14,10 +14,10 @@ from typing import Any
 
 import cv2
 
-from facetool.data.imdbface import check_options, finish_report, sample_split
+from facetool.data.imdbface import check_options, finish_report, guard_report, sample_split
 from facetool.detect.align import align_5pt, template, transform_points
 from facetool.errors import FacetoolError, require_dir
-from facetool.io import check_output
+from facetool.io import guard_output
 from facetool.store import Record
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -91,11 +91,16 @@ def prepare_folder(
     is also written to ``<out stem>.json``. ``det_size``: longer image side the detector sees."""
     from facetool.prepare import build_store
 
-    check_options(min_images, per_identity, test_fraction, size)
+    check_options(min_images, per_identity, test_fraction, size, seed)
+    if det_size is not None and det_size < 0:
+        raise FacetoolError(f"--det-size must be >= 0 (0: the image's own size), got {det_size}")
+    if not 0.0 <= score <= 1.0:
+        raise FacetoolError(f"--score must be in [0, 1], got {score}")
+    if workers < 1:
+        raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "dataset folder")
-    out = Path(out)
-    if not resume:
-        check_output(out, overwrite)
+    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume)
+    guard_report(out, overwrite, inputs=(root, detector_model))
     identities, items, counters = plan(
         root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
     )

@@ -24,7 +24,7 @@ import numpy as np
 
 from facetool.detect.align import align_5pt, bbox_crop, template, transform_points
 from facetool.errors import FacetoolError, require_dir, require_file
-from facetool.io import check_output, write_json
+from facetool.io import guard_output, write_json
 from facetool.store import Record
 
 COLUMNS = ("name", "index", "image", "rect", "height width")
@@ -48,7 +48,9 @@ def sample_split(
     return out
 
 
-def check_options(min_images: int, per_identity: int | None, test_fraction: float, size: int) -> None:
+def check_options(min_images: int, per_identity: int | None, test_fraction: float, size: int, seed: int = 0) -> None:
+    if seed < 0:
+        raise FacetoolError(f"--seed must be >= 0, got {seed}")
     if min_images < 1:
         raise FacetoolError(f"--min-images must be >= 1, got {min_images}")
     if per_identity is not None and per_identity < 1:
@@ -172,6 +174,12 @@ class _Processor:
                       bbox=(det.boxes[k] + [x0, y0, x0, y0]).tolist(), landmarks=transform_points(lm, M))
 
 
+def guard_report(out: Path, overwrite: bool, inputs: tuple = ()) -> Path:
+    """Guard the JSON report beside the store (a rerun of prepare may replace its own report)."""
+    return guard_output(report_path(out), inputs=(*inputs, out), overwrite=overwrite, option="--out (report)",
+                        owner=f"prepare {Path(out).resolve()}")
+
+
 def report_path(out: str | Path) -> Path:
     """The JSON report written beside a store: ``imdb.h5`` -> ``imdb.json``."""
     return Path(out).with_suffix(".json")
@@ -192,6 +200,8 @@ def finish_report(path: Path, counters: dict[str, int], settings: dict[str, Any]
         "dropped": {k: int(v) for k, v in sorted(counters.items()) if v},
         "settings": settings,
     }
+    guard_output(report_path(path), inputs=(path,), overwrite=True, option="--out (report)",
+                 owner=f"prepare {Path(path).resolve()}")  # claim it: a rerun may replace it
     write_json(report_path(path), rep)
     return rep
 
@@ -219,13 +229,14 @@ def prepare_imdbface(
 
     if align not in ALIGN_MODES:
         raise FacetoolError(f"unknown --align {align!r}; use one of {', '.join(ALIGN_MODES)}")
-    size = size or (128 if align == "bbox" else 112)
-    check_options(min_images, per_identity, test_fraction, size)
+    size = size if size is not None else (128 if align == "bbox" else 112)
+    check_options(min_images, per_identity, test_fraction, size, seed)
+    if workers < 1:
+        raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "IMDb-Face image root")
     csv = Path(csv) if csv else root / "IMDb-Face.csv"
-    out = Path(out)
-    if not resume:
-        check_output(out, overwrite)
+    out = guard_output(out, inputs=(csv, root, detector_model), overwrite=overwrite or resume)
+    guard_report(out, overwrite, inputs=(csv, root, detector_model))
     df = read_csv(csv)
     identities, items, counters = plan(
         df, root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed

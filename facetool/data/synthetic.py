@@ -588,11 +588,13 @@ def prepare_synthetic(
     from facetool.store import FaceStore, Record
 
     if identities < 1 or per_identity < 1:
-        raise FacetoolError("need at least 1 identity and 1 image per identity")
+        raise FacetoolError(f"--identities and --per-identity must be >= 1, got {identities} and {per_identity}")
     if not 32 <= size <= 1024:
         raise FacetoolError(f"--size must be in 32..1024, got {size}")
     if not 0.0 <= test_fraction < 1.0:
-        raise FacetoolError(f"test fraction must be in [0, 1), got {test_fraction}")
+        raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
+    if seed < 0:
+        raise FacetoolError(f"--seed must be >= 0, got {seed}")
     spec = parse_bias(bias)
     people = make_identities(identities, seed)
     split = split_codes(identities, per_identity, test_fraction, seed)

@@ -245,6 +245,28 @@ def cache_key(model_id: str, data_id: str, preprocessing: str = PREPROCESSING) -
     return hashlib.sha256(json.dumps([model_id, data_id, preprocessing]).encode()).hexdigest()[:32]
 
 
+def check_cache(path: str | Path, inputs: Sequence[str | Path | None] = (), option: str = "--cache") -> Path:
+    """An HDF5 feature cache is read and extended by reruns, so an existing one is this command's own;
+    anything else (a face store, a checkpoint, any other file) is refused and never written into."""
+    from facetool.io import guard_output
+
+    p = Path(path)
+    if not p.exists():
+        return guard_output(p, inputs=inputs, option=option)
+    guard_output(p, inputs=inputs, overwrite=True, option=option)  # input == cache and folder checks
+    if p.is_file():
+        try:
+            with h5py.File(p, "r") as f:
+                ok = "format" not in f.attrs and all(
+                    isinstance(f[k], h5py.Group) and "feats" in f[k] for k in f.keys())
+        except OSError:
+            ok = False
+        if ok:
+            return p
+    raise FacetoolError(f"{option} {p} exists and is not a facetool feature cache (it would be written into); "
+                        "give a new file name or an existing cache")
+
+
 class FeatureCache:
     """HDF5 file of raw features: one group per key with ``feats`` (N, D) and ``flip`` (N, D)."""
 

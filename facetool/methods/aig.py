@@ -14,6 +14,7 @@ and divides by L; ``weight`` (``--target-weight``) rescales the term.
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import torch
@@ -74,6 +75,10 @@ class AIGMethod(ClassificationMethod):
     def __init__(self, targets: Sequence[float], weight: float = 1.0) -> None:
         self.targets = [float(t) for t in targets]
         self.weight = float(weight)
+        if not (self.weight >= 0 and math.isfinite(self.weight)):
+            raise FacetoolError(f"--target-weight must be >= 0 (weight of L_target), got {weight}")
+        if not all(0.0 <= t <= 1.0 for t in self.targets):
+            raise FacetoolError(f"targets must be in [0, 1], got {self.targets}")
 
     def loss(self, model, batch, out, internals):
         terms = super().loss(model, batch, out, internals)

@@ -12,6 +12,7 @@ the backbone) and ``backbone.pth`` (plain state_dict, arcface_torch-compatible f
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -160,6 +161,15 @@ def train_arcface(
     from facetool.io import torch_save
     from facetool.models import create_model
 
+    cfg.validate()
+    if not (s > 0 and math.isfinite(s)):
+        raise FacetoolError(f"--scale must be a positive number (arcface_torch: 64), got {s}")
+    if embedding_size < 1:
+        raise FacetoolError(f"--embedding-size must be >= 1, got {embedding_size}")
+    if input_size < 1:
+        raise FacetoolError(f"--input-size must be a positive number of pixels, got {input_size}")
+    if margins is not None and not all(math.isfinite(m) for m in margins):
+        raise FacetoolError(f"--margins must be finite numbers, got {margins}")
     require_file(store, "face store")
     for b in val_bins:
         require_file(b, "verification pack")

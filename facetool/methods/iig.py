@@ -19,6 +19,7 @@ Attribute estimation (Eq. 5): ``c_hat = argmin_c sum_{j in U_f} (1[j in M_{f,c}]
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -61,7 +62,7 @@ def make_masks(features: Mapping[str, Sequence[str]], num_blocks: int, style: st
         raise FacetoolError(f"{len(per)} blocks-per-value numbers for {len(features)} feature(s) "
                             f"({', '.join(features)}); give one, or one per feature")
     if min(per, default=1) < 1:
-        raise FacetoolError(f"blocks per value must be >= 1, got {min(per)}")
+        raise FacetoolError(f"--blocks-per-value must be >= 1, got {min(per)}")
     if candidates is None:
         first, last = scaled_pins(num_blocks)
         candidates = list(range(first, num_blocks - last))
@@ -201,6 +202,9 @@ class IIGMethod(ClassificationMethod):
         self.masks = validate_masks(masks, num_blocks, self.vocab)
         self.targets = [float(t) for t in targets] if targets is not None else None
         self.weight, self.target_weight = float(weight), float(target_weight)
+        for opt, v in (("--iig-weight", self.weight), ("--target-weight", self.target_weight)):
+            if not (v >= 0 and math.isfinite(v)):
+                raise FacetoolError(f"{opt} must be >= 0, got {v}")
 
     def loss(self, model, batch, out, internals):
         terms = super().loss(model, batch, out, internals)

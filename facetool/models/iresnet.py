@@ -71,7 +71,11 @@ class IResNet(FaceModel):
     ) -> None:
         super().__init__()
         if input_size % 16 or input_size < 16:
-            raise FacetoolError(f"iresnet input_size must be a multiple of 16, got {input_size}")
+            raise FacetoolError(f"--input-size must be a multiple of 16 (>= 16) for IR-ResNets, got {input_size}")
+        if width < 1:
+            raise FacetoolError(f"--width must be >= 1 (64 = arcface_torch), got {width}")
+        if embedding_size < 1:
+            raise FacetoolError(f"--embedding-size must be >= 1, got {embedding_size}")
         self.fp16 = fp16
         self.embedding_size = embedding_size
         self.input_size = input_size

@@ -62,7 +62,9 @@ class MobileFaceNet(FaceModel):
     def __init__(self, embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> None:
         super().__init__()
         if input_size % 16 or input_size < 16:
-            raise FacetoolError(f"mobilefacenet input_size must be a multiple of 16, got {input_size}")
+            raise FacetoolError(f"--input-size must be a multiple of 16 (>= 16) for MobileFaceNet, got {input_size}")
+        if embedding_size < 1:
+            raise FacetoolError(f"--embedding-size must be >= 1, got {embedding_size}")
         self.embedding_size = embedding_size
         self.input_size = input_size
         self.conv1 = ConvBN(3, 64, 3, stride=2)

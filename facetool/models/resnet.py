@@ -89,8 +89,14 @@ class ResNet(FaceModel):
     def __init__(self, block: type[GatedResidual], layers: list[int], num_classes: int = 1000,
                  input_size: int = 128, width: int = 64, gate_hidden: int | None = None) -> None:
         super().__init__()
-        if input_size < 32:
-            raise ValueError(f"input_size must be >= 32, got {input_size}")
+        from facetool.errors import FacetoolError
+
+        if input_size < 32:  # stride 32: below that the last stage sees only padding-dominated 1x1 maps
+            raise FacetoolError(f"--input-size must be >= 32 for ResNet/AIG/IIG (they downsample by 32), got {input_size}")
+        if width < 1:
+            raise FacetoolError(f"--width must be >= 1 (64 = standard ResNet), got {width}")
+        if gate_hidden is not None and gate_hidden < 1:
+            raise FacetoolError(f"--gate-hidden must be >= 1, got {gate_hidden}")
         self.input_size = int(input_size)
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
