@@ -73,7 +73,7 @@ def test_eval_ijbc_on_a_bare_backbone(backbone, ijb_root, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert "IJB-C 1:1" in r.stdout and "TAR (closest)" in r.stdout and "1e-01" in r.stdout
     assert "model input 112 px" in r.stdout
-    res = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
     assert res["images_extracted"] == res["images"] > 0 and res["input_size"] == 112
     assert all(np.isfinite(v["closest"]) for v in res["tar_at_far"].values())
 
@@ -97,7 +97,7 @@ def test_eval_lfw_on_a_bare_backbone(narrow_backbone, synthetic_store, tmp_path)
                      "--workers", "0", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     assert "lfw verification" in r.stdout and "accuracy (%)" in r.stdout
-    res = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
     assert res["pairs"] == 10 and 0.0 <= res["accuracy"] <= 1.0 and res["xnorm"] > 0
 
 

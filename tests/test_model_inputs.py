@@ -75,7 +75,7 @@ def test_eval_ijbc_of_a_32px_model_says_it_resized(ijb_root, tmp_path, cli):
     r = cli("eval", "ijbc", "--root", ijb_root, "--model", ck, "--out", tmp_path / "o", "--workers", "0")
     assert r.exit_code == 0, r.output
     assert "model input 32 px: the aligned 112-px crops were resized to it" in r.output
-    res = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
     assert res["input_size"] == 32 and res["crop_size"] == 112
 
 
@@ -122,7 +122,7 @@ def test_embedding_commands_refuse_a_classifier_unless_asked(tmp_path, synthetic
     r = cli("eval", "lfw", "--bin", b, "--model", ck, "--features", "penultimate", "--out", tmp_path / "o",
             "--workers", "0")
     assert r.exit_code == 0, r.output
-    res = json.loads(next((tmp_path / "o").glob("*.json")).read_text())
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
     assert res["input_size"] == 32 and res["pairs"] == 60
     r = cli("eval", "lfw", "--bin", b, "--model", ck, "--features", "logits")
     assert r.exit_code == 2 and "not one of: embedding, penultimate" in r.output
