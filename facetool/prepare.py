@@ -1,7 +1,8 @@
 """The one streaming loop that turns a planned list of inputs into a face store.
 
 Every ``prepare`` source (synthetic, IMDb-Face, folders, IJB, ...) builds a list of items and a
-``process(item) -> Record | str`` function (a string is a skip reason, counted). The loop streams
+``process(item) -> Record | str`` function (a string is a skip reason, counted); ``process`` may also
+return a list of them (e.g. one item per identity, the resume unit). The loop streams
 results into :class:`~facetool.store.StoreWriter` in bounded memory, shows progress, and resumes an
 interrupted run from the last flushed item.
 """
@@ -53,18 +54,20 @@ def build_store(
     drop_empty_identities: bool = True,
     extra_attrs: dict | None = None,
 ) -> tuple[Path, dict[str, int]]:
-    """Run ``process`` over ``items`` and write the store. Returns (path, skip counters)."""
+    """Run ``process`` over ``items`` and write the store. Returns (path, skip counters).
+    ``process(item)`` returns a Record, a skip reason (str) or a list of those."""
     writer = StoreWriter(out, overwrite=overwrite, resume=resume, **writer_kwargs)
     start = writer.cursor if writer.resumed else 0
     counters: Counter[str] = Counter(writer.counters if writer.resumed else (initial_counters or {}))
     prog, task = _progress(len(items), label, start)
     try:
         with prog:
-            for i, res in enumerate(_ordered_map(process, items, start, workers), start=start):
-                if isinstance(res, str):
-                    counters[res] += 1
-                else:
-                    writer.append(res)
+            for i, results in enumerate(_ordered_map(process, items, start, workers), start=start):
+                for res in results if isinstance(results, list) else [results]:
+                    if isinstance(res, str):
+                        counters[res] += 1
+                    else:
+                        writer.append(res)
                 writer.checkpoint(i + 1, dict(counters))
                 prog.advance(task)
     except BaseException:
