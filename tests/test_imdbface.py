@@ -129,6 +129,13 @@ def test_same_seed_same_store_other_seed_other_sample(imdb, tmp_path):
     assert 2 in unreadable  # seeds that drew the corrupt file replaced it (seed 0 does)
 
 
+def test_min_images_is_checked_even_when_fewer_are_sampled(imdb, tmp_path):
+    """--per-identity 2 < --min-images 3: 3 readable images are still required (Gus has 2 of 3 rows)."""
+    _, rep = prepare_imdbface(None, imdb, tmp_path / "s.h5", **{**OPTS, "per_identity": 2})
+    assert (rep["identities"], rep["images"]) == (2, 4)
+    assert rep["dropped"]["too few readable images"] == 2 and rep["images"] + sum(rep["dropped"].values()) == ROWS
+
+
 def test_cli_table_json_and_errors(imdb, tmp_path, cli):
     out = tmp_path / "cli.h5"
     r = cli("prepare", "imdb-face", "--csv", imdb / "IMDb-Face.csv", "--root", imdb, "--out", out,

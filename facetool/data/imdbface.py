@@ -10,9 +10,10 @@ outside [0.75, 1.25] (``aspect``), file not on disk (``missing file``), identity
 ``min_images`` remaining rows (``too few images``). Then, per identity, the rows are tried in a seeded
 order (a per-identity stream of ``seed``): a file that does not decode (``unreadable``) or, with
 ``align="retinaface"``, shows no face in the box (``no face``) is *replaced* by the identity's next
-row, until ``per_identity`` usable images are found; the rows never tried are ``not sampled``. An
-identity that ends with fewer than ``min_images`` usable images is dropped (its other rows:
-``too few readable images``). Only then are the identity's images split train/test (seeded), so a
+row, until ``per_identity`` usable images are found (at least ``min_images``: with
+``per_identity < min_images`` the first ``per_identity`` of them are kept); the rows never tried are
+``not sampled``. An identity that ends with fewer than ``min_images`` usable images is dropped (its
+other rows: ``too few readable images``). Only then are the identity's images split train/test (seeded), so a
 kept identity has ``min(per_identity, usable rows)`` images and the split counts of that number.
 """
 
@@ -150,13 +151,14 @@ class _Identity:
         rng = identity_rng(self.seed, key)
         n = len(rows)
         want = min(self.per_identity or n, n)
+        need = min(max(want, self.min_images), n)  # usable images to find (min_images is checked too)
         order = rng.permutation(n).tolist() if want < n else list(range(n))
-        got: dict[int, Record] = {}
+        got: dict[int, Record] = {}  # in the order drawn
         out: list[Record | str] = []
         pos = 0
         # a wave asks for exactly the missing images; stop early once min_images is out of reach
-        while len(got) < want and pos < n and len(got) + (n - pos) >= self.min_images:
-            wave = order[pos : pos + want - len(got)]
+        while len(got) < need and len(got) + (n - pos) >= self.min_images:
+            wave = order[pos : pos + need - len(got)]
             pos += len(wave)
             fn = lambda i: self.row((label, *rows[i]))  # noqa: E731
             results = self.pool.map(fn, wave) if self.pool is not None and len(wave) > 1 else map(fn, wave)
@@ -168,11 +170,11 @@ class _Identity:
         untried = n - pos
         if len(got) < self.min_images:
             return out + ["too few readable images"] * (len(got) + untried)
-        keep = sorted(got)  # the identity's rows in CSV order
+        keep = sorted(list(got)[:want])  # the first `want` drawn, in CSV order
         test = set(rng.permutation(keep)[: int(round(len(keep) * self.test_fraction))].tolist())
         for i in keep:
             got[i].split = int(i in test)
-        return [got[i] for i in keep] + out + ["not sampled"] * untried
+        return [got[i] for i in keep] + out + ["not sampled"] * (untried + len(got) - len(keep))
 
 
 def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
