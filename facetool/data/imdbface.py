@@ -157,7 +157,7 @@ class _Identity:
         out: list[Record | str] = []
         pos = 0
         # a wave asks for exactly the missing images; stop early once min_images is out of reach
-        while len(got) < need and len(got) + (n - pos) >= self.min_images:
+        while len(got) < need and pos < n and len(got) + (n - pos) >= self.min_images:
             wave = order[pos : pos + need - len(got)]
             pos += len(wave)
             fn = lambda i: self.row((label, *rows[i]))  # noqa: E731
