@@ -1,7 +1,8 @@
 """The one streaming loop that turns a planned list of inputs into a face store.
 
 Every ``prepare`` source (synthetic, IMDb-Face, folders, IJB, ...) builds a list of items and a
-``process(item) -> Record | str`` function (a string is a skip reason, counted). The loop streams
+``process(item) -> Record | str`` function (a string is a skip reason, counted); ``process`` may also
+return a list of them (e.g. one item per identity, the resume unit). The loop streams
 results into :class:`~facetool.store.StoreWriter` in bounded memory, shows progress, and resumes an
 interrupted run from the last flushed item.
 """
@@ -54,7 +55,8 @@ def build_store(
     drop_empty_identities: bool = True,
     extra_attrs: dict | None = None,
 ) -> tuple[Path, dict[str, int]]:
-    """Run ``process`` over ``items`` and write the store. Returns (path, skip counters)."""
+    """Run ``process`` over ``items`` and write the store. Returns (path, skip counters).
+    ``process(item)`` returns a Record, a skip reason (str) or a list of those."""
     if workers < 1:
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     writer = StoreWriter(out, overwrite=overwrite, resume=resume, **writer_kwargs)
@@ -63,11 +65,12 @@ def build_store(
     prog, task = _progress(len(items), label, start)
     try:
         with prog:
-            for i, res in enumerate(_ordered_map(process, items, start, workers), start=start):
-                if isinstance(res, str):
-                    counters[res] += 1
-                else:
-                    writer.append(res)
+            for i, results in enumerate(_ordered_map(process, items, start, workers), start=start):
+                for res in results if isinstance(results, list) else [results]:
+                    if isinstance(res, str):
+                        counters[res] += 1
+                    else:
+                        writer.append(res)
                 writer.checkpoint(i + 1, dict(counters))
                 prog.advance(task)
     except BaseException:

@@ -131,22 +131,43 @@ def test_executed_flops_dense_when_open_and_lower_when_closed(tmp_path):
     skipped = sum(float(f) for f, o in zip(blocks, closed) if not o)
     assert part["gflops_executed"] == pytest.approx(part["gflops_dense"] - skipped / 1e9, rel=1e-9)
     assert part["gflops_executed"] < 0.9 * part["gflops_dense"]
+    assert part["gate_rate_free"] is None  # no training targets in this model's meta: free blocks unknown
+    # with the targets `train aig --target 0.4` records (first 2 and last block pinned to 1), the free
+    # blocks are 2..6: open pattern F T F F T -> 2/5, beside the overall 5/8
+    m.meta = {"method": "aig", "aig": {"targets": [1.0, 1.0, 0.4, 0.4, 0.4, 0.4, 0.4, 1.0], "weight": 1.0}}
+    part = evaluate_classifier(m, store, "test", batch_size=4)
+    assert part["gate_rate"] == pytest.approx(5 / 8)
+    assert part["gate_rate_free"] == pytest.approx(2 / 5) and part["target_free"] == pytest.approx(0.4)
+    m.meta = {"method": "iig", "iig": {"targets": None}}  # IIG without --with-target: no free blocks
+    assert evaluate_classifier(m, store, "test", batch_size=4)["gate_rate_free"] is None
 
 
-def test_cli_two_models_side_by_side_and_json(tmp_path, cli):
+def test_cli_two_models_side_by_side_and_json(tmp_path, cli, monkeypatch):
+    import re
+
+    from facetool.cli.common import console
+
+    monkeypatch.setattr(console, "width", 200)  # the whole table on one line per row
     store = make_store(tmp_path / "s.h5", size=32)
     save_checkpoint(tmp_path / "a.pt", table_model(32))
     torch.manual_seed(0)
-    save_checkpoint(tmp_path / "b.pt", create_model("aig_resnet18", num_classes=N_IDS, input_size=32, width=8))
+    aig = create_model("aig_resnet18", num_classes=N_IDS, input_size=32, width=8)
+    _set_gates(aig, [True, True, False, True, False, False, True, True])
+    targets = [1.0, 1.0] + [0.4] * 5 + [1.0]  # what `train aig --target 0.4` stores for ResNet-18
+    save_checkpoint(tmp_path / "b.pt", aig, meta={"method": "aig", "aig": {"targets": targets, "weight": 1.0}})
     r = cli("eval", "classify", "--store", store, "--model", tmp_path / "a.pt", "--model", tmp_path / "b.pt",
             "--json", tmp_path / "t.json")
     assert r.exit_code == 0, r.output
     assert "classification on s.h5" in r.output and "t.json" in r.output
+    assert re.search(r"gate rate\s*┃\s*free-block rate\s*┃\s*target", r.output), r.output
+    assert re.search(r"│\s*0\.625\s*│\s*0\.4\s*│\s*0\.4\s*│", r.output), r.output  # all, free, target
     rows = json.loads((tmp_path / "t.json").read_text())["models"]
     assert [Path(x["checkpoint"]).name for x in rows] == ["a.pt", "b.pt"]
     assert [x["model"] for x in rows] == ["test_table_classifier", "aig_resnet18"]
     assert rows[0]["top1"] == pytest.approx(50.0) and rows[0]["gate_rate"] is None
-    assert 0.0 <= rows[1]["gate_rate"] <= 1.0 and rows[1]["gflops_executed"] <= rows[1]["gflops_dense"] + 1e-12
+    assert rows[1]["gate_rate"] == pytest.approx(5 / 8) and rows[1]["gflops_executed"] < rows[1]["gflops_dense"]
+    assert rows[1]["gate_rate_free"] == pytest.approx(2 / 5) and rows[1]["target_free"] == pytest.approx(0.4)
+    assert rows[0]["gate_rate_free"] is None  # not gated
 
 
 def test_bad_inputs_give_one_line(tmp_path, cli):

@@ -33,32 +33,43 @@ def _write(path: Path, seed: int) -> None:
 
 
 def make_imdb(root: Path) -> Path:
-    """Alice (nm001/): 6 valid + 1 bad aspect; Bob (Bob_nm002/): 4 valid + 1 corrupt + 1 missing;
-    Carol (Carol/): 2 valid (too few at min_images=3); one unparsable row."""
+    """Alice (nm001/): 6 valid + 1 bad aspect; Bob (Bob_nm002/): 5 valid + 1 corrupt + 1 missing (with
+    5 per identity he keeps 5: the corrupt file, when drawn, is replaced by his remaining valid one);
+    Carol (Carol/): 2 valid (too few at min_images=3); Gus (nm005/): 2 valid + 1 corrupt (3 rows, but
+    only 2 readable: dropped after reading); two unparsable rows. 21 rows."""
     rows = [HEADER]
     for i in range(6):
         _write(root / "nm001" / f"a{i}.jpg", i)
         rows.append(f"Alice,nm001,a{i}.jpg,{RECT},{FRAME},http://example.com/a{i}.jpg")
     _write(root / "nm001" / "wide.jpg", 50)
     rows.append(f"Alice,nm001,wide.jpg,0 0 300 100,{FRAME},http://x/wide.jpg")  # aspect 3
-    for i in range(4):
+    for i in range(5):
         _write(root / "Bob_nm002" / f"b{i}.jpg", 10 + i)
         rows.append(f"Bob,nm002,b{i}.jpg,{RECT},{FRAME},http://x/b{i}.jpg")
-    (root / "Bob_nm002" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
-    rows.append(f"Bob,nm002,corrupt.jpg,{RECT},{FRAME},http://x/c.jpg")
+        if i == 1:
+            (root / "Bob_nm002" / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+            rows.append(f"Bob,nm002,corrupt.jpg,{RECT},{FRAME},http://x/c.jpg")
     rows.append(f"Bob,nm002,missing.jpg,{RECT},{FRAME},http://x/m.jpg")
     for i in range(2):
         _write(root / "Carol" / f"c{i}.jpg", 20 + i)
         rows.append(f"Carol,nm003,c{i}.jpg,{RECT},{FRAME},http://x/c{i}.jpg")
     rows.append("Dan,nm004,d.jpg,abc,320 400,http://x/d.jpg")
     rows.append(f"Eve,nm001,../nm001/a0.jpg,{RECT},{FRAME},http://x/e.jpg")  # no paths outside the folder
+    _write(root / "nm005" / "g0.jpg", 30)
+    (root / "nm005" / "g1.jpg").write_bytes(b"")  # an empty download
+    _write(root / "nm005" / "g2.jpg", 32)
+    rows += [f"Gus,nm005,g{i}.jpg,{RECT},{FRAME},http://x/g{i}.jpg" for i in range(3)]
     csv = root / "IMDb-Face.csv"
     csv.write_text("\n".join(rows) + "\n")
     return csv
 
 
 OPTS = dict(min_images=3, per_identity=5, test_fraction=0.2, seed=0)
-EXPECTED_DROPS = {"aspect": 1, "bad row": 2, "missing file": 1, "not sampled": 1, "too few images": 2, "unreadable": 1}
+ROWS = 21
+# seed 0 draws Bob's corrupt file among his first 5 (-> unreadable, replaced by b4); Alice: 1 of 6 not sampled;
+# Gus: 1 unreadable, so his 2 readable rows are dropped too
+EXPECTED_DROPS = {"aspect": 1, "bad row": 2, "missing file": 1, "not sampled": 1, "too few images": 2,
+                  "too few readable images": 2, "unreadable": 2}
 
 
 @pytest.fixture
@@ -73,16 +84,19 @@ def test_counts_crops_and_report(imdb, tmp_path):
     path, rep = prepare_imdbface(None, imdb, out, **OPTS)  # CSV defaults to <root>/IMDb-Face.csv
     assert path == out and not partial_path(out).exists()
     assert rep["dropped"] == EXPECTED_DROPS
-    assert (rep["identities"], rep["images"]) == (2, 9)
+    # 5 asked -> 5 kept for Bob although his corrupt file was drawn: split 4/1 like Alice's
+    assert (rep["identities"], rep["images"], rep["train"], rep["test"]) == (2, 10, 8, 2)
+    assert rep["images"] + sum(rep["dropped"].values()) == ROWS  # every row is accounted for once
     assert json.loads(report_path(out).read_text())["dropped"] == EXPECTED_DROPS
     with FaceStore(out) as s:
         assert s.identities == ["Alice_nm001", "Bob_nm002"]
         assert s.image_size == (128, 128)
         labels, split, sources = s.labels, s.split, s.sources
-        assert np.bincount(labels).tolist() == [5, 4]
-        assert split[labels == 0].sum() == 1  # round(5 · 0.2) Alice images in test
-        assert "Bob_nm002/corrupt.jpg" not in sources and all(x.startswith(("nm001/", "Bob_nm002/")) for x in sources)
-        np.testing.assert_allclose(s.bboxes, np.tile([40, 30, 120, 110], (9, 1)))  # rect rescaled to the file
+        assert np.bincount(labels).tolist() == [5, 5]
+        assert [int(split[labels == k].sum()) for k in (0, 1)] == [1, 1]  # round(5 · 0.2) test images each
+        assert sorted(x for x in sources if x.startswith("Bob")) == [f"Bob_nm002/b{i}.jpg" for i in range(5)]
+        assert all(x.startswith(("nm001/", "Bob_nm002/")) for x in sources)
+        np.testing.assert_allclose(s.bboxes, np.tile([40, 30, 120, 110], (10, 1)))  # rect rescaled to the file
         assert np.isnan(s.landmarks).all()
         k = sources.index("nm001/a2.jpg")
         crop = s.images([k])[0]
@@ -96,15 +110,30 @@ def test_counts_crops_and_report(imdb, tmp_path):
 
 def test_same_seed_same_store_other_seed_other_sample(imdb, tmp_path):
     prepare_imdbface(None, imdb, tmp_path / "a.h5", **OPTS)
-    prepare_imdbface(None, imdb, tmp_path / "b.h5", **OPTS)
+    prepare_imdbface(None, imdb, tmp_path / "b.h5", **OPTS, workers=3)  # rows decoded by 3 threads
     with FaceStore(tmp_path / "a.h5") as a, FaceStore(tmp_path / "b.h5") as b:
         assert a.sources == b.sources and (a.split == b.split).all() and (a.images() == b.images()).all()
-    srcs = set()
+    srcs, unreadable = set(), []
     for seed in range(6):  # 5 of Alice's 6 images are sampled: seeds pick different ones
         _, rep = prepare_imdbface(None, imdb, tmp_path / f"s{seed}.h5", **{**OPTS, "seed": seed})
         with FaceStore(tmp_path / f"s{seed}.h5") as s:
             srcs.add(tuple(x for x in s.sources if x.startswith("nm001")))
+            # whether or not Bob's corrupt file is drawn, he keeps his 5 readable images, split 4/1
+            bob = np.array([x.startswith("Bob") for x in s.sources])
+            assert bob.sum() == 5 and s.split[bob].sum() == 1
+        assert rep["images"] + sum(rep["dropped"].values()) == ROWS
+        # Bob's corrupt row is either drawn (unreadable, replaced) or not (not sampled); Gus's always read
+        assert rep["dropped"]["unreadable"] + rep["dropped"]["not sampled"] == 1 + 1 + 1
+        unreadable.append(rep["dropped"]["unreadable"])
     assert len(srcs) > 1
+    assert 2 in unreadable  # seeds that drew the corrupt file replaced it (seed 0 does)
+
+
+def test_min_images_is_checked_even_when_fewer_are_sampled(imdb, tmp_path):
+    """--per-identity 2 < --min-images 3: 3 readable images are still required (Gus has 2 of 3 rows)."""
+    _, rep = prepare_imdbface(None, imdb, tmp_path / "s.h5", **{**OPTS, "per_identity": 2})
+    assert (rep["identities"], rep["images"]) == (2, 4)
+    assert rep["dropped"]["too few readable images"] == 2 and rep["images"] + sum(rep["dropped"].values()) == ROWS
 
 
 def test_cli_table_json_and_errors(imdb, tmp_path, cli):
@@ -113,12 +142,13 @@ def test_cli_table_json_and_errors(imdb, tmp_path, cli):
             "--min-images", 3, "--per-identity", 5)
     assert r.exit_code == 0, r.output
     assert "unreadable" in r.output and "too few images" in r.output and report_path(out).exists()
+    assert "too few readable images" in r.output
     # existing output
     r = cli("prepare", "imdb-face", "--root", imdb, "--out", out, "--min-images", 3)
     assert r.exit_code == 2 and " exists" in r.output and "Traceback" not in r.output
     # nothing left after filtering
     r = cli("prepare", "imdb-face", "--root", imdb, "--out", tmp_path / "none.h5", "--min-images", 100)
-    assert r.exit_code != 0 and "no images left" in r.output and "too few images: 13" in r.output
+    assert r.exit_code != 0 and "no images left" in r.output and "too few images: 17" in r.output
     assert not (tmp_path / "none.h5").exists()
 
 
@@ -138,30 +168,39 @@ def test_missing_columns_and_files(imdb, tmp_path):
 def test_ctrl_c_then_resume_gives_the_same_store(imdb, tmp_path, monkeypatch):
     import facetool.detect.retinaface as rf
 
-    prepare_imdbface(None, imdb, tmp_path / "ref.h5", **OPTS)
     real, calls = rf.read_rgb, {"n": 0}
+
+    def counting(path):
+        calls["n"] += 1
+        return real(path)
+
+    monkeypatch.setattr(rf, "read_rgb", counting)
+    prepare_imdbface(None, imdb, tmp_path / "ref.h5", **OPTS)
+    total = calls["n"]
+    assert total == 5 + 6 + 3  # Alice: 5 drawn; Bob: 5 + the replacement of the corrupt file; Gus: 3
 
     def flaky(path):
         calls["n"] += 1
-        if calls["n"] == 5:
+        if calls["n"] == 8:  # inside Bob, the second identity: Alice is done
             raise KeyboardInterrupt
         return real(path)
 
     out = tmp_path / "run.h5"
+    calls["n"] = 0
     monkeypatch.setattr(rf, "read_rgb", flaky)
     with pytest.raises(KeyboardInterrupt):
         prepare_imdbface(None, imdb, out, **OPTS)
-    monkeypatch.setattr(rf, "read_rgb", real)
+    monkeypatch.setattr(rf, "read_rgb", counting)
     assert not out.exists() and partial_path(out).exists()
     with pytest.raises(FacetoolError, match="other settings"):
         prepare_imdbface(None, imdb, out, **{**OPTS, "seed": 1}, resume=True)
     calls["n"] = 0
-    monkeypatch.setattr(rf, "read_rgb", lambda p: (calls.__setitem__("n", calls["n"] + 1), real(p))[1])
     _, rep = prepare_imdbface(None, imdb, out, **OPTS, resume=True)
-    assert calls["n"] == 10 - 4  # only the rows after the interruption were read again
+    assert calls["n"] == total - 5  # only the identities after the interruption were read again
     assert rep["dropped"] == EXPECTED_DROPS
     with FaceStore(tmp_path / "ref.h5") as a, FaceStore(out) as b:
         assert a.sources == b.sources and (a.labels == b.labels).all() and (a.images() == b.images()).all()
+        assert (a.split == b.split).all()
 
 
 def _t1() -> np.ndarray:

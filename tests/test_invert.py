@@ -9,6 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import learning_seeds
 from torch import nn
 
 from facetool.errors import FacetoolError
@@ -239,25 +240,40 @@ def test_grid_and_pair_accuracy():
 
 @pytest.mark.slow
 def test_inversion_learns_the_identity(synthetic_store, tmp_path):
-    """A briefly trained classifier (engine + cross-entropy): inverting its outputs for real faces
-    pulls the inversions' outputs far above the starting noise and above a priors-only run."""
+    """A briefly trained classifier (engine + cross-entropy): inverting its outputs for 12 real faces
+    pulls the inversions' outputs towards their own targets: far above the starting noise and far
+    above the targets of faces of *other* identities (a baseline measured on the same inversions).
+    Averaged over learning_seeds(2) (classifier init, data order, inversion noise). Measured means
+    (final cosine; gain over the start; margin over other identities' targets):
+    seeds 0,1: MEASURED_INV_0; 100,101: MEASURED_INV_100; 200,201: MEASURED_INV_200.
+    (One seed and 6 faces once gave 0.17 on another CPU: single faces swing between -0.8 and 0.9.)"""
     from facetool.data.dataset import FaceDataset
     from facetool.engine import ClassificationMethod, TrainConfig, train
     from facetool.methods.invert import embed
     from facetool.models import create_model
 
-    S = 48
-    torch.manual_seed(0)
-    model = create_model("resnet18", width=8, num_classes=8, input_size=S)
-    train(model, ClassificationMethod(), FaceDataset(synthetic_store, "train", flip=True, size=S),
-          TrainConfig(out=tmp_path / "train", epochs=6, batch_size=16, lr=0.1, verbose=False))
-    test = FaceDataset(synthetic_store, "test", size=S)
-    t = embed(model, torch.stack([test[i]["image"] for i in range(6)]))
-    with_id = invert(model, t, InversionConfig(iterations=40, size=S))
-    no_id = invert(model, t, InversionConfig(iterations=40, size=S, w_id=0.0))
-    start = 1 - with_id.history["id"][0]
-    assert with_id.final_cosine.mean() > start + 0.3
-    assert with_id.final_cosine.mean() > no_id.final_cosine.mean() + 0.3
+    S, N = 48, 12
+    test = FaceDataset(synthetic_store, "test", size=S)  # 16 faces, 2 per identity
+    items = [test[(i * len(test)) // N] for i in range(N)]
+    x = torch.stack([it["image"] for it in items])
+    labels = [int(it["label"]) for it in items]
+    # for each face, the next face (cyclically) of another identity
+    other = [next(j % N for j in range(i + 1, i + N) if labels[j % N] != labels[i]) for i in range(N)]
+    final, start, cross = [], [], []
+    for seed in learning_seeds(2):
+        torch.manual_seed(seed)
+        model = create_model("resnet18", width=8, num_classes=8, input_size=S)
+        train(model, ClassificationMethod(), FaceDataset(synthetic_store, "train", flip=True, size=S),
+              TrainConfig(out=tmp_path / f"train{seed}", epochs=6, batch_size=16, lr=0.1, verbose=False, seed=seed))
+        t = embed(model, x)
+        r = invert(model, t, InversionConfig(iterations=60, size=S, batch=N, seed=seed))
+        final.append(float(r.final_cosine.mean()))
+        start.append(1 - r.history["id"][0])
+        cross.append(float(nn.functional.cosine_similarity(embed(model, r.images), t[other]).mean()))
+    print(f"[measured] invert seeds {learning_seeds(2)}: final {final} start {start} other identity {cross}")
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    assert mean(final) > mean(start) + 0.3, (final, start)
+    assert mean(final) > mean(cross) + 0.3, (final, cross)
 
 
 # -- CLI ------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import learning_seeds
 
 from facetool.models import load_model
 
@@ -83,27 +84,45 @@ def learning_store(tmp_path_factory) -> Path:
     return out
 
 
+def _mean(xs) -> float:
+    return sum(xs) / len(xs)
+
+
 @pytest.mark.slow
 def test_aig_learns_to_hit_its_target(cli, learning_store, tmp_path):
-    out = tmp_path / "aig"
-    _ok(cli("train", "aig", "--store", learning_store, "--out", out, "--arch", "resnet18", "--width", "16",
-            "--epochs", "8", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "0.5", "--target", "0.4"))
-    m = json.loads((out / "result.json").read_text())["metrics"]
-    assert abs(m["val_exec_rate_free"] - 0.4) < 0.1, m
-    assert m["val_top1"] > 0.4, m  # chance: 1/16
-    result = json.loads((out / "result.json").read_text())
-    assert result["exec_gflops"] < 0.85 * result["gflops"]
+    """AIG at --target 0.4, averaged over learning_seeds(2) (model init + data order).
+    Measured (free-block rate, top-1, executed/dense GFLOPs; means of 2 seeds):
+    seeds 0,1: MEASURED_AIG_0; seeds 100,101: MEASURED_AIG_100; seeds 200,201: MEASURED_AIG_200."""
+    rates, top1, ratio = [], [], []
+    for seed in learning_seeds(2):
+        out = tmp_path / f"aig{seed}"
+        _ok(cli("train", "aig", "--store", learning_store, "--out", out, "--arch", "resnet18", "--width", "16",
+                "--epochs", "8", "--batch-size", "32", "--lr", "0.1", "--warmup-epochs", "0.5", "--target", "0.4",
+                "--seed", str(seed)))
+        result = json.loads((out / "result.json").read_text())
+        rates.append(result["metrics"]["val_exec_rate_free"])
+        top1.append(result["metrics"]["val_top1"])
+        ratio.append(result["exec_gflops"] / result["gflops"])
+    print(f"[measured] aig seeds {learning_seeds(2)}: free rate {rates} top1 {top1} flops ratio {ratio}")
+    assert abs(_mean(rates) - 0.4) < 0.1, rates  # the free blocks run at the target rate
+    assert _mean(top1) > 0.4, top1  # chance: 1/16
+    assert _mean(ratio) < 0.85, ratio  # skipped blocks save compute
 
 
 @pytest.mark.slow
 def test_iig_gates_reveal_gender(cli, learning_store, tmp_path):
-    out = tmp_path / "iig"
-    _ok(cli("train", "iig", "--store", learning_store, "--out", out, "--arch", "resnet18", "--width", "16",
-            "--feature", "gender", "--blocks-per-value", "2", "--epochs", "16", "--batch-size", "32", "--lr", "0.3",
-            "--warmup-epochs", "0.5"))
-    m = json.loads((out / "result.json").read_text())["metrics"]
-    # chance: 0.5 +- 0.05 (96 test images); this run reaches ~0.77 (gates learn gender slowly)
-    assert m["val_acc_gender"] > 0.65, m
+    """ConvNet-IIG gender masks: Eq. 5 reads gender from the gates, averaged over learning_seeds(2).
+    Chance: 0.5, s.e. 0.036 for the mean of 2 x 96 test images; threshold 0.65 = chance + 4 s.e.
+    Measured mean accuracy: seeds 0,1: MEASURED_IIG_0; 100,101: MEASURED_IIG_100; 200,201: MEASURED_IIG_200."""
+    acc = []
+    for seed in learning_seeds(2):
+        out = tmp_path / f"iig{seed}"
+        _ok(cli("train", "iig", "--store", learning_store, "--out", out, "--arch", "resnet18", "--width", "16",
+                "--feature", "gender", "--blocks-per-value", "2", "--epochs", "16", "--batch-size", "32",
+                "--lr", "0.3", "--warmup-epochs", "0.5", "--seed", str(seed)))
+        acc.append(json.loads((out / "result.json").read_text())["metrics"]["val_acc_gender"])
+    print(f"[measured] iig seeds {learning_seeds(2)}: gender accuracy {acc}")
+    assert _mean(acc) > 0.65, acc
 
 
 @pytest.mark.slow

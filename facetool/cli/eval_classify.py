@@ -9,8 +9,10 @@ import typer
 
 from facetool.cli.common import console, guarded, records_table
 
-COLUMNS = ["model", "top1", "top5", "gflops_executed", "gflops_dense", "params_m", "gate_rate"]
-HEADERS = ["model", "top-1 %", "top-5 %", "GFLOPs exec.", "GFLOPs dense", "params M", "gate rate"]
+COLUMNS = ["model", "top1", "top5", "gflops_executed", "gflops_dense", "params_m", "gate_rate", "gate_rate_free",
+           "target_free"]
+HEADERS = ["model", "top-1 %", "top-5 %", "GFLOPs exec.", "GFLOPs dense", "params M", "gate rate", "free-block rate",
+           "target"]
 
 
 def register(group: typer.Typer) -> None:
@@ -29,6 +31,9 @@ def register(group: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace a --json file this command did not write."),
     ) -> None:
         """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
+
+        "gate rate" is over all gated blocks; "free-block rate" over the blocks the training --target
+        controls (not pinned to 1), beside that "target".
 
         Example: facetool eval classify --store data/imdb.h5 --model runs/resnet/model.pt --model runs/aig/model.pt
         """

@@ -5,18 +5,24 @@ The distributed CSV has the columns ``name,index,image,rect,height width,url``: 
 disk, so boxes are rescaled to the actual image. Images live under ``<root>/<index>/<image>`` (also
 ``<root>/<name>_<index>/`` or ``<root>/<name>/``).
 
-Filters, in order, each counted by reason: unparsable row (``bad row``), box aspect ratio w/h outside
-[0.75, 1.25] (``aspect``), file not on disk (``missing file``), identity with fewer than
-``min_images`` remaining rows (``too few images``), rows beyond ``per_identity`` after seeded sampling
-(``not sampled``); while writing: file that does not decode (``unreadable``) and, with
-``align="retinaface"``, no face found in the box (``no face``). Each identity's sampled images are
-split train/test with a seeded shuffle.
+Filters, in order, each counted by reason (rows): unparsable row (``bad row``), box aspect ratio w/h
+outside [0.75, 1.25] (``aspect``), file not on disk (``missing file``), identity with fewer than
+``min_images`` remaining rows (``too few images``). Then, per identity, the rows are tried in a seeded
+order (a per-identity stream of ``seed``): a file that does not decode (``unreadable``) or, with
+``align="retinaface"``, shows no face in the box (``no face``) is *replaced* by the identity's next
+row, until ``per_identity`` usable images are found (at least ``min_images``: with
+``per_identity < min_images`` the first ``per_identity`` of them are kept); the rows never tried are
+``not sampled``. An identity that ends with fewer than ``min_images`` usable images is dropped (its
+other rows: ``too few readable images``). Only then are the identity's images split train/test (seeded), so a
+kept identity has ``min(per_identity, usable rows)`` images and the split counts of that number.
 """
 
 from __future__ import annotations
 
 import os
+import zlib
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Hashable
 
@@ -88,11 +94,10 @@ def _floats(text: str, n: int) -> list[float] | None:
     return v if len(v) == n and all(np.isfinite(v)) else None
 
 
-def plan(
-    df, root: str | Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int
-) -> tuple[list[str], list[tuple], Counter]:
-    """Apply the row filters. Returns (identity names, items, counters); an item is
-    ``(label, path relative to root, rect x1 y1 x2 y2, frame (h, w), split)``."""
+def plan(df, root: str | Path, *, min_images: int) -> tuple[list[str], list[tuple], Counter]:
+    """Apply the row filters. Returns (identity names, items, counters); an item is one identity
+    ``(label, key, rows)`` with rows ``(path relative to root, rect x1 y1 x2 y2, frame (h, w))`` in CSV
+    order; sampling and split happen while reading (:class:`_Identity`)."""
     root = Path(root)
     dirs = {e.name for e in os.scandir(root) if e.is_dir()}
     counters: Counter[str] = Counter()
@@ -118,19 +123,60 @@ def plan(
             continue
         groups.setdefault(index, []).append((rel, tuple(box), tuple(hw)))
         names.setdefault(index, f"{name}_{index}" if name else index)
-    kept = {}
+    identities, items = [], []
     for key in sorted(groups):
         if len(groups[key]) < min_images:
             counters["too few images"] += len(groups[key])
         else:
-            kept[key] = groups[key]
-    chosen = sample_split(kept, per_identity, test_fraction, seed)
-    identities, items = [], []
-    for label, key in enumerate(kept):
-        identities.append(names[key])
-        counters["not sampled"] += len(kept[key]) - len(chosen[key])
-        items += [(label, rel, box, hw, split) for (rel, box, hw), split in chosen[key]]
+            items.append((len(identities), key, groups[key]))
+            identities.append(names[key])
     return identities, items, counters
+
+
+def identity_rng(seed: int, key: str) -> np.random.Generator:
+    """The sampling/split stream of one identity: depends on ``seed`` and the identity's key only."""
+    return np.random.default_rng([int(seed) % 2**63, zlib.crc32(str(key).encode())])
+
+
+class _Identity:
+    """Turns one planned identity into its Records and skip reasons: rows are tried in a seeded order,
+    unusable ones replaced by the next, until ``per_identity`` usable images; then the split.
+    ``pool`` (optional) decodes each wave of rows in parallel."""
+
+    def __init__(self, row: "_Processor", *, min_images: int, per_identity: int | None, test_fraction: float,
+                 seed: int, pool: ThreadPoolExecutor | None = None) -> None:
+        self.row, self.min_images, self.per_identity = row, min_images, per_identity
+        self.test_fraction, self.seed, self.pool = test_fraction, seed, pool
+
+    def __call__(self, item: tuple) -> list[Record | str]:
+        label, key, rows = item
+        rng = identity_rng(self.seed, key)
+        n = len(rows)
+        want = min(self.per_identity or n, n)
+        need = min(max(want, self.min_images), n)  # usable images to find (min_images is checked too)
+        order = rng.permutation(n).tolist() if want < n else list(range(n))
+        got: dict[int, Record] = {}  # in the order drawn
+        out: list[Record | str] = []
+        pos = 0
+        # a wave asks for exactly the missing images; stop early once min_images is out of reach
+        while len(got) < need and pos < n and len(got) + (n - pos) >= self.min_images:
+            wave = order[pos : pos + need - len(got)]
+            pos += len(wave)
+            fn = lambda i: self.row((label, *rows[i]))  # noqa: E731
+            results = self.pool.map(fn, wave) if self.pool is not None and len(wave) > 1 else map(fn, wave)
+            for i, res in zip(wave, results):
+                if isinstance(res, str):
+                    out.append(res)
+                else:
+                    got[i] = res
+        untried = n - pos
+        if len(got) < self.min_images:
+            return out + ["too few readable images"] * (len(got) + untried)
+        keep = sorted(list(got)[:want])  # the first `want` drawn, in CSV order
+        test = set(rng.permutation(keep)[: int(round(len(keep) * self.test_fraction))].tolist())
+        for i in keep:
+            got[i].split = int(i in test)
+        return [got[i] for i in keep] + out + ["not sampled"] * (untried + len(got) - len(keep))
 
 
 def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
@@ -140,7 +186,7 @@ def _iou(boxes: np.ndarray, box: np.ndarray) -> np.ndarray:
 
 
 class _Processor:
-    """Turns one planned row into a Record (or a skip reason). Thread-safe."""
+    """Turns one row ``(label, rel, rect, frame)`` into a Record (split 0) or a skip reason. Thread-safe."""
 
     def __init__(self, root: Path, size: int, align: str, detector=None) -> None:
         self.root, self.size, self.align, self.detector = root, size, align, detector
@@ -148,7 +194,8 @@ class _Processor:
     def __call__(self, item: tuple) -> Record | str:
         from facetool.detect.retinaface import read_rgb
 
-        label, rel, rect, (fh, fw), split = item
+        label, rel, rect, (fh, fw) = item
+        split = 0
         img = read_rgb(self.root / rel)
         if img is None:
             return "unreadable"
@@ -238,9 +285,7 @@ def prepare_imdbface(
     out = guard_output(out, inputs=(csv, root, detector_model), overwrite=overwrite or resume)
     guard_report(out, overwrite, inputs=(csv, root, detector_model))
     df = read_csv(csv)
-    identities, items, counters = plan(
-        df, root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
-    )
+    identities, items, counters = plan(df, root, min_images=min_images)
     if not items:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counters.items()) if v) or "empty CSV"
         raise FacetoolError(f"no images left after filtering {len(df)} rows ({reasons}); check --root and --min-images")
@@ -252,24 +297,30 @@ def prepare_imdbface(
     settings = {
         "dataset": "imdb-face", "csv": str(csv), "root": str(root), "align": align, "size": size,
         "min_images": min_images, "per_identity": per_identity, "test_fraction": test_fraction, "seed": seed,
-        "aspect": list(ASPECT),
+        "aspect": list(ASPECT), "sampling": "per-identity, unusable rows replaced",
     }
     preprocessing = {k: v for k, v in settings.items() if k not in ("csv", "root")}
     if detector is not None:
         preprocessing["detector"] = detector.source
-    path, final = build_store(
-        out,
-        items,
-        _Processor(root, size, align, detector),
-        writer_kwargs=dict(
-            image_size=(size, size), identities=identities, source="imdb-face", preprocessing=preprocessing,
-            template=template(size) if align == "retinaface" else None,
-        ),
-        overwrite=overwrite,
-        resume=resume,
-        workers=workers,
-        label="imdb-face",
-        initial_counters=dict(counters),
-        extra_attrs={"rows": len(df)},
-    )
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        path, final = build_store(
+            out,
+            items,
+            _Identity(_Processor(root, size, align, detector), min_images=min_images, per_identity=per_identity,
+                      test_fraction=test_fraction, seed=seed, pool=pool),
+            writer_kwargs=dict(
+                image_size=(size, size), identities=identities, source="imdb-face", preprocessing=preprocessing,
+                template=template(size) if align == "retinaface" else None,
+            ),
+            overwrite=overwrite,
+            resume=resume,
+            workers=1,  # one identity at a time (resume unit); its rows are decoded by the pool
+            label="imdb-face identities",
+            initial_counters=dict(counters),
+            extra_attrs={"rows": len(df)},
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return path, finish_report(path, final, {**settings, "rows": len(df)})

@@ -4,7 +4,10 @@
 tables and dissections need: the top-k classes and the executed gate pattern per image.
 :func:`evaluate_classifier` turns that into top-1/top-5, executed GFLOPs per image (from the
 gate decisions actually taken on the evaluated images), dense GFLOPs, parameters and the mean
-gate execution rate.
+gate execution rate, over all gated blocks (``gate_rate``) and over the *free* blocks
+(``gate_rate_free``): the blocks whose training target was below 1, i.e. the ones ``--target`` sets
+(the first and last blocks are pinned to 1). The targets come from the checkpoint meta that
+``train aig``/``train iig --with-target`` record; without them the free rate is ``None``.
 """
 
 from __future__ import annotations
@@ -43,6 +46,19 @@ def model_input_size(model: torch.nn.Module, store_size: int) -> int:
     """The input size recorded in the model's config, else the store's (a ResNet takes any size >= 32;
     an embedding protocol uses :func:`facetool.models.features.input_size_of` instead)."""
     return int(getattr(model, "config", {}).get("input_size") or store_size)
+
+
+def free_blocks(meta: dict | None, num_gates: int) -> tuple[list[int], float] | None:
+    """(indices, mean target) of the gated blocks trained with a target below 1, from the targets
+    that AIG/IIG training stores in the checkpoint meta (``{"aig": {"targets": [...]}}`` or
+    ``{"iig": {...}}``); ``None`` when the meta has no targets for ``num_gates`` blocks or none is free."""
+    for key in ("aig", "iig"):
+        targets = ((meta or {}).get(key) or {}).get("targets")
+        if targets is not None and len(targets) == num_gates:
+            free = [i for i, t in enumerate(targets) if float(t) < 1.0]
+            if free:
+                return free, float(np.mean([float(targets[i]) for i in free]))
+    return None
 
 
 def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
@@ -112,7 +128,8 @@ def evaluate_classifier(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict:
     """Top-1/top-5 (%), executed and dense GFLOPs per image, parameters (M) and mean gate execution
-    rate of ``model`` on ``split`` of ``store``. Executed FLOPs come from the gate decisions the
+    rate of ``model`` on ``split`` of ``store`` (all gated blocks, and the free blocks with their mean
+    training target: :func:`free_blocks`). Executed FLOPs come from the gate decisions the
     model took on these images (the dense count for models without gates)."""
     from facetool.flops import count_flops, count_params, executed_flops
 
@@ -131,12 +148,18 @@ def evaluate_classifier(
         "gflops_executed": dense / 1e9,
         "params_m": count_params(model) / 1e6,
         "gate_rate": None,
+        "gate_rate_free": None,
+        "target_free": None,
     }
     if pred.gates is not None and pred.gates.size:
         g = torch.as_tensor(pred.gates, dtype=torch.float32)
         res["gflops_executed"] = float(executed_flops(cpu_model, g, size).double().mean()) / 1e9
         res["gate_rate"] = float(pred.gates.mean())
         res["gate_rate_per_block"] = pred.gates.mean(0).round(4).tolist()
+        free = free_blocks(getattr(model, "meta", None), pred.gates.shape[1])
+        if free is not None:
+            res["gate_rate_free"] = float(pred.gates[:, free[0]].mean())
+            res["target_free"] = free[1]
     res["flops_ratio"] = res["gflops_executed"] / res["gflops_dense"] if dense else None
     return res
 
