@@ -178,20 +178,21 @@ def test_annotate_fairface(tmp_path):
     assert resolve_task("attributes", store).names == ["age", "gender", "race"]
 
 
-def test_annotate_fairface_bad_input(tmp_path):
+def test_annotate_fairface_bad_input(tmp_path, cli):
+    from facetool.data.folder import prepare_folder
+
     root = tmp_path / "fairface"
-    train_csv, _ = write_fairface(root)
-    store = tmp_path / "ff.h5"
-    assert run_facetool("prepare", "folder", root, "--aligned", "--size", "32", "--out", store).returncode == 0
+    write_fairface(root)
+    store, _ = prepare_folder(root, tmp_path / "ff.h5", aligned=True, size=32)
     before = store.read_bytes()
     bad = tmp_path / "bad.csv"
     bad.write_text("file,age,sex,race\ntrain/1.jpg,3-9,Male,White\n")
-    r = run_facetool("annotate", "--store", store, "--fairface", bad)
-    assert r.returncode == 2 and "lacks column(s) gender" in r.stderr and "Traceback" not in r.stderr
+    r = cli("annotate", "--store", store, "--fairface", bad)
+    assert r.exit_code == 2 and "lacks column(s) gender" in r.output and "Traceback" not in r.output
     bad.write_text("file,age,gender,race,service_test\ntrain/1.jpg,3-9,Male,Martian,False\n")
-    r = run_facetool("annotate", "--store", store, "--fairface", bad)
-    assert r.returncode == 2 and "race 'Martian' is not one of White, Black" in r.stderr
+    r = cli("annotate", "--store", store, "--fairface", bad)
+    assert r.exit_code == 2 and "race 'Martian' is not one of White, Black" in r.output
     bad.write_text("file,age,gender,race,service_test\nother/1.jpg,3-9,Male,White,False\n")
-    r = run_facetool("annotate", "--store", store, "--fairface", bad)
-    assert r.returncode == 2 and "none of the 1 FairFace rows" in r.stderr
+    r = cli("annotate", "--store", store, "--fairface", bad)
+    assert r.exit_code == 2 and "none of the 1 FairFace rows" in r.output
     assert store.read_bytes() == before  # nothing half-written
