@@ -178,19 +178,21 @@ def test_train_and_eval_cli_with_attribute_task(tmp_path):
 
 @pytest.mark.slow
 def test_gender_classifier_beats_majority_baseline(tmp_path):
-    """ResNet-18 (width 16, 64 px) with --task attribute:gender on 12 synthetic identities.
-    Measured (seeds 0/1): val accuracy ~0.9x vs majority 0.5; margin asserted 0.2."""
+    """ResNet-18 (width 8, 64 px) trained with --task attribute:gender on 16 synthetic identities x 12 images,
+    15 epochs. Measured val accuracy, seeds 0/1/100/200: 0.91/0.78/0.81/0.88 vs majority 0.50 (margin
+    ~0.34); asserted: mean margin over learning_seeds(2) > 0.15."""
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
 
     gaps = []
     for seed in learning_seeds(2):
-        store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=12, per_identity=16, size=64, seed=seed)
+        store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=16, per_identity=12, size=64, seed=seed)
         task = resolve_task("attribute:gender", store)
-        cfg = TrainConfig(out=tmp_path / f"r{seed}", epochs=6, batch_size=32, lr=0.05, seed=seed, verbose=False)
-        res = train_on_store(store, "resnet18", lambda m: ClassificationMethod(), cfg, model_kwargs={"width": 16},
+        cfg = TrainConfig(out=tmp_path / f"r{seed}", epochs=15, batch_size=16, lr=0.05, seed=seed, verbose=False)
+        res = train_on_store(store, "resnet18", lambda m: ClassificationMethod(), cfg, model_kwargs={"width": 8},
                              task=task)
         m = res["metrics"]
+        assert m["val_attr_base"] == pytest.approx(0.5)  # 8 female / 8 male identities
         gaps.append(m["val_attr_acc"] - m["val_attr_base"])
-        print(f"seed {seed}: val acc {m['val_attr_acc']:.3f} majority {m['val_attr_base']:.3f}")
-    assert np.mean(gaps) > 0.2, gaps
+        print(f"seed {seed}: gender val acc {m['val_attr_acc']:.3f} majority {m['val_attr_base']:.3f}")
+    assert np.mean(gaps) > 0.15, gaps

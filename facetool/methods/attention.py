@@ -13,7 +13,8 @@ batches (memory bounded by one batch):
   images where the part is visible of ``sum(M * mask) / sum(M)`` beside the part's area share
   ``mean(mask)`` and their ratio (> 1: the map concentrates on the part). Parts come from the store's
   exact part masks (synthetic stores) or, without masks, from the 5 landmarks (discs around each eye,
-  the nose tip and the mouth, radius 0.3 x the inter-ocular distance).
+  the nose tip and the mouth, radius 0.3 x the inter-ocular distance d, and the lower face: an ellipse
+  with radii 0.9 d x 0.55 d centred 0.3 d below the mouth centre, where a beard grows).
 
 ``attention.json`` holds every number.
 """
@@ -30,7 +31,7 @@ import torch
 
 from facetool.errors import FacetoolError
 
-LANDMARK_PARTS = ("left_eye", "right_eye", "nose", "mouth")
+LANDMARK_PARTS = ("left_eye", "right_eye", "nose", "mouth", "lower_face")
 
 
 def check_attention_model(model: torch.nn.Module, source: str | Path = "") -> None:
@@ -59,6 +60,13 @@ def landmark_part_masks(landmarks: np.ndarray, size: tuple[int, int], radius: fl
         m = d2 <= (rr ** 2)[:, None, None]
         m[~np.isfinite(rr)] = False
         out[name] = m
+    # lower face (mouth, chin, jaw: where a beard grows): ellipse below the mouth centre
+    c = centres["mouth"] + np.stack([np.zeros_like(iod), 0.3 * iod], 1)
+    ex = ((xx[None] - c[:, 0, None, None]) / (0.9 * iod)[:, None, None]) ** 2
+    ey = ((yy[None] - c[:, 1, None, None]) / (0.55 * iod)[:, None, None]) ** 2
+    m = (ex + ey) <= 1.0
+    m[~np.isfinite(iod)] = False
+    out["lower_face"] = m
     return out
 
 
