@@ -9,10 +9,11 @@ import typer
 
 from facetool.cli.common import console, guarded, records_table
 
-COLUMNS = ["model", "top1", "top5", "gflops_executed", "gflops_dense", "params_m", "gate_rate", "gate_rate_free",
-           "target_free"]
-HEADERS = ["model", "top-1 %", "top-5 %", "GFLOPs exec.", "GFLOPs dense", "params M", "gate rate", "free-block rate",
-           "target"]
+COLUMNS = ["model", "top1", "top5", "attr_acc", "majority", "gflops_executed", "gflops_dense", "params_m", "gate_rate",
+           "gate_rate_free", "target_free"]
+HEADERS = ["model", "top-1 %", "top-5 %", "attr. acc %", "majority %", "GFLOPs exec.", "GFLOPs dense", "params M",
+           "gate rate", "free-block rate", "target"]
+ATTR_HEADERS = ["model", "attribute", "acc %", "majority %", "majority value", "train share %", "known"]
 
 
 def register(group: typer.Typer) -> None:
@@ -34,6 +35,9 @@ def register(group: typer.Typer) -> None:
 
         "gate rate" is over all gated blocks; "free-block rate" over the blocks the training --target
         controls (not pinned to 1), beside that "target".
+        Attribute models (train --task attribute:NAME|attributes) report the mean attribute accuracy and a
+        second table with each attribute's accuracy beside its majority-class baseline. "majority %" is the
+        accuracy of always predicting the training split's most frequent class.
 
         Example: facetool eval classify --store data/imdb.h5 --model runs/resnet/model.pt --model runs/aig/model.pt
         """
@@ -59,6 +63,15 @@ def register(group: typer.Typer) -> None:
             table_rows.append({h: (name if c == "model" else ("-" if r[c] is None else r[c]))
                                for c, h in zip(COLUMNS, HEADERS)})
         console.print(records_table(f"classification on {store.name} [{split}]", table_rows, HEADERS))
+        attr_rows = []
+        for r, tr in zip(rows, table_rows):
+            for name, a in (r.get("attributes") or {}).items():
+                attr_rows.append({"model": tr["model"].split("\n")[0], "attribute": name, "acc %": a["acc"],
+                                  "majority %": a["majority"], "majority value": str(a["majority_value"]),
+                                  "train share %": a["train_majority_share"], "known": a["known"]})
+        if attr_rows:
+            console.print(records_table(f"attributes on {store.name} [{split}]: accuracy vs the majority-class "
+                                        "baseline (training split's most frequent value)", attr_rows, ATTR_HEADERS))
         if json_out is not None:
             write_json(json_out, {"store": str(store), "split": split, "models": rows})
             console.print(f"results: {json_out}")

@@ -82,12 +82,14 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
 
         return OnnxModel(p)
     ck = read_checkpoint(p)
+    task = None
     if ck["config"] is not None:
         cfg = dict(ck["config"])
         mname = cfg.pop("name")
         if name is not None and name != mname:
             raise FacetoolError(f"{p} is a facetool checkpoint of {mname}; {option} {name} contradicts it "
                                 f"(leave {option} out)")
+        task = cfg.pop("task", None)  # what the model predicts (facetool.tasks), not a constructor argument
         cfg.update(kwargs)
     else:
         found = match_state_dict(ck["state_dict"], name)
@@ -99,5 +101,8 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
     model = create_model(mname, **cfg)
     load_state_dict_checked(model, ck["state_dict"], str(p))
     model.meta = ck.get("meta") or {}
+    task = task or model.meta.get("task")
+    if task:
+        model.config["task"] = task
     model.eval()
     return model
