@@ -99,6 +99,7 @@ def register(app: typer.Typer) -> None:
         from facetool.engine import TrainConfig, train_on_store
         from facetool.tasks import resolve_task
 
+        out = _out(kind, _abn_arch(arch) if kind == "abn" else _arch(arch), out, (store,), overwrite, resume)
         t = resolve_task(task, store)
         if kind == "abn":
             name = "abn_" + _abn_arch(arch)
@@ -106,7 +107,6 @@ def register(app: typer.Typer) -> None:
         else:
             name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
             kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
-        out = _out(kind, _abn_arch(arch) if kind == "abn" else _arch(arch), out, (store,), overwrite, resume)
         cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
                           seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
