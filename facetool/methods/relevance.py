@@ -76,17 +76,14 @@ def model_task(model: nn.Module) -> dict:
 
 
 def attribute_slice(model: nn.Module, name: str) -> slice:
-    """The logits of attribute ``name`` in the model's output."""
+    """The logits of attribute ``name`` in the model's output (facetool.tasks.task_slice)."""
+    from facetool.tasks import task_slice
+
     task = model_task(model)
     if task.get("kind") not in ("attribute", "attributes"):
         raise FacetoolError(f"--target attribute:{name} needs an attribute model (train with --task attribute:{name}); "
                             f"this model's task is {task.get('kind', 'identity')}")
-    names = list(task.get("names", []))
-    if name not in names:
-        raise FacetoolError(f"the model predicts attribute(s) {', '.join(names) or 'none'}, not {name!r}")
-    classes = [int(k) for k in task.get("classes", [])]
-    start = sum(classes[: names.index(name)])
-    return slice(start, start + classes[names.index(name)])
+    return task_slice(task, name)
 
 
 def check_target(model: nn.Module, target: Target) -> None:
@@ -96,9 +93,11 @@ def check_target(model: nn.Module, target: Target) -> None:
     if target.kind in ("label", "predicted") and not is_classifier:
         raise FacetoolError(f"--target {target.kind} needs a model with a class head; {getattr(model, 'name', 'this model')} "
                             "is an embedding model (use --target cosine with --reference)")
-    if target.kind in ("label", "predicted") and kind != "identity" and target.kind == "label":
+    if target.kind == "label" and kind != "identity":
         raise FacetoolError(f"--target label explains identity classes, but this model predicts {kind}; "
-                            "use --target attribute:NAME or predicted")
+                            "use --target attribute:NAME")
+    if target.kind == "predicted" and kind == "attributes":
+        raise FacetoolError("--target predicted is ambiguous for a multi-attribute model; use --target attribute:NAME")
     if target.kind == "cosine" and is_classifier:
         raise FacetoolError("--target cosine needs an embedding model; this model has a class head "
                             "(use --target label or predicted)")

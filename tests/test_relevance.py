@@ -1,0 +1,198 @@
+"""dissect relevance: targets, Grad-CAM/LRP/random maps, perturbation curves and part masses (unit
+tests with hand-computed values) and the command on the real store format."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_facetool
+from facetool.errors import FacetoolError
+from facetool.methods.relevance import (Explained, Target, check_target, explain, part_mass, perturbation_curves,
+                                        region_scores, removal_masks)
+from facetool.models import create_model
+
+
+def _clf(seed=0):
+    torch.manual_seed(seed)
+    return create_model("resnet18", width=8, num_classes=5, input_size=64).eval()
+
+
+def _emb(seed=0):
+    torch.manual_seed(seed)
+    return create_model("iresnet18", width=8, embedding_size=16, input_size=64).eval()
+
+
+def test_region_scores_and_masks_by_hand():
+    m = torch.tensor([[[1.0, 2, 0, 0], [3, 4, 0, 1], [0, 0, 9, 9], [0, 0, 9, 9]]])
+    r = region_scores(m, 2)  # 2x2 cell means: [[2.5, 0.25], [0, 9]]
+    assert torch.allclose(r, torch.tensor([[2.5, 0.25, 0.0, 9.0]]))
+    order = torch.sort(r, dim=1, descending=True, stable=True).indices  # 3, 0, 1, 2
+    masks = removal_masks(order, [0, 1, 2], (2, 2), 2, (4, 4))
+    assert masks.shape == (3, 1, 1, 4, 4)
+    assert masks[0].sum() == 0
+    assert masks[1, 0, 0, 2:, 2:].sum() == 4 and masks[1].sum() == 4  # the 9s first
+    assert masks[2, 0, 0, :2, :2].sum() == 4 and masks[2].sum() == 8  # then the top-left cell
+
+
+class _PixelModel(nn.Module):
+    """logits [w . x, 0]: the probability of class 0 is sigmoid(w . x)."""
+
+    def __init__(self, w):
+        super().__init__()
+        self.w = nn.Parameter(w, requires_grad=False)
+
+    def forward(self, x):
+        s = (x * self.w).sum((1, 2, 3))
+        return torch.stack([s, torch.zeros_like(s)], 1)
+
+
+def test_perturbation_curves_and_aopc_by_hand():
+    w = torch.zeros(1, 1, 2, 2)
+    w[0, 0, 0, 0] = 3.0
+    w[0, 0, 1, 1] = 1.0
+    model = _PixelModel(w)
+    x = torch.ones(1, 1, 2, 2)
+    what = Explained(classes=torch.tensor([0]))
+    res = perturbation_curves(model, x, w[:, 0].numpy(), what, steps=2, max_fraction=0.5, patch=1, fill="black")
+    sig = torch.sigmoid
+    # black = -1 after normalisation; removing pixel (0,0) (weight 3): s = 4 - 3 - 3 = -2; then (1,1): -4
+    morf = np.array([sig(torch.tensor(4.0)), sig(torch.tensor(-2.0)), sig(torch.tensor(-4.0))])
+    # LeRF removes zero-weight pixels first: no change
+    np.testing.assert_allclose(res["morf"][0], morf, rtol=1e-5)
+    np.testing.assert_allclose(res["lerf"][0], [morf[0]] * 3, rtol=1e-5)
+    assert res["fractions"] == [0.0, 0.25, 0.5]
+    assert res["aopc_morf"] == pytest.approx(float((morf[0] - morf).mean()), rel=1e-5)
+    assert res["aopc_lerf"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_part_mass_by_hand():
+    maps = np.zeros((2, 4, 4), np.float32)
+    maps[:, 0, 0] = 3.0
+    maps[:, 3, 3] = 1.0
+    maps[:, 2, 2] = -5.0  # negative relevance does not count
+    mask = np.zeros((2, 4, 4), bool)
+    mask[:, 0, :] = True  # first row: area 4/16
+    (row,) = part_mass(maps, {"top": mask})
+    assert row["relevance_share"] == pytest.approx(0.75)
+    assert row["area_share"] == pytest.approx(0.25)
+    assert row["ratio"] == pytest.approx(3.0)
+
+
+def test_targets_refused_with_one_line_errors():
+    clf, emb = _clf(), _emb()
+    with pytest.raises(FacetoolError, match="class head"):
+        check_target(emb, Target.parse("label"))
+    with pytest.raises(FacetoolError, match="embedding model"):
+        check_target(clf, Target.parse("cosine"))
+    with pytest.raises(FacetoolError, match="attribute model"):
+        check_target(clf, Target.parse("attribute:gender"))
+    with pytest.raises(FacetoolError, match="unknown --target"):
+        Target.parse("logits")
+    with pytest.raises(FacetoolError, match="attention"):
+        explain(clf, torch.randn(1, 3, 64, 64), "attention", Explained(classes=torch.tensor([0])))
+    clf.config["task"] = {"kind": "attribute", "names": ["gender"], "classes": [2], "vocab": [["f", "m"]]}
+    check_target(clf, Target.parse("attribute:gender"))
+    with pytest.raises(FacetoolError, match="identity classes"):
+        check_target(clf, Target.parse("label"))
+
+
+def test_lrp_output_of_cosine_sums_to_the_cosine():
+    out = torch.randn(3, 16)
+    ref = torch.randn(3, 16)
+    r = Explained(refs=ref).lrp_output(out)
+    torch.testing.assert_close(r.sum(1), torch.nn.functional.cosine_similarity(out, ref, dim=1))
+    c = Explained(classes=torch.tensor([1, 0, 2]), sl=slice(1, 4)).lrp_output(out)
+    assert torch.equal(c.nonzero()[:, 1], torch.tensor([2, 1, 3]))
+    assert torch.equal(c.sum(1), out[[0, 1, 2], [2, 1, 3]])
+
+
+@pytest.mark.parametrize("method", ["gradcam", "gradcam++", "scorecam", "lrp", "random"])
+def test_explainers_leave_the_model_unchanged(method):
+    m = _emb()
+    m.train()  # explainers run in eval mode and restore the flags
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        m.eval()
+        y0 = m(x)
+        m.train()
+        ref = torch.randn(2, 16)
+    maps = explain(m, x, method, Explained(refs=ref))
+    assert maps.shape == (2, 64, 64) and np.isfinite(maps).all() and np.abs(maps).max() > 0
+    assert m.training and all(mod.training for mod in m.modules())
+    assert not any(mod._forward_hooks or mod._forward_pre_hooks or mod._backward_hooks for mod in m.modules())
+    m.eval()
+    with torch.no_grad():
+        assert torch.equal(m(x), y0)
+
+
+# -- the command --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from facetool.models.checkpoint import save_checkpoint
+
+    d = tmp_path_factory.mktemp("relevance")
+    torch.manual_seed(0)
+    clf = create_model("resnet18", width=8, num_classes=8, input_size=64)
+    emb = create_model("iresnet18", width=8, embedding_size=16, input_size=64)
+    return save_checkpoint(d / "clf.pt", clf.eval()), save_checkpoint(d / "emb.pt", emb.eval())
+
+
+def test_cli_lrp_classifier_writes_every_output(synthetic_store, checkpoints, tmp_path):
+    clf, _ = checkpoints
+    out = tmp_path / "rel"
+    r = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out,
+                     "--method", "lrp", "--target", "label", "--limit", 8, "--steps", 4, "--grid", 4)
+    assert r.returncode == 0, r.stderr
+    assert "AOPC" in r.stdout
+    for f in ("overlay.png", "mean_maps.png", "curves.png", "curves.csv", "parts.csv", "maps.h5", "metrics.json"):
+        assert (out / f).stat().st_size > 0, f
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["images"] == 8 and met["method"] == "lrp" and np.isfinite(met["aopc_morf"])
+    assert {p["part"] for p in met["parts"]} >= {"eyes", "nose", "mouth"}
+    with h5py.File(out / "maps.h5") as f:
+        assert f["maps"].shape == (8, 64, 64) and f["curves/morf"].shape == (8, 5)
+        assert len(f["index"][:]) == 8 and "mean" in f
+    # the same output again without --overwrite is refused
+    r2 = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out, "--limit", 2)
+    assert r2.returncode == 2 and "--overwrite" in r2.stderr
+
+
+def test_cli_cosine_gradcam_and_errors(synthetic_store, checkpoints, tmp_path, cli):
+    clf, emb = checkpoints
+    out = tmp_path / "cos"
+    r = run_facetool("dissect", "relevance", "--model", emb, "--store", synthetic_store, "--out", out,
+                     "--method", "gradcam", "--target", "cosine", "--reference", "same-identity", "--limit", 4,
+                     "--steps", 2)
+    assert r.returncode == 0, r.stderr
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["score"] == "cosine" and met["images"] == 4
+    with h5py.File(out / "maps.h5") as f:
+        ref, idx = f["reference_index"][:], f["index"][:]
+    from facetool.store import FaceStore
+
+    with FaceStore(synthetic_store) as s:
+        assert (s.labels[ref] == s.labels[idx]).all() and (ref != idx).all()
+    bad_pairs = tmp_path / "pairs.txt"
+    bad_pairs.write_text("0 x\n")
+    r = run_facetool("dissect", "relevance", "--store", synthetic_store, "--out", tmp_path / "x", "--model", emb,
+                     "--target", "label")
+    assert r.returncode == 2 and "class head" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    for args, msg in [
+        (("--model", emb, "--target", "label"), "class head"),
+        (("--model", emb, "--target", "cosine"), "--reference"),
+        (("--model", emb, "--target", "cosine", "--reference", bad_pairs), "two store indices"),
+        (("--model", clf, "--target", "cosine", "--reference", "self"), "embedding model"),
+        (("--model", clf, "--method", "attention"), "attention"),
+        (("--model", clf, "--method", "deeplift"), "unknown --method"),
+        (("--model", tmp_path / "missing.pt"), "not found"),
+    ]:
+        r = cli("dissect", "relevance", "--store", synthetic_store, "--out", tmp_path / "x", "--limit", 2, *args)
+        assert r.exit_code == 2, (args, r.output)
+        assert msg in r.output and "Traceback" not in r.output, r.output
+        assert not (tmp_path / "x" / "metrics.json").exists()
