@@ -50,3 +50,36 @@ def register(group: typer.Typer) -> None:
         if res["parts"]:
             console.print(records_table("positive relevance per part (ratio > 1: more than its area)", res["parts"]))
         console.print(f"wrote {len(res['files'])} files to {out}")
+
+    @group.command("generalisation")
+    @guarded
+    def generalisation(
+        models: str = typer.Option(..., "--models", help="Comma-separated classifier checkpoints (identity or attribute:NAME models)."),
+        store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5). [env FACETOOL_STORE]"),
+        out: Path = typer.Option(..., "--out", help="Output folder: matrix.png, matrix.csv, matrix.json."),
+        method: str = typer.Option("lrp", "--method", help="lrp | lrp-gamma | lrp-ab | gradcam | gradcam++ | scorecam | random."),
+        fraction: float = typer.Option(0.2, "--fraction", help="Fraction of each image masked (most relevant patches first)."),
+        patch: int = typer.Option(8, "--patch", help="Masked region size in pixels."),
+        fill: str = typer.Option("mean", "--fill", help="mean | blur | black."),
+        split: str = typer.Option("test", "--split"),
+        limit: int = typer.Option(64, "--limit", help="Images."),
+        batch_size: int = typer.Option(16, "--batch-size"),
+        seed: int = typer.Option(0, "--seed"),
+        overwrite: bool = typer.Option(False, "--overwrite"),
+    ) -> None:
+        """Do relevance maps generalise across models? Mask each image by model A's relevance (its own
+        target) and measure model B's accuracy drop on B's own task: rows A (and a random-mask row),
+        columns B.
+
+        Example: facetool dissect generalisation --models runs/id0/model.pt,runs/id1/model.pt,runs/gender/model.pt --store data/synth.h5 --out runs/gen
+        """
+        from facetool.methods.relevance import generalisation_matrix
+
+        paths = [Path(p.strip()) for p in models.split(",") if p.strip()]
+        with console.status(f"masking by {len(paths)} models' relevance"):
+            res = generalisation_matrix(paths, store, out, method=method, split=split, limit=limit, fraction=fraction,
+                                        patch=patch, fill=fill, batch_size=batch_size, seed=seed, overwrite=overwrite)
+        recs = [{"masked by": r, **{m: v for m, v in row.items()}} for r, row in res["drop"].items()]
+        console.print(f"base accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in res["base_accuracy"].items()))
+        console.print(records_table(f"accuracy drop with the top {res['fraction']:.0%} masked ({res['method']})", recs))
+        console.print(f"wrote {len(res['files'])} files to {out}")

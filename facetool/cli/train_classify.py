@@ -78,7 +78,8 @@ def register(app: typer.Typer) -> None:
     def run(kind: str, store: Path, out: Path, arch: str, input_size: Optional[int], width: int, epochs: int,
             batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
-            overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity") -> None:
+            overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
+            init: Optional[Path] = None) -> None:
         from facetool.engine import TrainConfig, train_on_store
         from facetool.tasks import resolve_task
 
@@ -90,7 +91,7 @@ def register(app: typer.Typer) -> None:
                           max_steps=max_steps or None, flip=flip)
         t = resolve_task(task, store)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
-                                model_kwargs=kw, task=t)
+                                model_kwargs=kw, task=t, init=init)
         if int(os.environ.get("RANK", "0")) == 0:
             _show(f"train {kind} ({name}) -> {out}", result)
 
@@ -123,7 +124,8 @@ def register(app: typer.Typer) -> None:
                momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
                warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
                workers: int = workers_o, seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o,
-               overwrite: bool = over_o, task: str = task_o) -> None:
+               overwrite: bool = over_o, task: str = task_o,
+               init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint whose weights initialise the model where names and shapes match (e.g. an identity model for a gender model).")) -> None:
         """Train a ResNet classifier (softmax cross-entropy) of identities or attributes (--task).
 
         --task attribute:gender trains one softmax head; --task attributes one head per attribute of the
@@ -136,7 +138,7 @@ def register(app: typer.Typer) -> None:
 
         run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
-            lambda model: ClassificationMethod(), task=task)
+            lambda model: ClassificationMethod(), task=task, init=init)
 
     @app.command("aig")
     @guarded
