@@ -483,14 +483,16 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
 
 def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[int, int]:
     """Copy the tensors of checkpoint ``path`` into ``model`` where names and shapes match; returns
-    (copied, left) counts. A checkpoint sharing nothing with the model is an error."""
+    (copied, left) counts. A checkpoint of which less than half of the tensors fit (another
+    architecture) is an error."""
     from facetool.models.checkpoint import read_checkpoint
 
     sd = read_checkpoint(Path(path))["state_dict"]
     own = model.state_dict()
     match = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
-    if not match:
-        raise FacetoolError(f"--init {path}: no weight matches this model (different architecture?)")
+    if len(match) * 2 < len(sd):
+        raise FacetoolError(f"--init {path}: only {len(match)} of its {len(sd)} tensors fit this model "
+                            "(another architecture or width?)")
     model.load_state_dict(match, strict=False)
     return len(match), len(own) - len(match)
 

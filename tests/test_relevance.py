@@ -196,3 +196,86 @@ def test_cli_cosine_gradcam_and_errors(synthetic_store, checkpoints, tmp_path, c
         assert r.exit_code == 2, (args, r.output)
         assert msg in r.output and "Traceback" not in r.output, r.output
         assert not (tmp_path / "x" / "metrics.json").exists()
+
+
+def test_generalisation_recipe_steps_parse_as_facetool_commands():
+    """Every step of recipes/relevance_generalisation.toml names an existing command with valid options."""
+    from pathlib import Path
+
+    import typer
+
+    from facetool.cli import app
+    from facetool.recipe import load_recipe
+
+    _, steps = load_recipe(Path(__file__).parents[1] / "recipes" / "relevance_generalisation.toml")
+    root = typer.main.get_command(app)
+    used = []
+    for step in steps:
+        cmd, args, path = root, list(step.argv), []
+        while hasattr(cmd, "get_command"):
+            sub = cmd.get_command(cmd.context_class(cmd), args[0])
+            assert sub is not None, f"step {step.name!r}: no command {' '.join(path + args[:1])}"
+            path.append(args.pop(0))
+            cmd = sub
+        cmd.make_context(" ".join(path), args)  # raises on unknown options / bad values
+        used.append(" ".join(path))
+    assert used.count("train resnet") == 6 and used.count("dissect relevance") == 5
+    assert "dissect generalisation" in used
+
+
+def test_mask_by_map_replaces_the_most_relevant_patches():
+    from facetool.methods.relevance import mask_by_map
+
+    x = torch.zeros(1, 3, 8, 8)
+    maps = torch.zeros(1, 8, 8)
+    maps[0, 4:, 4:] = 1.0  # the bottom-right 4x4 patch is the most relevant
+    maps[0, :4, 4:] = 0.5
+    xm = mask_by_map(x, maps, 0.25, 4, "black")  # 1 of 4 patches
+    assert (xm[0, :, 4:, 4:] == -1).all() and (xm[0, :, :4] == 0).all() and (xm[0, :, :, :4] == 0).all()
+    xm2 = mask_by_map(x, maps, 0.5, 4, "black")
+    assert (xm2[0, :, :, 4:] == -1).all() and (xm2[0, :, :, :4] == 0).all()
+
+
+def test_init_from_checkpoint_copies_matching_weights(tmp_path):
+    from facetool.engine import init_from_checkpoint
+    from facetool.models.checkpoint import save_checkpoint
+
+    src = _clf(1)
+    p = save_checkpoint(tmp_path / "src.pt", src)
+    torch.manual_seed(2)
+    dst = create_model("resnet18", width=8, num_classes=2, input_size=64)  # another head
+    copied, left = init_from_checkpoint(dst, p)
+    assert torch.equal(dst.conv1.weight, src.conv1.weight) and torch.equal(dst.layer4[1].bn2.running_var, src.layer4[1].bn2.running_var)
+    assert dst.fc.weight.shape == (2, 64) and left == 2  # fc.weight, fc.bias stay
+    with pytest.raises(FacetoolError, match="tensors fit this model"):
+        init_from_checkpoint(_emb(), p)
+
+
+def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli):
+    from facetool.methods.relevance import _accuracy, _load_images, generalisation_matrix, mask_by_map
+    from facetool.models.checkpoint import load_model, save_checkpoint
+    from facetool.store import FaceStore
+
+    clf, emb = checkpoints
+    torch.manual_seed(3)
+    g = create_model("resnet18", width=8, num_classes=2, input_size=48)
+    g.config["task"] = {"kind": "attribute", "names": ["gender"], "classes": [2], "vocab": [["female", "male"]]}
+    gp = save_checkpoint(tmp_path / "gender.pt", g.eval())
+    out = tmp_path / "gen"
+    r = cli("dissect", "generalisation", "--models", f"{clf},{gp}", "--store", synthetic_store, "--out", out,
+            "--limit", 6, "--fraction", 0.25, "--method", "gradcam")
+    assert r.exit_code == 0, r.output
+    res = json.loads((out / "matrix.json").read_text())
+    assert res["targets"] == ["label", "attribute:gender"] and set(res["drop"]) == {"clf", "gender", "random"}
+    assert (out / "matrix.png").stat().st_size > 0 and "masked_by" in (out / "matrix.csv").read_text()
+    # the random row recomputed by hand for the gender model
+    with FaceStore(synthetic_store) as s:
+        rows = s.indices("test")[:6]
+        y = torch.as_tensor(s.attribute("gender")[0][rows])
+    m = load_model(gp)
+    x = _load_images(synthetic_store, rows, 48)
+    rnd = torch.rand(6, 64, 64, generator=torch.Generator().manual_seed(0))
+    want = _accuracy(m, x, y, slice(0, 2)) - _accuracy(m, mask_by_map(x, rnd, 0.25, 6, "mean"), y, slice(0, 2))
+    assert res["drop"]["random"]["gender"] == pytest.approx(want)
+    r = cli("dissect", "generalisation", "--models", f"{clf},{emb}", "--store", synthetic_store, "--out", tmp_path / "g2")
+    assert r.exit_code == 2 and "embedding model" in r.output
