@@ -248,7 +248,7 @@ def test_init_from_checkpoint_copies_matching_weights(tmp_path):
     assert torch.equal(dst.conv1.weight, src.conv1.weight) and torch.equal(dst.layer4[1].bn2.running_var, src.layer4[1].bn2.running_var)
     assert dst.fc.weight.shape == (2, 64) and left == 2  # fc.weight, fc.bias stay
     with pytest.raises(FacetoolError, match="tensors fit this model"):
-        init_from_checkpoint(_emb(), p)
+        init_from_checkpoint(create_model("mobilefacenet", embedding_size=16, input_size=64), p)
 
 
 def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli):
