@@ -26,16 +26,31 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", min=1),
         in_place: bool = typer.Option(False, "--in-place", help="Modify the store in place instead of copy+rename (huge stores)."),
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the summary as JSON."),
+        fairface: list[Path] = typer.Option(None, "--fairface", help="FairFace label CSV (fairface_label_train.csv, "
+                                                                     "fairface_label_val.csv); repeat for both."),
     ) -> None:
         """Add attributes (gender, skin, eye_colour, facial_hair, race, age) to a face store.
 
         Example: facetool annotate --store data/imdb.h5 gender.csv age.csv
+        or:      facetool annotate --store data/fairface.h5 --fairface fairface_label_train.csv --fairface fairface_label_val.csv
         or:      facetool annotate --store data/imdb.h5 --from-model runs/iig/model.pt --feature gender
         """
         from facetool.annotate import annotate_store, estimate_from_model
         from facetool.io import write_json
 
-        if from_model is not None:
+        if fairface:
+            if csv or from_model is not None:
+                raise FacetoolError("give --fairface CSVs alone (not with annotation CSVs or --from-model)")
+            from facetool.data.fairface import annotate_fairface
+
+            res = annotate_fairface(store, fairface, in_place=in_place)
+            recs = [{"attribute": a, "counts": ", ".join(f"{v} {n}" for v, n in d.items())}
+                    for a, d in res["attributes"].items()]
+            console.print(records_table(f"FairFace labels written to {store}: {res['matched']} rows matched", recs))
+            if res["skipped_missing_image"]:
+                console.print(f"[yellow]skipped {res['skipped_missing_image']} rows naming images not in the store[/] "
+                              f"(e.g. {', '.join(res['missing_examples'])})")
+        elif from_model is not None:
             if csv:
                 raise FacetoolError("give either annotation CSVs or --from-model, not both")
             if not feature:

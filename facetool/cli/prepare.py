@@ -2,7 +2,7 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.prepare_synthetic", "facetool.cli.prepare_datasets"]
+MODULES = ["facetool.cli.prepare_synthetic", "facetool.cli.prepare_datasets", "facetool.cli.prepare_celeba"]
 
 
 def register(app):

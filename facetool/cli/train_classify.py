@@ -23,6 +23,15 @@ def _arch(arch: str) -> str:
     return a
 
 
+def _abn_arch(arch: str) -> str:
+    from facetool.models.abn import BACKBONES
+
+    a = arch.lower().removeprefix("abn_")
+    if a not in BACKBONES:
+        raise FacetoolError(f"unknown --arch {arch!r} for ABN; use one of {', '.join(BACKBONES)}")
+    return a
+
+
 def _int_list(text: str, option: str) -> list[int]:
     try:
         return [int(x) for x in text.split(",") if x.strip()]
@@ -33,7 +42,7 @@ def _int_list(text: str, option: str) -> list[int]:
 def _show(title: str, result: dict) -> None:
     m = result["metrics"]
     keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "train_attr_acc", "train_attr_base",
-            "val_attr_acc", "val_attr_base", "val_exec_rate", "val_exec_rate_free"]
+            "val_attr_acc", "val_attr_base", "val_att_top1", "val_att_attr_acc", "val_exec_rate", "val_exec_rate_free"]
     if "task" not in result:
         keys += [k for k in m if k.startswith("val_acc_")]
     rows = {k: m[k] for k in keys if k in m}
@@ -79,17 +88,21 @@ def register(app: typer.Typer) -> None:
             batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
             overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
-            init: Optional[Path] = None) -> None:
+            mechanism: str = "residual", init: Optional[Path] = None) -> None:
         from facetool.engine import TrainConfig, train_on_store
         from facetool.tasks import resolve_task
 
-        name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
-        kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
+        t = resolve_task(task, store)
+        if kind == "abn":
+            name = "abn_" + _abn_arch(arch)
+            kw = {"width": width, "heads": list(t.classes), "mechanism": mechanism}
+        else:
+            name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
+            kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
         cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
                           seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
                           max_steps=max_steps or None, flip=flip)
-        t = resolve_task(task, store)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
                                 model_kwargs=kw, task=t, init=init)
         if int(os.environ.get("RANK", "0")) == 0:
@@ -225,3 +238,35 @@ def register(app: typer.Typer) -> None:
         run("iig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
             attributes=feats, gate_hidden=gate_hidden)
+
+    @app.command("abn")
+    @guarded
+    def abn(store: Path = store_o, out: Path = out_o,
+            arch: str = typer.Option("resnet50", "--arch", help="Backbone: resnet18|34|50|101, iresnet18|34|50|100."),
+            input_size: Optional[int] = size_o, width: int = width_o,
+            mechanism: str = typer.Option("residual", "--mechanism",
+                                          help="residual: perception sees (1+M)*g (paper Eq. 2); multiply: M*g (Eq. 1)."),
+            attention_weight: float = typer.Option(1.0, "--attention-weight", help="Weight of CE(attention branch)."),
+            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
+            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
+            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
+            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o,
+            task: str = task_o) -> None:
+        """Train an Attention Branch Network: loss = CE(attention branch) + CE(perception branch).
+
+        Any input size (adaptive pooling). With --task attributes there is one attention map and one
+        perception output per attribute, computed in one batched pass. The maps are the model's
+        "attention" internal (facetool dissect attention shows them).
+
+        Example: facetool train abn --store data/celeba.h5 --arch resnet101 --task attributes --epochs 10 --lr 0.01 --out runs/abn
+        """
+        from facetool.methods.abn import ABNMethod
+        from facetool.models.abn import MECHANISMS
+
+        if mechanism not in MECHANISMS:
+            raise FacetoolError(f"unknown --mechanism {mechanism!r}; use one of {', '.join(MECHANISMS)}")
+        if not attention_weight >= 0:
+            raise FacetoolError(f"--attention-weight must be >= 0, got {attention_weight}")
+        run("abn", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
+            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
+            lambda model: ABNMethod(attention_weight), task=task, mechanism=mechanism)

@@ -1,0 +1,143 @@
+"""`facetool dissect attention`: part shares by hand, landmark parts, mean maps per value, the CLI on a
+real store and checkpoint, bad input, and learning tests of ABN on the synthetic set."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import learning_seeds, run_facetool
+from facetool.errors import FacetoolError
+from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares
+from facetool.models import create_model, save_checkpoint
+from facetool.store import FaceStore, Record, StoreWriter
+from facetool.tasks import resolve_task
+
+
+def test_part_shares_by_hand():
+    maps = np.array([[[[1.0, 0.0], [0.0, 1.0]], [[0.2, 0.2], [0.2, 0.4]]]], np.float32)  # (1, 2, 2, 2)
+    mask = np.array([[[True, True], [False, False]]])
+    share, area, present = part_shares(maps, mask)
+    assert share[0].tolist() == pytest.approx([0.5, 0.4 / 1.0])
+    assert area.tolist() == [0.5] and present.tolist() == [True]
+    _, _, present = part_shares(maps, np.zeros_like(mask))
+    assert present.tolist() == [False]
+
+
+def test_landmark_parts():
+    lm = np.array([[[10, 10], [30, 10], [20, 20], [12, 30], [28, 30]]], np.float32)
+    m = landmark_part_masks(lm, (40, 40))
+    assert m["left_eye"][0, 10, 10] and not m["left_eye"][0, 10, 30] and m["right_eye"][0, 10, 30]
+    assert m["nose"][0, 20, 20] and m["mouth"][0, 30, 20] and not m["mouth"][0, 10, 20]
+    r = 0.3 * 20  # radius 0.3 x inter-ocular distance
+    assert m["nose"][0].sum() == pytest.approx(np.pi * r * r, rel=0.15)
+    nan = landmark_part_masks(np.full((1, 5, 2), np.nan, np.float32), (8, 8))
+    assert not any(v.any() for v in nan.values())
+
+
+def _abn_checkpoint(store: Path, path: Path, spec: str = "attributes") -> Path:
+    task = resolve_task(spec, store)
+    torch.manual_seed(0)
+    with FaceStore(store) as s:
+        size = s.image_size[0]
+    m = create_model("abn_resnet18", num_classes=task.num_outputs, heads=task.classes, input_size=size, width=4)
+    for b in m.modules():  # non-trivial maps
+        if isinstance(b, torch.nn.BatchNorm2d):
+            b.running_mean.uniform_(-0.5, 0.5)
+    m.config["task"] = task.to_json()
+    save_checkpoint(path, m)
+    return path
+
+
+def test_dissect_attention_cli_on_synthetic_store(tmp_path):
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.models import load_model
+
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=5, size=48, seed=0)
+    ck = _abn_checkpoint(store, tmp_path / "abn.pt", "attributes:gender,facial_hair")
+    out = tmp_path / "att"
+    r = run_facetool("dissect", "attention", "--model", ck, "--store", store, "--out", out, "--images", "3")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((out / "attention.json").read_text())
+    assert res["maps"] == 2 and res["heads"] == ["gender", "facial_hair"] and res["part_source"] == "part_masks"
+    for f in ("overlays.png", "mean_maps.png", "mean_maps.npz", "part_shares.csv"):
+        assert (out / f).is_file(), f
+    import cv2
+
+    grid = cv2.imread(str(out / "overlays.png"))
+    assert grid.shape == (3 * 48, 3 * 48, 3)  # 3 images x (face + 2 maps)
+    shares = {(x["head"], x["part"]): x for x in res["part_shares"]}
+    assert ("facial_hair", "beard") in shares and ("gender", "eyes") in shares
+    assert all(0 <= x["attention_share"] <= 1 and 0 < x["area_share"] <= 1 for x in shares.values())
+    # the mean map of gender=male equals the average of the upsampled maps of the male test images
+    model = load_model(ck)
+    with FaceStore(store) as s:
+        idx = s.indices("test")
+        codes, vocab = s.attribute("gender")
+        x = torch.from_numpy(s.images(idx)).permute(0, 3, 1, 2).float()
+    x = (x - 127.5) / 127.5
+    with torch.no_grad():
+        _, it = model(x, return_internals=True)
+    up = torch.nn.functional.interpolate(it["attention"], size=(48, 48), mode="bilinear", align_corners=False)
+    male = codes[idx] == vocab.index("male")
+    npz = np.load(out / "mean_maps.npz")
+    np.testing.assert_allclose(npz["gender=male"], up[torch.from_numpy(male), 0].mean(0).numpy(), atol=1e-5)
+    # existing output folder: refused without --overwrite
+    r = run_facetool("dissect", "attention", "--model", ck, "--store", store, "--out", out)
+    assert r.returncode == 2 and "--overwrite" in r.stderr
+
+
+def test_dissect_attention_landmarks_and_bad_input(tmp_path, cli):
+    # a store without part masks but with landmarks (e.g. CelebA): parts from the 5 points
+    w = StoreWriter(tmp_path / "lm.h5", image_size=(32, 32), identities=["a", "b"],
+                    attribute_values={"gender": ["f", "m"]})
+    rng = np.random.default_rng(0)
+    lm = np.array([[11, 13], [21, 13], [16, 18], [12, 24], [20, 24]], np.float32)
+    for i in range(6):
+        w.append(Record(image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8), label=i % 2, split=i % 2,
+                        landmarks=lm, attributes={"gender": (i // 2) % 2}))
+    store = w.finalize()
+    ck = _abn_checkpoint(store, tmp_path / "abn.pt", "attribute:gender")
+    res = dissect_attention(ck, store, tmp_path / "o", split="all", images=0)
+    assert res["part_source"] == "landmarks" and {x["part"] for x in res["part_shares"]} == {
+        "left_eye", "right_eye", "nose", "mouth"}
+    assert "overlays.png" not in res["files"]
+    # a model without an attention map: one line naming the models that have one, nothing written
+    plain = create_model("resnet18", num_classes=2, input_size=32, width=4)
+    save_checkpoint(tmp_path / "plain.pt", plain)
+    r = cli("dissect", "attention", "--model", tmp_path / "plain.pt", "--store", store, "--out", tmp_path / "p")
+    assert r.exit_code == 2 and "has no attention map" in r.output and "abn_resnet50" in r.output
+    assert not (tmp_path / "p").exists()
+    with pytest.raises(FacetoolError, match="is also an input"):
+        dissect_attention(ck, store, store, overwrite=True)
+
+
+# -- learning tests on the synthetic set -------------------------------------------------------------
+def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epochs: int, mechanism: str):
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.engine import TrainConfig, train_on_store
+    from facetool.methods.abn import ABNMethod
+
+    store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=ids, per_identity=per, size=64, seed=seed)
+    task = resolve_task(spec, store)
+    cfg = TrainConfig(out=tmp_path / f"abn{seed}", epochs=epochs, batch_size=16, lr=0.05, seed=seed, verbose=False)
+    res = train_on_store(store, "abn_resnet18", lambda m: ABNMethod(), cfg, task=task,
+                         model_kwargs={"width": 8, "heads": task.classes, "mechanism": mechanism})
+    return store, tmp_path / f"abn{seed}" / "model.pt", res["metrics"]
+
+
+@pytest.mark.slow
+def test_abn_multitask_beats_majority_baseline(tmp_path):
+    """ABN-ResNet-18 (width 8, 64 px), all 6 synthetic attributes in one batched pass, 16 ids x 12 images,
+    15 epochs. Measured mean val attribute accuracy: seeds 0/1/100/200 = 0.85/0.82/0.82/0.77 vs majority
+    0.44 (margin ~0.38); asserted margin 0.2, averaged over learning_seeds(2)."""
+    gaps = []
+    for seed in learning_seeds(2):
+        _, _, m = _train_abn(tmp_path, seed, "attributes", ids=16, per=12, epochs=15, mechanism="residual")
+        gaps.append(m["val_attr_acc"] - m["val_attr_base"])
+        print(f"seed {seed}: ABN mean attribute acc {m['val_attr_acc']:.3f} majority {m['val_attr_base']:.3f}")
+    assert np.mean(gaps) > 0.2, gaps
