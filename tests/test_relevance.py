@@ -279,3 +279,31 @@ def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli
     assert res["drop"]["random"]["gender"] == pytest.approx(want)
     r = cli("dissect", "generalisation", "--models", f"{clf},{emb}", "--store", synthetic_store, "--out", tmp_path / "g2")
     assert r.exit_code == 2 and "embedding model" in r.output
+
+
+def test_attention_method_reads_the_abn_map_of_the_explained_attribute(synthetic_store, tmp_path, cli):
+    import torch.nn.functional as F
+
+    from facetool.methods.relevance import resolve
+    from facetool.models.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    m = create_model("abn_resnet18", num_classes=5, heads=[2, 3], width=8, input_size=64).eval()
+    m.config["task"] = {"kind": "attributes", "names": ["gender", "skin"], "classes": [2, 3],
+                        "vocab": [["female", "male"], ["light", "medium", "dark"]]}
+    x = torch.randn(2, 3, 64, 64)
+    what = resolve(m, x, Target.parse("attribute:skin"), attr_codes=torch.tensor([0, -1]))
+    assert what.head == 1 and what.sl == slice(2, 5) and what.classes[0] == 0
+    maps = explain(m, x, "attention", what)
+    with torch.no_grad():
+        _, internals = m(x, return_internals=True)
+    want = F.interpolate(internals["attention"][:, 1:2], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    np.testing.assert_allclose(maps, want.numpy(), rtol=1e-5, atol=1e-6)
+    with pytest.raises(FacetoolError, match="cannot canonize"):
+        explain(m, x, "lrp", what)
+    p = save_checkpoint(tmp_path / "abn.pt", m)
+    r = cli("dissect", "relevance", "--model", p, "--store", synthetic_store, "--out", tmp_path / "att",
+            "--method", "attention", "--target", "attribute:gender", "--limit", 4, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    met = json.loads((tmp_path / "att" / "metrics.json").read_text())
+    assert met["method"] == "attention" and met["target"] == "attribute:gender" and np.isfinite(met["aopc_morf"])

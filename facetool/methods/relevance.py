@@ -133,10 +133,12 @@ class Explained:
     classes: Tensor | None = None
     refs: Tensor | None = None
     sl: slice | None = None
+    #: for multi-attribute models: the explained attribute's head (its attention map)
+    head: int | None = None
 
     def select(self, idx) -> "Explained":
         return Explained(None if self.classes is None else self.classes[idx],
-                         None if self.refs is None else self.refs[idx], self.sl)
+                         None if self.refs is None else self.refs[idx], self.sl, self.head)
 
     def lrp_output(self, out: Tensor) -> Tensor:
         """Relevance at the model output (its sum is the explained logit, or the cosine)."""
@@ -188,7 +190,9 @@ def resolve(model: nn.Module, x: Tensor, target: Target, labels: Tensor | None =
                                 "--target label needs the model trained on this store's identities (use predicted)")
         return Explained(classes=labels.long(), sl=sl)
     codes = attr_codes.long() if attr_codes is not None else torch.full_like(pred, -1)
-    return Explained(classes=torch.where(codes >= 0, codes, pred), sl=sl)
+    task = model_task(model)
+    head = list(task.get("names", [])).index(target.attribute) if task.get("kind") == "attributes" else None
+    return Explained(classes=torch.where(codes >= 0, codes, pred), sl=sl, head=head)
 
 
 def embed(model: nn.Module, x: Tensor, batch: int = 64) -> Tensor:
@@ -228,8 +232,8 @@ def explain(model: nn.Module, x: Tensor, method: str, what: Explained, *, seed: 
         with eval_mode(model), torch.no_grad():
             _, internals = model(x, return_internals=True)
         att = internals["attention"].float()
-        if att.shape[1] > 1:
-            att = att.mean(1, keepdim=True)
+        if att.shape[1] > 1:  # one map per attribute head: the explained attribute's, else their mean
+            att = att[:, what.head:what.head + 1] if what.head is not None else att.mean(1, keepdim=True)
         return F.interpolate(att, size=(H, W), mode="bilinear", align_corners=False)[:, 0].numpy().astype(np.float32)
     import pytorch_grad_cam
 
@@ -552,7 +556,7 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
     maps_np = np.concatenate(maps)
     what_all = Explained(
         classes=None if whats[0].classes is None else torch.cat([w.classes for w in whats]),
-        refs=refs, sl=whats[0].sl)
+        refs=refs, sl=whats[0].sl, head=whats[0].head)
     curves = perturbation_curves(model, x, maps_np, what_all, steps=steps, max_fraction=max_fraction,
                                  patch=patch, fill=fill, seed=seed)
     curves["score_name"] = "cosine" if tgt.kind == "cosine" else "probability of the explained class"
