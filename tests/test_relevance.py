@@ -307,3 +307,29 @@ def test_attention_method_reads_the_abn_map_of_the_explained_attribute(synthetic
     assert r.exit_code == 0, r.output
     met = json.loads((tmp_path / "att" / "metrics.json").read_text())
     assert met["method"] == "attention" and met["target"] == "attribute:gender" and np.isfinite(met["aopc_morf"])
+
+
+def test_cli_image_reference_and_empty_split(synthetic_store, checkpoints, tmp_path, cli):
+    import cv2
+
+    from facetool.store import FaceStore, Record, StoreWriter
+
+    _, emb = checkpoints
+    with FaceStore(synthetic_store) as s:
+        img = s.images([0])[0]
+    ref = tmp_path / "ref.png"
+    cv2.imwrite(str(ref), img[:, :, ::-1])
+    r = cli("dissect", "relevance", "--model", emb, "--store", synthetic_store, "--out", tmp_path / "img",
+            "--method", "lrp", "--target", "cosine", "--reference", ref, "--limit", 3, "--steps", 2)
+    assert r.exit_code == 0, r.output
+    with h5py.File(tmp_path / "img" / "maps.h5") as f:
+        assert f["maps"].shape == (3, 64, 64) and f.attrs["reference"] == str(ref)
+    w = StoreWriter(tmp_path / "train_only.h5", image_size=(32, 32), identities=["a"])
+    w.append(Record(np.zeros((32, 32, 3), np.uint8), 0, split=0, source="a.png"))
+    w.finalize()
+    r = cli("dissect", "relevance", "--model", emb, "--store", tmp_path / "train_only.h5", "--out", tmp_path / "e",
+            "--target", "cosine", "--reference", "self")
+    assert r.exit_code == 2 and "split" in r.output and "empty" in r.output
+    r = cli("dissect", "relevance", "--model", emb, "--store", synthetic_store, "--out", tmp_path / "e",
+            "--target", "cosine", "--reference", tmp_path / "nope.png")
+    assert r.exit_code == 2 and "nope.png" in r.output
