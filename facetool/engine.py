@@ -491,16 +491,35 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
     return final
 
 
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[int, int]:
+    """Copy the tensors of checkpoint ``path`` into ``model`` where names and shapes match; returns
+    (copied, left) counts. A checkpoint of which less than half of the tensors fit (another
+    architecture) is an error."""
+    from facetool.models.checkpoint import read_checkpoint
+
+    sd = read_checkpoint(Path(path))["state_dict"]
+    own = model.state_dict()
+    match = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(match) * 2 < len(sd):
+        raise FacetoolError(f"--init {path}: only {len(match)} of its {len(sd)} tensors fit this model "
+                            "(another architecture or width?)")
+    model.load_state_dict(match, strict=False)
+    return len(match), len(own) - len(match)
+
+
 def train_on_store(store: str | Path, model_name: str, method_factory: Callable[[nn.Module], Method],
                    cfg: TrainConfig, *, input_size: int | None = None, attributes: Sequence[str] = (),
-                   model_kwargs: dict | None = None, task: Any = None) -> dict[str, Any]:
+                   model_kwargs: dict | None = None, task: Any = None, init: str | Path | None = None) -> dict[str, Any]:
     """Build train/test datasets of a face store and a registered model, train it with the method
     returned by ``method_factory(model)`` (validating on the store's test split each epoch), and write
     ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict.
 
     ``task`` (:class:`facetool.tasks.Task`, default identity): an attribute task sizes the model's
     output to the task (concatenated per-attribute logits), records it in ``model.config["task"]``,
-    and hands it with the training split's majority classes to the method (``set_task``)."""
+    and hands it with the training split's majority classes to the method (``set_task``).
+
+    ``init``: a checkpoint whose weights initialise the model where names and shapes match (the
+    classifier of another task or class count is left at its initialisation)."""
     from facetool.data.dataset import FaceDataset
     from facetool.flops import count_params, executed_flops, flops_summary
     from facetool.models.registry import create_model
@@ -524,6 +543,8 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
     model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))
     if stats is not None:
         model.config["task"] = task.to_json()
+    if init is not None:
+        init_from_checkpoint(model, init)
     method = method_factory(model)
     if stats is not None:
         if not hasattr(method, "set_task"):

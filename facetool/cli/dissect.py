@@ -2,7 +2,7 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_attention"]
+MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_attention", "facetool.cli.dissect_relevance"]
 
 
 def register(app):

@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
             batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
             overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
-            mechanism: str = "residual") -> None:
+            mechanism: str = "residual", init: Optional[Path] = None) -> None:
         from facetool.engine import TrainConfig, train_on_store
         from facetool.tasks import resolve_task
 
@@ -112,7 +112,7 @@ def register(app: typer.Typer) -> None:
                           seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
                           max_steps=max_steps or None, flip=flip)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
-                                model_kwargs=kw, task=t)
+                                model_kwargs=kw, task=t, init=init)
         if int(os.environ.get("RANK", "0")) == 0:
             _show(f"train {kind} ({name}) -> {out}", result)
 
@@ -146,7 +146,8 @@ def register(app: typer.Typer) -> None:
                momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
                warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
                workers: int = workers_o, seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o,
-               overwrite: bool = over_o, task: str = task_o) -> None:
+               overwrite: bool = over_o, task: str = task_o,
+               init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint whose weights initialise the model where names and shapes match (e.g. an identity model for a gender model).")) -> None:
         """Train a ResNet classifier (softmax cross-entropy) of identities or attributes (--task).
 
         --task attribute:gender trains one softmax head; --task attributes one head per attribute of the
@@ -159,7 +160,7 @@ def register(app: typer.Typer) -> None:
 
         run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
-            lambda model: ClassificationMethod(), task=task)
+            lambda model: ClassificationMethod(), task=task, init=init)
 
     @app.command("aig")
     @guarded
