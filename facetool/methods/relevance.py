@@ -678,12 +678,12 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     from facetool.store import FaceStore
 
     paths = [Path(p) for p in model_paths]
+    out = guard_output(out, inputs=(*paths, store_path), overwrite=overwrite, is_dir=True)
     if len(paths) < 2:
         raise FacetoolError("--models needs at least two checkpoints (comma-separated)")
     for p in paths:
         require_file(p, "--models")
     require_file(store_path, "--store")
-    out = guard_output(out, inputs=(*paths, store_path), overwrite=overwrite, is_dir=True)
     if not 0.0 < fraction < 1.0:
         raise FacetoolError(f"--fraction must be in (0, 1), got {fraction}")
     if method not in METHODS or method == "attention":
