@@ -80,6 +80,6 @@ def register(group: typer.Typer) -> None:
             res = generalisation_matrix(paths, store, out, method=method, split=split, limit=limit, fraction=fraction,
                                         patch=patch, fill=fill, batch_size=batch_size, seed=seed, overwrite=overwrite)
         recs = [{"masked by": r, **{m: v for m, v in row.items()}} for r, row in res["drop"].items()]
-        console.print(f"base accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in res["base_accuracy"].items()))
+        console.print("base accuracy: " + ", ".join(f"{m} {a:.3f}" for m, a in res["base_accuracy"].items()))
         console.print(records_table(f"accuracy drop with the top {res['fraction']:.0%} masked ({res['method']})", recs))
         console.print(f"wrote {len(res['files'])} files to {out}")
