@@ -91,9 +91,15 @@ def register(app: typer.Typer) -> None:
             temperature=temperature, sr_loss=sr_loss, hint=hint_pair, unlabeled=unlabeled,
             unlabeled_weight=unlabeled_weight, mixup=mixup, transfer=transfer,
             labeled_per_identity=labeled_per_identity,
-            on_config=(lambda c: console.print(dict_table(f"distill {m} -> {out}", c, "setting"))) if main else None)
+            on_config=show_config if main else None)
         if main:
             show_result(result)
+
+    def show_config(config: dict) -> None:
+        notes = config.pop("notes", [])
+        console.print(dict_table(f"distill {config['method']}: settings", config, "setting"))
+        for n in notes:
+            console.print(f"note: {n}", highlight=False, soft_wrap=True)
 
     def show_result(result: dict) -> None:
         from rich.table import Table

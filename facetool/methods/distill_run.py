@@ -426,7 +426,7 @@ def distill(
                    "temperature": temperature, **({"sr_loss": sr_loss} if kind == "srrl" else {}),
                    "teacher": str(teacher) if teacher else "-", "student": name, "input size": size,
                    "train images": len(train_ds), **({"unlabeled weight": unlabeled_weight, "mixup": mixup} if u_ds else {}),
-                   **{f"note {i + 1}": n for i, n in enumerate(notes)}})
+                   "notes": list(notes)})
     ds: Dataset = WithUnlabeled(train_ds, u_ds) if u_ds is not None else train_ds
     with method.attached(model):
         final = train(model, method, ds, cfg, test_ds if len(test_ds) else None)
