@@ -299,6 +299,7 @@ def tiny(tmp_path_factory):
     torch_save({"head": head.state_dict()}, rec / "heads.pt")
     torch_save(emb.state_dict(), root / "backbone.pth")
     torch_save(head.weight.detach().clone(), root / "softmax_weight.pt")
+    (root / "corrupt.pt").write_bytes(b"PK\x03\x04 not really a zip")
     return root
 
 
@@ -406,6 +407,7 @@ def test_transfer_probe_and_resume_flag(tiny, tmp_path, cli):
     (["srrl", "--teacher", "{t}/teacher.pt", "--student", "mobilefacenet"], "its student must be one of resnet18"),
     (["srrl", "--teacher", "{t}/s.h5", "--student", "resnet18"], "is an HDF5 file"),
     (["srrl", "--teacher", "{t}/missing.pt", "--student", "resnet18"], "teacher not found"),
+    (["srrl", "--teacher", "{t}/corrupt.pt", "--student", "resnet18"], "failed to load"),
     (["crd", "--teacher", "{t}/teacher.pt", "--student", "resnet18"], "unknown distillation method"),
     (["kd", "--teacher", "{t}/backbone.pth", "--student", "r18"], "--teacher-head"),
     (["srrl", "--teacher", "{t}/teacher.pt", "--student", "resnet18", "--alpha", "-1"], "--alpha must be"),
@@ -446,3 +448,35 @@ def test_thesis_recipe_dry_run(cli):
         assert any(line.startswith(f"distill {kind} ") and "--student resnet18" in line for line in lines), kind
     assert any("--student mobilefacenet" in line for line in lines)
     assert any(line.startswith("eval classify") for line in lines) and any(line.startswith("eval ijbc") for line in lines)
+
+
+# -- learning: SRRL helps a low-label student ----------------------------------------------------------
+@pytest.mark.slow
+def test_srrl_student_beats_the_plain_student(tmp_path):
+    """A ResNet-18 (width 16) teacher learns 16 synthetic identities from 12 images each; ResNet-18
+    students of width 8 see only the first 4 labeled images per identity, for the same 15 epochs, batch,
+    schedule and seed. The SRRL student's test top-1 beats the cross-entropy-only student's, averaged
+    over two seeds (teacher retrained per seed).
+
+    Measured (test top-1 %, SRRL vs none, mean of 2 seeds): seeds 0/1 50.8 vs 39.1 (+11.7),
+    seeds 100/101 see the report, seeds 200/201 see the report; the test asks for +5 points."""
+    from conftest import learning_seeds
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.engine import ClassificationMethod, train_on_store
+    from facetool.methods.distill_run import distill
+
+    store = tmp_path / "s.h5"
+    prepare_synthetic(store, identities=16, per_identity=16, size=64, seed=0, test_fraction=0.25)
+    top1: dict[str, list[float]] = {"srrl": [], "none": []}
+    for seed in learning_seeds(2):
+        train_on_store(store, "resnet18", lambda m: ClassificationMethod(),
+                       TrainConfig(out=tmp_path / f"t{seed}", epochs=15, batch_size=32, lr=0.05, seed=seed,
+                                   verbose=False), model_kwargs={"width": 16})
+        for kind in top1:
+            r = distill(kind, store=store, student="resnet18", width=8, teacher=tmp_path / f"t{seed}" / "model.pt",
+                        labeled_per_identity=4,
+                        cfg=TrainConfig(out=tmp_path / f"{kind}{seed}", epochs=15, batch_size=16, lr=0.05, seed=seed,
+                                        verbose=False))
+            top1[kind].append(r["diagnostics"]["student"]["top1"])
+    srrl, none = float(np.mean(top1["srrl"])), float(np.mean(top1["none"]))
+    assert srrl - none >= 5.0, (top1, srrl, none)
