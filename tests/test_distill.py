@@ -424,6 +424,14 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny, tmp_path, cli, args, mes
     assert not out.exists()
 
 
+def test_out_holding_the_teacher_is_refused_even_with_overwrite(tiny, cli):
+    before = (tiny / "rec" / "model.pt").read_bytes()
+    r = cli("distill", "srrl", "--teacher", tiny / "rec" / "model.pt", "--student", "r18", "--store", tiny / "s.h5",
+            "--out", tiny / "rec", "--overwrite")
+    assert r.exit_code == 2 and "holds the teacher file" in r.output
+    assert (tiny / "rec" / "model.pt").read_bytes() == before
+
+
 def test_onnx_teacher_for_a_feature_method_names_the_methods_that_work(tiny, tmp_path, cli):
     from facetool.export import export_onnx
 

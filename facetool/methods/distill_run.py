@@ -379,6 +379,10 @@ def distill(
     test_ds = FaceDataset(store, "test", size=size if size != store_size else None)
     u_ds = open_unlabeled(unlabeled, size, notes) if unlabeled is not None else None
     out = Path(cfg.out)
+    for f in (teacher, *teacher_heads):
+        if f is not None and out.resolve() in Path(f).resolve().parents:
+            raise FacetoolError(f"--out {out} holds the teacher file {f}; the student's files would replace it: "
+                                "choose another folder")
     guard_output(out, inputs=(store, teacher, unlabeled, transfer, *teacher_heads),
                  overwrite=cfg.overwrite or cfg.resume, is_dir=True)
     if cfg.resume and (out / "config.json").is_file():
