@@ -456,6 +456,8 @@ def test_thesis_recipe_dry_run(cli):
         assert any(line.startswith(f"distill {kind} ") and "--student resnet18" in line for line in lines), kind
     assert any("--student mobilefacenet" in line for line in lines)
     assert any(line.startswith("eval classify") for line in lines) and any(line.startswith("eval ijbc") for line in lines)
+    _, steps = load_recipe(recipe.with_name("distill_synthetic.toml"))
+    assert [s.argv[1] for s in steps if s.argv[0] == "distill"] == ["srrl", "kd", "fitnet", "at", "rkd", "pkt", "none"]
 
 
 # -- learning: SRRL helps a low-label student ----------------------------------------------------------
