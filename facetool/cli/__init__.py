@@ -13,7 +13,7 @@ import typer
 
 from facetool import __version__
 
-COMMAND_MODULES = ["prepare", "annotate", "train", "eval", "dissect", "invert", "export", "recipe", "info"]
+COMMAND_MODULES = ["prepare", "annotate", "train", "distill", "eval", "dissect", "invert", "export", "recipe", "info"]
 
 app = typer.Typer(
     name="facetool",
