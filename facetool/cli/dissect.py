@@ -2,8 +2,8 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.dissect_gates"]
+MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_units"]
 
 
 def register(app):
-    make_group("dissect", "Dissect trained models: gate usage per attribute, easy/hard images.", MODULES, app)
+    make_group("dissect", "Dissect trained models: gate usage per attribute, easy/hard images; units paired with face concepts (HND).", MODULES, app)
