@@ -71,15 +71,44 @@ class Method:
 
 
 class ClassificationMethod(Method):
-    """Softmax cross-entropy over identities; metrics top-1 / top-5 accuracy."""
+    """Softmax cross-entropy over identities; metrics top-1 / top-5 accuracy.
+
+    With an attribute ``task`` (:class:`facetool.tasks.Task`): one softmax cross-entropy per
+    attribute head over its known values (-1 ignored), averaged over heads; metrics ``acc_<name>``,
+    ``attr_acc`` and, given ``majority`` (the training split's majority codes), the majority-class
+    baselines ``base_<name>`` / ``attr_base`` beside them."""
 
     name = "classify"
+    task = None  # facetool.tasks.Task | None (None = identity)
+    majority: list[int] | None = None
+    class_stats: dict | None = None
+
+    def __init__(self, task=None, majority=None, class_stats=None) -> None:
+        self.set_task(task, majority, class_stats)
+
+    def set_task(self, task=None, majority=None, class_stats=None) -> None:
+        self.task = None if task is None or task.is_identity else task
+        self.majority = list(majority) if majority is not None else None
+        self.class_stats = class_stats
 
     def loss(self, model, batch, out, internals):
+        if self.task is not None:
+            from facetool.tasks import task_loss
+
+            return {"ce": task_loss(out, batch, self.task)}
         return {"ce": nn.functional.cross_entropy(out.float(), batch["label"])}
 
     def metrics(self, batch, out, internals):
+        if self.task is not None:
+            from facetool.tasks import task_metrics
+
+            return task_metrics(out, batch, self.task, self.majority)
         return topk_accuracy(out, batch["label"])
+
+    def meta(self) -> dict:
+        if self.task is None:
+            return {}
+        return {"task": self.task.to_json(), "class_stats": self.class_stats or {}}
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -454,25 +483,44 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
 
 def train_on_store(store: str | Path, model_name: str, method_factory: Callable[[nn.Module], Method],
                    cfg: TrainConfig, *, input_size: int | None = None, attributes: Sequence[str] = (),
-                   model_kwargs: dict | None = None) -> dict[str, Any]:
+                   model_kwargs: dict | None = None, task: Any = None) -> dict[str, Any]:
     """Build train/test datasets of a face store and a registered model, train it with the method
     returned by ``method_factory(model)`` (validating on the store's test split each epoch), and write
-    ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict."""
+    ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict.
+
+    ``task`` (:class:`facetool.tasks.Task`, default identity): an attribute task sizes the model's
+    output to the task (concatenated per-attribute logits), records it in ``model.config["task"]``,
+    and hands it with the training split's majority classes to the method (``set_task``)."""
     from facetool.data.dataset import FaceDataset
     from facetool.flops import count_params, executed_flops, flops_summary
     from facetool.models.registry import create_model
 
+    stats = None
+    if task is not None and not task.is_identity:
+        from facetool.tasks import class_stats
+
+        attributes = list(dict.fromkeys([*task.names, *attributes]))
+        stats = class_stats(store, task, "train")
     train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
     size = input_size or int(train_ds.image_size[0])
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
     val_ds = FaceDataset(store, "test", attributes=attributes, size=input_size)
     seed_everything(cfg.seed)
-    model = create_model(model_name, num_classes=train_ds.num_classes, input_size=size, **(model_kwargs or {}))
+    ncls = train_ds.num_classes if stats is None else task.num_outputs
+    model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))
+    if stats is not None:
+        model.config["task"] = task.to_json()
     method = method_factory(model)
+    if stats is not None:
+        if not hasattr(method, "set_task"):
+            raise FacetoolError(f"method {method.name} trains identities only; use --task identity")
+        method.set_task(task, [stats[n]["majority_code"] for n in task.names], stats)
     final = train(model, method, train_ds, cfg, val_ds if len(val_ds) else None)
     result: dict[str, Any] = {"store": str(store), "model": dict(model.config), "method": method.name,
                               "metrics": final, "params": count_params(model)}
+    if stats is not None:
+        result.update(task=task.to_json(), class_stats=stats)
     if int(os.environ.get("RANK", "0")) == 0:
         model.cpu()
         result.update(flops_summary(model, size))
@@ -517,7 +565,8 @@ class _Logger:
     def epoch(self, row: dict) -> None:
         if not self.enabled:
             return
-        keys = [k for k in row if k in ("epoch", "train_loss", "train_top1", "val_top1", "val_exec_rate")
+        keys = [k for k in row if k in ("epoch", "train_loss", "train_top1", "val_top1", "val_exec_rate", "val_attr_acc",
+                                        "val_attr_base")
                 or k.startswith("val_acc") or k.startswith("lfw")]
         self.console.print("  ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys),
                            highlight=False)

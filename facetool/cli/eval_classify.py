@@ -9,8 +9,10 @@ import typer
 
 from facetool.cli.common import console, guarded, records_table
 
-COLUMNS = ["model", "top1", "top5", "gflops_executed", "gflops_dense", "params_m", "gate_rate"]
-HEADERS = ["model", "top-1 %", "top-5 %", "GFLOPs exec.", "GFLOPs dense", "params M", "gate rate"]
+COLUMNS = ["model", "top1", "top5", "attr_acc", "majority", "gflops_executed", "gflops_dense", "params_m", "gate_rate"]
+HEADERS = ["model", "top-1 %", "top-5 %", "attr. acc %", "majority %", "GFLOPs exec.", "GFLOPs dense", "params M",
+           "gate rate"]
+ATTR_HEADERS = ["model", "attribute", "acc %", "majority %", "majority value", "train share %", "known"]
 
 
 def register(group: typer.Typer) -> None:
@@ -25,6 +27,10 @@ def register(group: typer.Typer) -> None:
         json_out: Optional[Path] = typer.Option(None, "--json", help="Write the rows as JSON."),
     ) -> None:
         """Top-1/top-5, executed and dense GFLOPs, parameters and gate rate, one row per model.
+
+        Attribute models (train --task attribute:NAME|attributes) report the mean attribute accuracy and a
+        second table with each attribute's accuracy beside its majority-class baseline. "majority %" is the
+        accuracy of always predicting the training split's most frequent class.
 
         Example: facetool eval classify --store data/imdb.h5 --model runs/resnet/model.pt --model runs/aig/model.pt
         """
@@ -47,6 +53,15 @@ def register(group: typer.Typer) -> None:
             table_rows.append({h: (name if c == "model" else ("-" if r[c] is None else r[c]))
                                for c, h in zip(COLUMNS, HEADERS)})
         console.print(records_table(f"classification on {store.name} [{split}]", table_rows, HEADERS))
+        attr_rows = []
+        for r, tr in zip(rows, table_rows):
+            for name, a in (r.get("attributes") or {}).items():
+                attr_rows.append({"model": tr["model"].split("\n")[0], "attribute": name, "acc %": a["acc"],
+                                  "majority %": a["majority"], "majority value": str(a["majority_value"]),
+                                  "train share %": a["train_majority_share"], "known": a["known"]})
+        if attr_rows:
+            console.print(records_table(f"attributes on {store.name} [{split}]: accuracy vs the majority-class "
+                                        "baseline (training split's most frequent value)", attr_rows, ATTR_HEADERS))
         if json_out is not None:
             write_json(json_out, {"store": str(store), "split": split, "models": rows})
             console.print(f"results: {json_out}")

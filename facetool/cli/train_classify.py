@@ -32,19 +32,55 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _show(title: str, result: dict) -> None:
     m = result["metrics"]
-    keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "val_exec_rate", "val_exec_rate_free"]
-    keys += [k for k in m if k.startswith("val_acc_")]
+    keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_top5", "train_attr_acc", "train_attr_base",
+            "val_attr_acc", "val_attr_base", "val_exec_rate", "val_exec_rate_free"]
+    if "task" not in result:
+        keys += [k for k in m if k.startswith("val_acc_")]
     rows = {k: m[k] for k in keys if k in m}
     rows.update({k: result[k] for k in ("gflops", "exec_gflops", "params_m") if k in result})
     console.print(dict_table(title, rows, "metric"))
+    if "task" in result:
+        show_task_table(result["task"], result.get("class_stats", {}), m)
+
+
+def show_task_table(task: dict, stats: dict, metrics: dict) -> None:
+    """Per attribute: accuracy beside the majority-class baseline, and the training class balance."""
+    from facetool.cli.common import records_table
+
+    rows = []
+    for n in task["names"]:
+        st = stats.get(n, {})
+        counts = st.get("counts", {})
+        cells = {"attribute": n,
+                 "val acc %": _pct(metrics.get(f"val_acc_{n}")), "majority %": _pct(metrics.get(f"val_base_{n}")),
+                 "train acc %": _pct(metrics.get(f"train_acc_{n}")),
+                 "majority value": str(st.get("majority", "-")),
+                 "train share %": _pct(st.get("majority_share")),
+                 "train counts": "/".join(str(v) for v in counts.values()) if isinstance(counts, dict) else "-"}
+        rows.append(cells)
+    headers = ["attribute", "val acc %", "majority %", "train acc %", "majority value", "train share %", "train counts"]
+    console.print(records_table("attributes: accuracy vs the majority-class baseline, class balance (train)", rows,
+                                headers))
+
+
+def _pct(v) -> str:
+    return "-" if v is None else f"{100.0 * float(v):.1f}"
+
+
+TASK_HELP = "identity | attribute:NAME | attributes (all attributes of the store) | attributes:A,B,..."
+
+
+def task_option():
+    return typer.Option("identity", "--task", help=f"What to predict: {TASK_HELP}.")
 
 
 def register(app: typer.Typer) -> None:
     def run(kind: str, store: Path, out: Path, arch: str, input_size: Optional[int], width: int, epochs: int,
             batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
-            overwrite: bool, factory, attributes=(), gate_hidden: int = 16) -> None:
+            overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity") -> None:
         from facetool.engine import TrainConfig, train_on_store
+        from facetool.tasks import resolve_task
 
         name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
         kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
@@ -52,8 +88,9 @@ def register(app: typer.Typer) -> None:
                           weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
                           seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
                           max_steps=max_steps or None, flip=flip)
+        t = resolve_task(task, store)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
-                                model_kwargs=kw)
+                                model_kwargs=kw, task=t)
         if int(os.environ.get("RANK", "0")) == 0:
             _show(f"train {kind} ({name}) -> {out}", result)
 
@@ -77,6 +114,7 @@ def register(app: typer.Typer) -> None:
     steps_o = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all; continue with --resume).")
     resume_o = typer.Option(False, "--resume", help="Continue the run in --out.")
     over_o = typer.Option(False, "--overwrite", help="Start over in an existing --out.")
+    task_o = task_option()
 
     @app.command("resnet")
     @guarded
@@ -85,8 +123,12 @@ def register(app: typer.Typer) -> None:
                momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
                warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
                workers: int = workers_o, seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o,
-               overwrite: bool = over_o) -> None:
-        """Train a ResNet identity classifier (softmax cross-entropy).
+               overwrite: bool = over_o, task: str = task_o) -> None:
+        """Train a ResNet classifier (softmax cross-entropy) of identities or attributes (--task).
+
+        --task attribute:gender trains one softmax head; --task attributes one head per attribute of the
+        store (concatenated logits); unknown values (-1) are ignored; accuracies are reported beside the
+        majority-class baseline.
 
         Example: facetool train resnet --store data/faces.h5 --arch resnet50 --epochs 30 --out runs/resnet50
         """
@@ -94,7 +136,7 @@ def register(app: typer.Typer) -> None:
 
         run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
-            lambda model: ClassificationMethod())
+            lambda model: ClassificationMethod(), task=task)
 
     @app.command("aig")
     @guarded
@@ -108,7 +150,8 @@ def register(app: typer.Typer) -> None:
             epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
             weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
             grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
-            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o) -> None:
+            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o,
+            task: str = task_o) -> None:
         """Train ConvNet-AIG: a gate per residual block, CE + L_target (blocks really skipped at inference).
 
         Default targets: the middle blocks at --target; ResNet-101 pins the first 7 and last 3 blocks to 1,
@@ -130,7 +173,7 @@ def register(app: typer.Typer) -> None:
             raise FacetoolError(f"--target must be in [0, 1], got {target}")
         run("aig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
-            gate_hidden=gate_hidden)
+            gate_hidden=gate_hidden, task=task)
 
     @app.command("iig")
     @guarded

@@ -28,6 +28,8 @@ class Predictions:
     labels: np.ndarray  # (N,) true identity
     topk: np.ndarray  # (N, k) predicted identities, best first
     gates: np.ndarray | None  # (N, L) uint8 executed gates, None for non-gated models
+    attr_pred: np.ndarray | None = None  # (N, A) predicted codes per attribute head (attribute tasks)
+    attr_true: np.ndarray | None = None  # (N, A) store codes (-1 unknown)
 
     @property
     def correct(self) -> np.ndarray:
@@ -47,6 +49,8 @@ def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Pat
     """Refuse embedding models and classifiers trained on another number of identities."""
     if getattr(model, "task", "classification") != "classification":
         raise FacetoolError(f"model {source} is an embedding model; classification needs a classifier")
+    if not _task(model).is_identity:
+        return
     n = getattr(model, "config", {}).get("num_classes")
     if n is not None and int(n) != num_classes:
         raise FacetoolError(f"model {source} has {n} classes but the store has {num_classes} identities")
@@ -72,16 +76,31 @@ def predict(
         size = s.image_size[0]
         ncls = s.num_classes
     check_classifier(model, ncls, getattr(model, "config", {}).get("name", ""))
+    task = _task(model)
     insize = model_input_size(model, size)
-    ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices)
+    attrs = () if task.is_identity else task.names
+    ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices, attributes=attrs)
+    if not task.is_identity:
+        _check_vocab(task, ds.attr_values, store)
     if not len(ds):
         raise FacetoolError(f"split {split!r} of {store} has no images")
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval().to(dev)
-    idx, labels, tops, gates = [], [], [], []
+    idx, labels, tops, gates, apred, atrue = [], [], [], [], [], []
     for batch in make_loader(ds, batch_size, workers=workers):
         x = batch["image"].to(dev, non_blocking=True)
         out, internals = model(x, return_internals=True)
+        if not task.is_identity:
+            from facetool.tasks import split_logits
+
+            apred.append(torch.stack([p.argmax(1) for p in split_logits(out.float(), task)], 1).cpu().numpy())
+            atrue.append(batch["attrs"].numpy())
+            idx.append(batch["index"].numpy())
+            labels.append(batch["label"].numpy())
+            tops.append(np.zeros((len(x), 0), np.int64))
+            if on_batch:
+                on_batch(len(x))
+            continue
         if out.shape[1] != ncls:
             raise FacetoolError(f"model outputs {out.shape[1]} classes but the store has {ncls} identities")
         k = min(topk, out.shape[1])
@@ -94,7 +113,39 @@ def predict(
         if on_batch:
             on_batch(len(x))
     return Predictions(np.concatenate(idx), np.concatenate(labels), np.concatenate(tops),
-                       np.concatenate(gates) if gates else None)
+                       np.concatenate(gates) if gates else None,
+                       np.concatenate(apred) if apred else None, np.concatenate(atrue) if atrue else None)
+
+
+def _task(model):
+    from facetool.tasks import task_of
+
+    return task_of(model)
+
+
+def _check_vocab(task, store_vocab: dict, store) -> None:
+    for name, vocab in zip(task.names, task.vocab):
+        if list(store_vocab[name]) != list(vocab):
+            raise FacetoolError(f"attribute {name!r} of {store} has values {', '.join(store_vocab[name])} but the model "
+                                f"was trained on {', '.join(vocab)}")
+
+
+def majority_baselines(store: str | Path, task, split: str, labels: np.ndarray | None = None,
+                       codes: np.ndarray | None = None) -> dict[str, dict]:
+    """Per head: the training split's majority value, its training share, and the accuracy of always
+    predicting it on the evaluated images (``labels`` for identity tasks, ``codes`` (N, A) otherwise)."""
+    from facetool.tasks import class_stats
+
+    stats = class_stats(store, task, "train")
+    out = {}
+    for i, name in enumerate(task.names):
+        st = stats[name]
+        t = labels if task.is_identity else codes[:, i]
+        known = t >= 0
+        out[name] = {"majority": st["majority"], "train_share": st["majority_share"],
+                     "baseline": float((t[known] == st["majority_code"]).mean()) if known.any() else float("nan"),
+                     "known": int(known.sum()), "counts": st["counts"]}
+    return out
 
 
 def evaluate_classifier(
@@ -117,12 +168,17 @@ def evaluate_classifier(
         size = model_input_size(model, s.image_size[0])
     cpu_model = model.cpu()
     dense = float(count_flops(cpu_model, size))
+    task = _task(model)
+    base = majority_baselines(store, task, split, pred.labels, pred.attr_true)
     res = {
         "model": getattr(model, "config", {}).get("name", type(model).__name__),
         "split": split,
+        "task": task.describe(),
         "images": int(len(pred.labels)),
-        "top1": 100.0 * pred.topk_accuracy(1),
-        "top5": 100.0 * pred.topk_accuracy(5),
+        "top1": 100.0 * pred.topk_accuracy(1) if task.is_identity else None,
+        "top5": 100.0 * pred.topk_accuracy(5) if task.is_identity else None,
+        "attr_acc": None,
+        "majority": 100.0 * base["identity"]["baseline"] if task.is_identity else None,
         "gflops_dense": dense / 1e9,
         "gflops_executed": dense / 1e9,
         "params_m": count_params(model) / 1e6,
@@ -134,6 +190,17 @@ def evaluate_classifier(
         res["gate_rate"] = float(pred.gates.mean())
         res["gate_rate_per_block"] = pred.gates.mean(0).round(4).tolist()
     res["flops_ratio"] = res["gflops_executed"] / res["gflops_dense"] if dense else None
+    if not task.is_identity:
+        per = {}
+        for i, name in enumerate(task.names):
+            t, p = pred.attr_true[:, i], pred.attr_pred[:, i]
+            known = t >= 0
+            per[name] = {"acc": 100.0 * float((p[known] == t[known]).mean()) if known.any() else float("nan"),
+                         "majority": 100.0 * base[name]["baseline"], "majority_value": base[name]["majority"],
+                         "train_majority_share": 100.0 * base[name]["train_share"], "known": base[name]["known"]}
+        res["attributes"] = per
+        res["attr_acc"] = float(np.nanmean([v["acc"] for v in per.values()]))
+        res["majority"] = float(np.nanmean([v["majority"] for v in per.values()]))
     return res
 
 

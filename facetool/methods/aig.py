@@ -193,7 +193,7 @@ class AIGMethod(ClassificationMethod):
         return {**super().metrics(batch, out, internals), **execution_rates(internals["gates"], self.targets)}
 
     def meta(self) -> dict:
-        return {"aig": {"targets": self.targets, "weight": self.weight}}
+        return {**super().meta(), "aig": {"targets": self.targets, "weight": self.weight}}
 
 
 def execution_rates(gates: Tensor, targets: Sequence[float] | None = None) -> dict[str, float]:

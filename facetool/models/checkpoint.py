@@ -75,9 +75,11 @@ def load_model(path: str | Path, *, name: str | None = None, **kwargs: Any):
 
         return OnnxModel(p)
     ck = read_checkpoint(p)
+    task = None
     if ck["config"] is not None and name is None:
         cfg = dict(ck["config"])
         mname = cfg.pop("name")
+        task = cfg.pop("task", None)  # what the model predicts (facetool.tasks), not a constructor argument
         cfg.update(kwargs)
     else:
         if name is None:
@@ -93,5 +95,8 @@ def load_model(path: str | Path, *, name: str | None = None, **kwargs: Any):
     model = create_model(mname, **cfg)
     load_state_dict_checked(model, ck["state_dict"], str(p))
     model.meta = ck.get("meta") or {}
+    task = task or model.meta.get("task")
+    if task:
+        model.config["task"] = task
     model.eval()
     return model
