@@ -237,6 +237,16 @@ class LayerResult:
                     out[(c, b)] = out.get((c, b), 0) + 1
         return out
 
+    def subgroup_probs(self) -> dict[tuple[str, str], list[float]]:
+        """(local concept, "group=value") -> P(value) of every unit holding the concept."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for u in self.units:
+            for c in u.concepts:
+                for g, probs in u.globals.items():
+                    for v, p in probs.items():
+                        out.setdefault((c, f"{g}={v}"), []).append(p)
+        return out
+
     def concept_units(self) -> dict[str, int]:
         out: dict[str, int] = {}
         for u in self.units:
@@ -402,7 +412,7 @@ def dissect_units(
         heads = prediction_heads(model) if predictions else []
         pred = np.full((len(heads), N), -1, np.int64)
         with torch.no_grad(), _Hooks(model, layers) as hooks:
-            for bi, b in enumerate(dictionary.batches(batch_size)):
+            for bi, b in enumerate(dictionary.batches(batch_size, masks=False)):
                 out = model(_model_input(b.images, in_size, dev))
                 if heads and isinstance(out, torch.Tensor) and out.dim() == 2:
                     for h, (_, _, sl) in enumerate(heads):
@@ -435,12 +445,14 @@ def dissect_units(
             scratch.create_dataset(f"{n}/max", (N, U), np.float32, chunks=ch)
             scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
         P = H * W
+        carry_all = np.zeros((N, K), bool)
         with torch.no_grad(), _Hooks(model, layers) as hooks:
             for bi, b in enumerate(dictionary.batches(batch_size)):
                 model(_model_input(b.images, in_size, dev))
                 B = len(b.rows)
                 cm = torch.from_numpy(b.masks.reshape(B, K, P)).to(dev, torch.float32)  # (B, K, P)
                 carry = cm.amax(-1)  # (B, K)
+                carry_all[b.rows] = carry.cpu().numpy() > 0
                 carea += cm.sum((0, 2)).double()
                 rows_t = torch.from_numpy(b.rows.astype(np.int64))
                 r0, r1 = int(b.rows[0]), int(b.rows[-1]) + 1
@@ -462,6 +474,7 @@ def dissect_units(
                 if progress:
                     progress("IoU", (bi + 1) * batch_size, N)
         timing["pass2_s"] = time.perf_counter() - t1
+        dictionary.carry = carry_all
         # ---- stage 1-3 from the accumulated sums and the scratch file
         t2 = time.perf_counter()
         results: dict[str, LayerResult] = {}
@@ -553,32 +566,48 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
 
 
 # ----------------------------------------------------------------------------------- comparison
+def _group_sizes(d: Dissection) -> dict[str, int]:
+    return {g["name"]: len(g["values"]) for g in d.dictionary.get("groups", [])}
+
+
 def compare_dissections(a: Dissection, b: Dissection, names: tuple[str, str] = ("A", "B")) -> list[dict]:
-    """Concept-subgroup links (units holding a local concept and biased to a subgroup) per layer in
-    ``a`` vs ``b``, ranked by the difference of the fraction of the layer's units (largest first)."""
+    """Concept-subgroup links per layer in ``a`` vs ``b``: units holding a local concept and biased to a
+    subgroup (count and share of the layer's units), and the mean P(subgroup) of the units holding the
+    concept (1/k when none does). Ranked by the difference of the linked share, then of the mean P."""
     rows = []
+    ka = {**_group_sizes(b), **_group_sizes(a)}
     for layer in a.layers:
         if layer not in b.layers:
             continue
         la, lb = a.layers[layer], b.layers[layer]
         xa, xb = la.links(), lb.links()
+        pa, pb = la.subgroup_probs(), lb.subgroup_probs()
         ca, cb = la.concept_units(), lb.concept_units()
-        for key in sorted(set(xa) | set(xb)):
+        for key in sorted(set(xa) | set(xb) | set(pa) | set(pb)):
+            k = ka.get(key[1].split("=")[0], 2)
             na, nb = xa.get(key, 0), xb.get(key, 0)
             fa, fb = na / max(1, len(la.units)), nb / max(1, len(lb.units))
+            ma = float(np.mean(pa[key])) if key in pa else 1.0 / k
+            mb = float(np.mean(pb[key])) if key in pb else 1.0 / k
             rows.append({"layer": layer, "concept": key[0], "subgroup": key[1], f"units {names[0]}": na,
                          f"units {names[1]}": nb, f"of {key[0]} units {names[0]}": f"{na}/{ca.get(key[0], 0)}",
                          f"of {key[0]} units {names[1]}": f"{nb}/{cb.get(key[0], 0)}",
-                         "difference": round(fa - fb, 5)})
-    rows.sort(key=lambda r: (-abs(r["difference"]), -r["difference"], r["layer"], r["concept"], r["subgroup"]))
+                         f"mean P {names[0]}": round(ma, 4), f"mean P {names[1]}": round(mb, 4),
+                         "difference": round(fa - fb, 5), "P difference": round(ma - mb, 4)})
+    rows.sort(key=lambda r: (-abs(r["difference"]), -abs(r["P difference"]), r["layer"], r["concept"], r["subgroup"]))
     return rows
 
 
-def link_strength(d: Dissection, concept: str, subgroup: str) -> float:
-    """Fraction of units (over the dissected layers) that hold ``concept`` and are biased to ``subgroup``."""
+def link_strength(d: Dissection, concept: str, subgroup: str) -> dict[str, float]:
+    """How strongly ``d``'s units tie a local concept to a subgroup, over all dissected layers:
+    ``share`` = fraction of units holding the concept and biased to the subgroup; ``excess`` = mean over
+    the units holding the concept of P(subgroup) - 1/k (0 when no unit holds it)."""
+    k = _group_sizes(d).get(subgroup.split("=")[0], 2)
     n = sum(len(lr.units) for lr in d.layers.values())
-    k = sum(lr.links().get((concept, subgroup), 0) for lr in d.layers.values())
-    return k / max(1, n)
+    linked = sum(lr.links().get((concept, subgroup), 0) for lr in d.layers.values())
+    ps = [p for lr in d.layers.values() for p in lr.subgroup_probs().get((concept, subgroup), [])]
+    return {"share": linked / max(1, n), "excess": float(np.mean(ps)) - 1.0 / k if ps else 0.0,
+            "units": len(ps), "linked": linked}
 
 
 def as_serialisable(x: Any) -> Any:

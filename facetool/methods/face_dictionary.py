@@ -35,6 +35,7 @@ from __future__ import annotations
 import csv
 import math
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -122,7 +123,7 @@ class GlobalGroup:
 class DictBatch:
     rows: np.ndarray  # (B,) dictionary rows
     images: np.ndarray  # (B, H, W, 3) uint8
-    masks: np.ndarray  # (B, K, H, W) bool (all False where the image does not carry the concept)
+    masks: np.ndarray | None  # (B, K, H, W) bool (all False where the image does not carry the concept)
 
 
 @dataclass
@@ -138,7 +139,16 @@ class FaceDictionary:
     notes: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
-        return int(self.carry.shape[0])
+        return int(self.carry.shape[0]) if self.carry is not None else int(len(self.index))
+
+    def scan_carry(self, batch_size: int = 256) -> np.ndarray:
+        """Fill ``carry`` with one pass over the masks (dissection does it during its IoU pass)."""
+        if self.carry is None:
+            carry = np.zeros((len(self), len(self.concepts)), bool)
+            for b in self.batches(batch_size):
+                carry[b.rows] = b.masks.any(axis=(2, 3))
+            self.carry = carry
+        return self.carry
 
     @property
     def regions(self) -> dict[str, list[int]]:
@@ -147,17 +157,19 @@ class FaceDictionary:
             out.setdefault(c.region, []).append(k)
         return out
 
-    def batches(self, batch_size: int) -> Iterator[DictBatch]:
+    def batches(self, batch_size: int, masks: bool = True) -> Iterator[DictBatch]:
         for a in range(0, len(self), batch_size):
-            yield self.batch(np.arange(a, min(a + batch_size, len(self))))
+            yield self.batch(np.arange(a, min(a + batch_size, len(self))), masks)
 
-    def batch(self, rows: np.ndarray) -> DictBatch:  # pragma: no cover - implemented by subclasses
+    def batch(self, rows: np.ndarray, masks: bool = True) -> DictBatch:  # pragma: no cover - subclasses
+        """Images and (unless ``masks`` is False: ``masks`` is then None) the concept masks of ``rows``."""
         raise NotImplementedError
 
     def close(self) -> None:
         pass
 
     def summary(self) -> dict:
+        self.scan_carry()
         return {"source": self.source, "images": len(self), "size": list(self.size),
                 "concepts": [{"name": c.name, "kind": c.kind, "region": c.region, "source": c.source,
                               "images": int(self.carry[:, k].sum())} for k, c in enumerate(self.concepts)],
@@ -221,14 +233,24 @@ def landmark_parts(lm: np.ndarray, size: tuple[int, int], names: Sequence[str] |
     return {n: _fill(polys[n], size) for n in (names or polys)}
 
 
-def _split_lr(mask: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Split a mask into its image-left / image-right halves at the bisector of the eye landmarks."""
+@lru_cache(maxsize=4)
+def _pixel_grid(H: int, W: int) -> tuple[np.ndarray, np.ndarray]:
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    return xx + 0.5, yy + 0.5
+
+
+def _left_side(lm: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Pixels on the image-left side of the perpendicular bisector of the eye landmarks."""
     L, R = np.asarray(lm[0], np.float64), np.asarray(lm[1], np.float64)
     mid, u = (L + R) / 2, R - L
-    H, W = mask.shape
-    yy, xx = np.mgrid[0:H, 0:W]
-    side = (xx + 0.5 - mid[0]) * u[0] + (yy + 0.5 - mid[1]) * u[1]
-    return mask & (side < 0), mask & (side >= 0)
+    xx, yy = _pixel_grid(*size)
+    return (xx - mid[0]) * u[0] + (yy - mid[1]) * u[1] < 0
+
+
+def _split_lr(mask: np.ndarray, lm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split a mask into its image-left / image-right halves at the bisector of the eye landmarks."""
+    left = _left_side(lm, mask.shape)
+    return mask & left, mask & ~left
 
 
 def _fill_holes(mask: np.ndarray) -> np.ndarray:
@@ -328,12 +350,9 @@ class StoreDictionary(FaceDictionary):
             self.notes.append("parts from the store's exact part masks; chin from the 5 landmarks")
         else:
             self.notes.append("parts drawn from the 5 landmarks (see the geometry figure)")
-        # presence: one streaming pass over masks (cheap: masks only, no model)
-        carry = np.zeros((len(self.index), len(concepts)), bool)
-        for a0 in range(0, len(self.index), 256):
-            rows = np.arange(a0, min(a0 + 256, len(self.index)))
-            carry[rows] = self._masks(rows).any(axis=(2, 3))
-        self.carry = carry
+        # which image carries which concept: known exactly after one pass over the masks; dissection
+        # fills it in during its IoU pass (see ``scan_carry`` for a standalone scan)
+        self.carry = None  # type: ignore[assignment]
 
     def _attr_source(self, recipe: tuple[str, ...]) -> str:
         if self.store_parts and recipe == ("glasses",) and "accessory" in self.store_parts:
@@ -342,7 +361,7 @@ class StoreDictionary(FaceDictionary):
             return "store beard mask"
         return "landmarks: " + "+".join(recipe)
 
-    def _part(self, rows: np.ndarray, bits: np.ndarray | None, name: str, b: int) -> np.ndarray:
+    def _part(self, rows: np.ndarray, bits: np.ndarray | None, name: str, b: int, cache: dict) -> np.ndarray:
         H, W = self.size
         i = int(rows[b])
         if self.store_parts and name in ("left_eye", "right_eye", "left_brow", "right_brow", "left_cheek",
@@ -358,12 +377,15 @@ class StoreDictionary(FaceDictionary):
                 if name.startswith(("left", "right")):
                     if not self.have_lm[i]:
                         return np.zeros((H, W), bool)
-                    lft, rgt = _split_lr(m, self.lms[i])
-                    return lft if name.startswith("left") else rgt
+                    if "_left" not in cache:
+                        cache["_left"] = _left_side(self.lms[i], (H, W))
+                    return m & (cache["_left"] if name.startswith("left") else ~cache["_left"])
                 return m
         if not self.have_lm[i]:
             return np.zeros((H, W), bool)
-        return landmark_parts(self.lms[i], (H, W), [name])[name]
+        if "_polys" not in cache:
+            cache["_polys"] = landmark_polygons(self.lms[i])
+        return _fill(cache["_polys"][name], (H, W))
 
     def _masks(self, rows: np.ndarray) -> np.ndarray:
         H, W = self.size
@@ -381,7 +403,7 @@ class StoreDictionary(FaceDictionary):
 
             def part(name: str) -> np.ndarray:
                 if name not in cache:
-                    cache[name] = self._part(rows, bits, name, b)
+                    cache[name] = self._part(rows, bits, name, b, cache)
                 return cache[name]
 
             for k, c in enumerate(self.concepts):
@@ -395,9 +417,9 @@ class StoreDictionary(FaceDictionary):
                     out[b, k] = m
         return out
 
-    def batch(self, rows: np.ndarray) -> DictBatch:
+    def batch(self, rows: np.ndarray, masks: bool = True) -> DictBatch:
         rows = np.asarray(rows)
-        return DictBatch(rows, self.store.images(self.index[rows]), self._masks(rows))
+        return DictBatch(rows, self.store.images(self.index[rows]), self._masks(rows) if masks else None)
 
     def close(self) -> None:
         self.store.close()
@@ -481,22 +503,21 @@ class CsvDictionary(FaceDictionary):
         self.skipped = {k: v for k, v in skipped.items() if v}
         self.notes = ["user dictionary (HND layout); concept = mask file stem"]
         self._k = {n: k for k, n in enumerate(names)}
-        self.carry = np.zeros((len(items), len(names)), bool)
-        for a0 in range(0, len(items), 64):
-            rs = np.arange(a0, min(a0 + 64, len(items)))
-            self.carry[rs] = self.batch(rs).masks.any(axis=(2, 3))
+        self.index = np.arange(len(items))
+        self.carry = None  # type: ignore[assignment]
 
-    def batch(self, rows: np.ndarray) -> DictBatch:
+    def batch(self, rows: np.ndarray, masks: bool = True) -> DictBatch:
         rows = np.asarray(rows)
         H, W = self.size
         imgs = np.empty((len(rows), H, W, 3), np.uint8)
-        masks = np.zeros((len(rows), len(self.concepts), H, W), bool)
+        out = np.zeros((len(rows), len(self.concepts), H, W), bool) if masks else None
         for b, r in enumerate(rows):
             ip, ms = self.items[int(r)]
             imgs[b] = cv2.cvtColor(_read_image(ip, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
-            for n, mp in ms.items():
-                masks[b, self._k[n]] = _read_image(mp, cv2.IMREAD_GRAYSCALE) > 127
-        return DictBatch(rows, imgs, masks)
+            if out is not None:
+                for n, mp in ms.items():
+                    out[b, self._k[n]] = _read_image(mp, cv2.IMREAD_GRAYSCALE) > 127
+        return DictBatch(rows, imgs, out)
 
 
 def load_dictionary(store: str | Path | None = None, dictionary_csv: str | Path | None = None, *,
