@@ -324,3 +324,49 @@ def test_cli_csv_dictionary_and_compare(tmp_path, small_resnet):
                      "--layers", "layer1", "--out", out, "--quantile", "0.05")
     assert r.returncode == 0, r.stderr
     assert "missing mask: 1" in r.stdout and (out / "compare.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------- bias discovery
+BIAS = "accessory=glasses,attribute=gender,value=male,p={p}"
+IDS, PER, EPOCHS = 96, 4, 10  # many identities, few images each: the clean model learns gender, not identities
+
+
+@pytest.mark.slow
+def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path):
+    """Gender classifiers (`train resnet --task attribute:gender`, through its library call) trained on
+    a set where males wear glasses with p = 0.9 (females 0.1) and on one where everybody does with
+    p = 0.5, dissected on a third set (other identities, glasses independent of gender): the biased
+    model's glasses units are tied to its 'male' predictions, the clean model's far less.
+    Averaged over two seeds; the measured numbers are in the comment at the end."""
+    from conftest import learning_seeds
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
+    from facetool.methods.dissect_units import dissect_to_folder, link_strength
+    from facetool.tasks import resolve_task
+
+    stores = {}
+    for name, p, seed, ids, per in (("biased", 0.9, 1, IDS, PER), ("clean", 0.5, 1, IDS, PER), ("dict", 0.5, 7, 40, 4)):
+        stores[name] = tmp_path / f"{name}.h5"
+        prepare_synthetic(stores[name], identities=ids, per_identity=per, size=48, seed=seed, test_fraction=0.0,
+                          bias=BIAS.format(p=p))
+    link = ("glasses", "gender (predicted)=male")
+    got = {"biased": [], "clean": []}
+    for seed in learning_seeds(2):
+        ckpts = []
+        for name in ("biased", "clean"):
+            cfg = TrainConfig(out=tmp_path / f"{name}_{seed}", epochs=EPOCHS, batch_size=32, lr=0.05, seed=seed,
+                              verbose=False)
+            train_on_store(stores[name], "resnet18", lambda m: ClassificationMethod(), cfg, model_kwargs={"width": 16},
+                           task=resolve_task("attribute:gender", stores[name]))
+            ckpts.append(cfg.out / "model.pt")
+        res = dissect_to_folder(tmp_path / f"dissect_{seed}", models=ckpts, layers="layer2,layer3", store=stores["dict"],
+                                quantile=0.05, compare=True, max_units=4, batch_size=64)
+        for name, d in zip(("biased", "clean"), res["results"].values()):
+            got[name].append(link_strength(d, *link)["excess"])
+        page = (tmp_path / f"dissect_{seed}" / "report.html").read_text()
+        assert "gender (predicted)=male" in page and "Bias discovery" in page
+    b, c = np.mean(got["biased"]), np.mean(got["clean"])
+    # excess P(predicted male) of the units holding glasses, measured (mean of 2 seeds, quiet/busy CPU alike):
+    # seeds 0,1: biased 0.111, clean 0.040; seeds 100,101 / 200,201: see the report of issue 11.
+    # Per seed the biased model sits at 0.09-0.15, the clean one at -0.06-0.09 (mixed eye-region units).
+    assert b > 0.05 and b - c > 0.03, got

@@ -68,6 +68,9 @@ def register(group: typer.Typer) -> None:
         recs = [{"model": m, "layer": ln, **c} for m, per in res["counts"].items() for ln, c in per.items()]
         console.print(records_table("units by concept type", recs))
         if res["compare"] is not None:
-            cols = list(res["compare"][0].keys()) if res["compare"] else []
-            console.print(records_table("bias discovery: links that differ (largest first)", res["compare"][:15], cols))
+            names = list(res["models"])
+            cols = ["layer", "concept", "subgroup", f"units {names[0]}", f"units {names[1]}", f"mean P {names[0]}",
+                    f"mean P {names[1]}"]
+            console.print(records_table("bias discovery: concept-subgroup links that differ (units = holding the concept "
+                                        "and biased to the subgroup)", res["compare"][:15], cols))
         console.print(f"wrote {', '.join(res['files'])} to {out}")

@@ -590,8 +590,8 @@ def compare_dissections(a: Dissection, b: Dissection, names: tuple[str, str] = (
             ma = float(np.mean(pa[key])) if key in pa else 1.0 / k
             mb = float(np.mean(pb[key])) if key in pb else 1.0 / k
             rows.append({"layer": layer, "concept": key[0], "subgroup": key[1], f"units {names[0]}": na,
-                         f"units {names[1]}": nb, f"of {key[0]} units {names[0]}": f"{na}/{ca.get(key[0], 0)}",
-                         f"of {key[0]} units {names[1]}": f"{nb}/{cb.get(key[0], 0)}",
+                         f"units {names[1]}": nb, f"holding {names[0]}": ca.get(key[0], 0),
+                         f"holding {names[1]}": cb.get(key[0], 0),
                          f"mean P {names[0]}": round(ma, 4), f"mean P {names[1]}": round(mb, 4),
                          "difference": round(fa - fb, 5), "P difference": round(ma - mb, 4)})
     rows.sort(key=lambda r: (-abs(r["difference"]), -abs(r["P difference"]), r["layer"], r["concept"], r["subgroup"]))
@@ -674,10 +674,12 @@ def dissect_to_folder(
         if not hasattr(model, "get_layer"):
             raise FacetoolError(f"{m} is not a facetool model with named layers (ONNX models cannot be dissected)")
         _check_layers(model, layer_names)
-        key = m.stem if m.stem not in loaded else str(m)
-        if key in loaded:
-            key = f"{key}#{len(loaded)}"
-        loaded[key] = model
+        loaded[m] = model
+    stems = [m.stem for m in models]
+    labels = [m.parent.name or m.stem if stems.count(m.stem) > 1 or m.stem in ("model", "last") else m.stem for m in models]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
+    loaded = {lab: loaded[m] for lab, m in zip(labels, models)}
     dictionary = load_dictionary(store, dictionary_csv, split=split, limit=limit)
     try:
         results: dict[str, Dissection] = {}
@@ -708,6 +710,7 @@ def dissect_to_folder(
         write_text(out / "report.html", page)
         files.append("report.html")
         summary["files"] = files
+        summary["results"] = results  # the Dissection objects (library callers; not written to JSON)
         summary["timing"] = {n: r.timing for n, r in results.items()}
         summary["dictionary"] = {"images": len(dictionary), "concepts": len(dictionary.concepts),
                                  "groups": [g.name for g in dictionary.groups], "skipped": dictionary.skipped}

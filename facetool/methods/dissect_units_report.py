@@ -179,7 +179,7 @@ def render_report(results: dict[str, Dissection], models: dict[str, object], dic
                     j = batch[int(r)]
                     um = (maps[int(r)][u.unit] > u.threshold).numpy()
                     cm = b.masks[j, k] if k is not None else None
-                    imgs.append(_img_tag(overlay(b.images[j], um, cm), f"row {r}"))
+                    imgs.append(_img_tag(overlay(b.images[j], um, cm), f"row {r}", max(1, 96 // dictionary.size[0])))
                 probs = ", ".join(f"{c} {u.probs.get(c, 0):.2f}" for c in u.concepts) or "&ndash;"
                 allp = ", ".join(f"{c} {p:.2f}" for c, p in sorted(u.probs.items(), key=lambda t: -t[1]))
                 parts.append(
