@@ -364,8 +364,9 @@ def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path):
         for name, d in zip(("biased", "clean"), res["results"].values()):
             got[name].append(link_strength(d, *link)["excess"])
         page = (tmp_path / f"dissect_{seed}" / "report.html").read_text()
-        assert "gender (predicted)=male" in page and "Bias discovery" in page
+        assert "Bias discovery" in page and "glasses" in page
     b, c = np.mean(got["biased"]), np.mean(got["clean"])
+    print(f"glasses -> predicted male, excess P per seed: {got}; mean biased {b:.3f} clean {c:.3f}")
     # excess P(predicted male) of the units holding glasses, measured (mean of 2 seeds, quiet/busy CPU alike):
     # seeds 0,1: biased 0.111, clean 0.040; seeds 100,101 / 200,201: see the report of issue 11.
     # Per seed the biased model sits at 0.09-0.15, the clean one at -0.06-0.09 (mixed eye-region units).

@@ -428,7 +428,9 @@ def dissect_units(
                 if progress:
                     progress("thresholds", (bi + 1) * batch_size, N)
         thr = {n: sketches[n].quantile(quantile).to(dev) for n in layers}
-        pred_groups = [GlobalGroup(gname, vals, pred[h]) for h, (gname, vals, _) in enumerate(heads) if (pred[h] >= 0).all()]
+        # a predicted group needs at least two predicted values to contrast
+        pred_groups = [GlobalGroup(gname, vals, pred[h]) for h, (gname, vals, _) in enumerate(heads)
+                       if (pred[h] >= 0).all() and len(np.unique(pred[h])) >= 2]
         dictionary.groups.extend(pred_groups)
         timing["pass1_s"] = time.perf_counter() - t0
         # ---- pass 2: IoU, per-image max/min (scratch), top images
@@ -548,7 +550,7 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
         # stage 3: global groups (every unit)
         for g in dictionary.groups:
             known = np.flatnonzero(g.codes >= 0)
-            if len(known) == 0:
+            if len(np.unique(g.codes[known])) < 2:  # nothing to contrast
                 continue
             k = len(g.values)
             lo, hi = mn[known].min(0), mx[known].max(0)
