@@ -2,8 +2,10 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_attention", "facetool.cli.dissect_relevance"]
+MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_attention", "facetool.cli.dissect_relevance",
+           "facetool.cli.dissect_units"]
 
 
 def register(app):
-    make_group("dissect", "Dissect trained models: gate usage per attribute, easy/hard images, attention maps.", MODULES, app)
+    make_group("dissect", "Dissect trained models: gate usage per attribute, easy/hard images, attention maps, "
+               "relevance maps, units paired with face concepts (HND).", MODULES, app)

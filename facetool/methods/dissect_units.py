@@ -1,0 +1,721 @@
+"""Hierarchical Network Dissection (HND) of the units of any named layer, and bias discovery.
+
+Given a :class:`~facetool.methods.face_dictionary.FaceDictionary`, every unit (channel) of the
+requested layers is paired with local concepts (parts / local attributes, grouped in facial
+regions) and global concepts (categorical attributes), as in Teotia et al., "Interpreting Face
+Inference Models using Hierarchical Network Dissection" (see ``shared/REFERENCE.md``):
+
+1. **Thresholds** (pass 1 over the dictionary): per unit, the top-``quantile`` activation level of
+   its feature maps over all images and positions (Network Dissection: 0.005; the published HND code
+   used 0.05), estimated in bounded memory by a per-unit streaming histogram
+   (:class:`TopQuantile`, error below one bin = range / 2048).
+2. **IoU** (pass 2): each map is upsampled bilinearly to the mask size and thresholded
+   (``> threshold``); IoU(u, c) = sum of intersections / sum of unions, accumulated only over the
+   images that carry concept c. A unit is *localizable* ("interpretable") when its best IoU >= 0.04;
+   its region is the region of its best concept.
+3. **Probabilistic pairing** (stage 2) within that region: the region's images (carrying any of its
+   concepts) are ranked by the unit's max activation in ascending order, ``rank_i = (position+1)/N``
+   (the most activating image has rank 1; tied maxima share their mean rank), ``s_i = (max_i - min) /
+   (max - min)`` with min/max of the unit's maps over all dictionary images; score(c) =
+   sum over the region images carrying c of rank_i * s_i / #images carrying c, times IoU(u, c);
+   P(c) = score / sum of the region's scores; the unit holds every concept with
+   P(c) > 1.5 / |region| (a region with a single concept holds it, P = 1, since 1.5/1 is unreachable).
+4. **Global concepts**: per attribute group (gender, age, ...), the images with a known value are
+   ranked the same way (min/max over those images' maps), score(v) = sum over images with value v of
+   rank_i * s_i / #images with v, normalised over the group's values; the unit is *biased* towards
+   every value with P >= 1/k + 0.05 (k values: 0.55 for 2-way, 0.3 for 4-way groups as in HND).
+   A unit that is not localizable but biased in some group is a *global* unit.
+
+**Bias discovery**: a *link* (local concept c, subgroup g=v) is a unit that holds c and is biased
+towards g=v. :func:`compare_dissections` ranks the links whose counts differ between two models.
+
+Memory is bounded in the number of images: pass 1 keeps a (units x 2048) histogram per layer; pass 2
+keeps (units x concepts) IoU sums, a per-unit top-k of images, and writes the per-image max/min of
+every unit to an HDF5 scratch file that stage 2/3 read back in blocks of units.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from facetool.errors import FacetoolError
+from facetool.methods.face_dictionary import FaceDictionary, GlobalGroup
+
+MAX_PREDICTED_VALUES = 12
+
+IOU_THRESHOLD = 0.04
+QUANTILE = 0.005
+HND_CODE_QUANTILE = 0.05
+KEEP_FACTOR = 1.5
+
+
+def global_threshold(k: int) -> float:
+    """HND's 'biased' level for a k-way group: 0.55 (k=2), 0.3 (k=4); 1/k + 0.05 in general."""
+    return 1.0 / k + 0.05
+
+
+# ----------------------------------------------------------------------------------- quantiles
+class TopQuantile:
+    """Per-unit streaming estimate of the top-``q`` quantile in bounded memory.
+
+    Each unit has a histogram of ``bins`` equal bins over ``[lo, lo + bins * width)``: ``lo`` is the
+    unit's minimum in the first batch (values below it are only counted), and when a value lands
+    above the range the width doubles (pairs of bins merge exactly) as often as needed. The quantile
+    is interpolated linearly inside its bin, so the error is below one bin width."""
+
+    def __init__(self, units: int, bins: int = 2048) -> None:
+        if bins & (bins - 1):
+            raise ValueError("bins must be a power of two")
+        self.units, self.bins = units, bins
+        self.counts = torch.zeros(units, bins, dtype=torch.float64)
+        self.lo = torch.zeros(units, dtype=torch.float64)
+        self.width = torch.ones(units, dtype=torch.float64)
+        self.n = 0
+        self.started = False
+
+    def update(self, x: torch.Tensor) -> None:
+        """``x``: (units, n) values."""
+        x = x.detach().to(torch.float64).cpu()
+        U, B = self.units, self.bins
+        if not self.started:
+            lo, hi = x.min(1).values, x.max(1).values
+            span = hi - lo
+            tiny = torch.clamp(lo.abs(), min=1.0) * 1e-6
+            self.lo = lo
+            self.width = torch.where(span > 0, span * (1 + 1e-9) / B, tiny / B) + 1e-12
+            self.started = True
+        top = x.max(1).values
+        need = (top - self.lo) / (self.width * B)
+        doublings = torch.where(need >= 1, torch.ceil(torch.log2(need.clamp(min=1.0)) + 1e-12), torch.zeros_like(need))
+        # make sure the top value is strictly inside after doubling
+        doublings = torch.where((need >= 1) & (self.lo + self.width * B * 2**doublings <= top), doublings + 1, doublings)
+        for m in torch.unique(doublings[doublings > 0]).tolist():
+            sel = doublings == m
+            m = int(m)
+            f = 2**m
+            c = self.counts[sel]
+            if f >= B:
+                merged = torch.zeros_like(c)
+                merged[:, 0] = c.sum(1)
+            else:
+                merged = torch.zeros_like(c)
+                merged[:, : B // f] = c.view(-1, B // f, f).sum(-1)
+            self.counts[sel] = merged
+            self.width[sel] = self.width[sel] * f
+        idx = torch.floor((x - self.lo[:, None]) / self.width[:, None])
+        keep = idx >= 0
+        idx = idx.clamp(0, B - 1).long() + (torch.arange(U)[:, None] * B)
+        flat = torch.bincount(idx[keep], minlength=U * B).to(torch.float64)
+        self.counts += flat.view(U, B)
+        self.n += x.shape[1]
+
+    def quantile(self, q: float) -> torch.Tensor:
+        """The level t per unit with a fraction ``q`` of all values above it."""
+        k = q * self.n
+        rev = self.counts.flip(1)
+        cum = rev.cumsum(1)
+        b = torch.searchsorted(cum, torch.full((self.units, 1), k, dtype=torch.float64)).squeeze(1).clamp(max=self.bins - 1)
+        before = torch.where(b > 0, cum.gather(1, (b - 1).clamp(min=0)[:, None]).squeeze(1), torch.zeros_like(k + cum[:, 0]))
+        inbin = rev.gather(1, b[:, None]).squeeze(1)
+        frac = torch.where(inbin > 0, ((k - before) / inbin).clamp(0, 1), torch.zeros_like(inbin))
+        top_edge = self.lo + self.width * (self.bins - b)  # upper edge of bin (bins-1-b)
+        return (top_edge - frac * self.width).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------------- pairing maths
+def average_ranks(x: np.ndarray) -> np.ndarray:
+    """1-based ascending ranks; tied values share the mean of their positions."""
+    x = np.asarray(x)
+    order = np.argsort(x, kind="stable")
+    xs = x[order]
+    _, start, counts = np.unique(xs, return_index=True, return_counts=True)
+    mean_pos = start + (counts + 1) / 2.0  # mean of 1-based positions start+1 .. start+count
+    r = np.empty(len(x), np.float64)
+    r[order] = np.repeat(mean_pos, counts)
+    return r
+
+
+def rank_activation_weights(maxima: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """rank_i * s_i for each image (rows) and unit (columns): images ranked ascending by max
+    activation, rank = (position+1)/N (tied maxima share their mean rank); s = (max - lo) / (hi - lo) (0 for a constant unit)."""
+    maxima = np.asarray(maxima, np.float64)
+    N = maxima.shape[0]
+    rank = np.empty_like(maxima)
+    for j in range(maxima.shape[1]):
+        rank[:, j] = average_ranks(maxima[:, j]) / N
+    span = np.asarray(hi, np.float64) - np.asarray(lo, np.float64)
+    s = np.where(span > 0, (maxima - lo) / np.where(span > 0, span, 1.0), 0.0)
+    return rank * s
+
+
+def concept_probabilities(weights: np.ndarray, carry: np.ndarray, iou: np.ndarray) -> np.ndarray:
+    """HND stage 2 for one unit over one region. ``weights`` (N,) = rank*s of the region's images,
+    ``carry`` (N, K) bool, ``iou`` (K,). Returns P (K,) (zeros when every score is 0)."""
+    carry = np.asarray(carry, bool)
+    n_c = carry.sum(0)
+    score = np.where(n_c > 0, (carry.T.astype(np.float64) @ weights) / np.maximum(n_c, 1), 0.0) * np.asarray(iou)
+    tot = score.sum()
+    return score / tot if tot > 0 else np.zeros_like(score)
+
+
+def keep_threshold(region_size: int) -> float:
+    return KEEP_FACTOR / region_size
+
+
+def kept(prob: np.ndarray) -> np.ndarray:
+    """Concepts a unit holds in a region: P > 1.5/|region| (a one-concept region: its concept)."""
+    prob = np.asarray(prob)
+    if len(prob) == 1:
+        return prob > 0
+    return prob > keep_threshold(len(prob))
+
+
+def group_probabilities(weights: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """HND global stage for one unit and group: ``weights`` (N,) rank*s over the images with a known
+    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values."""
+    codes = np.asarray(codes)
+    sums = np.bincount(codes, weights=weights, minlength=k)
+    n = np.bincount(codes, minlength=k)
+    score = np.where(n > 0, sums / np.maximum(n, 1), 0.0)
+    tot = score.sum()
+    return score / tot if tot > 0 else np.zeros(k)
+
+
+# ----------------------------------------------------------------------------------- results
+@dataclass
+class UnitResult:
+    unit: int
+    best_concept: str
+    best_iou: float
+    kind: str  # "local" | "global" | "none"
+    region: str = ""
+    threshold: float = 0.0
+    probs: dict[str, float] = field(default_factory=dict)  # region concept -> P
+    concepts: list[str] = field(default_factory=list)  # kept local concepts
+    ious: dict[str, float] = field(default_factory=dict)  # region concept -> IoU
+    globals: dict[str, dict[str, float]] = field(default_factory=dict)  # group -> value -> P
+    biased: list[str] = field(default_factory=list)  # "group=value"
+    top_images: list[int] = field(default_factory=list)  # dictionary rows, most activating first
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class LayerResult:
+    layer: str
+    units: list[UnitResult]
+    shape: tuple[int, int, int]  # (units, h, w)
+    iou: np.ndarray  # (U, K)
+
+    def counts(self, concepts) -> dict[str, int]:
+        kinds = {c.name: c.kind for c in concepts}
+        c = {"units": len(self.units), "local": 0, "part": 0, "attribute": 0, "global": 0, "none": 0}
+        for u in self.units:
+            c[u.kind] += 1
+            if any(kinds.get(n) == "part" for n in u.concepts):
+                c["part"] += 1
+            if any(kinds.get(n) == "attribute" for n in u.concepts):
+                c["attribute"] += 1
+        return c
+
+    def links(self) -> dict[tuple[str, str], int]:
+        """(local concept, "group=value") -> number of units holding the concept and biased to the value."""
+        out: dict[tuple[str, str], int] = {}
+        for u in self.units:
+            for c in u.concepts:
+                for b in u.biased:
+                    out[(c, b)] = out.get((c, b), 0) + 1
+        return out
+
+    def subgroup_probs(self) -> dict[tuple[str, str], list[float]]:
+        """(local concept, "group=value") -> P(value) of every unit holding the concept."""
+        out: dict[tuple[str, str], list[float]] = {}
+        for u in self.units:
+            for c in u.concepts:
+                for g, probs in u.globals.items():
+                    for v, p in probs.items():
+                        out.setdefault((c, f"{g}={v}"), []).append(p)
+        return out
+
+    def concept_units(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for u in self.units:
+            for c in u.concepts:
+                out[c] = out.get(c, 0) + 1
+        return out
+
+
+@dataclass
+class Dissection:
+    layers: dict[str, LayerResult]
+    dictionary: dict
+    settings: dict
+    timing: dict
+
+    def tally(self, concepts) -> list[dict]:
+        rows = []
+        for name, lr in self.layers.items():
+            for u in lr.units:
+                rows.append({"layer": name, "unit": u.unit, "kind": u.kind, "region": u.region,
+                             "concepts": ";".join(u.concepts),
+                             "probabilities": ";".join(f"{c}={u.probs[c]:.3f}" for c in u.concepts),
+                             "best_concept": u.best_concept, "best_iou": round(u.best_iou, 5),
+                             "biased": ";".join(u.biased), "threshold": u.threshold})
+        return rows
+
+    def to_json(self) -> dict:
+        return {"settings": self.settings, "dictionary": self.dictionary, "timing": self.timing,
+                "layers": {n: {"shape": list(lr.shape), "units": [u.to_dict() for u in lr.units],
+                               "links": [{"concept": c, "subgroup": g, "units": n_}
+                                         for (c, g), n_ in sorted(lr.links().items(), key=lambda t: -t[1])]}
+                           for n, lr in self.layers.items()}}
+
+
+# ----------------------------------------------------------------------------------- streaming
+class _Hooks:
+    """Forward hooks on named layers; removed on exit (the model is never modified)."""
+
+    def __init__(self, model, names: Sequence[str]) -> None:
+        self.model, self.names = model, list(names)
+        self.out: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+
+    def __enter__(self) -> "_Hooks":
+        for n in self.names:
+            mod = self.model.get_layer(n)
+
+            def hook(_m, _i, o, n=n):
+                if isinstance(o, (tuple, list)):
+                    o = o[0]
+                self.out[n] = o.detach()
+
+            self.handles.append(mod.register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+
+
+def _model_input(images: np.ndarray, size: int | None, device) -> torch.Tensor:
+    from facetool.data.transforms import normalize
+
+    x = normalize(images).to(device)
+    if size is not None and x.shape[-1] != size:
+        x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x
+
+
+def _check_layers(model, layers: Sequence[str]) -> list[str]:
+    names = list(getattr(model, "layer_names", ()) or ())
+    if not names:
+        raise FacetoolError(f"model {getattr(model, 'name', type(model).__name__)} names no layers to dissect")
+    out = []
+    for name in layers:
+        model.get_layer(name)  # unknown -> FacetoolError listing the names
+        if name not in out:
+            out.append(name)
+    if not out:
+        raise FacetoolError(f"no layer given; the model has: {', '.join(names)}")
+    return out
+
+
+def prediction_heads(model) -> list[tuple[str, list[str], slice]]:
+    """The model's own categorical outputs as global groups: (group name, value names, logit slice).
+
+    Attribute classifiers (``model.config["task"]``, see CONTRACTS) give one group per attribute,
+    named ``"<attribute> (predicted)"`` with the attribute's vocabulary; other classifiers with at
+    most 12 classes give ``"predicted"`` with values ``class 0 ...``; identity/embedding models none."""
+    cfg = getattr(model, "config", {}) or {}
+    task = cfg.get("task")
+    if isinstance(task, dict) and task.get("kind") in ("attribute", "attributes"):
+        out, a = [], 0
+        for name, k, vocab in zip(task.get("names", []), task.get("classes", []), task.get("vocab", [])):
+            out.append((f"{name} (predicted)", [str(v) for v in vocab][:k] or [str(i) for i in range(k)], slice(a, a + k)))
+            a += k
+        return out
+    k = cfg.get("num_classes")
+    if getattr(model, "task", "classification") == "classification" and isinstance(k, int) and 2 <= k <= MAX_PREDICTED_VALUES:
+        return [("predicted", [f"class {i}" for i in range(k)], slice(0, k))]
+    return []
+
+
+class _TopK:
+    """Running top-k (value, row) per unit."""
+
+    def __init__(self, units: int, k: int) -> None:
+        self.k = k
+        self.val = torch.full((units, k), -math.inf)
+        self.row = torch.full((units, k), -1, dtype=torch.long)
+
+    def update(self, maxima: torch.Tensor, rows: torch.Tensor) -> None:  # maxima (B, U)
+        v = torch.cat([self.val, maxima.T.float()], 1)
+        r = torch.cat([self.row, rows[None].expand(maxima.shape[1], -1)], 1)
+        top = v.topk(min(self.k, v.shape[1]), dim=1)
+        self.val, self.row = top.values, r.gather(1, top.indices)
+
+
+def dissect_units(
+    model,
+    dictionary: FaceDictionary,
+    layers: Sequence[str],
+    *,
+    quantile: float = QUANTILE,
+    iou_threshold: float = IOU_THRESHOLD,
+    batch_size: int = 32,
+    device: str | None = None,
+    top_images: int = 6,
+    scratch_dir: str | Path | None = None,
+    mem_elements: int = 1 << 23,
+    progress=None,
+    predictions: bool = True,
+) -> Dissection:
+    """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory)."""
+    import h5py
+
+    if not 0.0 < quantile < 0.5:
+        raise FacetoolError(f"--quantile must be in (0, 0.5), got {quantile}")
+    if not 0.0 < iou_threshold < 1.0:
+        raise FacetoolError(f"--iou-threshold must be in (0, 1), got {iou_threshold}")
+    if batch_size < 1:
+        raise FacetoolError(f"--batch-size must be >= 1, got {batch_size}")
+    layers = _check_layers(model, layers)
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    was_training = model.training
+    model.eval()
+    in_size = (getattr(model, "config", {}) or {}).get("input_size")
+    H, W = dictionary.size
+    in_size = int(in_size) if in_size and int(in_size) != H else None
+    N, K = len(dictionary), len(dictionary.concepts)
+    model_dev = next(iter(model.parameters()), torch.empty(0)).device
+    moved = model_dev != dev and any(True for _ in model.parameters())
+    if moved:
+        model.to(dev)
+    t0 = time.perf_counter()
+    pred_groups: list[GlobalGroup] = []
+    timing: dict[str, float] = {}
+    sketches: dict[str, TopQuantile] = {}
+    shapes: dict[str, tuple[int, int, int]] = {}
+    try:
+        # ---- pass 1: per-unit thresholds (and the model's predictions, a global group of their own)
+        heads = prediction_heads(model) if predictions else []
+        pred = np.full((len(heads), N), -1, np.int64)
+        with torch.no_grad(), _Hooks(model, layers) as hooks:
+            for bi, b in enumerate(dictionary.batches(batch_size, masks=False)):
+                out = model(_model_input(b.images, in_size, dev))
+                if heads and isinstance(out, torch.Tensor) and out.dim() == 2:
+                    for h, (_, _, sl) in enumerate(heads):
+                        pred[h, b.rows] = out[:, sl].argmax(1).cpu().numpy()
+                for name in layers:
+                    a = hooks.out[name]
+                    if a.dim() != 4:
+                        raise FacetoolError(f"layer {name} outputs shape {tuple(a.shape)}, not a (batch, units, h, w) map")
+                    if name not in sketches:
+                        sketches[name] = TopQuantile(a.shape[1])
+                        shapes[name] = (int(a.shape[1]), int(a.shape[2]), int(a.shape[3]))
+                    sketches[name].update(a.float().transpose(0, 1).reshape(a.shape[1], -1))
+                if progress:
+                    progress("thresholds", (bi + 1) * batch_size, N)
+        thr = {n: sketches[n].quantile(quantile).to(dev) for n in layers}
+        # a predicted group needs at least two predicted values to contrast
+        pred_groups = [GlobalGroup(gname, vals, pred[h]) for h, (gname, vals, _) in enumerate(heads)
+                       if (pred[h] >= 0).all() and len(np.unique(pred[h])) >= 2]
+        dictionary.groups.extend(pred_groups)
+        timing["pass1_s"] = time.perf_counter() - t0
+        # ---- pass 2: IoU, per-image max/min (scratch), top images
+        t1 = time.perf_counter()
+        tmp = tempfile.TemporaryDirectory(prefix="dissect_", dir=scratch_dir)
+        scratch = h5py.File(Path(tmp.name) / "maxima.h5", "w")
+        inter = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
+        mcar = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
+        carea = torch.zeros(K, dtype=torch.float64, device=dev)
+        topk = {n: _TopK(shapes[n][0], top_images) for n in layers}
+        for n in layers:
+            U = shapes[n][0]
+            ch = (max(1, min(N, 256)), U)
+            scratch.create_dataset(f"{n}/max", (N, U), np.float32, chunks=ch)
+            scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
+        P = H * W
+        carry_all = np.zeros((N, K), bool)
+        with torch.no_grad(), _Hooks(model, layers) as hooks:
+            for bi, b in enumerate(dictionary.batches(batch_size)):
+                model(_model_input(b.images, in_size, dev))
+                B = len(b.rows)
+                cm = torch.from_numpy(b.masks.reshape(B, K, P)).to(dev, torch.float32)  # (B, K, P)
+                carry = cm.amax(-1)  # (B, K)
+                carry_all[b.rows] = carry.cpu().numpy() > 0
+                carea += cm.sum((0, 2)).double()
+                rows_t = torch.from_numpy(b.rows.astype(np.int64))
+                r0, r1 = int(b.rows[0]), int(b.rows[-1]) + 1
+                for name in layers:
+                    a = hooks.out[name].float()
+                    U = a.shape[1]
+                    flat = a.reshape(B, U, -1)
+                    mx, mn = flat.amax(-1), flat.amin(-1)
+                    scratch[f"{name}/max"][r0:r1] = mx.cpu().numpy()
+                    scratch[f"{name}/min"][r0:r1] = mn.cpu().numpy()
+                    topk[name].update(mx.cpu(), rows_t)
+                    step = max(1, min(U, mem_elements // max(1, B * P)))
+                    for u0 in range(0, U, step):
+                        u1 = min(U, u0 + step)
+                        up = F.interpolate(a[:, u0:u1], size=(H, W), mode="bilinear", align_corners=False)
+                        m = (up > thr[name][u0:u1, None, None]).reshape(B, u1 - u0, P).float()
+                        inter[name][u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
+                        mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()
+                if progress:
+                    progress("IoU", (bi + 1) * batch_size, N)
+        timing["pass2_s"] = time.perf_counter() - t1
+        dictionary.carry = carry_all
+        # ---- stage 1-3 from the accumulated sums and the scratch file
+        t2 = time.perf_counter()
+        results: dict[str, LayerResult] = {}
+        for name in layers:
+            union = mcar[name] + carea[None] - inter[name]
+            iou = torch.where(union > 0, inter[name] / union.clamp(min=1e-12), torch.zeros_like(union)).cpu().numpy()
+            results[name] = _pair_layer(name, iou, scratch[f"{name}/max"], scratch[f"{name}/min"], dictionary,
+                                        iou_threshold, thr[name].cpu().numpy(), topk[name], shapes[name])
+        timing["pairing_s"] = time.perf_counter() - t2
+        scratch.close()
+        tmp.cleanup()
+    finally:
+        for g in pred_groups:
+            dictionary.groups.remove(g)
+        if moved:
+            model.to(model_dev)
+        model.train(was_training)
+    timing["total_s"] = time.perf_counter() - t0
+    timing["images"] = N
+    timing["images_per_s"] = N / max(timing["pass1_s"] + timing["pass2_s"], 1e-9)
+    settings = {"layers": list(layers), "quantile": quantile, "iou_threshold": iou_threshold,
+                "keep_factor": KEEP_FACTOR, "batch_size": batch_size, "device": str(dev),
+                "global_threshold": "1/k + 0.05 (0.55 for 2-way, 0.3 for 4-way groups)"}
+    summary = dictionary.summary()
+    summary["groups"] += [{"name": g.name, "values": g.values, "predicted": True,
+                           "images": {v: int((g.codes == i).sum()) for i, v in enumerate(g.values)}} for g in pred_groups]
+    return Dissection(results, summary, settings, timing)
+
+
+def _read_block(ds, u0: int, u1: int) -> np.ndarray:
+    return ds[:, u0:u1]
+
+
+def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_threshold: float, thr: np.ndarray,
+                topk: _TopK, shape, mem_elements: int = 1 << 24) -> LayerResult:
+    concepts = dictionary.concepts
+    carry = dictionary.carry
+    U = iou.shape[0]
+    N = carry.shape[0]
+    K = len(concepts)
+    regions = dictionary.regions
+    region_rows = {r: np.flatnonzero(carry[:, ks].any(1)) for r, ks in regions.items()}
+    best = iou.argmax(1) if K else np.zeros(U, int)
+    units: list[UnitResult] = []
+    for u in range(U):
+        bi = float(iou[u, best[u]]) if K else 0.0
+        units.append(UnitResult(u, concepts[best[u]].name if K else "", bi, "none", threshold=float(thr[u]),
+                                top_images=[int(r) for r, v in zip(topk.row[u].tolist(), topk.val[u].tolist())
+                                            if r >= 0 and math.isfinite(v)]))
+    block = max(1, min(U, mem_elements // max(1, N)))
+    for u0 in range(0, U, block):
+        u1 = min(U, u0 + block)
+        mx = _read_block(ds_max, u0, u1).astype(np.float64)  # (N, b)
+        mn = _read_block(ds_min, u0, u1).astype(np.float64)
+        lo_all, hi_all = mn.min(0), mx.max(0)
+        # stage 2: local pairing in the best concept's region
+        for j, u in enumerate(range(u0, u1)):
+            ur = units[u]
+            if K == 0 or ur.best_iou < iou_threshold:
+                continue
+            reg = concepts[best[u]].region
+            ks = regions[reg]
+            rows = region_rows[reg]
+            w = rank_activation_weights(mx[rows, j:j + 1], lo_all[j], hi_all[j])[:, 0]
+            p = concept_probabilities(w, carry[np.ix_(rows, ks)], iou[u, ks])
+            keep = kept(p)
+            ur.kind, ur.region = "local", reg
+            ur.probs = {concepts[k].name: float(p[i]) for i, k in enumerate(ks)}
+            ur.ious = {concepts[k].name: float(iou[u, k]) for k in ks}
+            ur.concepts = [concepts[k].name for i, k in enumerate(ks) if keep[i]]
+        # stage 3: global groups (every unit)
+        for g in dictionary.groups:
+            known = np.flatnonzero(g.codes >= 0)
+            if len(np.unique(g.codes[known])) < 2:  # nothing to contrast
+                continue
+            k = len(g.values)
+            lo, hi = mn[known].min(0), mx[known].max(0)
+            w = rank_activation_weights(mx[known], lo, hi)  # (n, b)
+            codes = g.codes[known]
+            thr_g = global_threshold(k)
+            for j, u in enumerate(range(u0, u1)):
+                p = group_probabilities(w[:, j], codes, k)
+                units[u].globals[g.name] = {v: float(p[i]) for i, v in enumerate(g.values)}
+                units[u].biased += [f"{g.name}={v}" for i, v in enumerate(g.values) if p[i] >= thr_g]
+    for ur in units:
+        if ur.kind != "local" and ur.biased:
+            ur.kind = "global"
+    return LayerResult(name, units, tuple(shape), iou)
+
+
+# ----------------------------------------------------------------------------------- comparison
+def _group_sizes(d: Dissection) -> dict[str, int]:
+    return {g["name"]: len(g["values"]) for g in d.dictionary.get("groups", [])}
+
+
+def compare_dissections(a: Dissection, b: Dissection, names: tuple[str, str] = ("A", "B")) -> list[dict]:
+    """Concept-subgroup links per layer in ``a`` vs ``b``: units holding a local concept and biased to a
+    subgroup (count and share of the layer's units), and the mean P(subgroup) of the units holding the
+    concept (1/k when none does). Ranked by the difference of the linked share, then of the mean P."""
+    rows = []
+    ka = {**_group_sizes(b), **_group_sizes(a)}
+    for layer in a.layers:
+        if layer not in b.layers:
+            continue
+        la, lb = a.layers[layer], b.layers[layer]
+        xa, xb = la.links(), lb.links()
+        pa, pb = la.subgroup_probs(), lb.subgroup_probs()
+        ca, cb = la.concept_units(), lb.concept_units()
+        for key in sorted(set(xa) | set(xb) | set(pa) | set(pb)):
+            k = ka.get(key[1].split("=")[0], 2)
+            na, nb = xa.get(key, 0), xb.get(key, 0)
+            fa, fb = na / max(1, len(la.units)), nb / max(1, len(lb.units))
+            ma = float(np.mean(pa[key])) if key in pa else 1.0 / k
+            mb = float(np.mean(pb[key])) if key in pb else 1.0 / k
+            rows.append({"layer": layer, "concept": key[0], "subgroup": key[1], f"units {names[0]}": na,
+                         f"units {names[1]}": nb, f"holding {names[0]}": ca.get(key[0], 0),
+                         f"holding {names[1]}": cb.get(key[0], 0),
+                         f"mean P {names[0]}": round(ma, 4), f"mean P {names[1]}": round(mb, 4),
+                         "difference": round(fa - fb, 5), "P difference": round(ma - mb, 4)})
+    rows.sort(key=lambda r: (-abs(r["difference"]), -abs(r["P difference"]), r["layer"], r["concept"], r["subgroup"]))
+    return rows
+
+
+def link_strength(d: Dissection, concept: str, subgroup: str) -> dict[str, float]:
+    """How strongly ``d``'s units tie a local concept to a subgroup, over all dissected layers:
+    ``share`` = fraction of units holding the concept and biased to the subgroup; ``excess`` = mean over
+    the units holding the concept of P(subgroup) - 1/k (0 when no unit holds it)."""
+    k = _group_sizes(d).get(subgroup.split("=")[0], 2)
+    n = sum(len(lr.units) for lr in d.layers.values())
+    linked = sum(lr.links().get((concept, subgroup), 0) for lr in d.layers.values())
+    ps = [p for lr in d.layers.values() for p in lr.subgroup_probs().get((concept, subgroup), [])]
+    return {"share": linked / max(1, n), "excess": float(np.mean(ps)) - 1.0 / k if ps else 0.0,
+            "units": len(ps), "linked": linked}
+
+
+def as_serialisable(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {str(k): as_serialisable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [as_serialisable(v) for v in x]
+    if isinstance(x, np.generic):
+        return x.item()
+    return x
+
+
+# ----------------------------------------------------------------------------------- whole command
+def parse_layers(text: str | Sequence[str]) -> list[str]:
+    names = [x.strip() for x in (text.split(",") if isinstance(text, str) else text) if x and x.strip()]
+    if not names:
+        raise FacetoolError("--layers needs at least one layer name, e.g. layer3,layer4")
+    return names
+
+
+def dissect_to_folder(
+    out: str | Path,
+    *,
+    models: Sequence[str | Path],
+    layers: str | Sequence[str],
+    store: str | Path | None = None,
+    dictionary_csv: str | Path | None = None,
+    split: str = "all",
+    limit: int | None = None,
+    quantile: float = QUANTILE,
+    iou_threshold: float = IOU_THRESHOLD,
+    batch_size: int = 32,
+    device: str | None = None,
+    top_images: int = 6,
+    max_units: int = 48,
+    overwrite: bool = False,
+    compare: bool = False,
+    progress=None,
+) -> dict:
+    """Dissect one model (or, with ``compare``, two: biased then clean) and write ``report.html``,
+    ``tally.csv``, ``dissection.json`` (and ``compare.csv``) to ``out``. Returns a summary dict."""
+    import pandas as pd
+
+    from facetool.errors import require_file
+    from facetool.io import guard_output, write_json, write_text
+    from facetool.methods.dissect_units_report import render_report
+    from facetool.methods.face_dictionary import load_dictionary
+    from facetool.models import load_model
+
+    models = [Path(m) for m in models]
+    if compare and len(models) != 2:
+        raise FacetoolError("--compare needs two checkpoints: the suspect (biased) model and the reference (clean) one")
+    if not models:
+        raise FacetoolError("give --model (or --compare BIASED.pt CLEAN.pt)")
+    for m in models:
+        require_file(m, "model")
+    layer_names = parse_layers(layers)
+    out = guard_output(out, inputs=(*models, store, dictionary_csv), overwrite=overwrite, is_dir=True)
+    if not 0.0 < quantile < 0.5:
+        raise FacetoolError(f"--quantile must be in (0, 0.5), got {quantile}")
+    loaded = {}
+    for m in models:
+        model = load_model(m)
+        if not hasattr(model, "get_layer"):
+            raise FacetoolError(f"{m} is not a facetool model with named layers (ONNX models cannot be dissected)")
+        _check_layers(model, layer_names)
+        loaded[m] = model
+    stems = [m.stem for m in models]
+    labels = [m.parent.name or m.stem if stems.count(m.stem) > 1 or m.stem in ("model", "last") else m.stem for m in models]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
+    loaded = {lab: loaded[m] for lab, m in zip(labels, models)}
+    dictionary = load_dictionary(store, dictionary_csv, split=split, limit=limit)
+    try:
+        results: dict[str, Dissection] = {}
+        for name, model in loaded.items():
+            results[name] = dissect_units(model, dictionary, layer_names, quantile=quantile, iou_threshold=iou_threshold,
+                                          batch_size=batch_size, device=device, top_images=top_images,
+                                          progress=progress)
+        names = list(results)
+        rows = compare_dissections(results[names[0]], results[names[1]], (names[0], names[1])) if compare else None
+        out.mkdir(parents=True, exist_ok=True)
+        tally = []
+        for name, res in results.items():
+            tally += [{"model": name, **r} for r in res.tally(dictionary.concepts)]
+        write_text(out / "tally.csv", pd.DataFrame(tally).to_csv(index=False))
+        files = ["tally.csv"]
+        if rows is not None:
+            write_text(out / "compare.csv", pd.DataFrame(rows).to_csv(index=False))
+            files.append("compare.csv")
+        summary = {"models": {n: str(m) for n, m in zip(names, models)},
+                   "counts": {n: {ln: lr.counts(dictionary.concepts) for ln, lr in r.layers.items()}
+                              for n, r in results.items()},
+                   "compare": rows[:50] if rows is not None else None}
+        write_json(out / "dissection.json", as_serialisable(
+            {**summary, "results": {n: r.to_json() for n, r in results.items()}}))
+        files.append("dissection.json")
+        page = render_report(results, loaded, dictionary, compare_rows=rows, max_units=max_units,
+                             title="Unit dissection: " + " vs ".join(names), device="cpu")
+        write_text(out / "report.html", page)
+        files.append("report.html")
+        summary["files"] = files
+        summary["results"] = results  # the Dissection objects (library callers; not written to JSON)
+        summary["timing"] = {n: r.timing for n, r in results.items()}
+        summary["dictionary"] = {"images": len(dictionary), "concepts": len(dictionary.concepts),
+                                 "groups": [g.name for g in dictionary.groups], "skipped": dictionary.skipped}
+        return summary
+    finally:
+        dictionary.close()

@@ -1,0 +1,373 @@
+"""`facetool dissect units`: Hierarchical Network Dissection against known answers.
+
+A hand-built model reads a synthetic store whose mouths are painted pure magenta and whose pixel
+(0, 0) marks the gender: unit 0 is a magenta detector (it must pair with the mouth at IoU ~ 1 and
+with nothing else), unit 1 fires everywhere on male faces (it must be global, not local). The pairing
+formulas are checked against hand computations; the streaming quantile against numpy."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import run_facetool
+from facetool.errors import FacetoolError
+from facetool.methods.dissect_units import (
+    TopQuantile,
+    average_ranks,
+    compare_dissections,
+    concept_probabilities,
+    dissect_units,
+    global_threshold,
+    group_probabilities,
+    kept,
+    rank_activation_weights,
+)
+from facetool.methods.face_dictionary import CsvDictionary, load_dictionary
+from facetool.models import FaceModel, create_model, register_model, save_checkpoint
+
+MAGENTA = (255, 0, 255)
+
+
+class _Detectors(nn.Module):
+    """unit 0: magenta-ness (1 on pure magenta, 0 on anything with min(R,B) - G < 200);
+    unit 1: male marker (pixel (0,0) red = 255) times 1 + 0.1 * fixed spatial noise."""
+
+    def forward(self, x):
+        rgb = x * 127.5 + 127.5
+        r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+        mag = ((torch.minimum(r, b) - g - 200.0) / 55.0).clamp(0, 1)
+        H, W = x.shape[-2:]
+        yy, xx = torch.meshgrid(torch.arange(H, dtype=torch.float32), torch.arange(W, dtype=torch.float32), indexing="ij")
+        noise = torch.frac(torch.sin(12.9898 * xx + 78.233 * yy) * 43758.5453)
+        male = (r[:, 0, 0] > 127).float()[:, None, None]
+        return torch.stack([mag, male * (1 + 0.1 * noise)], 1)
+
+
+class HandUnits(FaceModel):
+    layer_names = ("full", "pooled")
+    cam_layer = "pooled"
+
+    def __init__(self, input_size: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        self.full = _Detectors()
+        self.pooled = nn.AvgPool2d(4)
+        self.task = "embedding"
+
+    def forward_features(self, x, internals=None):
+        return self.pooled(self.full(x))
+
+    def forward_head(self, f):
+        return f.mean((2, 3))
+
+
+@register_model("test_hand_units")
+def _hand(**kw):
+    return HandUnits(**kw)
+
+
+@pytest.fixture(scope="module")
+def painted_store(tmp_path_factory) -> Path:
+    """A synthetic store (with glasses at random) whose mouths are magenta and pixel (0,0) marks males."""
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.store import FaceStore
+
+    out = tmp_path_factory.mktemp("units") / "painted.h5"
+    prepare_synthetic(out, identities=6, per_identity=6, size=64, seed=3,
+                      bias="accessory=glasses,attribute=gender,value=male,p=0.5")
+    with FaceStore(out) as s:
+        gender, vals = s.attribute("gender")
+        parts = s.parts
+    bit = np.uint16(1 << parts.index("mouth"))
+    with h5py.File(out, "a") as f:
+        imgs = f["images"][:]
+        pm = f["part_masks"][:]
+        mouth = (pm & bit) > 0
+        imgs[mouth] = MAGENTA
+        imgs[:, 0, 0] = [[255 if gender[i] == vals.index("male") else 0, 128, 128] for i in range(len(imgs))]
+        f["images"][:] = imgs
+    return out
+
+
+def _names(d):
+    return [c.name for c in d.concepts]
+
+
+# ------------------------------------------------------------------------------------- known answers
+def test_mouth_unit_pairs_with_the_mouth_only_and_male_unit_is_global(painted_store):
+    d = load_dictionary(painted_store)
+    model = HandUnits()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    res = dissect_units(model, d, ["full", "pooled"], batch_size=16, device="cpu")  # default quantile 0.005
+    assert torch.equal(model(x), before) and not model.full._forward_hooks  # hooks removed, model untouched
+    full = res.layers["full"]
+    mouth = full.units[0]
+    k = _names(d).index("mouth")
+    assert mouth.best_concept == "mouth" and mouth.best_iou > 0.97, mouth
+    assert mouth.kind == "local" and mouth.region == "mouth" and mouth.concepts == ["mouth"]
+    assert mouth.probs == {"mouth": 1.0}
+    assert np.delete(full.iou[0], k).max() < 0.05  # no other concept overlaps it
+    assert not mouth.biased  # the same max activation on every face: no subgroup preferred
+    # unit 1 fires all over male faces: its top 0.5 % is scattered, so no concept reaches IoU 0.04;
+    # it prefers gender=male with P = 1 -> a global unit, at full and at pooled resolution
+    for layer in ("full", "pooled"):
+        g = res.layers[layer].units[1]
+        assert g.best_iou < 0.04 and g.kind == "global" and "gender=male" in g.biased, (layer, g)
+        assert g.globals["gender"]["male"] > 0.99 and not g.concepts
+
+
+def test_pooled_map_is_upsampled_onto_the_mouth(painted_store):
+    """The 4x average-pooled magenta map, upsampled bilinearly, still pairs with the mouth (a top slice
+    about the size of the mouth: quantile 0.02)."""
+    d = load_dictionary(painted_store)
+    res = dissect_units(HandUnits(), d, ["pooled"], quantile=0.02, batch_size=64, device="cpu")
+    u = res.layers["pooled"].units[0]
+    assert u.best_concept == "mouth" and u.best_iou > 0.5 and u.concepts == ["mouth"], u
+
+
+# ------------------------------------------------------------------------------------- formulas
+def test_pairing_probabilities_equal_the_hand_computed_formulas():
+    # 4 region images, max activations; unit range over all images [0, 2]
+    maxima = np.array([[0.5], [2.0], [1.0], [0.0]])
+    w = rank_activation_weights(maxima, 0.0, 2.0)[:, 0]
+    # ascending order: img3 (0.0) r=1/4, img0 (0.5) r=2/4, img2 (1.0) r=3/4, img1 (2.0) r=4/4
+    # s = max/2: 0.25, 1, 0.5, 0
+    np.testing.assert_allclose(w, [2 / 4 * 0.25, 1.0 * 1.0, 3 / 4 * 0.5, 1 / 4 * 0.0])
+    carry = np.array([[1, 0], [1, 1], [0, 1], [1, 0]], bool)  # concept a: imgs 0,1,3; b: imgs 1,2
+    iou = np.array([0.2, 0.1])
+    sa = (0.125 + 1.0 + 0.0) / 3 * 0.2
+    sb = (1.0 + 0.375) / 2 * 0.1
+    p = concept_probabilities(w, carry, iou)
+    np.testing.assert_allclose(p, [sa / (sa + sb), sb / (sa + sb)])
+    assert sa / (sa + sb) == pytest.approx(0.075 / 0.14375)  # 0.522
+    assert list(kept(p)) == [False, False]  # two concepts: held only above 1.5/2 = 0.75
+    assert list(kept(np.array([0.8, 0.2]))) == [True, False]
+    assert list(kept(np.array([1.0]))) == [True]  # a one-concept region holds its concept
+    assert list(kept(np.array([0.6, 0.2, 0.1, 0.1]))) == [True, False, False, False]  # > 1.5/4
+    # global group: two values, 4 images
+    codes = np.array([1, 1, 0, 0])
+    g = group_probabilities(w, codes, 2)
+    s1, s0 = (0.125 + 1.0) / 2, (0.375 + 0.0) / 2
+    np.testing.assert_allclose(g, [s0 / (s0 + s1), s1 / (s0 + s1)])
+    assert global_threshold(2) == pytest.approx(0.55) and global_threshold(4) == pytest.approx(0.3)
+    # ties share their mean rank
+    np.testing.assert_allclose(average_ranks(np.array([3.0, 1.0, 3.0, 2.0])), [3.5, 1, 3.5, 2])
+
+
+def test_streaming_quantile_matches_numpy_within_a_bin():
+    rng = np.random.default_rng(0)
+    sk = TopQuantile(3, bins=256)
+    chunks = [rng.normal(0, 1, (3, 500)) * np.array([[1], [3], [0.1]]) for _ in range(3)]
+    chunks.append(rng.normal(5, 1, (3, 500)))  # later values far above the first batch's range
+    for c in chunks:
+        sk.update(torch.from_numpy(c))
+    allv = np.concatenate(chunks, 1)
+    for q in (0.005, 0.05, 0.2):
+        est = sk.quantile(q).numpy()
+        ref = np.quantile(allv, 1 - q, axis=1)
+        assert np.all(np.abs(est - ref) <= sk.width.numpy() * 1.01 + 1e-6), (q, est, ref)
+
+
+# ------------------------------------------------------------------------------------- dictionaries
+def test_landmark_dictionary_without_masks(tmp_path):
+    """A store with only landmarks gets geometric parts, each inside the face crop and non-empty."""
+    from facetool.store import Record, StoreWriter
+
+    w = StoreWriter(tmp_path / "lm.h5", image_size=(64, 64), identities=["a", "b"],
+                    attribute_values={"Eyeglasses": ["no", "yes"]},
+                    identity_attributes={"gender": (["female", "male"], [0, 1])})
+    lm = np.array([[22, 26], [42, 26], [32, 36], [24, 46], [40, 46]], np.float32)
+    for i in range(4):
+        w.append(Record(image=np.full((64, 64, 3), 100, np.uint8), label=i % 2, landmarks=lm + i,
+                        attributes={"Eyeglasses": i % 2}))
+    w.checkpoint(4, force=True)
+    w.finalize()
+    d = load_dictionary(tmp_path / "lm.h5")
+    names = _names(d)
+    for p in ("left_eye", "right_eye", "left_brow", "right_brow", "nose", "mouth", "left_cheek", "right_cheek", "chin"):
+        assert p in names and d.scan_carry()[:, names.index(p)].all()
+    assert "Eyeglasses" in names and list(d.carry[:, names.index("Eyeglasses")]) == [False, True, False, True]
+    assert d.concepts[names.index("Eyeglasses")].region == "eye"
+    assert [g.name for g in d.groups] == ["gender"]
+    m = d.batch(np.array([0])).masks[0]
+    le, re = m[names.index("left_eye")], m[names.index("right_eye")]
+    ys, xs = np.nonzero(le)
+    assert abs(xs.mean() - 22) < 1.5 and abs(ys.mean() - 26) < 1.5 and not (le & re).any()
+    d.close()
+
+
+def test_store_without_masks_or_landmarks_is_refused(tmp_path):
+    from facetool.store import Record, StoreWriter
+
+    w = StoreWriter(tmp_path / "bare.h5", image_size=(32, 32), identities=["a"])
+    w.append(Record(image=np.zeros((32, 32, 3), np.uint8), label=0))
+    w.checkpoint(1, force=True)
+    w.finalize()
+    with pytest.raises(FacetoolError, match="neither part masks nor 5-point landmarks"):
+        load_dictionary(tmp_path / "bare.h5")
+
+
+def _write_png(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cv2.imwrite(str(path), arr)
+
+
+def make_csv_dictionary(root: Path) -> Path:
+    """HND layout: 3 images, masks mouth/nose; one mask missing, one of another size."""
+    rows = []
+    for i in range(3):
+        img = np.full((32, 32, 3), 90, np.uint8)
+        img[20:24, 10:22] = (255, 0, 255)[::-1]  # BGR on disk: magenta mouth
+        _write_png(root / f"parts/{i}/original.png", img)
+        mouth = np.zeros((32, 32), np.uint8)
+        mouth[20:24, 10:22] = 255
+        _write_png(root / f"parts/{i}/mouth.png", mouth)
+        nose = np.zeros((32, 32) if i != 2 else (16, 16), np.uint8)
+        nose[8:16, 13:19] = 255
+        _write_png(root / f"parts/{i}/nose.png", nose)
+        labels = [f"parts/{i}/mouth.png", f"parts/{i}/nose.png"] + ([f"parts/{i}/left_eye.png"] if i == 0 else [])
+        rows.append([f"parts/{i}/original.png", ";".join(labels)])
+    p = root / "Parts.csv"
+    with open(p, "w", newline="") as f:
+        csv.writer(f).writerows([["image", "labels"], *rows])
+    return p
+
+
+def test_user_csv_dictionary_counts_skips(tmp_path):
+    d = CsvDictionary(make_csv_dictionary(tmp_path))
+    assert _names(d) == ["nose", "mouth"]
+    assert d.skipped == {"missing mask": 1, "mask of another size": 1}
+    assert d.scan_carry().sum(0).tolist() == [2, 3]
+    res = dissect_units(HandUnits(input_size=32), d, ["full"], quantile=0.05, device="cpu")
+    u = res.layers["full"].units[0]
+    assert u.best_concept == "mouth" and u.best_iou > 0.95 and u.concepts == ["mouth"]
+
+
+def test_unknown_layer_lists_the_model_layers(painted_store):
+    d = load_dictionary(painted_store)
+    with pytest.raises(FacetoolError, match="has no layer 'layer9'; it has: full, pooled"):
+        dissect_units(HandUnits(), d, ["layer9"])
+
+
+def test_compare_ranks_links_that_differ():
+    from facetool.methods.dissect_units import Dissection, LayerResult, UnitResult
+
+    def diss(n_link):
+        units = [UnitResult(i, "glasses", 0.1, "local", "eye", concepts=["glasses"],
+                            biased=["gender=male"] if i < n_link else []) for i in range(4)]
+        units.append(UnitResult(4, "mouth", 0.1, "local", "mouth", concepts=["mouth"], biased=["age=0-20"]))
+        return Dissection({"l": LayerResult("l", units, (5, 1, 1), np.zeros((5, 1)))}, {}, {}, {})
+
+    rows = compare_dissections(diss(3), diss(0), ("biased", "clean"))
+    top = rows[0]
+    assert (top["concept"], top["subgroup"], top["units biased"], top["units clean"]) == ("glasses", "gender=male", 3, 0)
+    assert top["difference"] == pytest.approx(0.6)
+    assert rows[-1]["difference"] == 0
+
+
+# ------------------------------------------------------------------------------------- CLI
+@pytest.fixture(scope="module")
+def small_resnet(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    m = create_model("resnet18", num_classes=2, input_size=64, width=8)
+    p = tmp_path_factory.mktemp("ck") / "r18.pt"
+    save_checkpoint(p, m.eval())
+    return p
+
+
+def test_cli_writes_report_tally_and_json(painted_store, small_resnet, tmp_path):
+    out = tmp_path / "dis"
+    r = run_facetool("dissect", "units", "--model", small_resnet, "--store", painted_store, "--layers", "layer2,layer3",
+                     "--out", out, "--quantile", "0.05", "--batch-size", "16")
+    assert r.returncode == 0, r.stderr
+    for f in ("report.html", "tally.csv", "dissection.json"):
+        assert (out / f).is_file()
+    page = (out / "report.html").read_text()
+    assert "data:image/png;base64," in page and "http" not in page.split("<body>")[1].split("data:")[0]
+    js = json.loads((out / "dissection.json").read_text())
+    assert set(js["counts"]["r18"]) == {"layer2", "layer3"}
+    assert js["counts"]["r18"]["layer3"]["units"] == 32  # width 8: layer3 has 4 x 8 channels
+    rows = list(csv.DictReader(open(out / "tally.csv")))
+    assert len(rows) == 16 + 32
+    # same folder again: refused without --overwrite, nothing replaced
+    r2 = run_facetool("dissect", "units", "--model", small_resnet, "--store", painted_store, "--layers", "layer3",
+                      "--out", out)
+    assert r2.returncode == 2 and "--overwrite" in r2.stderr and "Traceback" not in r2.stderr
+
+
+def test_cli_bad_input(painted_store, small_resnet, tmp_path):
+    r = run_facetool("dissect", "units", "--model", small_resnet, "--store", painted_store, "--layers", "layer3,conv9",
+                     "--out", tmp_path / "x")
+    assert r.returncode == 2 and "layer1, layer2, layer3, layer4" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "x" / "report.html").exists()
+    r = run_facetool("dissect", "units", "--model", small_resnet, "--store", painted_store, "--layers", "layer3",
+                     "--out", tmp_path / "y", "--quantile", "2")
+    assert r.returncode == 2 and "--quantile" in r.stderr
+    r = run_facetool("dissect", "units", "--compare", small_resnet, "--store", painted_store, "--layers", "layer3",
+                     "--out", tmp_path / "z")
+    assert r.returncode == 2 and "two checkpoints" in r.stderr
+
+
+def test_cli_csv_dictionary_and_compare(tmp_path, small_resnet):
+    csv_p = make_csv_dictionary(tmp_path / "dict")
+    out = tmp_path / "cmp"
+    r = run_facetool("dissect", "units", "--compare", small_resnet, small_resnet, "--dictionary", csv_p,
+                     "--layers", "layer1", "--out", out, "--quantile", "0.05")
+    assert r.returncode == 0, r.stderr
+    assert "missing mask: 1" in r.stdout and (out / "compare.csv").is_file()
+
+
+# ------------------------------------------------------------------------------------- bias discovery
+BIAS = "accessory=glasses,attribute=gender,value=male,p={p}"
+IDS, PER, EPOCHS = 96, 4, 10  # many identities, few images each: the clean model learns gender, not identities
+
+
+@pytest.mark.slow
+def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path):
+    """Gender classifiers (`train resnet --task attribute:gender`, through its library call) trained on
+    a set where males wear glasses with p = 0.9 (females 0.1) and on one where everybody does with
+    p = 0.5, dissected on a third set (other identities, glasses independent of gender): the biased
+    model's glasses units are tied to its 'male' predictions, the clean model's far less.
+    Averaged over two seeds; the measured numbers are in the comment at the end."""
+    from conftest import learning_seeds
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
+    from facetool.methods.dissect_units import dissect_to_folder, link_strength
+    from facetool.tasks import resolve_task
+
+    stores = {}
+    for name, p, seed, ids, per in (("biased", 0.9, 1, IDS, PER), ("clean", 0.5, 1, IDS, PER), ("dict", 0.5, 7, 40, 4)):
+        stores[name] = tmp_path / f"{name}.h5"
+        prepare_synthetic(stores[name], identities=ids, per_identity=per, size=48, seed=seed, test_fraction=0.0,
+                          bias=BIAS.format(p=p))
+    link = ("glasses", "gender (predicted)=male")
+    got = {"biased": [], "clean": []}
+    for seed in learning_seeds(2):
+        ckpts = []
+        for name in ("biased", "clean"):
+            cfg = TrainConfig(out=tmp_path / f"{name}_{seed}", epochs=EPOCHS, batch_size=32, lr=0.05, seed=seed,
+                              verbose=False)
+            train_on_store(stores[name], "resnet18", lambda m: ClassificationMethod(), cfg, model_kwargs={"width": 16},
+                           task=resolve_task("attribute:gender", stores[name]))
+            ckpts.append(cfg.out / "model.pt")
+        res = dissect_to_folder(tmp_path / f"dissect_{seed}", models=ckpts, layers="layer2,layer3", store=stores["dict"],
+                                quantile=0.05, compare=True, max_units=4, batch_size=64)
+        for name, d in zip(("biased", "clean"), res["results"].values()):
+            got[name].append(link_strength(d, *link)["excess"])
+        page = (tmp_path / f"dissect_{seed}" / "report.html").read_text()
+        assert "Bias discovery" in page and "glasses" in page
+    b, c = np.mean(got["biased"]), np.mean(got["clean"])
+    print(f"glasses -> predicted male, excess P per seed: {got}; mean biased {b:.3f} clean {c:.3f}")
+    # excess P(predicted male) of the units holding glasses, measured (mean of 2 seeds, quiet/busy CPU alike):
+    # seeds 0,1: biased 0.111, clean 0.040; seeds 100,101 / 200,201: see the report of issue 11.
+    # Per seed the biased model sits at 0.09-0.15, the clean one at -0.06-0.09 (mixed eye-region units).
+    assert b > 0.05 and b - c > 0.03, got
