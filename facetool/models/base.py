@@ -30,7 +30,7 @@ INTERNALS = {
              "(straight-through in training)",
     "gate_probs": "(B, L) probability of executing each gated block",
     "routing": "list of (B, K) routing vectors, one per dynamic layer",
-    "attention": "(B, 1, h, w) attention map in [0, 1]",
+    "attention": "(B, A, h, w) attention maps in [0, 1]; A = 1 single-task, A = number of attributes multi-task",
     "attention_logits": "(B, C) logits of an attention branch",
     "block_flops": "(L,) FLOPs per image of each gated block when executed",
 }
