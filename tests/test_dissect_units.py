@@ -341,7 +341,8 @@ def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path):
     from conftest import learning_seeds
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
-    from facetool.methods.dissect_units import dissect_to_folder, link_strength
+    from facetool.methods.dissect_units import link_strength
+    from facetool.methods.dissect_units_report import dissect_to_folder
     from facetool.tasks import resolve_task
 
     stores = {}

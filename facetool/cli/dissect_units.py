@@ -43,9 +43,13 @@ def register(group: typer.Typer) -> None:
         Example: facetool dissect units --model runs/gender/model.pt --store data/dict.h5 --layers layer3,layer4 --out dissect/
         """
         from facetool.errors import FacetoolError
-        from facetool.methods.dissect_units import dissect_to_folder
+        from facetool.methods.dissect_units_report import dissect_to_folder
+
+        from facetool.io import guard_output
 
         cmp = list(compare or []) + [Path(e) for e in (extra or [])]
+        # the output folder is checked before anything else (the library checks it again)
+        guard_output(out, inputs=(model, *cmp, store, dictionary), overwrite=overwrite, is_dir=True)
         if extra and not compare:
             raise FacetoolError(f"unexpected argument {extra[0]!r}")
         if cmp and model is not None:

@@ -66,6 +66,11 @@ def register(app: typer.Typer) -> None:
         from facetool.methods.distill import METHODS
         from facetool.methods.distill_run import distill
 
+        from facetool.io import guard_output
+
+        # the run folder is checked before anything else (the library checks it again with the teacher)
+        guard_output(out, inputs=(store, teacher, unlabeled, transfer, *(teacher_head or ())),
+                     overwrite=overwrite or resume, is_dir=True)
         m = method.lower()
         if m not in METHODS:
             raise FacetoolError(f"unknown distillation method {method!r}; use one of {', '.join(METHODS)}")

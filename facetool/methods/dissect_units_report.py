@@ -1,9 +1,11 @@
-"""Self-contained HTML report of a unit dissection (PNGs embedded as base64; no network needed)."""
+"""Self-contained HTML report of a unit dissection (PNGs embedded as base64; no network needed), and
+:func:`dissect_to_folder`, which runs a dissection and writes the report, tally and JSON."""
 
 from __future__ import annotations
 
 import base64
 import html
+from pathlib import Path
 from typing import Sequence
 
 import cv2
@@ -11,7 +13,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from facetool.methods.dissect_units import Dissection, _Hooks, _model_input
+from facetool.errors import FacetoolError
+from facetool.methods.dissect_units import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _Hooks, _model_input,
+                                             as_serialisable, compare_dissections, dissect_units, parse_layers)
 from facetool.methods.face_dictionary import FaceDictionary, landmark_polygons
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
@@ -190,3 +194,93 @@ def render_report(results: dict[str, Dissection], models: dict[str, object], dic
                     f"<br>{''.join(imgs)}<span class=note> red: unit mask; green: {html.escape(cname)}</span></div>")
     parts.append("</body></html>")
     return "\n".join(parts)
+
+
+def dissect_to_folder(
+    out: str | Path,
+    *,
+    models: Sequence[str | Path],
+    layers: str | Sequence[str],
+    store: str | Path | None = None,
+    dictionary_csv: str | Path | None = None,
+    split: str = "all",
+    limit: int | None = None,
+    quantile: float = QUANTILE,
+    iou_threshold: float = IOU_THRESHOLD,
+    batch_size: int = 32,
+    device: str | None = None,
+    top_images: int = 6,
+    max_units: int = 48,
+    overwrite: bool = False,
+    compare: bool = False,
+    progress=None,
+) -> dict:
+    """Dissect one model (or, with ``compare``, two: biased then clean) and write ``report.html``,
+    ``tally.csv``, ``dissection.json`` (and ``compare.csv``) to ``out``. Returns a summary dict."""
+    import pandas as pd
+
+    from facetool.errors import require_file
+    from facetool.io import guard_output, write_json, write_text
+    from facetool.methods.face_dictionary import load_dictionary
+    from facetool.models import load_model
+
+    models = [Path(m) for m in models]
+    if compare and len(models) != 2:
+        raise FacetoolError("--compare needs two checkpoints: the suspect (biased) model and the reference (clean) one")
+    if not models:
+        raise FacetoolError("give --model (or --compare BIASED.pt CLEAN.pt)")
+    for m in models:
+        require_file(m, "model")
+    layer_names = parse_layers(layers)
+    out = guard_output(out, inputs=(*models, store, dictionary_csv), overwrite=overwrite, is_dir=True)
+    if not 0.0 < quantile < 0.5:
+        raise FacetoolError(f"--quantile must be in (0, 0.5), got {quantile}")
+    loaded = {}
+    for m in models:
+        model = load_model(m)
+        if not hasattr(model, "get_layer"):
+            raise FacetoolError(f"{m} is not a facetool model with named layers (ONNX models cannot be dissected)")
+        _check_layers(model, layer_names)
+        loaded[m] = model
+    stems = [m.stem for m in models]
+    labels = [m.parent.name or m.stem if stems.count(m.stem) > 1 or m.stem in ("model", "last") else m.stem for m in models]
+    if len(set(labels)) < len(labels):
+        labels = [f"{lab}#{i + 1}" for i, lab in enumerate(labels)]
+    loaded = {lab: loaded[m] for lab, m in zip(labels, models)}
+    dictionary = load_dictionary(store, dictionary_csv, split=split, limit=limit)
+    try:
+        results: dict[str, Dissection] = {}
+        for name, model in loaded.items():
+            results[name] = dissect_units(model, dictionary, layer_names, quantile=quantile, iou_threshold=iou_threshold,
+                                          batch_size=batch_size, device=device, top_images=top_images,
+                                          progress=progress)
+        names = list(results)
+        rows = compare_dissections(results[names[0]], results[names[1]], (names[0], names[1])) if compare else None
+        out.mkdir(parents=True, exist_ok=True)
+        tally = []
+        for name, res in results.items():
+            tally += [{"model": name, **r} for r in res.tally(dictionary.concepts)]
+        write_text(out / "tally.csv", pd.DataFrame(tally).to_csv(index=False))
+        files = ["tally.csv"]
+        if rows is not None:
+            write_text(out / "compare.csv", pd.DataFrame(rows).to_csv(index=False))
+            files.append("compare.csv")
+        summary = {"models": {n: str(m) for n, m in zip(names, models)},
+                   "counts": {n: {ln: lr.counts(dictionary.concepts) for ln, lr in r.layers.items()}
+                              for n, r in results.items()},
+                   "compare": rows[:50] if rows is not None else None}
+        write_json(out / "dissection.json", as_serialisable(
+            {**summary, "results": {n: r.to_json() for n, r in results.items()}}))
+        files.append("dissection.json")
+        page = render_report(results, loaded, dictionary, compare_rows=rows, max_units=max_units,
+                             title="Unit dissection: " + " vs ".join(names), device="cpu")
+        write_text(out / "report.html", page)
+        files.append("report.html")
+        summary["files"] = files
+        summary["results"] = results  # the Dissection objects (library callers; not written to JSON)
+        summary["timing"] = {n: r.timing for n, r in results.items()}
+        summary["dictionary"] = {"images": len(dictionary), "concepts": len(dictionary.concepts),
+                                 "groups": [g.name for g in dictionary.groups], "skipped": dictionary.skipped}
+        return summary
+    finally:
+        dictionary.close()
