@@ -97,18 +97,23 @@ def _bn_scale_shift(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[Tensor, Tensor
 # -- facetool ResNet / ConvNet-AIG ---------------------------------------------------------------
 
 
-def _resnet_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
-    from facetool.methods.aig import GatedResidual
-
+def _block_pairs(model: nn.Module, block_types: tuple[type, ...]) -> list[tuple[nn.Module, nn.Module]]:
+    """(conv, BN) pairs of a ResNet-layout model: the stem, each block's convN/bnN and its projection."""
     pairs = [(model.conv1, model.bn1)]
     for m in model.modules():
-        if isinstance(m, GatedResidual):
+        if isinstance(m, block_types):
             for i in (1, 2, 3):
                 if hasattr(m, f"conv{i}"):
                     pairs.append((getattr(m, f"conv{i}"), getattr(m, f"bn{i}")))
             if m.downsample is not None:
                 pairs.append((m.downsample[0], m.downsample[1]))
     return pairs
+
+
+def _resnet_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
+    from facetool.models.gated import GatedResidual
+
+    return _block_pairs(model, (GatedResidual,))
 
 
 def _gated_forward(self, x: Tensor) -> Tensor:
@@ -124,7 +129,7 @@ def _gated_forward(self, x: Tensor) -> Tensor:
 
 
 def _resnet_blocks(name: str, module: nn.Module) -> dict | None:
-    from facetool.methods.aig import GatedResidual
+    from facetool.models.gated import GatedResidual
 
     if isinstance(module, GatedResidual):
         return {"forward": _gated_forward.__get__(module), "canonizer_sum": _new_sum()}
@@ -137,15 +142,7 @@ def _resnet_blocks(name: str, module: nn.Module) -> dict | None:
 def _tv_pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     from torchvision.models.resnet import BasicBlock, Bottleneck
 
-    pairs = [(model.conv1, model.bn1)]
-    for m in model.modules():
-        if isinstance(m, (BasicBlock, Bottleneck)):
-            for i in (1, 2, 3):
-                if hasattr(m, f"conv{i}"):
-                    pairs.append((getattr(m, f"conv{i}"), getattr(m, f"bn{i}")))
-            if m.downsample is not None:
-                pairs.append((m.downsample[0], m.downsample[1]))
-    return pairs
+    return _block_pairs(model, (BasicBlock, Bottleneck))
 
 
 def _tv_forward(self, x: Tensor) -> Tensor:
