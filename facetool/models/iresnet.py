@@ -13,14 +13,13 @@ models for tests and quick experiments use the same code path.
 
 from __future__ import annotations
 
-import re
 
 import torch
 from torch import nn
 
 from facetool.errors import FacetoolError
 from facetool.models.base import FaceModel
-from facetool.models.registry import register_model, register_state_dict_matcher
+from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
 BN_EPS = 1e-5
@@ -130,7 +129,6 @@ def _factory(depth: int):
 for _d in LAYERS:
     register_model(f"iresnet{_d}")(_factory(_d))
 
-_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
 
 
 @register_state_dict_matcher
@@ -139,11 +137,7 @@ def match_iresnet(sd: dict) -> tuple[str, dict] | None:
     embedding size and input size from the keys and shapes."""
     if not all(k in sd for k in ("conv1.weight", "prelu.weight", "fc.weight", "features.running_mean")):
         return None
-    counts = [0, 0, 0, 0]
-    for k in sd:
-        m = _BLOCK.match(k)
-        if m:
-            counts[int(m.group(1)) - 1] = max(counts[int(m.group(1)) - 1], int(m.group(2)) + 1)
+    counts = stage_block_counts(sd)
     depth = next((d for d, lay in LAYERS.items() if tuple(counts) == lay), None)
     if depth is None:
         return None

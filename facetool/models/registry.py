@@ -10,6 +10,7 @@ happened to import first.
 from __future__ import annotations
 
 import importlib
+import re
 import pkgutil
 from typing import Any, Callable
 
@@ -30,6 +31,20 @@ def register_model(name: str | None = None):
         return fn
 
     return deco
+
+
+def stage_block_counts(sd: dict) -> list[int]:
+    """Blocks per stage ``layer1..layer4`` of a ResNet-layout state_dict (from ``layerN.M.conv1.weight``
+    keys): what the state-dict matchers compare with each depth's layout."""
+    counts = [0, 0, 0, 0]
+    for k in sd:
+        m = _STAGE_BLOCK.match(k)
+        if m:
+            counts[int(m.group(1)) - 1] = max(counts[int(m.group(1)) - 1], int(m.group(2)) + 1)
+    return counts
+
+
+_STAGE_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
 
 
 def register_state_dict_matcher(fn: Callable[[dict], "tuple[str, dict] | None"]):

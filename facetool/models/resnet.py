@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from facetool.models.base import FaceModel
 from facetool.models.gated import Gate, GatedResidual, gated_blocks
-from facetool.models.registry import register_model, register_state_dict_matcher
+from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -195,7 +195,6 @@ def aig_resnet101(**kw) -> ResNet:
 
 _KEY = re.compile(r"^(conv1|bn1|fc|layer[1-4]\.\d+\.(conv[1-3]|bn[1-3]|downsample\.[01]|gate\.(fc1|bn|fc2)))\."
                   r"(weight|bias|running_mean|running_var|num_batches_tracked)$")
-_BLOCK = re.compile(r"^layer([1-4])\.(\d+)\.conv1\.weight$")
 
 
 @register_state_dict_matcher
@@ -205,11 +204,7 @@ def match_resnet(sd: dict) -> tuple[str, dict] | None:
     The input size is not in the weights (the pooling is adaptive): the default is kept."""
     if "conv1.weight" not in sd or "layer1.0.conv1.weight" not in sd or not all(_KEY.match(k) for k in sd):
         return None
-    counts = [0, 0, 0, 0]
-    for k in sd:
-        m = _BLOCK.match(k)
-        if m:
-            counts[int(m.group(1)) - 1] = max(counts[int(m.group(1)) - 1], int(m.group(2)) + 1)
+    counts = stage_block_counts(sd)
     block = Bottleneck if "layer1.0.conv3.weight" in sd else BasicBlock
     depth = next((d for d, (b, lay) in _DEPTHS.items() if b is block and counts == lay), None)
     if depth is None:
