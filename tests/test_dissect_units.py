@@ -327,48 +327,35 @@ def test_cli_csv_dictionary_and_compare(tmp_path, small_resnet):
 
 
 # ------------------------------------------------------------------------------------- bias discovery
-BIAS = "accessory=glasses,attribute=gender,value=male,p={p}"
-IDS, PER, EPOCHS = 96, 4, 10  # many identities, few images each: the clean model learns gender, not identities
-
-
 @pytest.mark.slow
-def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path):
-    """Gender classifiers (`train resnet --task attribute:gender`, through its library call) trained on
-    a set where males wear glasses with p = 0.9 (females 0.1) and on one where everybody does with
-    p = 0.5, dissected on a third set (other identities, glasses independent of gender): the biased
-    model's glasses units are tied to its 'male' predictions, the clean model's far less.
-    Averaged over two seeds; the measured numbers are in the comment at the end."""
+def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path, gender_bias_models):
+    """Gender classifiers trained where males wear glasses in 90 % of their images (females 10 %) and
+    where everybody does in 50 % (the session fixture ``gender_bias_models``), dissected on a third set
+    (other identities, glasses on exactly half of each identity's images): the biased model's glasses
+    units are tied to its 'male' predictions, the clean model's not. Averaged over two seeds; the
+    measured numbers are in the comment at the end."""
     from conftest import learning_seeds
-    from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
     from facetool.methods.dissect_units import link_strength
     from facetool.methods.dissect_units_report import dissect_to_folder
-    from facetool.tasks import resolve_task
 
-    stores = {}
-    for name, p, seed, ids, per in (("biased", 0.9, 1, IDS, PER), ("clean", 0.5, 1, IDS, PER), ("dict", 0.5, 7, 40, 4)):
-        stores[name] = tmp_path / f"{name}.h5"
-        prepare_synthetic(stores[name], identities=ids, per_identity=per, size=48, seed=seed, test_fraction=0.0,
-                          bias=BIAS.format(p=p))
+    stores, models = gender_bias_models["stores"], gender_bias_models["models"]
     link = ("glasses", "gender (predicted)=male")
     got = {"biased": [], "clean": []}
+    share = {"biased": [], "clean": []}
     for seed in learning_seeds(2):
-        ckpts = []
-        for name in ("biased", "clean"):
-            cfg = TrainConfig(out=tmp_path / f"{name}_{seed}", epochs=EPOCHS, batch_size=32, lr=0.05, seed=seed,
-                              verbose=False)
-            train_on_store(stores[name], "resnet18", lambda m: ClassificationMethod(), cfg, model_kwargs={"width": 16},
-                           task=resolve_task("attribute:gender", stores[name]))
-            ckpts.append(cfg.out / "model.pt")
-        res = dissect_to_folder(tmp_path / f"dissect_{seed}", models=ckpts, layers="layer2,layer3", store=stores["dict"],
-                                quantile=0.05, compare=True, max_units=4, batch_size=64)
+        res = dissect_to_folder(tmp_path / f"dissect_{seed}", models=[models["biased", seed], models["clean", seed]],
+                                layers="layer2,layer3", store=stores["dict"], quantile=0.05, compare=True,
+                                max_units=4, batch_size=64)
         for name, d in zip(("biased", "clean"), res["results"].values()):
-            got[name].append(link_strength(d, *link)["excess"])
+            ls = link_strength(d, *link)
+            got[name].append(round(ls["excess"], 3))
+            share[name].append(round(ls["share"], 3))
         page = (tmp_path / f"dissect_{seed}" / "report.html").read_text()
         assert "Bias discovery" in page and "glasses" in page
     b, c = np.mean(got["biased"]), np.mean(got["clean"])
-    print(f"glasses -> predicted male, excess P per seed: {got}; mean biased {b:.3f} clean {c:.3f}")
-    # excess P(predicted male) of the units holding glasses, measured (mean of 2 seeds, quiet/busy CPU alike):
-    # seeds 0,1: biased 0.111, clean 0.040; seeds 100,101 / 200,201: see the report of issue 11.
-    # Per seed the biased model sits at 0.09-0.15, the clean one at -0.06-0.09 (mixed eye-region units).
-    assert b > 0.05 and b - c > 0.03, got
+    print(f"glasses -> predicted male, excess P per seed: {got}, share of linked units {share}; "
+          f"mean biased {b:.3f} clean {c:.3f}")
+    # Excess P(predicted male) of the units holding glasses (layer2 + layer3), measured per seed
+    # (biased / clean): seeds 0,1: 0.25, 0.14 / 0.04, -0.09; 100,101: 0.26, 0.20 / -0.01, -0.10;
+    # 200,201: see the closing note of issue 11. Means of two seeds: biased >= 0.19, clean <= 0.
+    assert b > 0.1 and b - c > 0.1, got

@@ -1,10 +1,10 @@
 """Learning tests of the relevance validation protocol on the synthetic set (slow).
 
-Gender classifiers (ResNet-18, width 8, 64 px, 8 epochs) are trained on two synthetic sets with the same
-faces: one with glasses planted on 90 % of the male identities' images and 10 % of the others
-(``--bias accessory=glasses,attribute=gender,value=male,p=0.9``), one with glasses on 50 % of everyone's
-images (no correlation, same part masks). Both are explained on the unbiased set's test images that
-wear glasses. Averaged over ``learning_seeds(2)``.
+The gender classifiers of the session fixture ``gender_bias_models`` (tests/conftest.py: ResNet-18,
+width 16, 48 px, 10 epochs, trained on the same faces planted two ways: "biased" = glasses on 90 % of
+the male identities' images and 10 % of the others, "clean" = glasses on 50 % of everyone's) are
+explained on held-out identities wearing glasses (the fixture's "dict" store, where glasses are
+independent of gender). ``learning_seeds(2)`` models of each kind.
 """
 
 from __future__ import annotations
@@ -13,39 +13,24 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import learning_seeds
-
-SIZE = 64
+from conftest import BIAS_SIZE as SIZE
 
 
 @pytest.fixture(scope="module")
-def bias_models(tmp_path_factory):
-    from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
+def bias_models(gender_bias_models):
     from facetool.methods.relevance import _load_images, resize_masks
     from facetool.models.checkpoint import load_model
     from facetool.store import FaceStore
-    from facetool.tasks import resolve_task
 
-    d = tmp_path_factory.mktemp("relevance_bias")
-    stores = {}
-    for name, p in (("biased", 0.9), ("unbiased", 0.5)):
-        stores[name] = prepare_synthetic(d / f"{name}.h5", identities=16, per_identity=16, size=SIZE, seed=0,
-                                         bias=f"accessory=glasses,attribute=gender,value=male,p={p}")[0]
-    models = {}
-    for seed in learning_seeds(2):
-        for name, store in stores.items():
-            cfg = TrainConfig(out=d / f"{name}_{seed}", epochs=8, batch_size=32, lr=0.05, seed=seed, verbose=False)
-            train_on_store(store, "resnet18", lambda m: ClassificationMethod(), cfg, input_size=SIZE,
-                           model_kwargs={"width": 8}, task=resolve_task("attribute:gender", store))
-            models[name, seed] = load_model(d / f"{name}_{seed}" / "model.pt")
-    with FaceStore(stores["unbiased"]) as st:
-        rows = st.indices("test")
+    models = {k: load_model(p) for k, p in gender_bias_models["models"].items()}
+    store = gender_bias_models["stores"]["dict"]
+    with FaceStore(store) as st:
+        rows = np.arange(len(st))
         acc, _ = st.attribute("accessory")
         gender, vocab = st.attribute("gender")
-        rows = rows[acc[rows] == 1][:48]
+        rows = rows[acc[rows] == 1]  # 80 images: half of each identity's 4
         masks = resize_masks(st.part_masks(rows, "accessory"), SIZE)
-    x = _load_images(stores["unbiased"], rows, SIZE)
+    x = _load_images(store, rows, SIZE)
     return models, x, torch.as_tensor(gender[rows]), vocab.index("male"), masks
 
 
@@ -76,19 +61,23 @@ def test_lrp_morf_aopc_beats_random(bias_models):
 
 @pytest.mark.slow
 def test_biased_model_puts_more_relevance_on_the_accessory(bias_models):
-    """Explaining the 'male' logit on faces with glasses: the biased model's signed LRP relevance on
-    the glasses (share of the total absolute relevance) is clearly larger than the unbiased model's.
-    Measured mean difference biased - unbiased (glasses cover 1.7 % of the image): FACETOOL_TEST_SEED=0
-    0.030, =100 0.004 (biased 0.0195/0.0017 vs 0.0124/0.0005), =200 0.018. The effect is weak for
-    seed base 100: margin asserted only 0.002 (TODO: strengthen - more epochs/images, or explain the
-    male-minus-female logit)."""
-    from facetool.methods.relevance import Explained, explain
+    """Explaining the 'male' logit on faces with glasses: the biased model's positive LRP relevance on
+    the glasses, as a multiple of the glasses' area share (``part_mass`` ratio, the command's
+    ground-truth metric), is far above the clean model's, and well above 1 (more than its area).
+    Measured ratio per seed, biased / clean (glasses cover ~5 % of a 48 px image):
+    FACETOOL_TEST_SEED=0: 3.01, 2.70 / 1.23, 1.12; =100: 3.30, 3.47 / 0.82, 0.54; =200: see the closing
+    note of issue 10. Also printed: the signed share of all |relevance| on the glasses (biased ~0.14,
+    clean ~0)."""
+    from facetool.methods.relevance import Explained, explain, part_mass
 
     models, x, _, male, masks = bias_models
-    share = {"biased": [], "unbiased": []}
+    ratio = {"biased": [], "clean": []}
+    signed = {"biased": [], "clean": []}
     for (name, _seed), model in models.items():
         what = Explained(classes=torch.full((len(x),), male), sl=slice(0, 2))
-        maps = explain(model, x, "lrp", what)
-        share[name].append(float(((maps * masks).sum((1, 2)) / np.abs(maps).sum((1, 2)).clip(1e-12)).mean()))
-    print({k: np.round(v, 4).tolist() for k, v in share.items()})
-    assert np.mean(share["biased"]) > np.mean(share["unbiased"]) + 0.002
+        maps = np.asarray(explain(model, x, "lrp", what))
+        ratio[name].append(round(part_mass(maps, {"accessory": masks})[0]["ratio"], 3))
+        signed[name].append(round(float(((maps * masks).sum((1, 2)) / np.abs(maps).sum((1, 2)).clip(1e-12)).mean()), 4))
+    b, c = np.mean(ratio["biased"]), np.mean(ratio["clean"])
+    print(f"relevance on the glasses / area share per seed {ratio}, signed share {signed}; means {b:.2f} vs {c:.2f}")
+    assert b > 1.5 and b - c > 0.8, ratio

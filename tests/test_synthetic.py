@@ -174,6 +174,26 @@ def test_bias_plants_the_correlation(biased):
     assert summary["attributes"]["accessory"]["glasses"] == int((acc == 1).sum())
 
 
+def test_accessory_plan_is_stratified_per_identity():
+    """p = 0.5: exactly half of every identity's images wear glasses (so glasses are independent of
+    gender in the set itself); p = 0.9 with 10 images: 9 for the chosen value, 1 for the others;
+    fractional counts round up with probability frac(q), so the mean stays p."""
+    from facetool.data.synthetic import accessory_plan, make_identities
+
+    people = make_identities(40, 2)
+    male = np.array([p.attributes["gender"] for p in people]) == 1
+    half = accessory_plan(people, 4, parse_bias("attribute=gender,value=male,p=0.5"), 2)
+    assert (half.sum(1) == 2).all() and set(np.unique(half)) == {0, 1}
+    assert half[male].mean() == half[~male].mean() == 0.5
+    ten = accessory_plan(people, 10, parse_bias("attribute=gender,value=male,p=0.9"), 2)
+    assert (ten[male].sum(1) == 9).all() and (ten[~male].sum(1) == 1).all()
+    frac = accessory_plan(make_identities(400, 2), 4, parse_bias("attribute=gender,value=male,p=0.9"), 2)
+    assert set(np.unique(frac.sum(1))) == {0, 1, 3, 4}  # 3.6 -> 3 or 4, 0.4 -> 0 or 1
+    assert abs(frac.mean() - 0.5) < 0.03  # balanced genders: (0.9 + 0.1) / 2
+    assert np.array_equal(accessory_plan(people, 4, None, 2), np.zeros((40, 4), np.int64))
+    assert np.array_equal(half, accessory_plan(people, 4, parse_bias("attribute=gender,value=male,p=0.5"), 2))
+
+
 @pytest.mark.parametrize(
     "spec, msg",
     [

@@ -32,12 +32,13 @@ from facetool.data.synthetic_spec import (  # noqa: F401  (re-exported: the voca
 )
 from facetool.errors import FacetoolError
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2  # 2: a planted accessory is stratified per identity (accessory_plan); bolder glasses
 
 _LAB = {p: i + 1 for i, p in enumerate(PARTS)}  # label-map codes (0 = background / not a part)
 _LUT = np.array([0] + [1 << i for i in range(len(PARTS))], np.uint16)
 _SHIFT = 4  # sub-pixel bits for cv2 polygon drawing
 _REF = 112.0  # geometry is defined in units of a 112 px crop
+_FRAME = 2.5  # width of a glasses frame (units of a 112 px crop: bold frames, ~2 px at 96 px)
 
 _SKIN_RGB = np.array([[236, 200, 174], [196, 146, 106], [118, 78, 54]], np.float32)
 _GROUP_SHIFT = np.array([[10, 0, -8], [4, 8, -10], [-6, -2, 6]], np.float32)
@@ -299,6 +300,13 @@ class _Canvas:
         if part is not None:
             cv2.fillPoly(self.lab, [q], _LAB[part], cv2.LINE_8, _SHIFT)
 
+    def fill_rings(self, contours: list[np.ndarray], colour, part: str | None = None) -> None:
+        """Fill the area between nested contours (even-odd: an outer contour with holes)."""
+        qs = [_int(c) for c in contours]
+        cv2.fillPoly(self.img, qs, tuple(float(c) for c in colour), cv2.LINE_AA, _SHIFT)
+        if part is not None:
+            cv2.fillPoly(self.lab, qs, _LAB[part], cv2.LINE_8, _SHIFT)
+
     def line(self, pts: np.ndarray, colour, thick: float, part: str | None = None, closed: bool = False) -> None:
         q = _int(pts)
         th = max(1, int(round(thick)))
@@ -478,17 +486,22 @@ def draw_face(p: IdentityParams, v: View, size: int, rng: np.random.Generator) -
     ly = p.hairline + 6 * (np.abs(lx) / p.face_w) ** 2 + 2.0 * np.cos(lx / 4.0 + p.hair_volume)
     cv.fill(P(np.concatenate([hx, lx]), np.concatenate([hy, ly]), surface=False), hair, "hair")
 
-    # accessory: glasses frame (lenses leave the eyes visible)
+    # accessory: glasses frame (lenses leave the eyes visible). The frame is drawn as filled polygons
+    # (rims = rings, arms and bridge = strips) so its width scales with the crop at sub-pixel accuracy.
     if ACCESSORIES[v.accessory] == "glasses":
         frame = (25, 25, 30)
-        th = 1.6 * P.px
+        hw = 0.5 * _FRAME
         for sgn in (-1, 1):
-            gx, gy = _ellipse(sgn * p.eye_dx, p.eye_y, p.eye_w + 3.5, p.eye_h + 4.0, 24)
-            cv.line(P(gx, gy, 2.0), frame, th, "accessory", closed=True)
-            arm_x = np.array([sgn * (p.eye_dx + p.eye_w + 3.5), sgn * p.face_w * 0.98])
-            cv.line(P(arm_x, np.array([p.eye_y, p.eye_y - 1.0]), 1.0), frame, th, "accessory")
-        bridge_x = np.linspace(-(p.eye_dx - p.eye_w - 3.5), p.eye_dx - p.eye_w - 3.5, 5)
-        cv.line(P(bridge_x, np.full_like(bridge_x, p.eye_y - 1.5), 3.0), frame, th, "accessory")
+            rx, ry = p.eye_w + 3.5, p.eye_h + 4.0
+            outer = P(*_ellipse(sgn * p.eye_dx, p.eye_y, rx + hw, ry + hw, 32), 2.0)
+            inner = P(*_ellipse(sgn * p.eye_dx, p.eye_y, rx - hw, ry - hw, 32), 2.0)
+            cv.fill_rings([outer, inner], frame, "accessory")
+            x0, x1 = sgn * (p.eye_dx + rx), sgn * p.face_w * 0.98
+            cv.fill(P(np.array([x0, x1, x1, x0]), np.array([p.eye_y - hw, p.eye_y - 1.0 - hw, p.eye_y - 1.0 + hw, p.eye_y + hw]), 1.0),
+                    frame, "accessory")
+        bx = p.eye_dx - p.eye_w - 3.5 + hw
+        by = p.eye_y - 1.5
+        cv.fill(P(np.array([-bx, bx, bx, -bx]), np.array([by - hw, by - hw, by + hw, by + hw]), 3.0), frame, "accessory")
 
     mask = _LUT[lab]
     # the cheeks bit: cheek ellipses where skin is visible
@@ -549,6 +562,27 @@ def make_identities(identities: int, seed: int) -> list[IdentityParams]:
     ]
 
 
+def accessory_plan(people: list[IdentityParams], per_identity: int, spec: BiasSpec | None, seed: int) -> np.ndarray:
+    """(identities, per_identity) accessory codes of a store planted with ``spec`` (zeros without one).
+
+    Stratified per identity: identity i wears the accessory in exactly ``floor(q)`` or ``ceil(q)`` of its
+    images, q = P_i * per_identity (P_i = ``spec.probability``; rounded up with probability frac(q)),
+    on a seeded random choice of its images. So ``p = 0.5`` gives every identity half its images with
+    the accessory: the accessory is independent of every identity-level attribute in the set itself,
+    not only in expectation (per-image coin flips left chance correlations of ~0.1 with gender in
+    stores of a few hundred images). Depends only on ``(seed, identity)``."""
+    plan = np.zeros((len(people), per_identity), np.int64)
+    if spec is None:
+        return plan
+    code = ACCESSORIES.index(spec.accessory)
+    for i, p in enumerate(people):
+        rng = np.random.default_rng([seed, 4, i])
+        q = spec.probability(p.attributes) * per_identity
+        n = min(per_identity, int(math.floor(q)) + int(rng.uniform() < q - math.floor(q)))
+        plan[i, rng.permutation(per_identity)[:n]] = code
+    return plan
+
+
 def split_codes(identities: int, per_identity: int, test_fraction: float, seed: int) -> np.ndarray:
     """(identities, per_identity) uint8: 1 = test. Per identity a seeded ``test_fraction`` of its images."""
     n_test = int(round(test_fraction * per_identity))
@@ -598,6 +632,7 @@ def prepare_synthetic(
     spec = parse_bias(bias)
     people = make_identities(identities, seed)
     split = split_codes(identities, per_identity, test_fraction, seed)
+    plan = accessory_plan(people, per_identity, spec, seed)
     codes = identity_attributes(identities, seed)
     items = [(i, j) for i in range(identities) for j in range(per_identity)]
     parts = PARTS if spec else PARTS[: PARTS.index("accessory")]
@@ -606,9 +641,7 @@ def prepare_synthetic(
         i, j = item
         p = people[i]
         rng = np.random.default_rng([seed, 2, i, j])
-        acc = 0
-        if spec is not None:
-            acc = ACCESSORIES.index(spec.accessory) if rng.uniform() < spec.probability(p.attributes) else 0
+        acc = int(plan[i, j])
         view = sample_view(rng, acc)
         image, lm, mask = draw_face(p, view, size, rng)
         return Record(

@@ -28,7 +28,8 @@ ACCESSORIES: list[str] = ["none", "glasses"]
 @dataclass(frozen=True)
 class BiasSpec:
     """A planted spurious correlation: identities whose ``attribute`` is ``value`` wear
-    ``accessory`` in each image with probability ``p``; all others with probability ``1 - p``."""
+    ``accessory`` in a fraction ``p`` of their images, all others in ``1 - p`` (stratified per
+    identity, see :func:`facetool.data.synthetic.accessory_plan`)."""
 
     accessory: str
     attribute: str
@@ -45,8 +46,8 @@ class BiasSpec:
 
 BIAS_HELP = (
     "Plant a spurious correlation: 'accessory=glasses,attribute=gender,value=male,p=0.9' makes "
-    "identities with gender=male wear glasses in each image with probability 0.9 and all others "
-    "with 0.1. Keys: accessory (glasses), attribute (" + ", ".join(ATTRIBUTES) + "), value (one of "
+    "identities with gender=male wear glasses in 90 % of their images and all others in 10 % "
+    "(per identity, rounded at random), so p=0.5 is an exactly unbiased control. Keys: accessory (glasses), attribute (" + ", ".join(ATTRIBUTES) + "), value (one of "
     "the attribute's values), p (0..1; default 0.9)."
 )
 
