@@ -463,32 +463,48 @@ def test_thesis_recipe_dry_run(cli):
 # -- learning: SRRL helps a low-label student ----------------------------------------------------------
 @pytest.mark.slow
 def test_srrl_student_beats_the_plain_student(tmp_path):
-    """A ResNet-18 (width 16) teacher learns 16 synthetic identities from 12 images each; ResNet-18
-    students of width 8 see only the first 4 labeled images per identity, for the same 15 epochs, batch,
-    schedule and seed. The SRRL student's test top-1 beats the cross-entropy-only student's, averaged
-    over two seeds (teacher retrained per seed).
+    """A ResNet-18 (width 16) teacher learns 16 synthetic identities from 24 images each (30 epochs,
+    seed = the first learning seed, trained once); ResNet-18 students of width 8 see only the first 4
+    labeled images per identity, for the same 45 epochs, batch, learning rate, schedule and seed. The SRRL
+    student's test top-1 (256 test images, 16 per identity: one image = 0.4 points) beats the
+    cross-entropy-only student's, averaged over three student seeds.
 
-    Measured (test top-1 % on 64 test images, SRRL vs none; teacher 64 %): seeds 0/1 50.0, 48.4 vs
-    37.5, 42.2 -> means 49.2 vs 39.8 (+9.4). The test asks for +5 points on the mean."""
+    Why this setting (measured, OMP_NUM_THREADS=1): the plain student's top-1 varies by seed (it fits
+    4 images per identity perfectly and generalises by luck: 44-60 %), so one pair of runs is noise.
+    The old setting (teacher from 12 images per identity, 15 epochs: teacher 64-77 %; 64 test images;
+    students of only 60 steps) gave per-seed margins from -4.7 to +29. A teacher from 24 images per
+    identity (85-88 %), 256 test images and 45 student epochs give margins of +6 to +18 per seed (mean
+    +13.6 over 12 seeds, sd 4.2), so the mean of three is far from the threshold at every seed base.
+    The learning rate 0.05 is the better one for the plain student (lr 0.02: 47 % instead of 54 %).
+
+    Measured (test top-1 %, SRRL vs none, means over the three seeds):
+      FACETOOL_TEST_SEED=0    teacher 88.3 %:  SRRL ... vs none ... (+...)
+      FACETOOL_TEST_SEED=100  teacher 84.8 %:  SRRL ... vs none ... (+...)
+      FACETOOL_TEST_SEED=200  teacher 85.5 %:  SRRL ... vs none ... (+...)
+    The test asks for +5 points on the mean."""
     from conftest import learning_seeds
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import ClassificationMethod, train_on_store
     from facetool.methods.distill_run import distill
 
     store = tmp_path / "s.h5"
-    prepare_synthetic(store, identities=16, per_identity=16, size=64, seed=0, test_fraction=0.25)
+    prepare_synthetic(store, identities=16, per_identity=40, size=64, seed=0, test_fraction=0.4)
+    seeds = learning_seeds(3)
+    teacher = tmp_path / "teacher"
+    train_on_store(store, "resnet18", lambda m: ClassificationMethod(),
+                   TrainConfig(out=teacher, epochs=30, batch_size=32, lr=0.05, seed=seeds[0], val_every=30,
+                               verbose=False), model_kwargs={"width": 16})
     top1: dict[str, list[float]] = {"srrl": [], "none": []}
-    for seed in learning_seeds(2):
-        train_on_store(store, "resnet18", lambda m: ClassificationMethod(),
-                       TrainConfig(out=tmp_path / f"t{seed}", epochs=15, batch_size=32, lr=0.05, seed=seed,
-                                   verbose=False), model_kwargs={"width": 16})
+    teacher_top1 = None
+    for seed in seeds:
         for kind in top1:
-            r = distill(kind, store=store, student="resnet18", width=8, teacher=tmp_path / f"t{seed}" / "model.pt",
+            r = distill(kind, store=store, student="resnet18", width=8, teacher=teacher / "model.pt",
                         labeled_per_identity=4,
-                        cfg=TrainConfig(out=tmp_path / f"{kind}{seed}", epochs=15, batch_size=16, lr=0.05, seed=seed,
-                                        verbose=False))
+                        cfg=TrainConfig(out=tmp_path / f"{kind}{seed}", epochs=45, batch_size=16, lr=0.05, seed=seed,
+                                        val_every=45, verbose=False))
             top1[kind].append(r["diagnostics"]["student"]["top1"])
+            teacher_top1 = r["diagnostics"]["teacher"]["top1"]
     srrl, none = float(np.mean(top1["srrl"])), float(np.mean(top1["none"]))
-    print(f"SRRL vs none test top-1 per seed {learning_seeds(2)}: {top1['srrl']} vs {top1['none']}; "
+    print(f"teacher {teacher_top1:.1f} %; SRRL vs none test top-1 per seed {seeds}: {top1['srrl']} vs {top1['none']}; "
           f"means {srrl:.2f} vs {none:.2f} (+{srrl - none:.2f})")
     assert srrl - none >= 5.0, (top1, srrl, none)
