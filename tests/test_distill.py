@@ -400,6 +400,31 @@ def test_transfer_probe_and_resume_flag(tiny, tmp_path, cli):
     assert 0 <= d["student"]["transfer_top1"] <= 100 and 0 <= d["teacher"]["transfer_top1"] <= 100
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_srrl_with_unlabeled_mixup(tiny, tmp_path):
+    """DDP (gloo, 2 CPU ranks): SRRL with unlabeled images and mixup; the student's second forward on
+    the mixed images runs outside the DDP wrapper, the connector's gradients are all-reduced by hand."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    script = Path(sys.executable).parent / "facetool"  # the console script torchrun starts twice
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "distill", "srrl", "--teacher", str(tiny / "teacher.pt"), "--student", "resnet18", "--width", "4",
+           "--unlabeled", str(tiny / "u64.h5"), "--mixup", "0.4", "--store", str(tiny / "s.h5"), "--out", str(out),
+           "--epochs", "1", "--batch-size", "4", "--no-amp"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert len(st["rng"]) == 2 and st["step"] == 2  # 20 training images / 2 ranks / 4 per batch
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert m["train_kd_unlabeled"] > 0 and math.isfinite(m["train_sr"]) and math.isfinite(m["train_fm"])
+    assert set(torch.load(out / "heads.pt", weights_only=True)) == {"connector"}
+
+
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["srrl", "--teacher", "{t}/teacher5.pt", "--student", "resnet18"], "has 5 classes but store"),
