@@ -403,7 +403,8 @@ def test_transfer_probe_and_resume_flag(tiny, tmp_path, cli):
 @pytest.mark.slow
 def test_torchrun_two_processes_srrl_with_unlabeled_mixup(tiny, tmp_path):
     """DDP (gloo, 2 CPU ranks): SRRL with unlabeled images and mixup; the student's second forward on
-    the mixed images runs outside the DDP wrapper, the connector's gradients are all-reduced by hand."""
+    the mixed images runs outside the DDP wrapper, the connector's gradients are all-reduced by hand.
+    ~20 s (two interpreters starting torch)."""
     import os
     import subprocess
     import sys
