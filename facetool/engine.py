@@ -139,6 +139,7 @@ class TrainConfig:
     log_every: int = 50
     max_steps: int | None = None  # stop after this many optimizer steps in total (tests, smoke runs)
     flip: bool = True  # random horizontal flips of training images (if the dataset supports it)
+    val_every: int = 1  # validate every N epochs (and always after the last one)
     verbose: bool = True
     extra: dict = field(default_factory=dict)  # free JSON-able notes stored in config.json
 
@@ -163,6 +164,8 @@ class TrainConfig:
             raise FacetoolError(f"--seed must be >= 0, got {self.seed}")
         if self.workers < 0:
             raise FacetoolError(f"--workers must be >= 0 (0 = load in the main process), got {self.workers}")
+        if self.val_every < 1:
+            raise FacetoolError(f"--val-every must be >= 1, got {self.val_every}")
         if self.max_steps is not None and self.max_steps < 1:
             raise FacetoolError(f"--max-steps must be >= 1 (0 = all epochs), got {self.max_steps}")
 
@@ -465,7 +468,8 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
                 row["epoch_time_s"] = round(time.time() - t0, 3)
                 if dd.main:
                     base = _unwrap(model)
-                    if val_ds is not None and len(val_ds):
+                    if val_ds is not None and len(val_ds) and ((epoch + 1) % cfg.val_every == 0
+                                                               or epoch + 1 == cfg.epochs):
                         row.update({f"val_{k}": v for k, v in
                                     validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
                     base.eval()

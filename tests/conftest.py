@@ -11,7 +11,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "2")
 
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+def _threads() -> int:
+    """At most 2 torch threads, fewer when ``$OMP_NUM_THREADS`` asks (heavy runs on shared cores use 1)."""
+    try:
+        asked = int(os.environ["OMP_NUM_THREADS"])
+    except ValueError:
+        asked = 2
+    return max(1, min(2, asked, os.cpu_count() or 1))
+
+
+torch.set_num_threads(_threads())
 
 
 #: Learning tests draw their seeds from here, so the whole slow suite can be re-run with other seeds:

@@ -400,6 +400,32 @@ def test_transfer_probe_and_resume_flag(tiny, tmp_path, cli):
     assert 0 <= d["student"]["transfer_top1"] <= 100 and 0 <= d["teacher"]["transfer_top1"] <= 100
 
 
+@pytest.mark.slow
+def test_torchrun_two_processes_srrl_with_unlabeled_mixup(tiny, tmp_path):
+    """DDP (gloo, 2 CPU ranks): SRRL with unlabeled images and mixup; the student's second forward on
+    the mixed images runs outside the DDP wrapper, the connector's gradients are all-reduced by hand.
+    ~20 s (two interpreters starting torch)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "ddp"
+    script = Path(sys.executable).parent / "facetool"  # the console script torchrun starts twice
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           "distill", "srrl", "--teacher", str(tiny / "teacher.pt"), "--student", "resnet18", "--width", "4",
+           "--unlabeled", str(tiny / "u64.h5"), "--mixup", "0.4", "--store", str(tiny / "s.h5"), "--out", str(out),
+           "--epochs", "1", "--batch-size", "4", "--no-amp"]
+    res = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", "NO_COLOR": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    st = torch.load(out / "last.pt", weights_only=True)
+    assert len(st["rng"]) == 2 and st["step"] == 2  # 20 training images / 2 ranks / 4 per batch
+    m = json.loads((out / "result.json").read_text())["metrics"]
+    assert m["train_kd_unlabeled"] > 0 and math.isfinite(m["train_sr"]) and math.isfinite(m["train_fm"])
+    assert set(torch.load(out / "heads.pt", weights_only=True)) == {"connector"}
+
+
 # -- bad input: one line, exit 2, nothing written ----------------------------------------------------
 @pytest.mark.parametrize("args, message", [
     (["srrl", "--teacher", "{t}/teacher5.pt", "--student", "resnet18"], "has 5 classes but store"),
@@ -463,32 +489,50 @@ def test_thesis_recipe_dry_run(cli):
 # -- learning: SRRL helps a low-label student ----------------------------------------------------------
 @pytest.mark.slow
 def test_srrl_student_beats_the_plain_student(tmp_path):
-    """A ResNet-18 (width 16) teacher learns 16 synthetic identities from 12 images each; ResNet-18
-    students of width 8 see only the first 4 labeled images per identity, for the same 15 epochs, batch,
-    schedule and seed. The SRRL student's test top-1 beats the cross-entropy-only student's, averaged
-    over two seeds (teacher retrained per seed).
+    """A ResNet-18 (width 16) teacher learns 16 synthetic identities from 24 images each (30 epochs,
+    seed = the first learning seed, trained once); ResNet-18 students of width 8 see only the first 4
+    labeled images per identity, for the same 45 epochs, batch, learning rate, schedule and seed. The SRRL
+    student's test top-1 (256 test images, 16 per identity: one image = 0.4 points) beats the
+    cross-entropy-only student's, averaged over three student seeds.
 
-    Measured (test top-1 % on 64 test images, SRRL vs none; teacher 64 %): seeds 0/1 50.0, 48.4 vs
-    37.5, 42.2 -> means 49.2 vs 39.8 (+9.4). The test asks for +5 points on the mean."""
+    Why this setting (measured, OMP_NUM_THREADS=1): the plain student's top-1 varies by seed (it fits
+    4 images per identity perfectly and generalises by luck: 44-60 %), so one pair of runs is noise.
+    The old setting (teacher from 12 images per identity, 15 epochs: teacher 64-77 %; 64 test images;
+    students of only 60 steps) gave per-seed margins from -4.7 to +29. A teacher from 24 images per
+    identity (85-88 %), 256 test images and 45 student epochs give margins of +6 to +18 per seed (mean
+    +13.6 over 12 seeds, sd 4.2), so the mean of three is far from the threshold at every seed base.
+    The learning rate 0.05 is the better one for the plain student (lr 0.02: 47 % instead of 54 %).
+
+    Measured by this test (test top-1 %, SRRL vs none per seed; means; ~115 s each with 1 torch thread on
+    a busy 2-core machine):
+      FACETOOL_TEST_SEED=0    teacher 88.3 %:  66.0 65.2 68.4 vs 59.0 59.0 50.0 -> 66.5 vs 56.0 (+10.6)
+      FACETOOL_TEST_SEED=100  teacher 84.8 %:  57.0 66.0 67.6 vs 43.0 51.2 51.2 -> 63.5 vs 48.4 (+15.1)
+      FACETOOL_TEST_SEED=200  teacher 85.5 %:  66.0 62.9 65.2 vs 55.1 46.9 52.0 -> 64.7 vs 51.3 (+13.4)
+    The test asks for +5 points on the mean (2.1x to 3x below the measured margins; the mean of three
+    has sd ~2.4, so +5 is ~3.5 sd below the expected +13.6)."""
     from conftest import learning_seeds
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import ClassificationMethod, train_on_store
     from facetool.methods.distill_run import distill
 
     store = tmp_path / "s.h5"
-    prepare_synthetic(store, identities=16, per_identity=16, size=64, seed=0, test_fraction=0.25)
+    prepare_synthetic(store, identities=16, per_identity=40, size=64, seed=0, test_fraction=0.4)
+    seeds = learning_seeds(3)
+    teacher = tmp_path / "teacher"
+    train_on_store(store, "resnet18", lambda m: ClassificationMethod(),
+                   TrainConfig(out=teacher, epochs=30, batch_size=32, lr=0.05, seed=seeds[0], val_every=30,
+                               verbose=False), model_kwargs={"width": 16})
     top1: dict[str, list[float]] = {"srrl": [], "none": []}
-    for seed in learning_seeds(2):
-        train_on_store(store, "resnet18", lambda m: ClassificationMethod(),
-                       TrainConfig(out=tmp_path / f"t{seed}", epochs=15, batch_size=32, lr=0.05, seed=seed,
-                                   verbose=False), model_kwargs={"width": 16})
+    teacher_top1 = None
+    for seed in seeds:
         for kind in top1:
-            r = distill(kind, store=store, student="resnet18", width=8, teacher=tmp_path / f"t{seed}" / "model.pt",
+            r = distill(kind, store=store, student="resnet18", width=8, teacher=teacher / "model.pt",
                         labeled_per_identity=4,
-                        cfg=TrainConfig(out=tmp_path / f"{kind}{seed}", epochs=15, batch_size=16, lr=0.05, seed=seed,
-                                        verbose=False))
+                        cfg=TrainConfig(out=tmp_path / f"{kind}{seed}", epochs=45, batch_size=16, lr=0.05, seed=seed,
+                                        val_every=45, verbose=False))
             top1[kind].append(r["diagnostics"]["student"]["top1"])
+            teacher_top1 = r["diagnostics"]["teacher"]["top1"]
     srrl, none = float(np.mean(top1["srrl"])), float(np.mean(top1["none"]))
-    print(f"SRRL vs none test top-1 per seed {learning_seeds(2)}: {top1['srrl']} vs {top1['none']}; "
+    print(f"teacher {teacher_top1:.1f} %; SRRL vs none test top-1 per seed {seeds}: {top1['srrl']} vs {top1['none']}; "
           f"means {srrl:.2f} vs {none:.2f} (+{srrl - none:.2f})")
     assert srrl - none >= 5.0, (top1, srrl, none)

@@ -146,3 +146,14 @@ def test_method_modules_are_trained_and_saved(tmp_path):
 def test_bad_config_is_one_line_error(tmp_path):
     with pytest.raises(FacetoolError, match="schedule"):
         train(_model(), ClassificationMethod(), ToyFaces(), _cfg(tmp_path, schedule="linear"))
+
+
+def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path):
+    model = _model()
+    res = train(model, ClassificationMethod(), ToyFaces(), _cfg(tmp_path, epochs=3, val_every=2, warmup_epochs=0),
+                val_ds=ToyFaces(n=9, seed=1))
+    rows = [json.loads(r) for r in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert ["val_top1" in r for r in rows] == [False, True, True] and "val_top1" in res
+    assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs (blank val cells)
+    with pytest.raises(FacetoolError, match="--val-every"):
+        train(_model(), ClassificationMethod(), ToyFaces(), _cfg(tmp_path / "b", val_every=0))
