@@ -356,6 +356,7 @@ def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path, gender_b
     print(f"glasses -> predicted male, excess P per seed: {got}, share of linked units {share}; "
           f"mean biased {b:.3f} clean {c:.3f}")
     # Excess P(predicted male) of the units holding glasses (layer2 + layer3), measured per seed
-    # (biased / clean): seeds 0,1: 0.25, 0.14 / 0.04, -0.09; 100,101: 0.26, 0.20 / -0.01, -0.10;
-    # 200,201: see the closing note of issue 11. Means of two seeds: biased >= 0.19, clean <= 0.
+    # (biased / clean): FACETOOL_TEST_SEED=0: 0.238, 0.195 / 0.002, -0.051 (means 0.216 / -0.024);
+    # =100: 0.228, 0.189 / 0.065, -0.410 (0.209 / -0.172); =200: 0.184, 0.233 / -0.005, -0.034
+    # (0.209 / -0.019). Share of units linking glasses to 'male': biased 0.23-0.32, clean 0-0.28.
     assert b > 0.1 and b - c > 0.1, got

@@ -37,9 +37,9 @@ def bias_models(gender_bias_models):
 @pytest.mark.slow
 def test_lrp_morf_aopc_beats_random(bias_models):
     """LRP's most-relevant-first removal lowers the true class's probability far more than removing
-    patches in random order, and more than random maps do. Measured (FACETOOL_TEST_SEED=0, 4 models):
-    LRP MoRF AOPC 0.10-0.20 (mean 0.15) vs random order -0.02-0.09 (mean 0.023) and random maps
-    (mean 0.00); =100: 0.076 vs 0.008 / -0.026; =200: 0.149 vs 0.027 / 0.035; margin asserted 0.05."""
+    patches in random order, and more than random maps do. Measured (mean of the 4 models, 80 images):
+    LRP MoRF AOPC vs random order / random maps: FACETOOL_TEST_SEED=0 0.203 vs 0.007 / 0.020; =100 0.197
+    vs 0.015 / 0.023; =200 0.192 vs 0.019 / 0.014. Margin asserted 0.05."""
     from facetool.methods.relevance import Explained, explain, perturbation_curves
 
     models, x, gender, _, _ = bias_models
@@ -63,11 +63,12 @@ def test_lrp_morf_aopc_beats_random(bias_models):
 def test_biased_model_puts_more_relevance_on_the_accessory(bias_models):
     """Explaining the 'male' logit on faces with glasses: the biased model's positive LRP relevance on
     the glasses, as a multiple of the glasses' area share (``part_mass`` ratio, the command's
-    ground-truth metric), is far above the clean model's, and well above 1 (more than its area).
-    Measured ratio per seed, biased / clean (glasses cover ~5 % of a 48 px image):
-    FACETOOL_TEST_SEED=0: 3.01, 2.70 / 1.23, 1.12; =100: 3.30, 3.47 / 0.82, 0.54; =200: see the closing
-    note of issue 10. Also printed: the signed share of all |relevance| on the glasses (biased ~0.14,
-    clean ~0)."""
+    ground-truth metric), is well above 1 and far above the clean model's; so is its signed share of
+    all |relevance|. Measured per seed, biased / clean (glasses cover ~5 % of a 48 px image):
+    ratio FACETOOL_TEST_SEED=0: 2.87, 2.90 / 1.73, 1.62 (means 2.89 vs 1.68); =100: 3.50, 3.14 / 1.19,
+    0.91 (3.32 vs 1.05); =200: 2.70, 2.26 / 1.47, 1.62 (2.48 vs 1.54). Signed share, means: =0 0.132 vs
+    0.019; =100 0.157 vs -0.003; =200 0.116 vs 0.026. Asserted: ratio > 1.5, ratio difference > 0.5,
+    signed-share difference > 0.05."""
     from facetool.methods.relevance import Explained, explain, part_mass
 
     models, x, _, male, masks = bias_models
@@ -80,4 +81,5 @@ def test_biased_model_puts_more_relevance_on_the_accessory(bias_models):
         signed[name].append(round(float(((maps * masks).sum((1, 2)) / np.abs(maps).sum((1, 2)).clip(1e-12)).mean()), 4))
     b, c = np.mean(ratio["biased"]), np.mean(ratio["clean"])
     print(f"relevance on the glasses / area share per seed {ratio}, signed share {signed}; means {b:.2f} vs {c:.2f}")
-    assert b > 1.5 and b - c > 0.8, ratio
+    assert b > 1.5 and b - c > 0.5, ratio
+    assert np.mean(signed["biased"]) - np.mean(signed["clean"]) > 0.05, signed
