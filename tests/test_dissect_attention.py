@@ -12,7 +12,7 @@ import torch
 
 from conftest import learning_seeds, run_facetool
 from facetool.errors import FacetoolError
-from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares
+from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares, upsample_maps
 from facetool.models import create_model, save_checkpoint
 from facetool.store import FaceStore, Record, StoreWriter
 from facetool.tasks import resolve_task
@@ -26,6 +26,44 @@ def test_part_shares_by_hand():
     assert area.tolist() == [0.5] and present.tolist() == [True]
     _, _, present = part_shares(maps, np.zeros_like(mask))
     assert present.tolist() == [False]
+
+
+def test_upsample_maps_puts_cells_on_receptive_field_centres():
+    m = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # (1, 1, 2, 2) map of a stride-4 model on an 8x8 input
+    up = upsample_maps(m, (8, 8))[0, 0]
+    assert [float(up[0, 0]), float(up[0, 4]), float(up[4, 0]), float(up[4, 4])] == [0, 1, 2, 3]  # cell j at pixel 4j
+    assert float(up[0, 2]) == pytest.approx(0.5) and float(up[2, 2]) == pytest.approx(1.5)
+    assert float(up[7, 7]) == 3 and float(up[6, 0]) == 2  # past the last centre: the border value
+    # the image is twice the model input: image pixel 8 (centre 8.5) = input coordinate 8.5 / 2 - 0.5 = 3.75
+    up2 = upsample_maps(m, (16, 16), (8, 8))[0, 0]
+    assert float(up2[0, 8]) == pytest.approx(3.75 / 4) and float(up2[8, 0]) == pytest.approx(2 * 3.75 / 4)
+    # interpolate(align_corners=False) is the same map shifted by (s - 1) / 2 px: 1 px for stride 3
+    m3 = torch.rand(1, 2, 3, 3)
+    ours = upsample_maps(m3, (9, 9))
+    theirs = torch.nn.functional.interpolate(m3, size=(9, 9), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(theirs[..., 2:8, 2:8], ours[..., 1:7, 1:7])
+
+
+@pytest.mark.parametrize("name", ["abn_resnet18", "abn_iresnet18"])
+def test_abn_map_cell_is_centred_on_stride_times_index(name):
+    """The input pixels a map cell depends on (|d cell / d x|, all weights made positive) are centred
+    on pixel s*j, the convention of :func:`upsample_maps`, not on s*(j + 0.5) - 0.5."""
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=2, input_size=128, width=4).eval()
+    for c in m.modules():
+        if isinstance(c, torch.nn.Conv2d):
+            c.weight.data.abs_()
+    s = m.attention_stride
+    assert s == (8 if "iresnet" in name else 16)
+    x = torch.rand(2, 3, 128, 128, requires_grad=True)
+    g = m.layer3(m.layer2(m.layer1(m.stem(x))))
+    assert g.shape[-1] == 128 // s
+    j = 4
+    g[:, :, j, j].sum().backward()
+    w = x.grad.abs().sum((0, 1))
+    pix = torch.arange(128.0)
+    cy, cx = float((w.sum(1) * pix).sum() / w.sum()), float((w.sum(0) * pix).sum() / w.sum())
+    assert abs(cy - s * j) < 1.5 and abs(cx - s * j) < 1.5, (cy, cx)  # measured 63.5/64.6 (16), 32.3/32.1 (8)
 
 
 def test_landmark_parts():
@@ -85,7 +123,7 @@ def test_dissect_attention_cli_on_synthetic_store(tmp_path):
     x = (x - 127.5) / 127.5
     with torch.no_grad():
         _, it = model(x, return_internals=True)
-    up = torch.nn.functional.interpolate(it["attention"], size=(48, 48), mode="bilinear", align_corners=False)
+    up = upsample_maps(it["attention"], (48, 48), stride=16)
     male = codes[idx] == vocab.index("male")
     npz = np.load(out / "mean_maps.npz")
     np.testing.assert_allclose(npz["gender=male"], up[torch.from_numpy(male), 0].mean(0).numpy(), atol=1e-5)
