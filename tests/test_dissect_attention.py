@@ -159,7 +159,8 @@ def test_dissect_attention_landmarks_and_bad_input(tmp_path, cli):
 
 # -- learning tests on the synthetic set -------------------------------------------------------------
 def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epochs: int, mechanism: str,
-               size: int = 64, bias: str | None = None, test_fraction: float = 0.2, att_channels: int | None = None):
+               size: int = 64, bias: str | None = None, test_fraction: float = 0.2, att_channels: int | None = None,
+               lr: float = 0.05):
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import TrainConfig, train_on_store
     from facetool.methods.abn import ABNMethod
@@ -167,7 +168,7 @@ def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epoc
     store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=ids, per_identity=per, size=size, seed=seed,
                                  bias=bias, test_fraction=test_fraction)
     task = resolve_task(spec, store)
-    cfg = TrainConfig(out=tmp_path / f"abn{seed}", epochs=epochs, batch_size=16, lr=0.05, seed=seed, verbose=False)
+    cfg = TrainConfig(out=tmp_path / f"abn{seed}", epochs=epochs, batch_size=16, lr=lr, seed=seed, verbose=False)
     kw = {"width": 8, "heads": task.classes, "mechanism": mechanism}
     if att_channels:
         kw["att_channels"] = att_channels
@@ -190,22 +191,27 @@ def test_abn_multitask_beats_majority_baseline(tmp_path):
 
 @pytest.mark.slow
 def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
-    """ABN-ResNet-18 (width 8, 128 px: 8x8 maps; --mechanism multiply; att_channels 16) trained on
-    `accessory` of a store where every image wears glasses with p = 0.5 independently of everything
-    else (16 ids x 12 images, a third held out, 15 epochs): glasses are the only cue, and the frame is
-    the store's `accessory` part mask. Measured on the held-out images with glasses: the share of the
-    (raw, unnormalised) map's mass on the frame over the frame's area share (`dissect attention`'s
-    `ratio`, maps placed on receptive-field centres).
+    """ABN-ResNet-18 (width 8, 128 px -> 8x8 maps; --mechanism multiply; att_channels 16; lr 0.02, 15
+    epochs) trained on `accessory` of a store where every image wears glasses with p = 0.5 independently
+    of identity and of every other attribute (16 ids x 12 images, a third held out): the glasses are the
+    only cue, and their frame is the store's `accessory` part mask (2.7 % of the image). Metric: `dissect
+    attention`'s `ratio` = mean share of the RAW map's mass on the frame / the frame's mean area share,
+    over the held-out images with glasses (maps placed on receptive-field centres). A perfect 8x8 map
+    (the frame's pooled mask) would reach ~6.6; ABN's map reaches 1.2-1.4: real but modest.
 
-    Why not facial_hair/beard: facial_hair is an identity attribute (males only), so identity and
-    gender cues predict it; with one binary attribute the paper's K = 2 channel attention bottleneck
-    died (beard faces all zero: constant map, ratio exactly 1.000), and with it alive (K = 16) the
-    ratio stayed 0.96-1.06 at 64 and 128 px. MEASURED: ...
-    """
+    Why not facial_hair/beard: with the paper's K = C = 2 attention bottleneck the branch died on
+    bearded faces (all channels zero -> constant map -> ratio exactly 1.000, attention accuracy =
+    majority); alive (K = 16) the ratio stayed 0.96-1.04 at 64 and 128 px (facial_hair is per identity
+    and male-only: identity and gender cues predict it). Residual mechanism / lr 0.05 / longer training
+    gave less stable ratios (0.83-1.76 per seed; 25 epochs: 1.11-1.12).
+
+    MEASURED (2 threads, this test): seeds 0/1 = 1.39/1.26 (mean 1.33), 100/101 = 1.20/1.24 (1.22),
+    200/201 = 0.96/1.43 (1.20); glasses accuracy 0.94-1.00 vs majority 0.42-0.61. Asserted: the mean
+    over learning_seeds(2) > 1.05 (0.15 below the lowest measured pair mean)."""
     ratios = []
     for seed in learning_seeds(2):
         store, model, m = _train_abn(tmp_path, seed, "attribute:accessory", ids=16, per=12, epochs=15,
-                                     mechanism="multiply", size=128, test_fraction=1 / 3, att_channels=16,
+                                     mechanism="multiply", size=128, test_fraction=1 / 3, att_channels=16, lr=0.02,
                                      bias="accessory=glasses,attribute=gender,value=male,p=0.5")
         res = dissect_attention(model, store, tmp_path / f"att{seed}", images=0)
         row = next(r for r in res["part_shares"] if r["head"] == "accessory" and r["part"] == "accessory")
