@@ -110,11 +110,31 @@ def test_checkpoint_roundtrip_and_named_layers(tmp_path):
     assert m.att_layer4[0].conv1.weight.data_ptr() != m.layer4[0].conv1.weight.data_ptr()
 
 
+def test_att_channels_widen_the_bottleneck_and_a_dead_one_gives_a_constant_map():
+    m = _abn(heads=[2], att_channels=16).eval()
+    assert m.att_conv.out_channels == 16 and m.att_conv2.in_channels == 16 and m.att_conv2.out_channels == 2
+    assert m.att_conv3.in_channels == 16 and m.config["att_channels"] == 16
+    paper = _abn(heads=[2]).eval()
+    assert paper.att_conv.out_channels == 2  # default: K = number of outputs (the paper)
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        _, it = paper(x, return_internals=True)
+        assert float(it["attention"].std()) > 0
+        paper.att_bn2.bias.fill_(-1e3)  # BN + ReLU zero every channel: the collapse seen on binary attributes
+        _, it = paper(x, return_internals=True)
+    M = it["attention"]
+    want = torch.sigmoid(paper.att_bn3(torch.zeros(1, 1, 1, 1)))  # sigmoid(att_bn3(0)) everywhere
+    torch.testing.assert_close(M, want.expand_as(M), rtol=0, atol=1e-6)
+    assert float(it["attention_logits"].abs().max()) == 0.0
+
+
 def test_bad_construction():
     with pytest.raises(FacetoolError, match="residual, multiply"):
         _abn(mechanism="add")
     with pytest.raises(FacetoolError, match="sum to num_classes"):
         create_model("abn_resnet18", num_classes=6, heads=[2, 3], width=4)
+    with pytest.raises(FacetoolError, match="att_channels must be >= 1"):
+        create_model("abn_resnet18", num_classes=2, width=4, att_channels=0)
 
 
 def test_abn_loss_is_attention_plus_perception_ce():
@@ -145,13 +165,16 @@ def test_train_abn_cli(tmp_path):
 
     store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=4, size=48, seed=0)
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "run", "--arch", "resnet18", "--width", "4",
-                     "--epochs", "1", "--batch-size", "8", "--task", "attributes:gender,facial_hair")
+                     "--epochs", "1", "--batch-size", "8", "--task", "attributes:gender,facial_hair",
+                     "--att-channels", "6")
     assert r.returncode == 0, r.stderr
     assert "val_att_attr_acc" in r.stdout and "majority %" in r.stdout
     m = load_model(tmp_path / "run" / "model.pt")
     assert m.config["heads"] == [2, 2] and m.config["task"]["names"] == ["gender", "facial_hair"]
-    assert m.meta["method"] == "abn"
+    assert m.meta["method"] == "abn" and m.config["att_channels"] == 6 and m.att_conv.out_channels == 6
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--mechanism", "add")
     assert r.returncode == 2 and "residual, multiply" in r.stderr and not (tmp_path / "bad").exists()
+    r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--att-channels", "-1")
+    assert r.returncode == 2 and "--att-channels must be >= 0" in r.stderr and not (tmp_path / "bad").exists()
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--arch", "vgg16")
     assert r.returncode == 2 and "iresnet100" in r.stderr and not (tmp_path / "bad").exists()

@@ -12,7 +12,7 @@ import torch
 
 from conftest import learning_seeds, run_facetool
 from facetool.errors import FacetoolError
-from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares
+from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares, upsample_maps
 from facetool.models import create_model, save_checkpoint
 from facetool.store import FaceStore, Record, StoreWriter
 from facetool.tasks import resolve_task
@@ -26,6 +26,44 @@ def test_part_shares_by_hand():
     assert area.tolist() == [0.5] and present.tolist() == [True]
     _, _, present = part_shares(maps, np.zeros_like(mask))
     assert present.tolist() == [False]
+
+
+def test_upsample_maps_puts_cells_on_receptive_field_centres():
+    m = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # (1, 1, 2, 2) map of a stride-4 model on an 8x8 input
+    up = upsample_maps(m, (8, 8))[0, 0]
+    assert [float(up[0, 0]), float(up[0, 4]), float(up[4, 0]), float(up[4, 4])] == [0, 1, 2, 3]  # cell j at pixel 4j
+    assert float(up[0, 2]) == pytest.approx(0.5) and float(up[2, 2]) == pytest.approx(1.5)
+    assert float(up[7, 7]) == 3 and float(up[6, 0]) == 2  # past the last centre: the border value
+    # the image is twice the model input: image pixel 8 (centre 8.5) = input coordinate 8.5 / 2 - 0.5 = 3.75
+    up2 = upsample_maps(m, (16, 16), (8, 8))[0, 0]
+    assert float(up2[0, 8]) == pytest.approx(3.75 / 4) and float(up2[8, 0]) == pytest.approx(2 * 3.75 / 4)
+    # interpolate(align_corners=False) is the same map shifted by (s - 1) / 2 px: 1 px for stride 3
+    m3 = torch.rand(1, 2, 3, 3)
+    ours = upsample_maps(m3, (9, 9))
+    theirs = torch.nn.functional.interpolate(m3, size=(9, 9), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(theirs[..., 2:8, 2:8], ours[..., 1:7, 1:7])
+
+
+@pytest.mark.parametrize("name", ["abn_resnet18", "abn_iresnet18"])
+def test_abn_map_cell_is_centred_on_stride_times_index(name):
+    """The input pixels a map cell depends on (|d cell / d x|, all weights made positive) are centred
+    on pixel s*j, the convention of :func:`upsample_maps`, not on s*(j + 0.5) - 0.5."""
+    torch.manual_seed(0)
+    m = create_model(name, num_classes=2, input_size=128, width=4).eval()
+    for c in m.modules():
+        if isinstance(c, torch.nn.Conv2d):
+            c.weight.data.abs_()
+    s = m.attention_stride
+    assert s == (8 if "iresnet" in name else 16)
+    x = torch.rand(2, 3, 128, 128, requires_grad=True)
+    g = m.layer3(m.layer2(m.layer1(m.stem(x))))
+    assert g.shape[-1] == 128 // s
+    j = 4
+    g[:, :, j, j].sum().backward()
+    w = x.grad.abs().sum((0, 1))
+    pix = torch.arange(128.0)
+    cy, cx = float((w.sum(1) * pix).sum() / w.sum()), float((w.sum(0) * pix).sum() / w.sum())
+    assert abs(cy - s * j) < 1.5 and abs(cx - s * j) < 1.5, (cy, cx)  # measured 63.5/64.6 (16), 32.3/32.1 (8)
 
 
 def test_landmark_parts():
@@ -85,7 +123,7 @@ def test_dissect_attention_cli_on_synthetic_store(tmp_path):
     x = (x - 127.5) / 127.5
     with torch.no_grad():
         _, it = model(x, return_internals=True)
-    up = torch.nn.functional.interpolate(it["attention"], size=(48, 48), mode="bilinear", align_corners=False)
+    up = upsample_maps(it["attention"], (48, 48), stride=16)
     male = codes[idx] == vocab.index("male")
     npz = np.load(out / "mean_maps.npz")
     np.testing.assert_allclose(npz["gender=male"], up[torch.from_numpy(male), 0].mean(0).numpy(), atol=1e-5)
@@ -120,16 +158,21 @@ def test_dissect_attention_landmarks_and_bad_input(tmp_path, cli):
 
 
 # -- learning tests on the synthetic set -------------------------------------------------------------
-def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epochs: int, mechanism: str):
+def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epochs: int, mechanism: str,
+               size: int = 64, bias: str | None = None, test_fraction: float = 0.2, att_channels: int | None = None,
+               lr: float = 0.05):
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import TrainConfig, train_on_store
     from facetool.methods.abn import ABNMethod
 
-    store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=ids, per_identity=per, size=64, seed=seed)
+    store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=ids, per_identity=per, size=size, seed=seed,
+                                 bias=bias, test_fraction=test_fraction)
     task = resolve_task(spec, store)
-    cfg = TrainConfig(out=tmp_path / f"abn{seed}", epochs=epochs, batch_size=16, lr=0.05, seed=seed, verbose=False)
-    res = train_on_store(store, "abn_resnet18", lambda m: ABNMethod(), cfg, task=task,
-                         model_kwargs={"width": 8, "heads": task.classes, "mechanism": mechanism})
+    cfg = TrainConfig(out=tmp_path / f"abn{seed}", epochs=epochs, batch_size=16, lr=lr, seed=seed, verbose=False)
+    kw = {"width": 8, "heads": task.classes, "mechanism": mechanism}
+    if att_channels:
+        kw["att_channels"] = att_channels
+    res = train_on_store(store, "abn_resnet18", lambda m: ABNMethod(), cfg, task=task, model_kwargs=kw)
     return store, tmp_path / f"abn{seed}" / "model.pt", res["metrics"]
 
 
@@ -144,3 +187,36 @@ def test_abn_multitask_beats_majority_baseline(tmp_path):
         gaps.append(m["val_attr_acc"] - m["val_attr_base"])
         print(f"seed {seed}: ABN mean attribute acc {m['val_attr_acc']:.3f} majority {m['val_attr_base']:.3f}")
     assert np.mean(gaps) > 0.2, gaps
+
+
+@pytest.mark.slow
+def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
+    """ABN-ResNet-18 (width 8, 128 px -> 8x8 maps; --mechanism multiply; att_channels 16; lr 0.02, 15
+    epochs) trained on `accessory` of a store where every image wears glasses with p = 0.5 independently
+    of identity and of every other attribute (16 ids x 12 images, a third held out): the glasses are the
+    only cue, and their frame is the store's `accessory` part mask (2.7 % of the image). Metric: `dissect
+    attention`'s `ratio` = mean share of the RAW map's mass on the frame / the frame's mean area share,
+    over the held-out images with glasses (maps placed on receptive-field centres). A perfect 8x8 map
+    (the frame's pooled mask) would reach ~6.6; ABN's map reaches 1.2-1.4: real but modest.
+
+    Why not facial_hair/beard: with the paper's K = C = 2 attention bottleneck the branch died on
+    bearded faces (all channels zero -> constant map -> ratio exactly 1.000, attention accuracy =
+    majority); alive (K = 16) the ratio stayed 0.96-1.04 at 64 and 128 px (facial_hair is per identity
+    and male-only: identity and gender cues predict it). Residual mechanism / lr 0.05 / longer training
+    gave less stable ratios (0.83-1.76 per seed; 25 epochs: 1.11-1.12).
+
+    MEASURED (2 threads, this test): seeds 0/1 = 1.39/1.26 (mean 1.33), 100/101 = 1.20/1.24 (1.22),
+    200/201 = 0.96/1.43 (1.20); glasses accuracy 0.94-1.00 vs majority 0.42-0.61. Asserted: the mean
+    over learning_seeds(2) > 1.05 (0.15 below the lowest measured pair mean)."""
+    ratios = []
+    for seed in learning_seeds(2):
+        store, model, m = _train_abn(tmp_path, seed, "attribute:accessory", ids=16, per=12, epochs=15,
+                                     mechanism="multiply", size=128, test_fraction=1 / 3, att_channels=16, lr=0.02,
+                                     bias="accessory=glasses,attribute=gender,value=male,p=0.5")
+        res = dissect_attention(model, store, tmp_path / f"att{seed}", images=0)
+        row = next(r for r in res["part_shares"] if r["head"] == "accessory" and r["part"] == "accessory")
+        ratios.append(row["ratio"])
+        print(f"seed {seed}: glasses acc {m['val_attr_acc']:.3f} (majority {m['val_attr_base']:.3f}), "
+              f"attention share on the frame {row['attention_share']:.4f} vs area {row['area_share']:.4f}: "
+              f"ratio {row['ratio']:.2f} over {row['images']} images")
+    assert np.mean(ratios) > 1.05, ratios

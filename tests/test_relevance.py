@@ -282,8 +282,7 @@ def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli
 
 
 def test_attention_method_reads_the_abn_map_of_the_explained_attribute(synthetic_store, tmp_path, cli):
-    import torch.nn.functional as F
-
+    from facetool.methods.attention import upsample_maps
     from facetool.methods.relevance import resolve
     from facetool.models.checkpoint import save_checkpoint
 
@@ -297,7 +296,7 @@ def test_attention_method_reads_the_abn_map_of_the_explained_attribute(synthetic
     maps = explain(m, x, "attention", what)
     with torch.no_grad():
         _, internals = m(x, return_internals=True)
-    want = F.interpolate(internals["attention"][:, 1:2], size=(64, 64), mode="bilinear", align_corners=False)[:, 0]
+    want = upsample_maps(internals["attention"][:, 1:2], (64, 64), stride=m.attention_stride)[:, 0]
     np.testing.assert_allclose(maps, want.numpy(), rtol=1e-5, atol=1e-6)
     with pytest.raises(FacetoolError, match="cannot canonize"):
         explain(m, x, "lrp", what)

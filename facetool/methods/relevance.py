@@ -234,7 +234,10 @@ def explain(model: nn.Module, x: Tensor, method: str, what: Explained, *, seed: 
         att = internals["attention"].float()
         if att.shape[1] > 1:  # one map per attribute head: the explained attribute's, else their mean
             att = att[:, what.head:what.head + 1] if what.head is not None else att.mean(1, keepdim=True)
-        return F.interpolate(att, size=(H, W), mode="bilinear", align_corners=False)[:, 0].numpy().astype(np.float32)
+        from facetool.methods.attention import upsample_maps  # cells on their receptive-field centres
+
+        up = upsample_maps(att, (H, W), stride=getattr(model, "attention_stride", None))
+        return up[:, 0].numpy().astype(np.float32)
     import pytorch_grad_cam
 
     layer = _cam_layer(model)

@@ -23,6 +23,17 @@ to that loop (tests check both agree to 1e-5 in eval mode, ``benchmarks/bench_ab
 In training mode the folded pass computes BatchNorm statistics over all B*A copies (the loop over
 each attribute's B copies) -- the same expectation, a different batch.
 
+``att_channels`` (default C, as in the paper) is the width K of the attention branch's ReLU
+bottleneck (1x1 conv c4 -> K -> BN -> ReLU; then K -> C logits and K -> A maps). With K = C = 2 (one
+binary attribute) the bottleneck can die: when BN + ReLU zero both channels on an image, its map is
+the constant ``sigmoid(att_bn3(0))`` and its attention logits are 0 (measured on the synthetic set:
+seed 1 of a glasses classifier gave one constant map for every image, a beard classifier zeroed
+every bearded face); ``att_channels=16`` avoids it.
+
+``attention_stride`` s: map cell (j, k) is centred on input pixel (s*j, s*k) (16 for ResNets, 8 for
+IR-ResNets; every conv and pool is "same"-padded) -- ``facetool.methods.attention.upsample_maps``
+places the maps on the image accordingly.
+
 Output: ONE tensor (B, C) of concatenated per-head logits (``facetool.tasks.split_logits``).
 Internals: ``attention`` (B, A, h, w) and ``attention_logits`` (B, C). ``forward_features`` returns the
 perception branch's last map (B*A, c4, h', w'), ``forward_head`` pools it and applies the heads.
@@ -31,6 +42,7 @@ perception branch's last map (B*A, c4, h', w'), ``forward_head`` pools it and ap
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Iterator, Sequence
 
 import torch
@@ -66,7 +78,8 @@ class ABN(FaceModel):
     internal_names = ("attention", "attention_logits")
 
     def __init__(self, backbone: str, num_classes: int, input_size: int = 112, width: int = 64,
-                 heads: Sequence[int] | None = None, mechanism: str = "residual") -> None:
+                 heads: Sequence[int] | None = None, mechanism: str = "residual",
+                 att_channels: int | None = None) -> None:
         super().__init__()
         if backbone not in BACKBONES:
             raise FacetoolError(f"ABN has no backbone {backbone!r}; use one of {', '.join(BACKBONES)}")
@@ -75,6 +88,8 @@ class ABN(FaceModel):
         heads = [int(num_classes)] if not heads else [int(k) for k in heads]
         if num_classes < 1 or min(heads) < 1 or sum(heads) != num_classes:
             raise FacetoolError(f"ABN heads {heads} must be positive and sum to num_classes={num_classes}")
+        if att_channels is not None and int(att_channels) < 1:
+            raise FacetoolError(f"att_channels must be >= 1, got {att_channels}")
         if input_size < 16:
             raise FacetoolError(f"input_size must be >= 16, got {input_size}")
         self.input_size, self.mechanism, self.heads = int(input_size), mechanism, heads
@@ -90,11 +105,12 @@ class ABN(FaceModel):
         c4 = _out_channels(self.layer4)
         self.att_layer4 = _stride_one(_build_backbone(backbone, width).layer4)  # fresh weights
         C, A = int(num_classes), len(heads)
+        K = C if att_channels is None else int(att_channels)  # the paper: K = C
         self.att_bn = nn.BatchNorm2d(c4)
-        self.att_conv = nn.Conv2d(c4, C, 1, bias=False)
-        self.att_bn2 = nn.BatchNorm2d(C)
-        self.att_conv2 = nn.Conv2d(C, C, 1, bias=False)
-        self.att_conv3 = nn.Conv2d(C, A, 3, padding=1, bias=False)
+        self.att_conv = nn.Conv2d(c4, K, 1, bias=False)
+        self.att_bn2 = nn.BatchNorm2d(K)
+        self.att_conv2 = nn.Conv2d(K, C, 1, bias=False)
+        self.att_conv3 = nn.Conv2d(K, A, 3, padding=1, bias=False)
         self.att_bn3 = nn.BatchNorm2d(A)
         self.out_norm = nn.BatchNorm2d(c4) if self.ir else nn.Identity()  # IR blocks end without activation
         self.pool = nn.AdaptiveAvgPool2d(1)
@@ -102,6 +118,9 @@ class ABN(FaceModel):
         self.register_buffer("owner", torch.tensor([i for i, k in enumerate(heads) for _ in range(k)]),
                              persistent=False)
         self.num_features, self.num_maps, self.channels_g = c4, A, c3
+        # every conv / pool is "same"-padded, so map cell (j, k) is centred on input pixel (s*j, s*k)
+        self.attention_stride = _stride(self.stem, prod=True) * math.prod(
+            _stride(l) for l in (self.layer1, self.layer2, self.layer3))
         for m in (self.att_conv, self.att_conv2, self.att_conv3):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
@@ -142,6 +161,14 @@ class ABN(FaceModel):
         return torch.einsum("bkf,kf->bk", f[:, self.owner], self.fc.weight) + self.fc.bias
 
 
+def _stride(m: nn.Module, prod: bool = False) -> int:
+    """Down-sampling factor of a stem (``prod``: the product of its conv/pool strides) or of a residual
+    stage (its largest stride: the main path and the projection shortcut downsample in parallel)."""
+    s = [c.stride if isinstance(c.stride, int) else c.stride[0] for c in m.modules()
+         if isinstance(c, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d))]
+    return math.prod(s) if prod else max(s, default=1)
+
+
 def _out_channels(stage: nn.Module) -> int:
     """Output channels of a residual stage (its last conv: the last block's branch or projection)."""
     return [m for m in stage.modules() if isinstance(m, nn.Conv2d)][-1].out_channels
@@ -164,8 +191,8 @@ def per_attribute_loop(model: nn.Module, on: bool = True) -> Iterator[nn.Module]
 
 def _factory(backbone: str):
     def build(num_classes: int = 1000, input_size: int = 112, width: int = 64, heads: Sequence[int] | None = None,
-              mechanism: str = "residual") -> ABN:
-        return ABN(backbone, num_classes, input_size, width, heads, mechanism)
+              mechanism: str = "residual", att_channels: int | None = None) -> ABN:
+        return ABN(backbone, num_classes, input_size, width, heads, mechanism, att_channels)
 
     build.__name__ = f"abn_{backbone}"
     build.__doc__ = f"Attention Branch Network on {backbone}."
