@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__version__ = "0.2.0"
+__version__ = "0.2.1"
 
 from facetool.errors import FacetoolError  # noqa: E402
 
