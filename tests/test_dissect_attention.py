@@ -194,10 +194,10 @@ def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
     """ABN-ResNet-18 (width 8, 128 px -> 8x8 maps; --mechanism multiply; att_channels 16; lr 0.02, 15
     epochs) trained on `accessory` of a store where every image wears glasses with p = 0.5 independently
     of identity and of every other attribute (16 ids x 12 images, a third held out): the glasses are the
-    only cue, and their frame is the store's `accessory` part mask (2.7 % of the image). Metric: `dissect
+    only cue, and their frame is the store's `accessory` part mask (~3.2 % of the image). Metric: `dissect
     attention`'s `ratio` = mean share of the RAW map's mass on the frame / the frame's mean area share,
     over the held-out images with glasses (maps placed on receptive-field centres). A perfect 8x8 map
-    (the frame's pooled mask) would reach ~6.6; ABN's map reaches 1.2-1.4: real but modest.
+    (the frame's pooled mask) would reach several times 1; ABN's map reaches ~1.3 on average: real but modest.
 
     Why not facial_hair/beard: with the paper's K = C = 2 attention bottleneck the branch died on
     bearded faces (all channels zero -> constant map -> ratio exactly 1.000, attention accuracy =
@@ -205,11 +205,15 @@ def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
     and male-only: identity and gender cues predict it). Residual mechanism / lr 0.05 / longer training
     gave less stable ratios (0.83-1.76 per seed; 25 epochs: 1.11-1.12).
 
-    MEASURED (2 threads, this test): seeds 0/1 = 1.39/1.26 (mean 1.33), 100/101 = 1.20/1.24 (1.22),
-    200/201 = 0.96/1.43 (1.20); glasses accuracy 0.94-1.00 vs majority 0.42-0.61. Asserted: the mean
-    over learning_seeds(2) > 1.05 (0.15 below the lowest measured pair mean)."""
+    MEASURED with the bold frames of generator version 2 (frame ~3.2 % of the image; this test, 1 and 2
+    threads give the same numbers): seeds 0/1 =
+    1.64/1.12, 2/3 = 1.19/1.47 -> mean of 4: 1.36; 100/101 = 1.16/1.28, 102/103
+    = 1.28/1.34 -> 1.27; 200/201 = 0.86/0.98, 202/203 = 1.34/1.53 -> 1.18. Glasses accuracy 0.94-1.00
+    vs majority 0.41-0.48. Per seed the ratio scatters (sd ~0.2 over 12 runs, mean 1.27), so the test
+    averages learning_seeds(4) and asserts what the issue asks, that the mean exceeds 1 (the frame's
+    area share); the expected mean sits ~2.7 standard errors above it."""
     ratios = []
-    for seed in learning_seeds(2):
+    for seed in learning_seeds(4):
         store, model, m = _train_abn(tmp_path, seed, "attribute:accessory", ids=16, per=12, epochs=15,
                                      mechanism="multiply", size=128, test_fraction=1 / 3, att_channels=16, lr=0.02,
                                      bias="accessory=glasses,attribute=gender,value=male,p=0.5")
@@ -219,4 +223,4 @@ def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
         print(f"seed {seed}: glasses acc {m['val_attr_acc']:.3f} (majority {m['val_attr_base']:.3f}), "
               f"attention share on the frame {row['attention_share']:.4f} vs area {row['area_share']:.4f}: "
               f"ratio {row['ratio']:.2f} over {row['images']} images")
-    assert np.mean(ratios) > 1.05, ratios
+    assert np.mean(ratios) > 1.0, ratios
