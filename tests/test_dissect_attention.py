@@ -205,10 +205,9 @@ def test_abn_attention_mass_on_the_glasses_frame_exceeds_its_area(tmp_path):
     and male-only: identity and gender cues predict it). Residual mechanism / lr 0.05 / longer training
     gave less stable ratios (0.83-1.76 per seed; 25 epochs: 1.11-1.12).
 
-    MEASURED with the bold frames of generator version 2 (frame ~3.2 % of the image; this test, 1 and 2
-    threads give the same numbers): seeds 0/1 =
-    1.64/1.12, 2/3 = 1.19/1.47 -> mean of 4: 1.36; 100/101 = 1.16/1.28, 102/103
-    = 1.28/1.34 -> 1.27; 200/201 = 0.86/0.98, 202/203 = 1.34/1.53 -> 1.18. Glasses accuracy 0.94-1.00
+    MEASURED with the bold frames of generator version 2 (frame ~3.2 % of the image; 1 and 2 threads
+    give the same numbers): seeds 0-3 = 1.64/1.12/1.19/1.47 -> mean 1.36; 100-103 = 1.16/1.28/1.28/1.34
+    -> 1.27; 200-203 = 0.86/0.98/1.34/1.53 -> 1.18. Glasses accuracy 0.94-1.00
     vs majority 0.41-0.48. Per seed the ratio scatters (sd ~0.2 over 12 runs, mean 1.27), so the test
     averages learning_seeds(4) and asserts what the issue asks, that the mean exceeds 1 (the frame's
     area share); the expected mean sits ~2.7 standard errors above it."""
