@@ -294,15 +294,9 @@ class _Canvas:
     def __init__(self, img: np.ndarray, lab: np.ndarray) -> None:
         self.img, self.lab = img, lab
 
-    def fill(self, pts: np.ndarray, colour, part: str | None = None) -> None:
-        q = _int(pts)
-        cv2.fillPoly(self.img, [q], tuple(float(c) for c in colour), cv2.LINE_AA, _SHIFT)
-        if part is not None:
-            cv2.fillPoly(self.lab, [q], _LAB[part], cv2.LINE_8, _SHIFT)
-
-    def fill_rings(self, contours: list[np.ndarray], colour, part: str | None = None) -> None:
-        """Fill the area between nested contours (even-odd: an outer contour with holes)."""
-        qs = [_int(c) for c in contours]
+    def fill(self, pts: np.ndarray | list[np.ndarray], colour, part: str | None = None) -> None:
+        """Fill a polygon, or the area between nested contours (a list: an outer contour with holes)."""
+        qs = [_int(c) for c in pts] if isinstance(pts, list) else [_int(pts)]
         cv2.fillPoly(self.img, qs, tuple(float(c) for c in colour), cv2.LINE_AA, _SHIFT)
         if part is not None:
             cv2.fillPoly(self.lab, qs, _LAB[part], cv2.LINE_8, _SHIFT)
@@ -491,15 +485,15 @@ def draw_face(p: IdentityParams, v: View, size: int, rng: np.random.Generator) -
     if ACCESSORIES[v.accessory] == "glasses":
         frame = (25, 25, 30)
         hw = 0.5 * _FRAME
+        rx, ry = p.eye_w + 3.5, p.eye_h + 4.0  # rim radii (centre line of the frame)
         for sgn in (-1, 1):
-            rx, ry = p.eye_w + 3.5, p.eye_h + 4.0
             outer = P(*_ellipse(sgn * p.eye_dx, p.eye_y, rx + hw, ry + hw, 32), 2.0)
             inner = P(*_ellipse(sgn * p.eye_dx, p.eye_y, rx - hw, ry - hw, 32), 2.0)
-            cv.fill_rings([outer, inner], frame, "accessory")
+            cv.fill([outer, inner], frame, "accessory")
             x0, x1 = sgn * (p.eye_dx + rx), sgn * p.face_w * 0.98
             cv.fill(P(np.array([x0, x1, x1, x0]), np.array([p.eye_y - hw, p.eye_y - 1.0 - hw, p.eye_y - 1.0 + hw, p.eye_y + hw]), 1.0),
                     frame, "accessory")
-        bx = p.eye_dx - p.eye_w - 3.5 + hw
+        bx = p.eye_dx - rx + hw
         by = p.eye_y - 1.5
         cv.fill(P(np.array([-bx, bx, bx, -bx]), np.array([by - hw, by - hw, by + hw, by + hw]), 3.0), frame, "accessory")
 
