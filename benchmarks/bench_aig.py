@@ -22,7 +22,7 @@ import torch
 
 @torch.no_grad()
 def calibrate_gates(model: torch.nn.Module, x: torch.Tensor, rate: float, pinned: bool = False, seed: int = 0) -> None:
-    from facetool.methods.aig import gated_blocks, target_schedule
+    from facetool.trainers.aig import gated_blocks, target_schedule
 
     g = torch.Generator().manual_seed(seed)
     blocks = gated_blocks(model)
@@ -57,7 +57,7 @@ def _time(model: torch.nn.Module, x: torch.Tensor) -> tuple[float, float]:
 def time_variants(model: torch.nn.Module, x: torch.Tensor, iters: int) -> dict[str, tuple[float, float]]:
     """Median (wall, CPU) time per batch of: gates forced open, masking, real skipping. The CPU
     time of this process is the steadier measure on a machine shared with other jobs."""
-    from facetool.methods.aig import forced_gates, set_skipping
+    from facetool.trainers.aig import forced_gates, set_skipping
 
     ts: dict[str, list[tuple[float, float]]] = {"open": [], "mask": [], "skip": []}
     for i in range(iters + 1):  # round 0 warms up

@@ -27,8 +27,8 @@ def child(store: str, n: int, layer: str, width: int, batch: int) -> dict:
     import torch
 
     from facetool.data.transforms import normalize
-    from facetool.methods.dissect_units import dissect_units
-    from facetool.methods.face_dictionary import load_dictionary
+    from facetool.explainers.units.dissect import dissect_units
+    from facetool.explainers.units.dictionary import load_dictionary
     from facetool.models import create_model
 
     torch.manual_seed(0)

@@ -24,7 +24,7 @@ import torch
 
 
 def build(args, kind: str):
-    from facetool.methods.distill import DistillMethod, Teacher
+    from facetool.trainers.distill import DistillMethod, Teacher
     from facetool.models import create_model
 
     torch.manual_seed(0)

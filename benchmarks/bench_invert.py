@@ -1,4 +1,4 @@
-"""Inversion speed: facetool.methods.invert vs the same loop written plainly in PyTorch.
+"""Inversion speed: facetool.explainers.invert vs the same loop written plainly in PyTorch.
 
 Both run the same maths on the same model and batch (identity cosine loss, BN-statistics prior with
 the first layer x10, 4-direction TV-l2, l2 prior, roll jitter + flip, Adam with cosine decay,
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facetool.methods.invert import InversionConfig, invert
+from facetool.explainers.invert import InversionConfig, invert
 from facetool.models import create_model
 
 

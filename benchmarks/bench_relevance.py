@@ -31,7 +31,7 @@ def main() -> None:
     if a.quick:
         a.width, a.size, a.batch, a.iters = 8, 64, 8, 2
 
-    from facetool.methods.relevance import Explained, explain
+    from facetool.explainers.relevance import Explained, explain
     from facetool.models import create_model
 
     torch.manual_seed(0)

@@ -32,10 +32,10 @@ _LAZY: dict[str, str] = {
     "prepare_synthetic": "facetool.data.synthetic",
     # training
     "train": "facetool.engine",
-    "train_on_store": "facetool.engine",
+    "train_on_store": "facetool.trainers.classify",
     "TrainConfig": "facetool.engine",
     "Method": "facetool.engine",
-    "ClassificationMethod": "facetool.engine",
+    "ClassificationMethod": "facetool.trainers.classify",
     # evaluation
     "evaluate_classifier": "facetool.eval.classification",
     "compare_classifiers": "facetool.eval.classification",
@@ -48,8 +48,8 @@ _LAZY: dict[str, str] = {
     "executed_flops": "facetool.flops",
     "flops_summary": "facetool.flops",
     "export_onnx": "facetool.export",
-    "invert": "facetool.methods.invert",
-    "InversionConfig": "facetool.methods.invert",
+    "invert": "facetool.explainers.invert",
+    "InversionConfig": "facetool.explainers.invert",
 }
 
 __all__ = ["FacetoolError", "__version__", *_LAZY]

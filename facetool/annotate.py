@@ -38,7 +38,7 @@ import pandas as pd
 
 from facetool.errors import FacetoolError, require_file
 from facetool.io import atomic_path, sha256_file
-from facetool.store import UNKNOWN, FaceStore
+from facetool.store import UNKNOWN, FaceStore, open_for_update
 
 #: The ConvNet-IIG annotation features and their values (``unknown`` is always allowed).
 PAPER_VOCAB: dict[str, list[str]] = {
@@ -164,22 +164,6 @@ def _resolve_votes(votes: list[tuple[str | None, str]]) -> str:
 
 
 # -- writing -----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def open_for_update(path: str | Path, in_place: bool = False) -> Iterator[FaceStore]:
-    """A store opened for writing. By default a copy is modified and renamed over ``path`` only if
-    the block succeeds; ``in_place`` modifies ``path`` directly (see the module docstring)."""
-    FaceStore(path).close()  # validates: exists, is a complete store
-    if in_place:
-        with FaceStore(path, "a") as s:
-            yield s
-        return
-    with atomic_path(path) as tmp:
-        shutil.copyfile(path, tmp)
-        shutil.copymode(path, tmp)
-        with FaceStore(tmp, "a") as s:
-            yield s
-
-
 def _now() -> str:
     return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
 
@@ -312,7 +296,7 @@ def estimate_from_model(
     import torch
 
     from facetool.eval.classification import predict
-    from facetool.methods.iig import estimate_attribute, masks_from_meta
+    from facetool.trainers.iig import estimate_attribute, masks_from_meta
     from facetool.models import load_model
 
     require_file(model_path, "model")

@@ -21,7 +21,7 @@ from facetool.store import Record, StoreWriter
 def _progress(total: int, label: str, start: int):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from facetool.cli.common import err_console
+    from facetool.console import err_console
 
     p = Progress(
         TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),

@@ -25,19 +25,21 @@ store on disk under its real name is always complete. An interrupted writer can 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from facetool import __version__
 from facetool.errors import FacetoolError
-from facetool.io import guard_output, partial_path, record_output
+from facetool.io import atomic_path, guard_output, partial_path, record_output
 
 FORMAT = "facetool-store"
 FORMAT_VERSION = 1
@@ -487,3 +489,19 @@ class FaceStore:
                 "unknown": int((codes == UNKNOWN).sum())
             }
         return s
+
+
+@contextlib.contextmanager
+def open_for_update(path: str | Path, in_place: bool = False) -> Iterator[FaceStore]:
+    """A store opened for writing. By default a copy is modified and renamed over ``path`` only if
+    the block succeeds; ``in_place`` modifies ``path`` directly (the annotate commands default to the copy: see :mod:`facetool.annotate`)."""
+    FaceStore(path).close()  # validates: exists, is a complete store
+    if in_place:
+        with FaceStore(path, "a") as s:
+            yield s
+        return
+    with atomic_path(path) as tmp:
+        shutil.copyfile(path, tmp)
+        shutil.copymode(path, tmp)
+        with FaceStore(tmp, "a") as s:
+            yield s

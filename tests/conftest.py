@@ -90,7 +90,8 @@ def gender_bias_models(tmp_path_factory) -> dict:
     exactly half of each identity's images (independent of gender), on which both are examined.
     Returns {"stores": {name: path}, "models": {(name, seed): checkpoint path}}. Trained once per session."""
     from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
+    from facetool.engine import TrainConfig
+    from facetool.trainers.classify import ClassificationMethod, train_on_store
     from facetool.tasks import resolve_task
 
     d = tmp_path_factory.mktemp("gender_bias")

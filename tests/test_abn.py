@@ -138,7 +138,7 @@ def test_bad_construction():
 
 
 def test_abn_loss_is_attention_plus_perception_ce():
-    from facetool.methods.abn import ABNMethod
+    from facetool.trainers.abn import ABNMethod
 
     t = Task("attributes", ["a", "b", "c"], HEADS, [["0", "1"], ["0", "1", "2"], ["0", "1"]])
     m = _abn().train()

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from facetool.errors import FacetoolError
-from facetool.methods.aig import (AIGMethod, Gate, forced_gates, gated_blocks, parse_target_schedule, set_skipping,
+from facetool.trainers.aig import (AIGMethod, Gate, forced_gates, gated_blocks, parse_target_schedule, set_skipping,
                                   target_loss, target_schedule)
 from facetool.models import create_model
 

@@ -136,7 +136,7 @@ def _iig_checkpoint(path: Path, open_blocks: list[int], vocab: list[str]) -> Pat
     """aig_resnet18 (8 gated blocks) whose gates are fixed by their biases: exactly ``open_blocks`` run."""
     import torch
 
-    from facetool.methods.aig import gated_blocks
+    from facetool.trainers.aig import gated_blocks
     from facetool.models import create_model, save_checkpoint
 
     torch.manual_seed(0)

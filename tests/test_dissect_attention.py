@@ -12,7 +12,7 @@ import torch
 
 from conftest import learning_seeds, run_facetool
 from facetool.errors import FacetoolError
-from facetool.methods.attention import dissect_attention, landmark_part_masks, part_shares, upsample_maps
+from facetool.explainers.attention import dissect_attention, landmark_part_masks, part_shares, upsample_maps
 from facetool.models import create_model, save_checkpoint
 from facetool.store import FaceStore, Record, StoreWriter
 from facetool.tasks import resolve_task
@@ -162,8 +162,9 @@ def _train_abn(tmp_path: Path, seed: int, spec: str, *, ids: int, per: int, epoc
                size: int = 64, bias: str | None = None, test_fraction: float = 0.2, att_channels: int | None = None,
                lr: float = 0.05):
     from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import TrainConfig, train_on_store
-    from facetool.methods.abn import ABNMethod
+    from facetool.engine import TrainConfig
+    from facetool.trainers.classify import train_on_store
+    from facetool.trainers.abn import ABNMethod
 
     store, _ = prepare_synthetic(tmp_path / f"s{seed}.h5", identities=ids, per_identity=per, size=size, seed=seed,
                                  bias=bias, test_fraction=test_fraction)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from facetool.methods.dissect import active_gate_stats, easy_hard_images, gate_fractions_by_attribute
+from facetool.explainers.dissect import active_gate_stats, easy_hard_images, gate_fractions_by_attribute
 from facetool.models import FaceModel, create_model, register_model, save_checkpoint
 from facetool.store import Record, StoreWriter
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from conftest import run_facetool
 from facetool.errors import FacetoolError
-from facetool.methods.dissect_units import (
+from facetool.explainers.units.dissect import (
     TopQuantile,
     average_ranks,
     compare_dissections,
@@ -31,7 +31,7 @@ from facetool.methods.dissect_units import (
     kept,
     rank_activation_weights,
 )
-from facetool.methods.face_dictionary import CsvDictionary, load_dictionary
+from facetool.explainers.units.dictionary import CsvDictionary, load_dictionary
 from facetool.models import FaceModel, create_model, register_model, save_checkpoint
 
 MAGENTA = (255, 0, 255)
@@ -259,7 +259,7 @@ def test_unknown_layer_lists_the_model_layers(painted_store):
 
 
 def test_compare_ranks_links_that_differ():
-    from facetool.methods.dissect_units import Dissection, LayerResult, UnitResult
+    from facetool.explainers.units.dissect import Dissection, LayerResult, UnitResult
 
     def diss(n_link):
         units = [UnitResult(i, "glasses", 0.1, "local", "eye", concepts=["glasses"],
@@ -335,8 +335,8 @@ def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path, gender_b
     units are tied to its 'male' predictions, the clean model's not. Averaged over two seeds; the
     measured numbers are in the comment at the end."""
     from conftest import learning_seeds
-    from facetool.methods.dissect_units import link_strength
-    from facetool.methods.dissect_units_report import dissect_to_folder
+    from facetool.explainers.units.dissect import link_strength
+    from facetool.explainers.units.report import dissect_to_folder
 
     stores, models = gender_bias_models["stores"], gender_bias_models["models"]
     link = ("glasses", "gender (predicted)=male")

@@ -16,9 +16,9 @@ from torch import nn
 from conftest import run_facetool
 from facetool.engine import TrainConfig, train
 from facetool.errors import FacetoolError
-from facetool.methods.distill import (DistillMethod, Teacher, at_loss, attention_map, hint_loss, kd_loss, mixup_images,
+from facetool.trainers.distill import (DistillMethod, Teacher, at_loss, attention_map, hint_loss, kd_loss, mixup_images,
                                       pkt_loss, resolve_weights, rkd_loss, soft_kd_loss, taps)
-from facetool.methods.srrl import Connector, fm_loss, match_size, sr_loss
+from facetool.trainers.srrl import Connector, fm_loss, match_size, sr_loss
 from facetool.models import create_model, load_model, save_checkpoint
 
 
@@ -512,8 +512,8 @@ def test_srrl_student_beats_the_plain_student(tmp_path):
     has sd ~2.4, so +5 is ~3.5 sd below the expected +13.6)."""
     from conftest import learning_seeds
     from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import ClassificationMethod, train_on_store
-    from facetool.methods.distill_run import distill
+    from facetool.trainers.classify import ClassificationMethod, train_on_store
+    from facetool.trainers.distill import distill
 
     store = tmp_path / "s.h5"
     prepare_synthetic(store, identities=16, per_identity=40, size=64, seed=0, test_fraction=0.4)

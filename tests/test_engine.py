@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from facetool.engine import ClassificationMethod, Method, TrainConfig, lr_at, train
+from facetool.engine import Method, TrainConfig, lr_at, train
+from facetool.trainers.classify import ClassificationMethod
 from facetool.errors import FacetoolError, NonFiniteLossError
 from facetool.models import create_model, load_model
 

@@ -97,7 +97,7 @@ def test_top1_top5_and_flops_match_hand_computation(tmp_path):
 
 
 def _set_gates(model: nn.Module, open_blocks: list[bool]) -> None:
-    from facetool.methods.aig import gated_blocks
+    from facetool.trainers.aig import gated_blocks
 
     with torch.no_grad():
         for b, o in zip(gated_blocks(model), open_blocks):

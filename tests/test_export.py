@@ -126,7 +126,7 @@ def test_export_cli(cli, r18, tmp_path):
 def test_aig_export_keeps_per_sample_gate_decisions(tmp_path):
     """AIG skips blocks per sample at inference; the exported graph must reproduce every sample's own
     decisions (not those of the trace's probe), and the caller's model keeps skipping afterwards."""
-    from facetool.methods.aig import gated_blocks
+    from facetool.trainers.aig import gated_blocks
 
     torch.manual_seed(0)
     m = create_model("aig_resnet18", num_classes=5, input_size=32, width=8).eval()

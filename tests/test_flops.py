@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from facetool.flops import count_flops, count_params, executed_flops, flops_summary, gated_block_flops
-from facetool.methods.aig import gated_blocks
+from facetool.trainers.aig import gated_blocks
 from facetool.models import FaceModel, create_model
 from facetool.models.base import ConditionalBlock, conditional_blocks, forced_decisions
 from facetool.models.resnet import BasicBlock

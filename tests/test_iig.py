@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from facetool.errors import FacetoolError
-from facetool.methods.iig import (IIGMethod, alternating_masks, contiguous_masks, estimate_attribute, iig_loss,
+from facetool.trainers.iig import (IIGMethod, alternating_masks, contiguous_masks, estimate_attribute, iig_loss,
                                   load_masks, make_masks, masks_from_meta, validate_masks)
 
 
@@ -106,7 +106,7 @@ def test_method_loss_metrics_meta():
 
 def test_make_masks_per_feature_counts_paper_layout():
     """ConvNet-IIG on ResNet-101: 3+3 blocks for gender, 4x4 for age, disjoint, inside the free blocks."""
-    from facetool.methods.iig import make_masks, validate_masks
+    from facetool.trainers.iig import make_masks, validate_masks
 
     feats = {"gender": ["female", "male"], "age": ["0-20", "20-40", "40-60", "60+"]}
     m = make_masks(feats, 33, "contiguous", (3, 4))

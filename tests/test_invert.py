@@ -1,4 +1,4 @@
-"""facetool.methods.invert (DeepInversion) and `facetool invert`."""
+"""facetool.explainers.invert (DeepInversion) and `facetool invert`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from conftest import learning_seeds
 from torch import nn
 
 from facetool.errors import FacetoolError
-from facetool.methods.invert import (
+from facetool.explainers.invert import (
     BNStatsPrior,
     GatePatternPrior,
     IdentityLoss,
@@ -248,8 +248,9 @@ def test_inversion_learns_the_identity(synthetic_store, tmp_path):
     seeds 0,1: 0.57, +0.67, +0.50; 100,101: 0.69, +0.59, +0.59; 200,201: 0.88, +0.71, +0.78 (thresholds +0.3).
     (One seed and 6 faces once gave 0.17 on another CPU: single faces swing between -0.8 and 0.9.)"""
     from facetool.data.dataset import FaceDataset
-    from facetool.engine import ClassificationMethod, TrainConfig, train
-    from facetool.methods.invert import embed
+    from facetool.engine import TrainConfig, train
+    from facetool.trainers.classify import ClassificationMethod
+    from facetool.explainers.invert import embed
     from facetool.models import create_model
 
     S, N = 48, 12

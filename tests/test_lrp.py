@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from facetool.errors import FacetoolError
-from facetool.methods.lrp import check_canonizable, lrp, lrp_context
+from facetool.explainers.lrp import check_canonizable, lrp, lrp_context
 from facetool.models import create_model
 
 SMALL = {

@@ -13,7 +13,7 @@ from torch import nn
 
 from conftest import run_facetool
 from facetool.errors import FacetoolError
-from facetool.methods.relevance import (Explained, Target, check_target, explain, part_mass, perturbation_curves,
+from facetool.explainers.relevance import (Explained, Target, check_target, explain, part_mass, perturbation_curves,
                                         region_scores, removal_masks)
 from facetool.models import create_model
 
@@ -224,7 +224,7 @@ def test_generalisation_recipe_steps_parse_as_facetool_commands():
 
 
 def test_mask_by_map_replaces_the_most_relevant_patches():
-    from facetool.methods.relevance import mask_by_map
+    from facetool.explainers.relevance import mask_by_map
 
     x = torch.zeros(1, 3, 8, 8)
     maps = torch.zeros(1, 8, 8)
@@ -237,7 +237,7 @@ def test_mask_by_map_replaces_the_most_relevant_patches():
 
 
 def test_init_from_checkpoint_copies_matching_weights(tmp_path):
-    from facetool.engine import init_from_checkpoint
+    from facetool.trainers.classify import init_from_checkpoint
     from facetool.models.checkpoint import save_checkpoint
 
     src = _clf(1)
@@ -252,7 +252,8 @@ def test_init_from_checkpoint_copies_matching_weights(tmp_path):
 
 
 def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli):
-    from facetool.methods.relevance import _accuracy, _load_images, generalisation_matrix, mask_by_map
+    from facetool.explainers.relevance import load_images, mask_by_map
+    from facetool.explainers.relevance.generalisation import _accuracy
     from facetool.models.checkpoint import load_model, save_checkpoint
     from facetool.store import FaceStore
 
@@ -273,7 +274,7 @@ def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli
         rows = s.indices("test")[:6]
         y = torch.as_tensor(s.attribute("gender")[0][rows])
     m = load_model(gp)
-    x = _load_images(synthetic_store, rows, 48)
+    x = load_images(synthetic_store, rows, 48)
     rnd = torch.rand(6, 64, 64, generator=torch.Generator().manual_seed(0))
     want = _accuracy(m, x, y, slice(0, 2)) - _accuracy(m, mask_by_map(x, rnd, 0.25, 6, "mean"), y, slice(0, 2))
     assert res["drop"]["random"]["gender"] == pytest.approx(want)
@@ -282,8 +283,8 @@ def test_generalisation_matrix_cells(synthetic_store, checkpoints, tmp_path, cli
 
 
 def test_attention_method_reads_the_abn_map_of_the_explained_attribute(synthetic_store, tmp_path, cli):
-    from facetool.methods.attention import upsample_maps
-    from facetool.methods.relevance import resolve
+    from facetool.explainers.attention import upsample_maps
+    from facetool.explainers.relevance import resolve
     from facetool.models.checkpoint import save_checkpoint
 
     torch.manual_seed(0)

@@ -18,7 +18,7 @@ from conftest import BIAS_SIZE as SIZE
 
 @pytest.fixture(scope="module")
 def bias_models(gender_bias_models):
-    from facetool.methods.relevance import _load_images, resize_masks
+    from facetool.explainers.relevance import load_images, resize_masks
     from facetool.models.checkpoint import load_model
     from facetool.store import FaceStore
 
@@ -30,7 +30,7 @@ def bias_models(gender_bias_models):
         gender, vocab = st.attribute("gender")
         rows = rows[acc[rows] == 1]  # 80 images: half of each identity's 4
         masks = resize_masks(st.part_masks(rows, "accessory"), SIZE)
-    x = _load_images(store, rows, SIZE)
+    x = load_images(store, rows, SIZE)
     return models, x, torch.as_tensor(gender[rows]), vocab.index("male"), masks
 
 
@@ -40,7 +40,7 @@ def test_lrp_morf_aopc_beats_random(bias_models):
     patches in random order, and more than random maps do. Measured (mean of the 4 models, 80 images):
     LRP MoRF AOPC vs random order / random maps: FACETOOL_TEST_SEED=0 0.203 vs 0.007 / 0.020; =100 0.197
     vs 0.015 / 0.023; =200 0.192 vs 0.019 / 0.014. Margin asserted 0.05."""
-    from facetool.methods.relevance import Explained, explain, perturbation_curves
+    from facetool.explainers.relevance import Explained, explain, perturbation_curves
 
     models, x, gender, _, _ = bias_models
     lrp_aopc, random_order, random_maps = [], [], []
@@ -69,7 +69,7 @@ def test_biased_model_puts_more_relevance_on_the_accessory(bias_models):
     0.91 (3.32 vs 1.05); =200: 2.70, 2.26 / 1.47, 1.62 (2.48 vs 1.54). Signed share, means: =0 0.132 vs
     0.019; =100 0.157 vs -0.003; =200 0.116 vs 0.026. Asserted: ratio > 1.5, ratio difference > 0.5,
     signed-share difference > 0.05."""
-    from facetool.methods.relevance import Explained, explain, part_mass
+    from facetool.explainers.relevance import Explained, explain, part_mass
 
     models, x, _, male, masks = bias_models
     ratio = {"biased": [], "clean": []}

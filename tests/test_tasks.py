@@ -182,7 +182,8 @@ def test_gender_classifier_beats_majority_baseline(tmp_path):
     15 epochs. Measured val accuracy, seeds 0/1/100/200: 0.91/0.78/0.81/0.88 vs majority 0.50 (margin
     ~0.34); asserted: mean margin over learning_seeds(2) > 0.15."""
     from facetool.data.synthetic import prepare_synthetic
-    from facetool.engine import ClassificationMethod, TrainConfig, train_on_store
+    from facetool.engine import TrainConfig
+    from facetool.trainers.classify import ClassificationMethod, train_on_store
 
     gaps = []
     for seed in learning_seeds(2):

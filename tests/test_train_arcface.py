@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import learning_seeds
 
 from facetool.errors import FacetoolError
-from facetool.methods.arcface import ArcFaceMethod, embed_dataset, pair_stats, parse_margins, resolve_network
+from facetool.trainers.arcface import ArcFaceMethod, embed_dataset, pair_stats, parse_margins, resolve_network
 
 
 def test_method_loss_metric_and_meta():

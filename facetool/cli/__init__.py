@@ -6,7 +6,6 @@ Each ``facetool.cli.<module>`` in :data:`COMMAND_MODULES` exposes ``register(app
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import os
 
 import typer
@@ -38,9 +37,8 @@ def _root(
     """facetool: prepare, annotate, train, distil, evaluate and explain face models."""
 
 
-for _m in COMMAND_MODULES:
-    if importlib.util.find_spec(f"facetool.cli.{_m}") is not None:
-        importlib.import_module(f"facetool.cli.{_m}").register(app)
+for _m in COMMAND_MODULES:  # a command module that fails to import is an error, never a missing command
+    importlib.import_module(f"facetool.cli.{_m}").register(app)
 
 
 def main() -> None:

@@ -7,13 +7,10 @@ import os
 from typing import Any, Callable
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from facetool.console import console, err_console  # noqa: F401  (the CLI prints through these)
 from facetool.errors import FacetoolError
-
-console = Console()
-err_console = Console(stderr=True)
 
 
 def one_line(text: str) -> str:

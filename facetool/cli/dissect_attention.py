@@ -28,7 +28,7 @@ def register(group: typer.Typer) -> None:
 
         Example: facetool dissect attention --model runs/abn/model.pt --store data/synthetic.h5 --out runs/abn/attention
         """
-        from facetool.methods.attention import dissect_attention, shares_table
+        from facetool.explainers.attention import dissect_attention, shares_table
 
         with console.status(f"running {model.name} over {store.name} [{split}]"):
             res = dissect_attention(model, store, out, split=split, batch_size=batch_size, images=images,

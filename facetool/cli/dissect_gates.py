@@ -33,7 +33,7 @@ def register(group: typer.Typer) -> None:
         Example: facetool dissect gates --model runs/aig/model.pt --store data/imdb.h5 --out runs/aig/dissect --attributes gender,age
         """
         from facetool.io import guard_output, next_free_folder, run_name
-        from facetool.methods.dissect import dissect_gates
+        from facetool.explainers.dissect import dissect_gates
 
         if out is None:
             out = next_free_folder("runs", f"dissect-{run_name(model)}")

@@ -36,7 +36,7 @@ def register(group: typer.Typer) -> None:
 
         Example: facetool dissect relevance --model runs/r18/model.pt --store data/synth.h5 --out runs/r18/relevance --method lrp --target label
         """
-        from facetool.methods.relevance import dissect_relevance
+        from facetool.explainers.relevance import dissect_relevance
 
         with console.status(f"explaining {model.name} with {method}"):
             res = dissect_relevance(model, store, out, method=method, target=target, reference=reference,
@@ -73,7 +73,7 @@ def register(group: typer.Typer) -> None:
 
         Example: facetool dissect generalisation --models runs/id0/model.pt,runs/id1/model.pt,runs/gender/model.pt --store data/synth.h5 --out runs/gen
         """
-        from facetool.methods.relevance import generalisation_matrix
+        from facetool.explainers.relevance import generalisation_matrix
 
         paths = [Path(p.strip()) for p in models.split(",") if p.strip()]
         with console.status(f"masking by {len(paths)} models' relevance"):

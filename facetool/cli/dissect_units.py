@@ -43,7 +43,7 @@ def register(group: typer.Typer) -> None:
         Example: facetool dissect units --model runs/gender/model.pt --store data/dict.h5 --layers layer3,layer4 --out dissect/
         """
         from facetool.errors import FacetoolError
-        from facetool.methods.dissect_units_report import dissect_to_folder
+        from facetool.explainers.units.report import dissect_to_folder
 
         from facetool.io import guard_output
 

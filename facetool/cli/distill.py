@@ -63,8 +63,8 @@ def register(app: typer.Typer) -> None:
         """
         from facetool.engine import TrainConfig
         from facetool.errors import FacetoolError
-        from facetool.methods.distill import METHODS
-        from facetool.methods.distill_run import distill
+        from facetool.trainers.distill import METHODS
+        from facetool.trainers.distill import distill
 
         from facetool.io import guard_output
 

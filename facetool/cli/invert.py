@@ -51,7 +51,7 @@ def invert_cmd(
     from facetool.data.transforms import normalize
     from facetool.errors import FacetoolError
     from facetool.io import atomic_path, guard_output, guard_run_folder, run_name, write_json
-    from facetool.methods import invert as inv
+    from facetool.explainers import invert as inv
     from facetool.models import load_model
 
     for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1), ("--seed", seed, 0)):

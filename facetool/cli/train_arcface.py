@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
         from facetool.engine import TrainConfig
         from facetool.errors import FacetoolError
         from facetool.io import guard_run_folder
-        from facetool.methods.arcface import parse_margins, resolve_network, train_arcface
+        from facetool.trainers.arcface import parse_margins, resolve_network, train_arcface
 
         name = resolve_network(network)
         out = guard_run_folder(out, f"arcface-{network}", inputs=(store, *val_bin), overwrite=overwrite, resume=resume)

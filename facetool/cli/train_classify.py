@@ -96,7 +96,8 @@ def register(app: typer.Typer) -> None:
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
             overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
             mechanism: str = "residual", init: Optional[Path] = None, att_channels: int = 0) -> None:
-        from facetool.engine import TrainConfig, train_on_store
+        from facetool.engine import TrainConfig
+        from facetool.trainers.classify import train_on_store
         from facetool.tasks import resolve_task
 
         out = _out(kind, _abn_arch(arch) if kind == "abn" else _arch(arch), out, (store,), overwrite, resume)
@@ -158,7 +159,7 @@ def register(app: typer.Typer) -> None:
 
         Example: facetool train resnet --store data/faces.h5 --arch resnet50 --epochs 30 --out runs/resnet50
         """
-        from facetool.engine import ClassificationMethod
+        from facetool.trainers.classify import ClassificationMethod
 
         run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
             warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
@@ -185,8 +186,8 @@ def register(app: typer.Typer) -> None:
 
         Example: facetool train aig --store data/faces.h5 --arch resnet50 --target 0.4 --epochs 30 --out runs/aig
         """
-        from facetool.methods.aig import AIGMethod, parse_target_schedule
-        from facetool.methods.aig import target_schedule as default_schedule
+        from facetool.trainers.aig import AIGMethod, parse_target_schedule
+        from facetool.trainers.aig import target_schedule as default_schedule
 
         def factory(model):
             L = model.num_gates
@@ -226,8 +227,8 @@ def register(app: typer.Typer) -> None:
         Example: facetool train iig --store data/faces.h5 --arch resnet50 --feature gender --out runs/iig
         """
         from facetool.errors import FacetoolError
-        from facetool.methods.aig import target_schedule as default_schedule
-        from facetool.methods.iig import IIGMethod, load_masks, make_masks
+        from facetool.trainers.aig import target_schedule as default_schedule
+        from facetool.trainers.iig import IIGMethod, load_masks, make_masks
         from facetool.store import FaceStore
 
         feats = [f.strip() for f in feature.split(",") if f.strip()]
@@ -275,7 +276,7 @@ def register(app: typer.Typer) -> None:
 
         Example: facetool train abn --store data/celeba.h5 --arch resnet101 --task attributes --epochs 10 --lr 0.01 --out runs/abn
         """
-        from facetool.methods.abn import ABNMethod
+        from facetool.trainers.abn import ABNMethod
         from facetool.models.abn import MECHANISMS
 
         if mechanism not in MECHANISMS:

@@ -78,7 +78,7 @@ def _match(sources: list[str]) -> dict[str, int]:
 def annotate_fairface(store: str | Path, csv_paths: Sequence[str | Path], *, in_place: bool = False) -> dict:
     """Write age/gender/race from FairFace CSVs into ``store``; returns counts per attribute, rows
     matched, and rows skipped because their image is not in the store."""
-    from facetool.annotate import open_for_update
+    from facetool.store import open_for_update
     from facetool.io import sha256_file
 
     if not csv_paths:

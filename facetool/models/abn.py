@@ -31,7 +31,7 @@ seed 1 of a glasses classifier gave one constant map for every image, a beard cl
 every bearded face); ``att_channels=16`` avoids it.
 
 ``attention_stride`` s: map cell (j, k) is centred on input pixel (s*j, s*k) (16 for ResNets, 8 for
-IR-ResNets; every conv and pool is "same"-padded) -- ``facetool.methods.attention.upsample_maps``
+IR-ResNets; every conv and pool is "same"-padded) -- ``facetool.explainers.attention.upsample_maps``
 places the maps on the image accordingly.
 
 Output: ONE tensor (B, C) of concatenated per-head logits (``facetool.tasks.split_logits``).

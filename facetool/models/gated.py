@@ -13,7 +13,7 @@ start, weights N(0, 0.001)). The block computes ``relu(shortcut(x) + z * F(x))``
 
 :class:`GatedResidual` is a :class:`~facetool.models.base.ConditionalBlock`, so FLOP counting and
 explainers see it through the model interface. The AIG *training method* (target schedule and loss,
-:class:`~facetool.methods.aig.AIGMethod`) lives in :mod:`facetool.methods.aig`, which re-exports
+:class:`~facetool.trainers.aig.AIGMethod`) lives in :mod:`facetool.trainers.aig`, which re-exports
 these names.
 """
 

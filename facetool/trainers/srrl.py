@@ -11,7 +11,7 @@ BN, ReLU) so that any student pairs with any teacher; the connected map is then
 
 Gradients of L_SR flow through W_T into the connector and the student; W_T itself is never updated
 (its parameters have ``requires_grad=False`` and are not in the optimizer). The full loss is
-``L = L_CE + alpha * L_FM + beta * L_SR`` with alpha = beta = 1 (:mod:`facetool.methods.distill`
+``L = L_CE + alpha * L_FM + beta * L_SR`` with alpha = beta = 1 (:mod:`facetool.trainers.distill`
 assembles it). The connector's ReLU is kept when the teacher's feature map is non-negative (ResNets,
 whose stages end in a ReLU, as in the reference code) and dropped otherwise (IR-ResNet and
 MobileFaceNet maps are signed; a ReLU there would make them unreachable).

@@ -1,6 +1,6 @@
 """Inversion loss terms ("priors"): the identity loss, the DeepInversion BN-statistics prior, total
 variation and l2 image priors, and the model priors (gate pattern, routing); :func:`attached` hooks
-them onto a frozen model for the duration of an inversion. Equations: :mod:`facetool.methods.invert`.
+them onto a frozen model for the duration of an inversion. Equations: :mod:`facetool.explainers.invert`.
 """
 
 from __future__ import annotations

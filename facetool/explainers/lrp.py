@@ -319,7 +319,7 @@ def _architecture(model: nn.Module) -> str:
 
 
 def _containers(arch: str) -> tuple[type, ...]:
-    from facetool.methods.aig import Gate, GatedResidual
+    from facetool.trainers.aig import Gate, GatedResidual
     from facetool.models.iresnet import IBasicBlock, IResNet
     from facetool.models.mobilefacenet import Bottleneck, ConvBN, MobileFaceNet
     from facetool.models.resnet import ResNet

@@ -26,9 +26,9 @@ from typing import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from facetool.engine import ClassificationMethod
+from facetool.trainers.classify import ClassificationMethod
 from facetool.errors import FacetoolError
-from facetool.methods.aig import execution_rates, scaled_pins, target_loss
+from facetool.trainers.aig import execution_rates, scaled_pins, target_loss
 
 Masks = dict[str, dict[str, list[int]]]
 MASK_STYLES = ("alternating", "contiguous")
@@ -52,7 +52,7 @@ def make_masks(features: Mapping[str, Sequence[str]], num_blocks: int, style: st
     ``per_value`` is one number for every feature or one per feature (the paper's gender + age
     masks on ResNet-101 are 3 per gender value and 4 per age bracket: ``per_value=(3, 4)``).
     ``candidates`` defaults to the blocks the AIG target schedule leaves free (not pinned, see
-    :func:`facetool.methods.aig.scaled_pins`): e.g. blocks 3..14 of a 16-block ResNet-50."""
+    :func:`facetool.trainers.aig.scaled_pins`): e.g. blocks 3..14 of a 16-block ResNet-50."""
     if style not in MASK_STYLES:
         raise FacetoolError(f"unknown mask style {style!r}; use one of {', '.join(MASK_STYLES)}")
     per = [int(per_value)] if isinstance(per_value, int) else [int(k) for k in per_value]

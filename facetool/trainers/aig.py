@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from facetool.engine import ClassificationMethod
+from facetool.trainers.classify import ClassificationMethod
 from facetool.errors import FacetoolError
 from facetool.models.gated import Gate, GatedResidual, forced_gates, gated_blocks, set_skipping  # noqa: F401  (re-exported)
 

@@ -14,9 +14,9 @@ import torch
 import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
-from facetool.methods.dissect_units import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _Hooks, _model_input,
+from facetool.explainers.units.dissect import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _Hooks, _model_input,
                                              as_serialisable, compare_dissections, dissect_units, parse_layers)
-from facetool.methods.face_dictionary import FaceDictionary, landmark_polygons
+from facetool.explainers.units.dictionary import FaceDictionary, landmark_polygons
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}th{background:#eee}
@@ -221,7 +221,7 @@ def dissect_to_folder(
 
     from facetool.errors import require_file
     from facetool.io import guard_output, write_json, write_text
-    from facetool.methods.face_dictionary import load_dictionary
+    from facetool.explainers.units.dictionary import load_dictionary
     from facetool.models import load_model
 
     models = [Path(m) for m in models]

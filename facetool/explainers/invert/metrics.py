@@ -11,8 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from facetool.errors import FacetoolError
-from facetool.methods.invert.inputs import InversionInputs
-from facetool.methods.invert.optimise import InversionResult, embed
+from facetool.explainers.invert.inputs import InversionInputs
+from facetool.explainers.invert.optimise import InversionResult, embed
 
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

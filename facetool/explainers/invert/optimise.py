@@ -1,6 +1,6 @@
 """The inversion itself: :class:`InversionConfig`, the Adam loop with jitter, cosine decay, optional
 multi-resolution warm start, NaN guard and exact resume (:func:`invert`), and batching with model
-priors (:func:`invert_batches`). Equations: :mod:`facetool.methods.invert`.
+priors (:func:`invert_batches`). Equations: :mod:`facetool.explainers.invert`.
 """
 
 from __future__ import annotations
@@ -19,18 +19,8 @@ from torch import nn
 from facetool.data.transforms import denormalize
 from facetool.errors import FacetoolError
 from facetool.io import torch_load, torch_save
-from facetool.methods.invert.priors import (
-    BNStatsPrior,
-    GatePatternPrior,
-    IdentityLoss,
-    L2Prior,
-    Prior,
-    RoutingPrior,
-    TVPrior,
-    attached,
-    reference_internals,
-    require_internal,
-)
+from facetool.explainers.invert.priors import (BNStatsPrior, GatePatternPrior, IdentityLoss, L2Prior, Prior,
+                                               RoutingPrior, TVPrior, attached, reference_internals, require_internal)
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
 

@@ -8,7 +8,7 @@ the attention branch's with an ``att_`` prefix.
 
 from __future__ import annotations
 
-from facetool.engine import ClassificationMethod
+from facetool.trainers.classify import ClassificationMethod
 
 
 class ABNMethod(ClassificationMethod):

@@ -32,42 +32,18 @@ CPU budget: a batch of 8 at 112 px through an IR-ResNet-18 takes a few minutes o
 The package is split along its seams: :mod:`.priors` (the loss terms and hooking them onto a model),
 :mod:`.optimise` (configuration, the optimisation loop, resumable batches), :mod:`.inputs` (reading
 faces or embeddings to invert), :mod:`.metrics` (SSIM, cosines, pair verification) and :mod:`.grid`
-(the comparison image). Every public name is importable from ``facetool.methods.invert``.
+(the comparison image). Every public name is importable from ``facetool.explainers.invert``.
 """
 
-from facetool.methods.invert.grid import grid_image
-from facetool.methods.invert.inputs import IMAGE_SUFFIXES, InversionInputs, load_inputs
-from facetool.methods.invert.metrics import (
-    best_threshold_accuracy,
-    evaluate_inversion,
-    inverted_pairs,
-    pair_accuracy,
-    ssim,
-)
-from facetool.methods.invert.optimise import (
-    InversionConfig,
-    InversionDiverged,
-    InversionResult,
-    ProgressFn,
-    build_priors,
-    embed,
-    invert,
-    invert_batches,
-)
-from facetool.methods.invert.priors import (
-    BasePrior,
-    BNStatsPrior,
-    GatePatternPrior,
-    IdentityLoss,
-    L2Prior,
-    Prior,
-    RoutingPrior,
-    TVPrior,
-    attached,
-    neighbour_differences,
-    reference_internals,
-    require_internal,
-)
+from facetool.explainers.invert.grid import grid_image
+from facetool.explainers.invert.inputs import IMAGE_SUFFIXES, InversionInputs, load_inputs
+from facetool.explainers.invert.metrics import (best_threshold_accuracy, evaluate_inversion, inverted_pairs,
+                                                pair_accuracy, ssim)
+from facetool.explainers.invert.optimise import (InversionConfig, InversionDiverged, InversionResult, ProgressFn,
+                                                 build_priors, embed, invert, invert_batches)
+from facetool.explainers.invert.priors import (BasePrior, BNStatsPrior, GatePatternPrior, IdentityLoss, L2Prior, Prior,
+                                               RoutingPrior, TVPrior, attached, neighbour_differences,
+                                               reference_internals, require_internal)
 
 __all__ = [
     "BNStatsPrior",

@@ -1,6 +1,6 @@
 """Hierarchical Network Dissection (HND) of the units of any named layer, and bias discovery.
 
-Given a :class:`~facetool.methods.face_dictionary.FaceDictionary`, every unit (channel) of the
+Given a :class:`~facetool.explainers.units.dictionary.FaceDictionary`, every unit (channel) of the
 requested layers is paired with local concepts (parts / local attributes, grouped in facial
 regions) and global concepts (categorical attributes), as in Teotia et al., "Interpreting Face
 Inference Models using Hierarchical Network Dissection" (see ``shared/REFERENCE.md``):
@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
-from facetool.methods.face_dictionary import FaceDictionary, GlobalGroup
+from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
 
 MAX_PREDICTED_VALUES = 12
 

@@ -1,0 +1,145 @@
+"""Plain classification on the engine: :class:`ClassificationMethod` (softmax cross-entropy over
+identities or attribute heads), :func:`train_on_store` (a registered model trained on a face source,
+validated on its test split, ``result.json`` with dense and executed GFLOPs) and
+:func:`init_from_checkpoint` (``--init``). AIG, IIG and ABN build on :class:`ClassificationMethod`."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from facetool.engine import Method, TrainConfig, seed_everything, train
+from facetool.errors import FacetoolError
+from facetool.io import write_json
+
+
+class ClassificationMethod(Method):
+    """Softmax cross-entropy over identities; metrics top-1 / top-5 accuracy.
+
+    With an attribute ``task`` (:class:`facetool.tasks.Task`): one softmax cross-entropy per
+    attribute head over its known values (-1 ignored), averaged over heads; metrics ``acc_<name>``,
+    ``attr_acc`` and, given ``majority`` (the training split's majority codes), the majority-class
+    baselines ``base_<name>`` / ``attr_base`` beside them."""
+
+    name = "classify"
+    task = None  # facetool.tasks.Task | None (None = identity)
+    majority: list[int] | None = None
+    class_stats: dict | None = None
+
+    def __init__(self, task=None, majority=None, class_stats=None) -> None:
+        self.set_task(task, majority, class_stats)
+
+    def set_task(self, task=None, majority=None, class_stats=None) -> None:
+        self.task = None if task is None or task.is_identity else task
+        self.majority = list(majority) if majority is not None else None
+        self.class_stats = class_stats
+
+    def loss(self, model, batch, out, internals):
+        if self.task is not None:
+            from facetool.tasks import task_loss
+
+            return {"ce": task_loss(out, batch, self.task)}
+        return {"ce": nn.functional.cross_entropy(out.float(), batch["label"])}
+
+    def metrics(self, batch, out, internals):
+        if self.task is not None:
+            from facetool.tasks import task_metrics
+
+            return task_metrics(out, batch, self.task, self.majority)
+        return topk_accuracy(out, batch["label"])
+
+    def meta(self) -> dict:
+        if self.task is None:
+            return {}
+        return {"task": self.task.to_json(), "class_stats": self.class_stats or {}}
+
+
+def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+    k_max = min(max(ks), logits.shape[1])
+    top = logits.topk(k_max, dim=1).indices
+    hit = top == labels[:, None]
+    return {f"top{k}": float(hit[:, : min(k, k_max)].any(1).float().mean()) for k in ks}
+
+
+def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[int, int]:
+    """Copy the tensors of checkpoint ``path`` into ``model`` where names and shapes match; returns
+    (copied, left) counts. A checkpoint of which less than half of the tensors fit (another
+    architecture) is an error."""
+    from facetool.models.checkpoint import read_checkpoint
+
+    sd = read_checkpoint(Path(path))["state_dict"]
+    own = model.state_dict()
+    match = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape}
+    if len(match) * 2 < len(sd):
+        raise FacetoolError(f"--init {path}: only {len(match)} of its {len(sd)} tensors fit this model "
+                            "(another architecture or width?)")
+    model.load_state_dict(match, strict=False)
+    return len(match), len(own) - len(match)
+
+
+def train_on_store(store: str | Path, model_name: str, method_factory: Callable[[nn.Module], Method],
+                   cfg: TrainConfig, *, input_size: int | None = None, attributes: Sequence[str] = (),
+                   model_kwargs: dict | None = None, task: Any = None, init: str | Path | None = None) -> dict[str, Any]:
+    """Build train/test datasets of a face store and a registered model, train it with the method
+    returned by ``method_factory(model)`` (validating on the store's test split each epoch), and write
+    ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict.
+
+    ``task`` (:class:`facetool.tasks.Task`, default identity): an attribute task sizes the model's
+    output to the task (concatenated per-attribute logits), records it in ``model.config["task"]``,
+    and hands it with the training split's majority classes to the method (``set_task``).
+
+    ``init``: a checkpoint whose weights initialise the model where names and shapes match (the
+    classifier of another task or class count is left at its initialisation)."""
+    from facetool.data.dataset import FaceDataset
+    from facetool.flops import count_params, executed_flops, flops_summary
+    from facetool.models.registry import create_model
+
+    cfg.validate()
+    if input_size is not None and input_size < 1:
+        raise FacetoolError(f"--input-size must be a positive number of pixels, got {input_size}")
+    stats = None
+    if task is not None and not task.is_identity:
+        from facetool.tasks import class_stats
+
+        attributes = list(dict.fromkeys([*task.names, *attributes]))
+        stats = class_stats(store, task, "train")
+    train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
+    size = input_size or int(train_ds.image_size[0])
+    if len(train_ds) == 0:
+        raise FacetoolError(f"store {store} has no training images")
+    val_ds = FaceDataset(store, "test", attributes=attributes, size=input_size)
+    seed_everything(cfg.seed)
+    ncls = train_ds.num_classes if stats is None else task.num_outputs
+    model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))
+    if stats is not None:
+        model.config["task"] = task.to_json()
+    if init is not None:
+        init_from_checkpoint(model, init)
+    method = method_factory(model)
+    if stats is not None:
+        if not hasattr(method, "set_task"):
+            raise FacetoolError(f"method {method.name} trains identities only; use --task identity")
+        method.set_task(task, [stats[n]["majority_code"] for n in task.names], stats)
+    final = train(model, method, train_ds, cfg, val_ds if len(val_ds) else None)
+    result: dict[str, Any] = {"store": str(store), "model": dict(model.config), "method": method.name,
+                              "metrics": final, "params": count_params(model)}
+    if stats is not None:
+        result.update(task=task.to_json(), class_stats=stats)
+    if int(os.environ.get("RANK", "0")) == 0:
+        model.cpu()
+        result.update(flops_summary(model, size))
+        n = result["gated_blocks"]
+        for prefix in ("val_", "train_"):
+            rates = [final.get(f"{prefix}rate_{i:02d}") for i in range(n)]
+            if n and None not in rates:
+                result["exec_gflops"] = float(executed_flops(model, torch.tensor([rates]), size)[0]) / 1e9
+                break
+        write_json(Path(cfg.out) / "result.json", result)
+    return result
+
+
+__all__ = ["ClassificationMethod", "topk_accuracy", "train_on_store", "init_from_checkpoint"]
