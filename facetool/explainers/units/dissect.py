@@ -48,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
+from facetool.explainers.placement import upsample_maps
 from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
 
 MAX_PREDICTED_VALUES = 12
@@ -469,7 +470,7 @@ def dissect_units(
                     step = max(1, min(U, mem_elements // max(1, B * P)))
                     for u0 in range(0, U, step):
                         u1 = min(U, u0 + step)
-                        up = F.interpolate(a[:, u0:u1], size=(H, W), mode="bilinear", align_corners=False)
+                        up = upsample_maps(a[:, u0:u1], (H, W), (in_size or H, in_size or W))
                         m = (up > thr[name][u0:u1, None, None]).reshape(B, u1 - u0, P).float()
                         inter[name][u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
                         mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()

@@ -11,9 +11,9 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
+from facetool.explainers.placement import upsample_maps
 from facetool.explainers.units.dissect import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _Hooks, _model_input,
                                              as_serialisable, compare_dissections, dissect_units, parse_layers)
 from facetool.explainers.units.dictionary import FaceDictionary, landmark_polygons
@@ -111,7 +111,7 @@ def unit_maps(model, dictionary: FaceDictionary, layer: str, rows: Sequence[int]
                 rs = np.array(rows[a:a + batch_size])
                 b = dictionary.batch(rs)
                 model(_model_input(b.images, in_size, dev))
-                up = F.interpolate(hooks.out[layer].float(), size=(H, W), mode="bilinear", align_corners=False).cpu()
+                up = upsample_maps(hooks.out[layer].float(), (H, W), (in_size or H, in_size or W)).cpu()
                 for j, r in enumerate(rs):
                     out[int(r)] = up[j]
     finally:
