@@ -50,6 +50,54 @@ def test_similarity_transform_never_reflects():
     assert np.linalg.det(M[:, :2]) > 0  # a rotation, not a reflection
 
 
+def test_similarity_transform_pinned_values():
+    """A face's 5 points onto the 112 and 128 templates: the matrices 0.2.1 computed (its own Umeyama
+    code), to 1e-6; the crop is the warp by that matrix."""
+    lm = np.array([[101.3, 122.7], [151.9, 118.2], [128.4, 149.6], [108.8, 175.1], [149.5, 171.3]])
+    M = similarity_transform(lm, template(112))
+    np.testing.assert_allclose(M, [[0.7381054759, -0.0443456434, -31.9009208679],
+                                   [0.0443456434, 0.7381054759, -42.5565605164]], atol=1e-6)
+    np.testing.assert_allclose(similarity_transform(lm, template(128)),
+                               [[0.7381054759, -0.0443456434, -23.9009208679],
+                                [0.0443456434, 0.7381054759, -42.5565605164]], atol=1e-6)
+    img = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (260, 250, 3), dtype=np.uint8), (0, 0), 2)
+    crop, M2 = align_5pt(img, lm)  # takes the points as float32
+    np.testing.assert_array_equal(M2, similarity_transform(lm.astype(np.float32), template(112)))
+    np.testing.assert_allclose(M2, M, atol=2e-5)
+    np.testing.assert_array_equal(crop, cv2.warpAffine(img, M2, (112, 112), flags=cv2.INTER_LINEAR))
+
+
+def test_similarity_transform_is_scikit_image_estimate(monkeypatch):
+    from skimage.transform import SimilarityTransform
+
+    rng = np.random.default_rng(1)
+    for k in range(50):  # random, mirrored and collinear point sets
+        src = rng.normal(size=(5, 2)) * 50 + 100
+        dst = src * [-1, 1] if k % 3 == 0 else rng.normal(size=(5, 2)) * 30 + 56
+        if k % 5 == 0:
+            src[:, 1] = 2 * src[:, 0] + 1
+        want = SimilarityTransform.from_estimate(src, dst).params[:2]
+        np.testing.assert_allclose(similarity_transform(src, dst), want, rtol=0, atol=1e-4)
+    calls = []
+    real = SimilarityTransform.from_estimate.__func__
+    monkeypatch.setattr(SimilarityTransform, "from_estimate",
+                        classmethod(lambda cls, *a, **kw: calls.append(1) or real(cls, *a, **kw)))
+    similarity_transform(ARCFACE_DST, ARCFACE_DST * 2)
+    assert calls == [1]  # the estimate is scikit-image's
+
+
+def test_similarity_transform_degenerate_points():
+    same = np.full((5, 2), 7.0)
+    # no spread in src: the translation of the means (scale 1); no spread in dst: everything onto its mean
+    np.testing.assert_allclose(similarity_transform(same, ARCFACE_DST), [[1, 0, 56.02616 - 7], [0, 1, 71.90078 - 7]],
+                               atol=1e-4)
+    np.testing.assert_allclose(similarity_transform(ARCFACE_DST, same), [[0, 0, 7], [0, 0, 7]], atol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        similarity_transform(np.full((5, 2), np.nan), ARCFACE_DST)
+    with pytest.raises(ValueError, match=r"\(n,2\)"):
+        similarity_transform(ARCFACE_DST[:1], ARCFACE_DST[:1])
+
+
 def test_template_sizes():
     np.testing.assert_allclose(template(112), ARCFACE_DST)
     np.testing.assert_allclose(template(224), ARCFACE_DST * 2)
