@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,7 @@ import pytest
 
 from facetool.detect import ARCFACE_DST, RetinaFace, align_5pt, bbox_crop, read_rgb, similarity_transform, transform_points
 from facetool.detect.align import template
-from facetool.detect.retinaface import anchor_centres, decode_biubug6, prior_boxes
+from facetool.detect.retinaface import anchor_centres, decode_biubug6, nms, prior_boxes
 from facetool.errors import FacetoolError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -248,13 +250,58 @@ def test_unsupported_detector_is_one_line_error(tmp_path):
 
 
 def test_nms_hand_example():
-    from facetool.detect.retinaface import nms
-
     boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 5]], float)
     scores = np.array([0.9, 0.95, 0.5, 0.8])
     # box1 vs box0: IoU 90/110 = 0.82 -> dropped; box3 vs box1: inter 45, union 100+50-45 = 105 -> 0.43 > 0.4
     assert nms(boxes, scores, 0.4).tolist() == [1, 2]
     assert nms(boxes, scores, 0.5).tolist() == [1, 3, 2]
+
+
+def _nms_brute_force(boxes, scores, thr):
+    """Greedy NMS spelled out: best score first (ties: lower index), keep a box unless its IoU with a kept
+    box exceeds ``thr``."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union
+
+    keep = []
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        if all(iou(boxes[i].tolist(), boxes[k].tolist()) <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nms_matches_brute_force_on_random_boxes(dtype, monkeypatch):
+    import torchvision.ops
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(1, 120))
+        c = rng.uniform(0, 200, (n, 2)) if trial % 2 else rng.uniform(90, 110, (n, 2))  # sparse / crowded
+        wh = rng.uniform(5, 60, (n, 2))
+        boxes = np.concatenate([c - wh / 2, c + wh / 2], 1).astype(dtype)
+        scores = rng.uniform(0, 1, n)
+        if trial % 4 == 0:
+            scores = np.round(scores, 1)  # many ties: index order
+        for thr in (0.3, 0.4, 0.7):
+            got = nms(boxes, scores, thr)
+            assert got.dtype == np.int64
+            assert got.tolist() == _nms_brute_force(boxes.astype(np.float64), scores, thr), (trial, thr)
+    assert nms(np.zeros((0, 4), dtype), np.zeros(0), 0.4).tolist() == []
+    calls = []
+    real = torchvision.ops.nms
+    monkeypatch.setattr(torchvision.ops, "nms", lambda *a: calls.append(1) or real(*a))
+    nms(boxes, scores, 0.4)
+    assert calls == [1]  # the suppression is torchvision's
+
+
+def test_nms_keeps_torch_out_of_the_detector_import():
+    code = "import sys, facetool.detect.retinaface; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_detector_without_landmarks_is_refused_for_alignment(tmp_path):
