@@ -95,7 +95,7 @@ def register(app: typer.Typer) -> None:
             batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
             grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
             overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
-            mechanism: str = "residual", init: Optional[Path] = None, att_channels: int = 0) -> None:
+            mechanism: str = "residual", init: Optional[Path] = None, att_channels: Optional[int] = None) -> None:
         from facetool.engine import TrainConfig
         from facetool.trainers.classify import train_on_store
         from facetool.tasks import resolve_task
@@ -105,8 +105,11 @@ def register(app: typer.Typer) -> None:
         if kind == "abn":
             name = "abn_" + _abn_arch(arch)
             kw = {"width": width, "heads": list(t.classes), "mechanism": mechanism}
-            if att_channels:
-                kw["att_channels"] = att_channels
+            from facetool.models.abn import att_channels_option
+
+            k = att_channels_option(att_channels, t.num_outputs)
+            if k is not None:
+                kw["att_channels"] = k
         else:
             name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
             kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
@@ -260,9 +263,11 @@ def register(app: typer.Typer) -> None:
             mechanism: str = typer.Option("residual", "--mechanism",
                                           help="residual: perception sees (1+M)*g (paper Eq. 2); multiply: M*g (Eq. 1)."),
             attention_weight: float = typer.Option(1.0, "--attention-weight", help="Weight of CE(attention branch)."),
-            att_channels: int = typer.Option(0, "--att-channels", help="Width K of the attention branch's ReLU "
-                                             "bottleneck (0 = the number of outputs, as in the paper; 16 keeps a "
-                                             "binary attribute's bottleneck from dying)."),
+            att_channels: Optional[int] = typer.Option(
+                None, "--att-channels", show_default=False,
+                help="Width K of the attention branch's ReLU bottleneck. Default: max(number of outputs, 16), which "
+                     "keeps a binary attribute's bottleneck from dying; 0 = the number of outputs, as in the paper "
+                     "(and 0.2.1's default: a 0.2.1 run started without this option resumes with 0)."),
             epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
             weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
             grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
@@ -281,8 +286,9 @@ def register(app: typer.Typer) -> None:
 
         if mechanism not in MECHANISMS:
             raise FacetoolError(f"unknown --mechanism {mechanism!r}; use one of {', '.join(MECHANISMS)}")
-        if att_channels < 0:
-            raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs), got {att_channels}")
+        if att_channels is not None and att_channels < 0:
+            raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs, as in the paper), "
+                                f"got {att_channels}")
         if not attention_weight >= 0:
             raise FacetoolError(f"--attention-weight must be >= 0, got {attention_weight}")
         run("abn", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facetool.engine import Method, TrainConfig, train
+from facetool.engine import Method, TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError
 from facetool.models.heads import MARGINS, create_head
 
@@ -174,6 +174,7 @@ def train_arcface(
     for b in val_bins:
         require_file(b, "verification pack")
     name = resolve_network(network)
+    seed_everything(cfg.seed)  # --seed decides the backbone's and the margin head's initial weights
     try:
         model = create_model(name, embedding_size=embedding_size, input_size=input_size, **(model_kwargs or {}))
     except TypeError as e:  # a registry model that is not a recognition backbone
