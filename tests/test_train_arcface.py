@@ -64,7 +64,7 @@ def test_options_and_errors(cli, tmp_path):
 def test_seed_decides_the_initial_weights(tmp_path, monkeypatch):
     """train_arcface seeds before it builds the backbone and the margin head: the weights it hands to the
     engine depend on --seed only, not on what ran before in the process."""
-    import facetool.methods.arcface as arc
+    import facetool.trainers.arcface as arc
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import TrainConfig
 
