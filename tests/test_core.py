@@ -123,3 +123,34 @@ def test_ddp_prefixed_state_dict_loads(tmp_path):
     m2 = load_model(tmp_path / "ddp.pth", name="_test_tiny")
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(m(x), m2(x))
+
+
+def test_recipe_set_values_are_one_argument_and_variables_follow_them(tmp_path):
+    """W4: a --set value with spaces stays one argument; `store = "{out}/s.h5"` follows --set out=...;
+    a variable holding several arguments is split as the recipe's own; unknown names and circles are refused."""
+    r = tmp_path / "r.toml"
+    r.write_text('[vars]\nout = "runs/x"\nstore = "{out}/s.h5"\nopts = "--json --limit 3"\n'
+                 '[[step]]\nrun = "info {store} {opts}"\n')
+    _, steps = load_recipe(r, {"out": "my runs/it's here"})
+    assert steps[0].argv == ["info", "my runs/it's here/s.h5", "--json", "--limit", "3"]
+    _, steps = load_recipe(r, {"opts": "--json --limit 5"})
+    assert steps[0].argv == ["info", "runs/x/s.h5", "--json", "--limit", "5"]
+    _, steps = load_recipe(r, {"out": "{braces}"})
+    assert steps[0].argv[1] == "{braces}/s.h5"
+    with pytest.raises(FacetoolError, match="no variable 'ot'.*opts, out, store"):
+        load_recipe(r, {"ot": "x"})
+    r.write_text('[vars]\na = "{b}"\nb = "{a}"\n[[step]]\nrun = "info {a}"\n')
+    with pytest.raises(FacetoolError, match="circle"):
+        load_recipe(r)
+
+
+def test_shipped_recipes_put_every_output_under_out(tmp_path):
+    """W4: --set out=DIR moves every path the synthetic recipes write (their stores too)."""
+    from pathlib import Path
+
+    for name in ("quickstart", "abn_synthetic", "distill_synthetic", "relevance_generalisation"):
+        _, steps = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.toml", {"out": str(tmp_path / "o")})
+        for s in steps:
+            for flag in ("--out", "--store", "--json"):
+                if flag in s.argv:
+                    assert s.argv[s.argv.index(flag) + 1].startswith(str(tmp_path / "o")), (name, s.argv)

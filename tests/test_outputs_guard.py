@@ -375,6 +375,11 @@ def test_recipe_passes_ctrl_c_through_and_suggests_resume(tmp_path, cli, monkeyp
     assert r.exit_code == 0 and "--resume" in r.output and "--overwrite" not in r.output.replace("\n", " ")
     r = cli("recipe", recipe, "--from-step", "3")
     assert r.exit_code == 2 and "--from-step must be in 1..1" in r.output
+    # W3: the advice repeats the --set values (quoted), so following it continues the same run
+    recipe.write_text('[vars]\nout = "default"\n[[step]]\nname = "faces"\nrun = "prepare synthetic --out {out}/s.h5 --overwrite"\n')
+    r = cli("recipe", recipe, "--set", f"out={tmp_path}/my runs")
+    assert r.exit_code == 130, r.output
+    assert f"--set 'out={tmp_path}/my runs' --from-step 1 --resume" in " ".join(r.output.split())
 
 
 @pytest.mark.slow
