@@ -154,3 +154,29 @@ def test_shipped_recipes_put_every_output_under_out(tmp_path):
             for flag in ("--out", "--store", "--json"):
                 if flag in s.argv:
                     assert s.argv[s.argv.index(flag) + 1].startswith(str(tmp_path / "o")), (name, s.argv)
+
+
+def test_ctrl_c_swallowed_in_a_weakref_callback_still_ends_the_command_with_130(capfd):
+    """C1: a KeyboardInterrupt raised inside a weakref callback is only printed by Python ("Exception
+    ignored"); the command must still end as interrupted (exit 130), not with exit 0."""
+    import signal
+    import weakref
+
+    import typer
+
+    from facetool.cli.common import guarded
+
+    class Thing:
+        pass
+
+    @guarded
+    def command():
+        t = Thing()
+        weakref.finalize(t, signal.raise_signal, signal.SIGINT)
+        del t  # the callback runs here; its KeyboardInterrupt is swallowed
+        return "finished"
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    assert e.value.exit_code == 130
+    assert "interrupted" in capfd.readouterr().err
