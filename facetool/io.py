@@ -268,13 +268,35 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch's message is long; the line naming the refused global is the useful one
-        why = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), lines[0] if lines else "unsafe content")
-        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {clip_message(why, 200)})") from None
+        raise FacetoolError(f"{what} {p} " + _weights_only_reason(str(e))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {clip_message(first, 200)}") from None
+
+
+def _weights_only_reason(message: str) -> str:
+    """What torch's weights_only refusal means, in one clause (never its multi-paragraph advice): a
+    pickle naming a global that exists is unsafe content; one naming a global that does not exist, or
+    failing otherwise, is a damaged (e.g. truncated) file."""
+    import importlib
+    import re
+
+    why = next((ln.strip() for ln in message.splitlines() if "WeightsUnpickler error:" in ln), "")
+    why = why.split("WeightsUnpickler error:", 1)[-1].strip() or clip_message(message.strip().splitlines()[0], 200)
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        module, _, attr = m.group(1).rpartition(".")
+        try:
+            exists = bool(module) and hasattr(importlib.import_module(module), attr)
+        except Exception:  # noqa: BLE001 - an unknown module: not a real global either
+            exists = False
+        if exists:
+            return (f"is not a plain weights file: it asks to run {m.group(1)} when unpickled, which facetool "
+                    "refuses (only tensors, numbers, strings and containers load)")
+    if "weights_only" in why:  # torch's advice, no reason given: keep none of it
+        why = "its pickle does not read back"
+        return f"is corrupt or truncated (its pickle names {m.group(1)!r}, which does not exist)"
+    return f"is corrupt or truncated ({clip_message(why, 160)})"
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -305,6 +327,10 @@ def restricted_loads(data: bytes, encoding: str = "bytes") -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as e:
-        raise FacetoolError(f"refused to load pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise FacetoolError(f"corrupt pickle: {type(e).__name__}: {e}") from None
+        if str(e).startswith("refused global "):
+            name = str(e).removeprefix("refused global ")
+            raise FacetoolError(f"is not a plain data file: it asks to run {name} when unpickled, which facetool "
+                                "refuses (only lists, tuples, bytes, numbers and strings load)") from None
+        raise FacetoolError(f"is corrupt or truncated: {clip_message(str(e), 160)}") from None
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, MemoryError) as e:
+        raise FacetoolError(f"is corrupt or truncated: {type(e).__name__}: {clip_message(str(e), 160)}") from None

@@ -50,8 +50,11 @@ def test_restricted_unpickler_refuses_code():
             return (os.system, ("echo pwned > /tmp/facetool_pwned",))
 
     data = pickle.dumps(([b"img"], Evil()))
-    with pytest.raises(FacetoolError, match="refused"):
+    with pytest.raises(FacetoolError, match="asks to run posix.system when unpickled, which facetool refuses"):
         restricted_loads(data)
+    ok = pickle.dumps(([b"a", b"b"], [True]), protocol=2)
+    with pytest.raises(FacetoolError, match="is corrupt or truncated"):  # damage is not a refusal
+        restricted_loads(ok[: len(ok) // 2])
     assert not os.path.exists("/tmp/facetool_pwned")
     assert restricted_loads(pickle.dumps(([b"a", b"b"], [True]), protocol=2)) == ([b"a", b"b"], [True])
 
@@ -91,6 +94,39 @@ def test_torch_load_refuses_pickled_code_and_corrupt(tmp_path):
     c.write_bytes(b"PK\x03\x04 not really")
     with pytest.raises(FacetoolError, match="corrupt"):
         torch_load(c)
+
+
+def test_truncated_checkpoints_are_called_damaged_in_one_short_line(tmp_path):
+    """Damage (a truncated pickle inside the zip, a truncated legacy file) is reported as corrupt or
+    truncated, in one line without PyTorch's weights_only advice; real code in a pickle stays refused."""
+    import zipfile
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"a": torch.zeros(100)}, ok)
+    bad = tmp_path / "cut.pt"
+    with zipfile.ZipFile(ok) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for it in zin.infolist():
+            b = zin.read(it.filename)
+            zout.writestr(it, b[: len(b) // 2] if it.filename.endswith("data.pkl") else b)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"a": torch.zeros(100)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:60])
+    for p in (bad, legacy):
+        with pytest.raises(FacetoolError) as e:
+            torch_load(p)
+        msg = str(e.value)
+        assert "corrupt" in msg and str(p) in msg and "\n" not in msg and len(msg) < 400, msg
+        assert "weights_only" not in msg and "trusted source" not in msg, msg
+
+
+def test_bin_pack_errors_name_the_file(tmp_path):
+    from facetool.eval.verification import load_bin
+
+    p = tmp_path / "lfw.bin"
+    data = pickle.dumps(([b"a", b"b"], [True]), protocol=2)
+    p.write_bytes(data[:10])
+    with pytest.raises(FacetoolError, match=f"verification pack {p} is corrupt or truncated"):
+        load_bin(p)
 
 
 def test_recipe_variables_and_errors(tmp_path):
