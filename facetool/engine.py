@@ -127,6 +127,33 @@ class TrainConfig:
         d["milestones"] = list(self.milestones)
         return d
 
+    @classmethod
+    def from_options(cls, opts: Any, *, out: Path, extra: dict | None = None) -> "TrainConfig":
+        """The config of the command-line training options (``facetool.cli.options.TrainOptions``, or
+        any object with those attributes): 0 means off / all for ``grad_clip`` and ``max_steps``,
+        ``milestones`` is the typed text (or a sequence), ``lr_gamma`` is the step schedule's ``gamma``.
+        Checked here (FacetoolError naming the option), so a bad value fails before any work."""
+        ms = opts.milestones
+        if isinstance(ms, str):
+            try:
+                ms = tuple(float(x) for x in ms.split(",") if x.strip())
+            except ValueError:
+                raise FacetoolError(f"--milestones needs numbers separated by commas, got {opts.milestones!r}") from None
+        if not all(math.isfinite(m) and m >= 0 for m in ms):
+            raise FacetoolError(f"--milestones must be epochs >= 0, got {opts.milestones!r}")
+        if opts.log_every < 0:
+            raise FacetoolError(f"--log-every must be >= 0 (0 = never), got {opts.log_every}")
+        if not (opts.lr_gamma > 0 and math.isfinite(opts.lr_gamma)):
+            raise FacetoolError(f"--lr-gamma must be a positive number, got {opts.lr_gamma}")
+        cfg = cls(out=Path(out), epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, momentum=opts.momentum,
+                  weight_decay=opts.weight_decay, schedule=opts.schedule, milestones=tuple(ms), gamma=opts.lr_gamma,
+                  warmup_epochs=opts.warmup_epochs, amp=opts.amp, seed=opts.seed, workers=opts.workers,
+                  grad_clip=opts.grad_clip or None, resume=opts.resume, overwrite=opts.overwrite,
+                  log_every=opts.log_every, max_steps=opts.max_steps or None, flip=opts.flip,
+                  val_every=opts.val_every, extra=dict(extra or {}))
+        cfg.validate()
+        return cfg
+
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""

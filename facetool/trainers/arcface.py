@@ -26,9 +26,9 @@ from facetool.engine import Method, TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError
 from facetool.models.heads import MARGINS, create_head
 
-#: short network names (arcface_torch's) -> registry names
-NETWORKS = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-            "r200": "iresnet200", "mbf": "mobilefacenet"}
+#: the registry family (facetool.models.registry) --network names; arcface_torch's short names (r50, mbf)
+#: are its aliases
+NETWORK_FAMILY = "recognition"
 LOSSES = ("arcface", "cosface", "softmax")
 
 
@@ -124,7 +124,11 @@ def _verify_bin(model: nn.Module, path: Path, pack, batch_size: int, device: tor
 
 
 def resolve_network(network: str) -> str:
-    return NETWORKS.get(network, network)
+    """The registered recognition backbone ``--network`` names (``r50`` -> ``iresnet50``, ``mbf`` ->
+    ``mobilefacenet``); anything else is a FacetoolError listing the names."""
+    from facetool.models.registry import resolve_model_name
+
+    return resolve_model_name(network, family=NETWORK_FAMILY, option="--network")
 
 
 def parse_margins(text: str | None) -> tuple[float, float, float] | None:
