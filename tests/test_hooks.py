@@ -1,4 +1,5 @@
-"""facetool.hooks: taps and set-and-restore leave the model exactly as it was, also after an error."""
+"""facetool.hooks: taps and set-and-restore leave the model exactly as it was, also after an error,
+and the context managers built on them (ABN loop, AIG skipping, inversion) do too."""
 
 from __future__ import annotations
 
@@ -135,3 +136,39 @@ def test_eval_mode_and_frozen_restore_each_module():
             raise KeyError
     assert [x.training for x in m.modules()] == flags and [p.requires_grad for p in m.parameters()] == grads
 
+
+def test_abn_loop_and_aig_skipping_restored_on_error():
+    from facetool.models.abn import ABN, per_attribute_loop
+    from facetool.models.gated import gated_blocks, set_skipping
+
+    abn = create_model("abn_resnet18", num_classes=5, heads=[2, 3], input_size=32, width=4)
+    with pytest.raises(RuntimeError):
+        with per_attribute_loop(abn):
+            assert all(m.loop for m in abn.modules() if isinstance(m, ABN))
+            raise RuntimeError
+    assert not any(m.loop for m in abn.modules() if isinstance(m, ABN))
+    aig = create_model("aig_resnet18", num_classes=3, width=4, input_size=32)
+    blocks = gated_blocks(aig)
+    with pytest.raises(RuntimeError):
+        with set_skipping(aig, False):
+            assert blocks and not any(b.skip for b in blocks)
+            raise RuntimeError
+    # back to the class default, not an instance copy of it: the model is as it was built
+    assert all(b.skip and "skip" not in vars(b) for b in blocks)
+
+
+def test_inversion_restores_each_modules_mode_and_grads():
+    from facetool.explainers.invert.optimise import embed
+    from facetool.explainers.invert.priors import attached, reference_internals
+
+    m = create_model("aig_resnet18", num_classes=3, width=4, input_size=32).train()
+    m.bn1.eval()  # frozen stem BN in a training model
+    m.fc.weight.requires_grad_(False)
+    flags = {n: x.training for n, x in m.named_modules()}
+    grads = {n: p.requires_grad for n, p in m.named_parameters()}
+    with attached(m, []):
+        assert not m.training and not any(p.requires_grad for p in m.parameters())
+    reference_internals(m, torch.randn(2, 3, 32, 32))
+    embed(m, torch.randn(2, 3, 32, 32))
+    assert {n: x.training for n, x in m.named_modules()} == flags
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == grads
