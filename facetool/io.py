@@ -94,6 +94,10 @@ def _existing_ancestor(p: Path) -> Path:
     return q
 
 
+#: file suffixes of a face store / feature cache (HDF5)
+STORE_SUFFIXES = (".h5", ".hdf5")
+
+
 def guard_output(
     path: str | Path,
     *,
@@ -103,10 +107,15 @@ def guard_output(
     is_dir: bool = False,
     owner: str | None = None,
     resumable: bool = False,
+    suffix: "str | tuple[str, ...] | None" = None,
 ) -> Path:
     """THE check every command runs on each output path before it writes anything.
 
-    * never an input of the same command (refused even with ``--overwrite``);
+    * never an input of the same command, never an existing file inside an input folder (a dataset
+      root), and a run folder (``resumable``) never holds an input (``--init``, a teacher): refused
+      even with ``--overwrite``;
+    * ``suffix``: the output's required file suffix(es) (``.h5`` for stores, ``.json`` for reports ...), so
+      a typo cannot turn a checkpoint or an image into a store;
     * an existing file or non-empty folder is not replaced without ``--overwrite``, except a file this
       command wrote there earlier: with ``owner`` (the command and what identifies its result, e.g.
       ``"eval ijbc model=/abs/runs/a/model.pt"``) a file recorded with the same owner and unchanged since
@@ -130,6 +139,15 @@ def guard_output(
             same = False
         if same or p.resolve() == ip.resolve():
             raise FacetoolError(f"{option} {p} is also an input of this command; choose another output path")
+        if ip.is_dir() and p.exists() and not p.is_dir() and ip.resolve() in p.resolve().parents:
+            raise FacetoolError(f"{option} {p} is a file of the input folder {ip}; choose a path outside it")
+        if is_dir and resumable and p.resolve() in ip.resolve().parents:  # a run folder replaces its files
+            raise FacetoolError(f"{option} {p} holds the input {ip}; writing the run there would replace it: "
+                                "choose another folder")
+    if suffix is not None and not is_dir:
+        allowed = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+        if p.suffix.lower() not in allowed:
+            raise FacetoolError(f"{option} {p} must end in {' or '.join(allowed)}")
     if p.exists() or p.is_symlink():
         if is_dir and not p.is_dir():
             raise FacetoolError(f"{option} {p} is a file, not a folder; give a new or empty folder")

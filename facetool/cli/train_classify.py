@@ -100,7 +100,7 @@ def register(app: typer.Typer) -> None:
         from facetool.tasks import resolve_task
 
         name = _model_name(kind, arch)
-        out = _out(kind, name, out, (store,), train)
+        out = _out(kind, name, out, (store, init), train)
         t = resolve_task(task, store)
         if kind == "abn":
             kw = {"width": width, "heads": list(t.classes), "mechanism": mechanism}
