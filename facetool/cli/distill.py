@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -88,7 +87,9 @@ def register(app: typer.Typer) -> None:
                           weight_decay=weight_decay, schedule=schedule, milestones=ms, warmup_epochs=warmup_epochs,
                           amp=amp, seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume,
                           overwrite=overwrite, max_steps=max_steps or None, flip=flip)
-        main = int(os.environ.get("RANK", "0")) == 0
+        from facetool.distributed import is_main
+
+        main = is_main()
         result = distill(
             m, store=store, student=student, cfg=cfg, teacher=teacher, teacher_heads=teacher_head,
             teacher_loss=teacher_loss, teacher_scale=teacher_scale, student_loss=student_loss,
