@@ -202,3 +202,26 @@ def test_class_sharded_module_on_two_gloo_processes(tmp_path):
     torch.save(st, cut / "last.pt")
     with pytest.raises(FacetoolError, match="last.rank0.pt .* is missing"):
         train(_backbone(), ShardedSoftmax(), ds, _cfg(cut, resume=True), val)
+
+
+class Replicated(ShardedSoftmax):
+    """The same classifier as an ordinary (replicated) method module."""
+
+    def sharded_modules(self):
+        return {}
+
+    def modules(self):
+        return {"fc": self.fc}
+
+
+def test_sharded_modules_are_optimised_and_clipped_like_replicated_ones_in_one_process(tmp_path):
+    """One process: a sharded module takes the same steps as a replicated one (own optimizer, same
+    settings), also when the gradient norm is clipped over both groups."""
+    ds, _ = _data()
+    a, b = ShardedSoftmax(), Replicated()
+    ma, mb = _backbone(), _backbone()
+    train(ma, a, ds, _cfg(tmp_path / "a", epochs=1, grad_clip=0.05))
+    train(mb, b, ds, _cfg(tmp_path / "b", epochs=1, grad_clip=0.05))
+    assert torch.allclose(a.fc.weight, b.fc.weight, atol=1e-6)
+    assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ma.parameters(), mb.parameters()))
+    assert not torch.equal(a.fc.weight, ShardedSoftmax().fc.weight)  # it did learn (slowly: clipped)
