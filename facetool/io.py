@@ -175,15 +175,23 @@ def guard_run_folder(out: "str | Path | None", default_stem: str, *, inputs=(), 
     """A training-style run folder: ``out``, or ``<parent>/<default_stem>-<n>`` (the next free n); guarded
     (a new or empty folder, or ``--overwrite``/``--resume``). Under ``torchrun`` every rank must name the
     same folder, so ``--out`` is required there and only rank 0 checks that it is free."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = launch_rank()
+    distributed = world > 1
     if out is None:
         if resume:
             raise FacetoolError("--resume needs --out RUN_FOLDER (the run to continue)")
         if distributed:
             raise FacetoolError("under torchrun give --out RUN_FOLDER (every process must write the same run)")
         out = next_free_folder(parent, default_stem)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    return guard_output(out, inputs=inputs, overwrite=overwrite or resume or not rank0, is_dir=True, resumable=True)
+    return guard_output(out, inputs=inputs, overwrite=overwrite or resume or rank != 0, is_dir=True, resumable=True)
+
+
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` that ``torchrun`` put in the environment (``(0, 1)`` outside it). Read before any
+    process group exists (run folders are guarded first); :mod:`facetool.distributed` builds on it."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    return int(os.environ["RANK"]), max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def next_free_folder(parent: str | Path, stem: str) -> Path:

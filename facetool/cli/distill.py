@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -72,7 +71,9 @@ def register(app: typer.Typer) -> None:
                 raise FacetoolError(f"--hint needs TEACHER_STAGE,STUDENT_STAGE (e.g. layer2,layer2), got {hint!r}")
             hint_pair = (parts[0], parts[1])
         cfg = TrainConfig.from_options(train, out=out)
-        main = int(os.environ.get("RANK", "0")) == 0
+        from facetool.distributed import is_main
+
+        main = is_main()
         result = distill(
             m, store=store, student=student, cfg=cfg, teacher=teacher, teacher_heads=teacher_head,
             teacher_loss=teacher_loss, teacher_scale=teacher_scale, student_loss=student_loss,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -114,7 +113,9 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig.from_options(train, out=out)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
                                 model_kwargs=kw, task=t, init=init)
-        if int(os.environ.get("RANK", "0")) == 0:
+        from facetool.distributed import is_main
+
+        if is_main():
             _show(f"train {kind} ({name}) -> {out}", result)
 
     store_o = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5); train split trains, test split validates. [env FACETOOL_STORE]")

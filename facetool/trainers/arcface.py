@@ -13,7 +13,6 @@ the backbone) and ``backbone.pth`` (plain state_dict, arcface_torch-compatible f
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -108,6 +107,9 @@ class ArcFaceMethod(Method):
             row.update(_verify_bin(model, path, self._packs[path], self.eval_batch_size, device))
         return row
 
+    def log_keys(self) -> tuple[str, ...]:
+        return (*super().log_keys(), "lfw*")  # the LFW pack's verification accuracy, when validated on one
+
     def meta(self) -> dict:
         return {"loss": self.loss_name, "margins": list(self.margins) if self.margins else None, "s": self.s,
                 "num_classes": self.num_classes}
@@ -161,6 +163,7 @@ def train_arcface(
     """Train ``network`` with a margin head on ``store``'s train split; the test split (if any) is the
     validation set and gives the pair statistics. Writes the engine outputs plus ``backbone.pth``."""
     from facetool.data.dataset import FaceDataset
+    from facetool.distributed import is_main
     from facetool.errors import require_file
     from facetool.io import torch_save
     from facetool.models import create_model
@@ -200,6 +203,6 @@ def train_arcface(
                            eval_batch_size=cfg.batch_size)
     cfg.extra = {**cfg.extra, "store": str(store), "network": name, "loss": loss}
     result = train(model, method, train_ds, cfg, val_ds)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main():
         torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(cfg.out) / "backbone.pth")
     return result

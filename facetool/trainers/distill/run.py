@@ -11,13 +11,13 @@ engine's outputs (``model.pt`` is an ordinary facetool checkpoint of the student
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from facetool.distributed import is_main
 from facetool.engine import TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError, require_file
 from facetool.models.registry import list_models, model_family, resolve_model_name
@@ -173,7 +173,7 @@ def distill(
     result: dict[str, Any] = {"method": kind, "store": str(store), "teacher": str(teacher) if teacher else None,
                               "student": dict(model.config), "weights": weights, "metrics": final, "notes": notes,
                               "distill": method.meta()["distill"]}
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main():
         return result
     device = next(model.parameters()).device
     trans = None
