@@ -156,7 +156,9 @@ class EpochSampler(Sampler[int]):
             idx = torch.randperm(self.n, generator=g).tolist()
         else:
             idx = list(range(self.n))
-        idx += idx[: self.per_rank * self.world - self.n]  # pad so that ranks get equal shares
+        total = self.per_rank * self.world
+        while len(idx) < total:  # pad (cycling, as often as needed when n < world) so ranks get equal shares
+            idx += idx[: total - len(idx)]
         return idx[self.rank :: self.world]
 
     def __iter__(self) -> Iterator[int]:

@@ -225,3 +225,14 @@ def test_sharded_modules_are_optimised_and_clipped_like_replicated_ones_in_one_p
     assert torch.allclose(a.fc.weight, b.fc.weight, atol=1e-6)
     assert all(torch.allclose(x, y, atol=1e-6) for x, y in zip(ma.parameters(), mb.parameters()))
     assert not torch.equal(a.fc.weight, ShardedSoftmax().fc.weight)  # it did learn (slowly: clipped)
+
+
+def test_epoch_sampler_pads_every_rank_even_with_fewer_items_than_half_the_ranks():
+    """n = 1 item over 4 ranks: every rank gets one index (the padding cycles); before, ranks 2 and 3
+    got none and the ranks fell out of step."""
+    from facetool.distributed import EpochSampler
+
+    for n, world in ((1, 4), (2, 5), (3, 8), (10, 3)):
+        shares = [list(EpochSampler(n, seed=0, rank=r, world=world)) for r in range(world)]
+        assert all(len(s) == -(-n // world) for s in shares), (n, world, shares)
+        assert set(sum(shares, [])) == set(range(n))
