@@ -155,8 +155,6 @@ class DistillMethod(Method):
     # the loss -------------------------------------------------------------------------------------
     def loss(self, model, batch, out, internals):
         w, kind = self.weights, self.kind
-        for m in self.modules().values():  # the engine validates with the model in eval mode: follow it
-            m.train(model.training)
         terms: dict[str, Tensor] = {}
         labels = batch["label"]
         if w["gamma"] > 0:
