@@ -266,3 +266,35 @@ def test_prepare_celeba_skips_and_counts_rows_with_non_finite_landmarks(tmp_path
     assert rep["dropped"] == {"bad landmarks": 2, "missing file": 1}
     with FaceStore(out) as s:
         assert [x.rsplit("/", 1)[1] for x in s.sources] == ["000001.jpg", "000003.jpg", "000005.jpg", "000006.jpg"]
+
+
+def test_prepare_folder_keeps_fairfaces_own_split(tmp_path):
+    """`prepare folder FairFace/` split train/ and val/ as if they were two identities, 80/20 at random."""
+    root = tmp_path / "fairface"
+    write_fairface(root)
+    out = tmp_path / "ff.h5"
+    r = run_facetool("prepare", "folder", root, "--aligned", "--size", "32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    with FaceStore(out) as s:
+        assert s.identities == ["unknown"] and s.labels.tolist() == [0] * 6
+        assert dict(zip(s.sources, s.split.tolist())) == {
+            "train/1.jpg": 0, "train/2.jpg": 0, "train/3.jpg": 0, "train/4.jpg": 0, "val/1.jpg": 1, "val/2.jpg": 1}
+    rep = json.loads((tmp_path / "ff.json").read_text())
+    assert rep["train"] == 4 and rep["test"] == 2 and rep["settings"]["split"].startswith("fairface")
+    before = _sha_tree(root)
+    r = run_facetool("prepare", "folder", root, "--aligned", "--size", "32", "--per-identity", "2",
+                     "--out", tmp_path / "pi.h5")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "FairFace" in r.stderr and "--per-identity" in r.stderr and not (tmp_path / "pi.h5").exists()
+    assert _sha_tree(root) == before
+
+
+def test_a_folder_named_like_fairface_without_its_labels_is_still_one_identity_per_folder(tmp_path):
+    from facetool.data.folder import prepare_folder
+
+    root = tmp_path / "fairface"
+    for p in write_fairface(root):
+        p.unlink()
+    path, rep = prepare_folder(root, tmp_path / "f.h5", aligned=True, size=32)
+    with FaceStore(path) as s:
+        assert s.identities == ["train", "val"] and "split" not in rep["settings"]
