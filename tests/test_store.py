@@ -253,7 +253,8 @@ def test_out_of_range_labels_stop_train_and_eval_before_any_work(tmp_path):
     with h5py.File(store, "a") as f:
         f["labels"][5] = 9
     digest = _sha(store)
-    model = save_checkpoint(tmp_path / "m" / "model.pt", create_model("resnet18", num_classes=4, width=4, input_size=32))
+    model = save_checkpoint(tmp_path / "m" / "model.pt",
+                            create_model("resnet18", num_classes=4, width=4, input_size=32))
     for argv in (["train", "resnet", "--store", store, "--arch", "resnet18", "--width", "8", "--epochs", "1",
                   "--batch-size", "8", "--out", tmp_path / "runs" / "r"],
                  ["eval", "classify", "--store", store, "--model", model, "--json", tmp_path / "t.json"]):
