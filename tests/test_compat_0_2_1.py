@@ -55,3 +55,19 @@ def test_0_2_1_checkpoints_in_a_fresh_process(tmp_path):
     assert "aig" in json.dumps(rows) and "resnet" in json.dumps(rows)
     r = run_facetool("info", FIX / "arc" / "model.pt")
     assert r.returncode == 0 and "iresnet18" in r.stdout, r.stderr
+
+
+def test_info_reads_heads_files_onnx_parameters_and_meta(tmp_path):
+    """`info` on a heads.pt facetool wrote lists its tensors; on an ONNX file it counts the weights
+    (not 0 M); on a checkpoint it shows the meta's method and epochs."""
+    r = run_facetool("info", FIX / "arc" / "heads.pt", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["heads"]["head"]["weight"] == [4, 16]
+    r = run_facetool("info", FIX / "srrl" / "model.pt", "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["meta.method"] == "distill-srrl", r.stderr
+    onnx = tmp_path / "arc.onnx"
+    assert run_facetool("export", "--model", FIX / "arc" / "model.pt", "--out", onnx).returncode == 0
+    pt = json.loads(run_facetool("info", FIX / "arc" / "model.pt", "--json").stdout)["parameters (M)"]
+    r = run_facetool("info", onnx, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["parameters (M)"] == pytest.approx(pt, rel=0.1) and pt > 0

@@ -31,7 +31,7 @@ import cv2
 from facetool.data.imdbface import _Identity, check_options, finish_report, guard_report, sample_split
 from facetool.detect.align import align_5pt, template, transform_points
 from facetool.errors import FacetoolError, require_dir
-from facetool.io import guard_output
+from facetool.io import STORE_SUFFIXES, guard_output
 from facetool.store import Record
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -140,7 +140,7 @@ def prepare_folder(
     if workers < 1:
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "dataset folder")
-    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume)
+    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=(root, detector_model))
     fairface = is_fairface(root)
     if fairface and per_identity:

@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
+from facetool.hooks import set_attrs
 from facetool.models.base import FaceModel
 from facetool.models.registry import create_model, register_model
 
@@ -202,15 +203,8 @@ def _out_channels(stage: nn.Module) -> int:
 def per_attribute_loop(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
     """Within the block, multi-task ABN runs ``layer4`` once per attribute (the reference code's
     loop) instead of once on the folded batch; the previous mode is restored afterwards."""
-    abns = [m for m in model.modules() if isinstance(m, ABN)]
-    old = [m.loop for m in abns]
-    for m in abns:
-        m.loop = on
-    try:
+    with set_attrs((m for m in model.modules() if isinstance(m, ABN)), loop=on):
         yield model
-    finally:
-        for m, o in zip(abns, old):
-            m.loop = o
 
 
 def _factory(backbone: str):
