@@ -15,7 +15,9 @@ identities dropped by ``--min-images``) are skipped and counted.
 Values are checked against the paper's vocabulary (:data:`PAPER_VOCAB`; the store's existing
 vocabulary of the attribute is accepted too); anything else is refused unless ``extend_vocab``.
 Annotations are merged into what the store already holds (keys the CSV names get the vote, the
-others keep their value) unless ``replace``.
+others keep their value) unless ``replace``. An empty cell is no annotation: the stored value stays (write
+``unknown`` to clear a value). The summary counts per-image features as the store resolves them (the image's
+value, else its identity's), per-identity features per identity.
 
 Writing is atomic: the store is copied to a temporary file beside it, modified and renamed over
 the original, so an interruption leaves the original untouched. ``in_place=True`` skips the copy
@@ -38,7 +40,7 @@ import pandas as pd
 
 from facetool.errors import FacetoolError, require_file
 from facetool.io import atomic_path, sha256_file
-from facetool.store import UNKNOWN, FaceStore, open_for_update
+from facetool.store import UNKNOWN, FaceStore, open_for_update, require_writable
 
 #: The ConvNet-IIG annotation features and their values (``unknown`` is always allowed).
 PAPER_VOCAB: dict[str, list[str]] = {
@@ -139,6 +141,8 @@ def read_annotation_csv(path: str | Path) -> tuple[str, dict[str, dict[str, list
                 f"got {', '.join(cols)}"
             )
         for k, f, v, a in zip(df[key], df["feature"], df["value"], df["annotator"] if has_ann else [None] * len(df)):
+            if not v.strip():
+                continue  # an empty cell is no annotation (the stored value stays); write unknown to clear one
             feat = canonical_feature(f)
             out[feat][k.strip()].append((a, canonical_value(feat, v)))
     else:
@@ -148,7 +152,11 @@ def read_annotation_csv(path: str | Path) -> tuple[str, dict[str, dict[str, list
         for c in feats:
             feat = canonical_feature(c)
             for k, v, a in zip(df[key], df[c], df["annotator"] if has_ann else [None] * len(df)):
+                if not v.strip():
+                    continue  # an empty cell is no annotation (the stored value stays); write unknown to clear one
                 out[feat][k.strip()].append((a, canonical_value(feat, v)))
+    if not out:
+        raise FacetoolError(f"annotation CSV {p} has no values (every value cell is empty)")
     return key, {f: dict(d) for f, d in out.items()}
 
 
@@ -245,13 +253,12 @@ def annotate_store(
                     ties += 1
                 codes[r] = UNKNOWN if win == "unknown" else vals.index(win)
             s.set_attribute(feat, codes, vals, prov, level=level)
-            summary["features"][feat] = {
-                "level": level,
-                "annotated": len(rows),
-                "ties": ties,
-                "values": vals,
-                "counts": {v: int((codes == i).sum()) for i, v in enumerate(vals)} | {"unknown": int((codes == UNKNOWN).sum())},
-            }
+            summary["features"][feat] = {"level": level, "annotated": len(rows), "ties": ties, "values": vals}
+        for (level, feat) in votes:
+            # counted as the store resolves them: per image, the image's value, else its identity's
+            codes, vals = s.attribute(feat, per_image=level == "image")
+            summary["features"][feat]["counts"] = {v: int((codes == i).sum()) for i, v in enumerate(vals)} | {
+                "unknown": int((codes == UNKNOWN).sum())}
     return summary
 
 
@@ -312,6 +319,7 @@ def estimate_from_model(
             raise FacetoolError(f"--as {name}: the store already has an attribute {name!r}; pass --overwrite to "
                                 "replace it, or choose another name")
         gt = s.attribute(feature) if has_gt else None
+    require_writable(store)  # before the model runs over every image
     model = load_model(model_path, name=arch)
     masks, vocab = masks_from_meta(getattr(model, "meta", {}))
     if feature not in masks:

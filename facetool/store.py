@@ -38,7 +38,7 @@ import h5py
 import numpy as np
 
 from facetool import __version__
-from facetool.errors import FacetoolError
+from facetool.errors import FacetoolError, clip_message
 from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, partial_path, record_output
 
 FORMAT = "facetool-store"
@@ -302,23 +302,99 @@ class StoreWriter:
 
 
 class FaceStore:
-    """Read access to a complete store. Cheap to open; arrays are read lazily."""
+    """Read access to a complete store. Cheap to open; arrays are read lazily.
+
+    Opening validates the layout (THE check every command relies on): required datasets, their shapes
+    and lengths, identity labels inside ``0..M-1``, split codes 0/1. A damaged store is a one-line
+    :class:`FacetoolError` naming the file and what is wrong. ``mode="a"`` (writing attributes) on a
+    read-only file is refused as read-only, never reported as corrupt.
+    """
 
     def __init__(self, path: str | Path, mode: str = "r") -> None:
         self.path = Path(path)
         if not self.path.is_file():
             hint = " (an interrupted run left a .partial file; rerun with --resume)" if partial_path(self.path).exists() else ""
             raise FacetoolError(f"face store not found: {self.path}{hint}")
+        if mode != "r":
+            require_writable(self.path)
         try:
             self.f = h5py.File(self.path, mode)
-        except OSError:
-            raise FacetoolError(f"not an HDF5 face store (corrupt or wrong file): {self.path}") from None
-        if self.f.attrs.get("format") != FORMAT:
+        except OSError as e:
+            raise FacetoolError(f"not an HDF5 face store (corrupt or wrong file): {self.path} "
+                                f"({clip_message(e, 120)})") from None
+        try:
+            if self.f.attrs.get("format") != FORMAT:
+                raise FacetoolError(f"not a facetool face store: {self.path}")
+            if not bool(self.f.attrs.get("complete", False)):
+                raise FacetoolError(f"face store is incomplete: {self.path}")
+            self._validate()
+        except FacetoolError:
             self.f.close()
-            raise FacetoolError(f"not a facetool face store: {self.path}")
-        if not bool(self.f.attrs.get("complete", False)):
+            raise
+        except (OSError, KeyError, ValueError, TypeError, RuntimeError) as e:  # h5py on damaged metadata
             self.f.close()
-            raise FacetoolError(f"face store is incomplete: {self.path}")
+            raise FacetoolError(f"face store {self.path} is corrupt: {clip_message(e, 160)}") from None
+
+    def _validate(self) -> None:
+        """Refuse a store whose layout would fail (or silently mislead) later: see the module doc."""
+        f, where = self.f, f"face store {self.path}"
+
+        def dataset(name: str) -> h5py.Dataset:
+            d = f.get(name)
+            if not isinstance(d, h5py.Dataset):
+                raise FacetoolError(f"{where} has no {name!r} dataset; it is damaged or was not written by facetool")
+            return d
+
+        version = int(f.attrs.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            raise FacetoolError(f"{where} has format version {version}; this facetool reads up to "
+                                f"{FORMAT_VERSION} (upgrade facetool)")
+        size = tuple(int(x) for x in np.ravel(f.attrs.get("image_size", ())))
+        images, labels, ids = dataset("images"), dataset("labels"), dataset("identities")
+        if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8:
+            raise FacetoolError(f"{where}: 'images' must be uint8 (N, H, W, 3), got {images.dtype} {images.shape}")
+        if len(size) != 2 or images.shape[1:3] != size:
+            raise FacetoolError(f"{where}: 'images' are {images.shape[1]}x{images.shape[2]} but the store records "
+                                f"image_size {size}")
+        n = images.shape[0]
+        if labels.ndim != 1 or labels.dtype.kind not in "iu":
+            raise FacetoolError(f"{where}: 'labels' must be (N,) integers, got {labels.dtype} {labels.shape}")
+        if ids.ndim != 1 or ids.shape[0] < 1:
+            raise FacetoolError(f"{where}: 'identities' must be a non-empty (M,) list of names, got shape {ids.shape}")
+        m = ids.shape[0]
+        shapes = {"labels": (), "split": (), "source": (), "bbox": (4,), "landmarks": (5, 2)}
+        if "part_masks" in f:
+            shapes["part_masks"] = size
+        for name, tail in shapes.items():
+            d = dataset(name)
+            if d.shape != (n, *tail):
+                raise FacetoolError(f"{where}: {name!r} has shape {d.shape}, expected {(n, *tail)} "
+                                    f"(one row per image, {n} images)")
+        for group, rows, what in (("attributes", n, "image"), ("identity_attributes", m, "identity"),
+                                  ("meta", n, "image")):
+            for name, d in (f[group].items() if group in f else ()):
+                if not isinstance(d, h5py.Dataset) or d.ndim < 1 or d.shape[0] != rows:
+                    raise FacetoolError(f"{where}: '{group}/{name}' must have one row per {what} ({rows}), "
+                                        f"got shape {getattr(d, 'shape', None)}")
+        self.identities  # noqa: B018 - reading the names checks their storage
+        first: dict[str, tuple[int, int]] = {}
+        count: dict[str, int] = {"labels": 0, "split": 0}
+        step = 1 << 20
+        for a in range(0, n, step):  # bounded memory on huge stores
+            for name, block, bad in (("labels", lab := labels[a : a + step], (lab < 0) | (lab >= m)),
+                                     ("split", sp := f["split"][a : a + step], (sp < 0) | (sp > 1))):
+                rows = np.flatnonzero(bad)
+                if len(rows) and name not in first:
+                    first[name] = (a + int(rows[0]), int(block[rows[0]]))
+                count[name] += len(rows)
+        if "labels" in first:
+            i, v = first["labels"]
+            raise FacetoolError(f"{where}: labels must be identity indices 0..{m - 1} ({m} identities), but "
+                                f"{count['labels']} row(s) are not (row {i} has {v})")
+        if "split" in first:
+            i, v = first["split"]
+            raise FacetoolError(f"{where}: split codes must be 0 (train) or 1 (test), but {count['split']} row(s) "
+                                f"are not (row {i} has {v})")
 
     # context manager
     def __enter__(self) -> "FaceStore":
@@ -491,11 +567,26 @@ class FaceStore:
         return s
 
 
+def require_writable(path: str | Path) -> Path:
+    """Refuse to modify a read-only store: no write permission for this user, or no write bit at all (root may
+    write anyway; a file marked read-only is still not changed)."""
+    p = Path(path)
+    try:
+        mode = p.stat().st_mode
+    except OSError:
+        return p
+    if not os.access(p, os.W_OK) or not mode & 0o222:
+        raise FacetoolError(f"face store {p} is read-only; facetool does not change a read-only file (make it "
+                            "writable, e.g. chmod u+w, or work on a copy)")
+    return p
+
+
 @contextlib.contextmanager
 def open_for_update(path: str | Path, in_place: bool = False) -> Iterator[FaceStore]:
     """A store opened for writing. By default a copy is modified and renamed over ``path`` only if
     the block succeeds; ``in_place`` modifies ``path`` directly (the annotate commands default to the copy: see :mod:`facetool.annotate`)."""
     FaceStore(path).close()  # validates: exists, is a complete store
+    require_writable(path)
     if in_place:
         with FaceStore(path, "a") as s:
             yield s

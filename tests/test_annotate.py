@@ -190,3 +190,76 @@ def test_from_model_refuses_models_without_masks(tmp_path, cli):
     assert r.exit_code != 0 and "'age'" in r.output
     r = cli("annotate", "--store", s, "--from-model", ck)
     assert r.exit_code != 0 and "--feature" in r.output
+
+
+# -- issue 17: an empty cell keeps the stored value; the summary counts what the store resolves; --as ------
+def _sha(p: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def syn_store(tmp_path) -> Path:
+    """4 synthetic identities x 4 images (identity-level ground truth for gender, age, ...)."""
+    from facetool.data.synthetic import prepare_synthetic
+
+    path, _ = prepare_synthetic(tmp_path / "syn.h5", identities=4, per_identity=4, size=32)
+    return path
+
+
+def test_an_empty_cell_keeps_the_stored_value(syn_store, tmp_path):
+    """D5: `identity,gender,age` / `synth_0001,female,` erased synth_0001's ground-truth age."""
+    from conftest import run_facetool
+
+    with FaceStore(syn_store) as s:
+        age0, vocab = s.attribute("age", per_image=False)
+        gender0, gvocab = s.attribute("gender", per_image=False)
+    other = gvocab[1 - gender0[1]]  # a value that differs from the stored one, so the write is visible
+    csv = write(tmp_path / "wide.csv", f"identity,gender,age\nsynth_0001,{other},\n")
+    r = run_facetool("annotate", "--store", syn_store, csv)
+    assert r.returncode == 0, r.stderr
+    long = write(tmp_path / "long.csv", "identity,feature,value\nsynth_0002,age,\nsynth_0002,gender,unknown\n")
+    r = run_facetool("annotate", "--store", syn_store, long)
+    assert r.returncode == 0, r.stderr
+    with FaceStore(syn_store) as s:
+        age, vals = s.attribute("age", per_image=False)
+        assert vals == vocab and age.tolist() == age0.tolist() and age0[1] != -1  # both empty cells kept the age
+        gender, _ = s.attribute("gender", per_image=False)
+        assert gvocab[gender[1]] == other and gender[2] == -1  # a written value, and an explicit unknown, still count
+    digest = _sha(syn_store)
+    empty = write(tmp_path / "empty.csv", "identity,gender,age\nsynth_0001,,\n")
+    r = run_facetool("annotate", "--store", syn_store, empty)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "no values" in r.stderr and _sha(syn_store) == digest
+
+
+def test_the_per_image_summary_counts_values_as_the_store_resolves_them(syn_store, tmp_path):
+    """The summary said "unknown 15" for a per-image gender while every image still had its identity's."""
+    from conftest import run_facetool
+
+    csv = write(tmp_path / "img.csv", "source,gender\nsynth_0000/0000,male\nsynth_0003/0002,female\n")
+    r = run_facetool("annotate", "--store", syn_store, csv, "--json", tmp_path / "a.json")
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "a.json").read_text())["features"]["gender"]
+    with FaceStore(syn_store) as s:
+        codes, vals = s.attribute("gender")
+    assert res["level"] == "image" and res["annotated"] == 2
+    assert res["counts"] == {v: int((codes == i).sum()) for i, v in enumerate(vals)} | {"unknown": 0}
+    assert sum(res["counts"].values()) == 16
+    assert "unknown 0" in r.stdout and "unknown 14" not in r.stdout
+
+
+def test_as_does_not_replace_an_existing_attribute_without_overwrite(tmp_path, cli):
+    from conftest import run_facetool
+
+    s = tiny_store(tmp_path / "s.h5")
+    ck = _iig_checkpoint(tmp_path / "iig.pt", [2, 4], vocab=["female", "male"])
+    argv = ["annotate", "--store", s, "--from-model", ck, "--feature", "gender", "--as", "g_hat"]
+    assert cli(*argv).exit_code == 0
+    digest = _sha(s)
+    r = run_facetool(*argv)
+    assert r.returncode == 2 and r.stderr.startswith("error: --as g_hat: the store already has") and \
+        r.stderr.count("\n") == 1 and "--overwrite" in r.stderr, r.stderr
+    assert _sha(s) == digest
+    assert cli(*argv, "--overwrite").exit_code == 0

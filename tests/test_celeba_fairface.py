@@ -196,3 +196,105 @@ def test_annotate_fairface_bad_input(tmp_path, cli):
     r = cli("annotate", "--store", store, "--fairface", bad)
     assert r.exit_code == 2 and "none of the 1 FairFace rows" in r.output
     assert store.read_bytes() == before  # nothing half-written
+
+
+# -- issue 17: W5 (wrong header, duplicated row) and I12 (a NaN landmark) -----------------------------------
+def _sha_tree(root: Path) -> dict[str, str]:
+    import hashlib
+
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*"))
+            if p.is_file()}
+
+
+def _replace_line(path: Path, k: int, text: str) -> None:
+    """Line ``k`` (1-based) of ``path`` becomes ``text`` (the file's line endings kept)."""
+    raw = path.read_bytes().decode()
+    nl = "\r\n" if "\r\n" in raw else "\n"
+    lines = raw.split(nl)
+    lines[k - 1] = text
+    path.write_text(nl.join(lines))
+
+
+def _line(path: Path, k: int) -> str:
+    return path.read_text().splitlines()[k - 1]
+
+
+@pytest.mark.parametrize("case", ["header", "duplicate attribute row", "duplicate landmark row",
+                                  "duplicate partition row"])
+def test_prepare_celeba_refuses_a_wrong_header_or_a_duplicated_row(tmp_path, case):
+    root = tmp_path / "CelebA"
+    if case == "header":
+        write_celeba(root, header=[("Mail" if n == "Male" else n) for n in CELEBA_ATTRS])
+        f, expect = root / "list_attr_celeba.txt", "line 2: attribute 21 is 'Mail' but CelebA's header has 'Male'"
+    elif case == "duplicate attribute row":  # row of 000005.jpg replaced by a second 000003.jpg: the count still agrees
+        write_celeba(root)
+        f = root / "list_attr_celeba.txt"
+        _replace_line(f, 7, _line(f, 5))
+        expect = "line 7: 000003.jpg is listed again (first on line 5)"
+    elif case == "duplicate landmark row":
+        write_celeba(root)
+        f = root / "list_landmarks_align_celeba.txt"
+        _replace_line(f, 4, _line(f, 3))
+        expect = "line 4: 000001.jpg is listed again (first on line 3)"
+    else:
+        write_celeba(root)
+        f = root / "list_eval_partition.txt"
+        _replace_line(f, 2, "000001.jpg 2")
+        expect = "line 2: 000001.jpg is listed again (first on line 1)"
+    before = _sha_tree(root)
+    out = tmp_path / "c.h5"
+    r = run_facetool("prepare", "celeba", "--root", root, "--out", out, "--size", "32")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert f"{f} {expect}" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists() and not (tmp_path / "c.h5.partial").exists() and not (tmp_path / "c.json").exists()
+    assert _sha_tree(root) == before
+
+
+def test_prepare_celeba_skips_and_counts_rows_with_non_finite_landmarks(tmp_path):
+    """I12: a NaN landmark ended in an internal error; a bad row is skipped and counted, as IMDb-Face's are."""
+    root = write_celeba(tmp_path / "CelebA")
+    f = root / "list_landmarks_align_celeba.txt"
+    for k, bad in ((4, "nan"), (6, "inf")):  # 000002.jpg; 000004.jpg (validation, kept by --val-split train)
+        toks = _line(f, k).split()
+        toks[3] = bad
+        _replace_line(f, k, "  ".join(toks))
+    out = tmp_path / "c.h5"
+    r = run_facetool("prepare", "celeba", "--root", root, "--out", out, "--size", "32", "--val-split", "train")
+    assert r.returncode == 0, r.stderr
+    assert "bad landmarks" in r.stdout
+    rep = json.loads((tmp_path / "c.json").read_text())
+    assert rep["dropped"] == {"bad landmarks": 2, "missing file": 1}
+    with FaceStore(out) as s:
+        assert [x.rsplit("/", 1)[1] for x in s.sources] == ["000001.jpg", "000003.jpg", "000005.jpg", "000006.jpg"]
+
+
+def test_prepare_folder_keeps_fairfaces_own_split(tmp_path):
+    """`prepare folder FairFace/` split train/ and val/ as if they were two identities, 80/20 at random."""
+    root = tmp_path / "fairface"
+    write_fairface(root)
+    out = tmp_path / "ff.h5"
+    r = run_facetool("prepare", "folder", root, "--aligned", "--size", "32", "--out", out)
+    assert r.returncode == 0, r.stderr
+    with FaceStore(out) as s:
+        assert s.identities == ["unknown"] and s.labels.tolist() == [0] * 6
+        assert dict(zip(s.sources, s.split.tolist())) == {
+            "train/1.jpg": 0, "train/2.jpg": 0, "train/3.jpg": 0, "train/4.jpg": 0, "val/1.jpg": 1, "val/2.jpg": 1}
+    rep = json.loads((tmp_path / "ff.json").read_text())
+    assert rep["train"] == 4 and rep["test"] == 2 and rep["settings"]["split"].startswith("fairface")
+    before = _sha_tree(root)
+    r = run_facetool("prepare", "folder", root, "--aligned", "--size", "32", "--per-identity", "2",
+                     "--out", tmp_path / "pi.h5")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "FairFace" in r.stderr and "--per-identity" in r.stderr and not (tmp_path / "pi.h5").exists()
+    assert _sha_tree(root) == before
+
+
+def test_a_folder_named_like_fairface_without_its_labels_is_still_one_identity_per_folder(tmp_path):
+    from facetool.data.folder import prepare_folder
+
+    root = tmp_path / "fairface"
+    for p in write_fairface(root):
+        p.unlink()
+    path, rep = prepare_folder(root, tmp_path / "f.h5", aligned=True, size=32)
+    with FaceStore(path) as s:
+        assert s.identities == ["train", "val"] and "split" not in rep["settings"]

@@ -158,3 +158,133 @@ def test_dataset_items_flip_and_normalisation(tmp_path):
     assert resized[0]["image"].shape == (3, 8, 8)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4, num_workers=2)))
     assert batch["image"].shape == (4, 3, H, W)
+
+
+# -- one reader validates a store (issue 17: I2-I5, a read-only store reported as corrupt) ----------------
+def _sha(p) -> str:
+    import hashlib
+
+    return hashlib.sha256(p.read_bytes()).hexdigest()
+
+
+def _damage(path, how: str) -> None:
+    import h5py
+
+    if how == "truncated":
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 3])
+        return
+    with h5py.File(path, "a") as f:
+        if how == "no labels":
+            del f["labels"]
+        elif how == "2-D images":
+            n = f["images"].shape[0]
+            del f["images"]
+            f.create_dataset("images", data=np.zeros((n, H * W * 3), np.uint8))
+        elif how == "label too large":
+            f["labels"][3] = 3  # 3 identities: 0..2
+        elif how == "negative label":
+            f["labels"][5] = -1
+        elif how == "short split":
+            s = f["split"][:-2]
+            del f["split"]
+            f.create_dataset("split", data=s)
+        elif how == "short attribute":
+            d = f["attributes/glasses"]
+            codes, attrs = d[:-1], dict(d.attrs)
+            del f["attributes/glasses"]
+            f.create_dataset("attributes/glasses", data=codes).attrs.update(attrs)
+        elif how == "broken names":  # the identities' references into the string heap overwritten
+            off = f["identities"].id.get_offset()
+    if how == "broken names":
+        with open(path, "r+b") as fh:
+            fh.seek(off)
+            fh.write(b"\xff" * 16 * 3)
+
+
+DAMAGE = {
+    "truncated": "corrupt",
+    "no labels": "has no 'labels' dataset",
+    "2-D images": r"'images' must be uint8 \(N, H, W, 3\), got uint8 \(7, 768\)",
+    "label too large": r"labels must be identity indices 0..2 \(3 identities\), but 1 row\(s\) are not \(row 3 has 3\)",
+    "negative label": r"row 5 has -1",
+    "short split": r"'split' has shape \(5,\), expected \(7,\)",
+    "short attribute": r"'attributes/glasses' must have one row per image \(7\)",
+    "broken names": "corrupt",
+}
+
+
+@pytest.mark.parametrize("how", list(DAMAGE))
+def test_a_damaged_store_is_refused_on_open_naming_file_and_defect(tmp_path, how):
+    path, _ = build_store(tmp_path / "s.h5", _records(7), lambda r: r, writer_kwargs=_writer_kwargs())
+    _damage(path, how)
+    with pytest.raises(FacetoolError, match=DAMAGE[how]) as e:
+        FaceStore(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
+def test_damaged_stores_through_the_cli_are_one_line_errors(tmp_path, cli):
+    from conftest import run_facetool
+
+    paths = {}
+    for how in DAMAGE:
+        paths[how], _ = build_store(tmp_path / f"{how.replace(' ', '_')}.h5", _records(7), lambda r: r,
+                                    writer_kwargs=_writer_kwargs())
+        _damage(paths[how], how)
+        r = cli("info", paths[how])
+        assert r.exit_code == 2, (how, r.output)
+        assert r.output.startswith("error: ") and r.output.count("\n") == 1 and str(paths[how]) in r.output, r.output
+        assert "internal error" not in r.output
+    for how in ("no labels", "label too large", "broken names"):  # as a user sees it: a fresh process
+        r = run_facetool("info", paths[how])
+        assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+        assert "internal error" not in r.stderr and "Traceback" not in r.stderr and str(paths[how]) in r.stderr
+
+
+def test_out_of_range_labels_stop_train_and_eval_before_any_work(tmp_path):
+    """I5: training started, died after 11 s and left config.json; eval classify scored the store with exit 0."""
+    import h5py
+
+    from conftest import run_facetool
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.models import create_model, save_checkpoint
+
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=4, size=32)
+    with h5py.File(store, "a") as f:
+        f["labels"][5] = 9
+    digest = _sha(store)
+    model = save_checkpoint(tmp_path / "m" / "model.pt",
+                            create_model("resnet18", num_classes=4, width=4, input_size=32))
+    for argv in (["train", "resnet", "--store", store, "--arch", "resnet18", "--width", "8", "--epochs", "1",
+                  "--batch-size", "8", "--out", tmp_path / "runs" / "r"],
+                 ["eval", "classify", "--store", store, "--model", model, "--json", tmp_path / "t.json"]):
+        r = run_facetool(*argv, cwd=tmp_path)
+        assert r.returncode == 2, (argv, r.stdout, r.stderr)
+        assert r.stderr.startswith("error: ") and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+        assert f"{store}: labels must be identity indices 0..3" in r.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "t.json").exists()
+    assert _sha(store) == digest
+
+
+def test_a_read_only_store_is_read_and_a_write_says_read_only(tmp_path):
+    import os
+    import stat
+
+    from conftest import run_facetool
+
+    path, _ = build_store(tmp_path / "s.h5", _records(7), lambda r: r, writer_kwargs=_writer_kwargs())
+    os.chmod(path, 0o444)
+    digest = _sha(path)
+    with FaceStore(path) as s:  # reading needs no write permission
+        assert len(s) == 7
+    with pytest.raises(FacetoolError, match="is read-only"):
+        FaceStore(path, "a")
+    csv = tmp_path / "g.csv"
+    csv.write_text("identity,gender\nann,female\n")
+    r = run_facetool("info", path)
+    assert r.returncode == 0, r.stderr
+    for extra in ([], ["--in-place"]):
+        r = run_facetool("annotate", "--store", path, csv, *extra)
+        assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+        assert r.stderr.startswith(f"error: face store {path} is read-only") and "corrupt" not in r.stderr
+    assert _sha(path) == digest and stat.S_IMODE(path.stat().st_mode) == 0o444

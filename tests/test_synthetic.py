@@ -263,3 +263,48 @@ def test_cli_prepare_synthetic(cli, tmp_path):
     res = cli("prepare", "synthetic", "--out", tmp_path / "x.h5", "--bias", "accessory=glasses,attribute=mood")
     assert res.exit_code != 0 and "bad --bias" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x.h5").exists()
+
+
+# -- issue 17: sizes that cannot fit are refused with the estimate; the <out stem>.json report ---------------
+def test_a_size_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, cli, monkeypatch):
+    """`--identities 2 --per-identity 100000000` started writing and grew past 20 GB of memory."""
+    import shutil
+    from collections import namedtuple
+
+    from conftest import run_facetool
+
+    out = tmp_path / "o" / "x.h5"
+    r = run_facetool("prepare", "synthetic", "--identities", "2", "--per-identity", "100000000", "--out", out,
+                     timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
+    assert "--identities 2 x --per-identity 100000000 = 200,000,000 images" in r.stderr and "12.6 TB" in r.stderr
+    assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
+    # within the image limit but not within the free space of the output's folder
+    assert syn.estimate_bytes(100, 100, 112) == 10_000 * (112 * 112 * 5 + 128) + (1 << 20)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 39, 10_000_000))
+    r = cli("prepare", "synthetic", "--identities", "100", "--per-identity", "100", "--out", out)
+    assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
+    assert "(about 629.5 MB) does not fit: only 10.0 MB free in" in r.output and str(tmp_path) in r.output
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(FacetoolError, match="more than 1,000,000 identities"):
+        prepare_synthetic(out, identities=1_000_001, per_identity=1)
+
+
+def test_prepare_synthetic_writes_its_report_like_the_other_prepare_commands(tmp_path, cli):
+    """The README promised a report beside the store; prepare synthetic wrote none."""
+    import json
+
+    out = tmp_path / "s.h5"
+    argv = ["prepare", "synthetic", "--identities", "3", "--per-identity", "4", "--size", "32", "--out", out]
+    assert cli(*argv).exit_code == 0
+    rep = json.loads((tmp_path / "s.json").read_text())
+    assert {k: rep[k] for k in ("store", "identities", "images", "train", "test", "dropped")} == {
+        "store": str(out), "identities": 3, "images": 12, "train": 9, "test": 3, "dropped": {}}
+    assert rep["settings"]["per_identity"] == 4 and rep["settings"]["size"] == 32 and rep["settings"]["seed"] == 0
+    r = cli(*argv, "--overwrite")  # a rerun refreshes its own report
+    assert r.exit_code == 0, r.output
+    (tmp_path / "t.json").write_text("mine")  # someone else's file where the report goes: not replaced
+    r = cli(*argv[:-1], tmp_path / "t.h5")
+    assert r.exit_code == 2 and "t.json" in r.output and "--overwrite" in r.output
+    assert (tmp_path / "t.json").read_text() == "mine" and not (tmp_path / "t.h5").exists()

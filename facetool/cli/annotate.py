@@ -16,7 +16,8 @@ def register(app: typer.Typer) -> None:
     @guarded
     def annotate(
         csv: list[Path] = typer.Argument(None, help="Annotation CSV files: identity|source|index,feature,value[,annotator] "
-                                                    "or wide identity|source|index,gender,age,..."),
+                                                    "or wide identity|source|index,gender,age,... (an empty cell "
+                                                    "keeps the stored value)."),
         store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (.h5) to annotate. [env FACETOOL_STORE]"),
         extend_vocab: bool = typer.Option(False, "--extend-vocab", help="Accept features/values outside the paper vocabulary."),
         replace: bool = typer.Option(False, "--replace", help="Drop the store's existing values of these features."),

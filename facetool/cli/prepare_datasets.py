@@ -65,7 +65,11 @@ def register(prepare_app: typer.Typer) -> None:
         overwrite: bool = typer.Option(False, help="Replace an existing store."),
         resume: bool = typer.Option(False, help="Continue an interrupted run."),
     ) -> None:
-        """Folder-per-identity dataset (VGGFace2, CASIA) -> detected, 5-point aligned face store."""
+        """Folder-per-identity dataset (VGGFace2, CASIA) -> detected, 5-point aligned face store.
+
+        A FairFace root (train/ and val/ with fairface_label_train.csv / fairface_label_val.csv beside them) keeps
+        FairFace's split: train/ -> train, val/ -> test, one identity "unknown".
+        """
         from facetool.data.folder import prepare_folder
         from facetool.data.imdbface import report_path
 

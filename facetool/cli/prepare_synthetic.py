@@ -28,7 +28,9 @@ def register(prepare_app: typer.Typer) -> None:
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
     ) -> None:
         """Render synthetic faces: identities with gender/skin/eye colour/facial hair/age/group
-        attributes, 5 landmarks, part masks and pose; optionally a planted accessory bias.
+        attributes, 5 landmarks, part masks and pose; optionally a planted accessory bias. Writes the store, a
+        report beside it (data/x.h5 -> data/x.json) and an example grid; a size that cannot fit (over 10 M images,
+        1 M identities, or the free disk) is refused with its estimate before anything is written.
 
         Example: facetool prepare synthetic --identities 20 --per-identity 40 --out data/synthetic.h5
         """

@@ -14,8 +14,9 @@ Whitespace-separated with variable spacing. Every image goes through the one pre
 template) to ``size``. Attributes are stored as binary vocabularies ``["no", "yes"]`` (-1 -> 0,
 1 -> 1). Splits: CelebA train -> store train, test -> store test; the validation partition goes to
 ``val_split`` (``train``, ``test`` or ``skip``); the original partition is kept as the per-image number
-``meta/partition`` (0/1/2). Counters: ``missing file``, ``unreadable``, ``no landmarks``,
-``not in partition``, ``val skipped``.
+``meta/partition`` (0/1/2). Counters: ``missing file``, ``unreadable``, ``no landmarks``, ``bad landmarks``
+(a row with nan/inf), ``not in partition``, ``val skipped``. A header that is not the published one, or an image
+listed twice in any of the files, is refused naming the file and line.
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ IDENTITY_FILE = "identity_CelebA.txt"
 IMAGE_DIR = "img_align_celeba"
 LANDMARK_HEADER = ["lefteye_x", "lefteye_y", "righteye_x", "righteye_y", "nose_x", "nose_y",
                    "leftmouth_x", "leftmouth_y", "rightmouth_x", "rightmouth_y"]
+#: The header (line 2) of the published ``list_attr_celeba.txt``, in its order.
+ATTRIBUTE_NAMES = (
+    "5_o_Clock_Shadow Arched_Eyebrows Attractive Bags_Under_Eyes Bald Bangs Big_Lips Big_Nose Black_Hair Blond_Hair "
+    "Blurry Brown_Hair Bushy_Eyebrows Chubby Double_Chin Eyeglasses Goatee Gray_Hair Heavy_Makeup High_Cheekbones "
+    "Male Mouth_Slightly_Open Mustache Narrow_Eyes No_Beard Oval_Face Pale_Skin Pointy_Nose Receding_Hairline "
+    "Rosy_Cheeks Sideburns Smiling Straight_Hair Wavy_Hair Wearing_Earrings Wearing_Hat Wearing_Lipstick "
+    "Wearing_Necklace Wearing_Necktie Young"
+).split()
 BINARY = ["no", "yes"]
 VAL_SPLITS = ("train", "test", "skip")
 
@@ -74,13 +83,33 @@ def _count_and_header(path: Path, rows: list[list[str]], expect_header: list[str
     return count, header, body
 
 
+class _Rows(dict):
+    """``{file: value}`` that refuses a file named on two lines (a duplicated row is a damaged file)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self.path, self.line_of = path, {}
+
+    def put(self, file: str, value: Any, line: int) -> None:
+        if file in self:
+            raise FacetoolError(f"{self.path} line {line}: {file} is listed again (first on line "
+                                f"{self.line_of[file]}); each image must appear once")
+        self[file], self.line_of[file] = value, line
+
+
 def read_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
-    """(40 names, {file: int8 codes 0/1}) from ``list_attr_celeba.txt``; checks header and counts."""
+    """(40 names, {file: int8 codes 0/1}) from ``list_attr_celeba.txt``; checks header, counts and that each file
+    appears once."""
     _, names, body = _count_and_header(path, _lines(path), None, "attribute names")
     if len(names) != 40 or len(set(names)) != len(names) or any(n.lstrip("-").isdigit() for n in names):
         raise FacetoolError(f"{path.name}: line 2 must name the 40 attributes (5_o_Clock_Shadow ... Young), "
                             f"got {len(names)} field(s): {' '.join(names)[:80]!r}")
-    out: dict[str, np.ndarray] = {}
+    if names != ATTRIBUTE_NAMES:
+        k = next(k for k, (a, b) in enumerate(zip(names, ATTRIBUTE_NAMES)) if a != b)
+        raise FacetoolError(f"{path} line 2: attribute {k + 1} is {names[k]!r} but CelebA's header has "
+                            f"{ATTRIBUTE_NAMES[k]!r} there (the 40 published names in order: 5_o_Clock_Shadow ... "
+                            "Young)")
+    out = _Rows(path)
     for i, row in enumerate(body, start=3):
         if len(row) != len(names) + 1:
             raise FacetoolError(f"{path.name} line {i}: expected a file name and {len(names)} values, got {len(row)} fields")
@@ -88,39 +117,42 @@ def read_attributes(path: Path) -> tuple[list[str], dict[str, np.ndarray]]:
         bad = [v for v in vals if v not in ("1", "-1")]
         if bad:
             raise FacetoolError(f"{path.name} line {i}: attribute values must be 1 or -1, got {bad[0]!r}")
-        out[row[0]] = np.array([1 if v == "1" else 0 for v in vals], np.int8)
-    return names, out
+        out.put(row[0], np.array([1 if v == "1" else 0 for v in vals], np.int8), i)
+    return names, dict(out)
 
 
 def read_partition(path: Path) -> dict[str, int]:
-    out: dict[str, int] = {}
+    out = _Rows(path)
     for i, row in enumerate(_lines(path), start=1):
         if len(row) != 2 or row[1] not in ("0", "1", "2"):
             raise FacetoolError(f"{path.name} line {i}: expected 'file 0|1|2' (train/val/test), got {' '.join(row)[:60]!r}")
-        out[row[0]] = int(row[1])
-    return out
+        out.put(row[0], int(row[1]), i)
+    return dict(out)
 
 
 def read_landmarks(path: Path) -> dict[str, np.ndarray]:
+    """{file: (5, 2) points}; a row whose numbers are not finite (nan, inf) is kept as read and skipped later
+    (counted as ``bad landmarks``), as a file without a row is."""
     _, _, body = _count_and_header(path, _lines(path), LANDMARK_HEADER, "10 coordinates")
-    out = {}
+    out = _Rows(path)
     for i, row in enumerate(body, start=3):
         try:
             if len(row) != 11:
                 raise ValueError
-            out[row[0]] = np.array([float(v) for v in row[1:]], np.float32).reshape(5, 2)
+            lm = np.array([float(v) for v in row[1:]], np.float32).reshape(5, 2)
         except ValueError:
             raise FacetoolError(f"{path.name} line {i}: expected a file name and 10 numbers") from None
-    return out
+        out.put(row[0], lm, i)
+    return dict(out)
 
 
 def read_identities(path: Path) -> dict[str, str]:
-    out = {}
+    out = _Rows(path)
     for i, row in enumerate(_lines(path), start=1):
         if len(row) != 2:
             raise FacetoolError(f"{path.name} line {i}: expected 'file identity', got {' '.join(row)[:60]!r}")
-        out[row[0]] = row[1]
-    return out
+        out.put(row[0], row[1], i)
+    return dict(out)
 
 
 class _Processor:
@@ -179,6 +211,9 @@ def prepare_celeba(root: str | Path, out: str | Path, *, size: int = 112, val_sp
             continue
         if file not in landmarks:
             counters["no landmarks"] += 1
+            continue
+        if not np.isfinite(landmarks[file]).all():
+            counters["bad landmarks"] += 1
             continue
         part = partition[file]
         if part == 1 and val_split == "skip":

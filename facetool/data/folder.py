@@ -12,6 +12,11 @@ found, an identity with fewer than ``min_images`` usable images is dropped, and 
 images split train/test. Without ``per_identity`` every file is used, one file at a time (memory stays
 bounded on huge folders such as FairFace's ``train/``): the seeded split is planned over the files
 and an unusable file is dropped (there is no other file to take its place).
+
+A FairFace root (``train/`` and ``val/`` folders of images and its ``fairface_label_train.csv`` /
+``fairface_label_val.csv`` beside them, :func:`is_fairface`) keeps FairFace's own split: ``train/`` -> train,
+``val/`` -> test, every file used, under one identity ``unknown`` (FairFace has no identities; ``annotate
+--fairface`` adds its labels). ``--test-fraction`` and ``--seed`` do not apply there and ``--per-identity`` is refused.
 """
 
 from __future__ import annotations
@@ -32,16 +37,39 @@ from facetool.store import Record
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 
+#: FairFace's folders and the store split each becomes (0 train, 1 test).
+FAIRFACE_SPLITS = {"train": 0, "val": 1}
+
+
+def is_fairface(root: Path) -> bool:
+    """True for FairFace's layout: exactly the sub-folders ``train/`` and ``val/`` and a FairFace label CSV
+    (``fairface_label_train.csv`` or ``fairface_label_val.csv``) in ``root``."""
+    subdirs = {p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")}
+    return subdirs == set(FAIRFACE_SPLITS) and any(
+        (root / f"fairface_label_{k}.csv").is_file() for k in FAIRFACE_SPLITS)
+
+
+def _images_under(d: Path, root: Path) -> list[str]:
+    return sorted(str(f.relative_to(root)) for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+
+
 def plan(
-    root: Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int
+    root: Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int, fairface: bool = False
 ) -> tuple[list[str], list[tuple], Counter]:
     """Identities = sub-folders of ``root`` (sorted). Without ``per_identity`` an item is one file
     ``(label, path relative to root, split)`` with its split planned here; with it, one identity
-    ``(label, name, [(path,), ...])`` whose sampling and split happen while reading (``_Identity``)."""
+    ``(label, name, [(path,), ...])`` whose sampling and split happen while reading (``_Identity``).
+    ``fairface``: one identity, the split from the folder (:data:`FAIRFACE_SPLITS`)."""
     counters: Counter[str] = Counter()
+    if fairface:
+        items = [(0, rel, code) for name, code in FAIRFACE_SPLITS.items() for rel in _images_under(root / name, root)]
+        if len(items) < min_images:
+            counters["too few images"] += len(items)
+            items = []
+        return ["unknown"], items, counters
     groups: dict[str, list[str]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        files = sorted(str(f.relative_to(root)) for f in d.rglob("*") if f.suffix.lower() in IMAGE_EXTS and f.is_file())
+        files = _images_under(d, root)
         if not files:
             continue
         if len(files) < min_images:
@@ -114,8 +142,13 @@ def prepare_folder(
     root = require_dir(root, "dataset folder")
     out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=(root, detector_model))
+    fairface = is_fairface(root)
+    if fairface and per_identity:
+        raise FacetoolError(f"{root} is a FairFace folder (train/, val/ and its label CSVs), which has no identities: "
+                            "--per-identity does not apply (every image is used, with FairFace's own train/val split)")
     identities, items, counters = plan(
-        root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
+        root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed,
+        fairface=fairface,
     )
     if not items:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(counters.items()) if v) or "no images in sub-folders"
@@ -132,6 +165,8 @@ def prepare_folder(
     }
     if per_identity:
         settings["sampling"] = "per-identity, unusable files replaced"
+    if fairface:
+        settings["split"] = "fairface: train/ -> train, val/ -> test"
     row = _Processor(root, size, detector)
     pool = ThreadPoolExecutor(workers) if per_identity and workers > 1 else None
     try:

@@ -598,6 +598,78 @@ def _template(people: list[IdentityParams], size: int) -> np.ndarray:
     return np.mean(lms, 0).astype(np.float32)
 
 
+#: Upper limits of ``prepare synthetic`` (rendering 10 M images takes hours per core; every identity's geometry is
+#: planned in memory, about 4 kB each, before the first image is written).
+MAX_IMAGES = 10_000_000
+MAX_IDENTITIES = 1_000_000
+
+
+def estimate_bytes(identities: int, per_identity: int, size: int) -> int:
+    """Approximate size of a synthetic store: per image the RGB crop (size² · 3), the part mask (size² · 2, uint16)
+    and about 128 bytes of labels, split, source, box, landmarks and pose; plus ~1 MB of fixed overhead."""
+    return identities * per_identity * (size * size * 5 + 128) + (1 << 20)
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n:.1f} PB"
+
+
+def check_size(out: str | Path, identities: int, per_identity: int, size: int, resume: bool = False) -> int:
+    """Refuse a store that cannot fit: more than :data:`MAX_IMAGES` images or :data:`MAX_IDENTITIES` identities,
+    or an estimated size (:func:`estimate_bytes`) above the free space of the output's folder. Returns the
+    estimate. Runs before anything is planned or written."""
+    import os
+    import shutil
+
+    from facetool.io import partial_path
+
+    n = identities * per_identity
+    need = estimate_bytes(identities, per_identity, size)
+    what = (f"--identities {identities} x --per-identity {per_identity} = {n:,} images of {size}x{size} px "
+            f"(about {_human(need)})")
+    if identities > MAX_IDENTITIES:
+        raise FacetoolError(f"{what}: more than {MAX_IDENTITIES:,} identities is beyond prepare synthetic's limit; "
+                            "lower --identities")
+    if n > MAX_IMAGES:
+        raise FacetoolError(f"{what}: more than {MAX_IMAGES:,} images is beyond prepare synthetic's limit; lower "
+                            "--identities or --per-identity")
+    folder = Path(out).absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    try:
+        free = shutil.disk_usage(folder).free
+    except OSError:
+        return need
+    part = partial_path(out)
+    have = part.stat().st_size if resume and part.is_file() else 0  # a resumed run has written some already
+    if need - have > free:
+        raise FacetoolError(f"{what} does not fit: only {_human(free)} free in {folder}{os.sep}; lower --identities, "
+                            "--per-identity or --size, or write --out to a larger disk")
+    return need
+
+
+class _Grid:
+    """The items ``(identity, index)`` of a synthetic store, computed on access (a list of 10 M tuples would
+    hold gigabytes)."""
+
+    def __init__(self, identities: int, per_identity: int) -> None:
+        self.identities, self.per_identity = identities, per_identity
+
+    def __len__(self) -> int:
+        return self.identities * self.per_identity
+
+    def __getitem__(self, k: int | slice) -> Any:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(k)
+        return divmod(k % len(self), self.per_identity)
+
+
 def prepare_synthetic(
     out: str | Path,
     *,
@@ -611,7 +683,9 @@ def prepare_synthetic(
     resume: bool = False,
     workers: int = 1,
 ) -> tuple[Path, dict]:
-    """Render a synthetic face store. Returns (path, summary dict of the written store)."""
+    """Render a synthetic face store. Returns (path, summary dict of the written store); a report (counts and
+    settings, as the other prepare commands write) goes beside it, ``<out stem>.json``."""
+    from facetool.data.imdbface import finish_report, guard_report
     from facetool.prepare import build_store
     from facetool.store import FaceStore, Record
 
@@ -624,11 +698,13 @@ def prepare_synthetic(
     if seed < 0:
         raise FacetoolError(f"--seed must be >= 0, got {seed}")
     spec = parse_bias(bias)
+    check_size(out, identities, per_identity, size, resume=resume)
+    guard_report(Path(out), overwrite)
     people = make_identities(identities, seed)
     split = split_codes(identities, per_identity, test_fraction, seed)
     plan = accessory_plan(people, per_identity, spec, seed)
     codes = identity_attributes(identities, seed)
-    items = [(i, j) for i in range(identities) for j in range(per_identity)]
+    items = _Grid(identities, per_identity)
     parts = PARTS if spec else PARTS[: PARTS.index("accessory")]
 
     def process(item: tuple[int, int]) -> Record:
@@ -672,8 +748,9 @@ def prepare_synthetic(
         preprocessing=preprocessing,
         template=_template(people, size),
     )
-    path, _ = build_store(out, items, process, writer_kwargs=writer_kwargs, overwrite=overwrite, resume=resume,
-                          workers=workers, label="synthetic", drop_empty_identities=False)
+    path, counters = build_store(out, items, process, writer_kwargs=writer_kwargs, overwrite=overwrite, resume=resume,
+                                 workers=workers, label="synthetic", drop_empty_identities=False)
+    finish_report(path, counters, preprocessing)
     with FaceStore(path) as s:
         return path, s.summary()
 
