@@ -27,19 +27,17 @@ during that write may leave the store's attribute group unreadable (re-run the c
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
-import shutil
 from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from facetool.errors import FacetoolError, require_file
-from facetool.io import atomic_path, sha256_file
+from facetool.io import sha256_file
 from facetool.store import UNKNOWN, FaceStore, open_for_update, require_writable
 
 #: The ConvNet-IIG annotation features and their values (``unknown`` is always allowed).

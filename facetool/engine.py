@@ -416,6 +416,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
 
     step, history, partial = 0, [], None
     avg = _Averager()
+    epoch_start = time.time()
     torch.manual_seed(cfg.seed * 1000 + dd.rank)
     if cfg.resume and last_path.exists():
         st = torch_load(last_path, "resume state")
@@ -461,7 +462,8 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
             state = {"format": "facetool-resume", "model": _unwrap(model).state_dict(), "heads": heads.state_dict(),
                      "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                      "steps_per_epoch": steps_per_epoch, "history": history, "rng": rng, "method": method.name,
-                     "partial": {"sums": avg.sums, "n": avg.n} if step % steps_per_epoch else None,
+                     # the running averages of the current epoch (also at its end: its row may be pending)
+                     "partial": {"sums": avg.sums, "n": avg.n, "seconds": time.time() - epoch_start},
                      "model_config": dict(getattr(_unwrap(model), "config", {}))}
             if len(shards):
                 state["sharded"] = {"world": dd.world, "modules": list(shards)}
@@ -471,7 +473,40 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
     log = _Logger(cfg.verbose and dd.main, total_steps, method.log_keys())
     final: dict[str, float] = dict(history[-1]) if history else {}
+
+    def finish_epoch(epoch: int, avg: _Averager, seconds: float) -> None:
+        """The epoch's row: train averages, validation, the method's evaluation; appended to history."""
+        nonlocal final
+        row: dict[str, Any] = {"epoch": epoch + 1, "step": (epoch + 1) * steps_per_epoch,
+                               "lr": lr_at(cfg, (epoch + 1) * steps_per_epoch - 1, steps_per_epoch)}
+        row.update(avg.mean("train_"))
+        row["epoch_time_s"] = round(seconds, 3)
+        base = _unwrap(model)
+        # rank 0 validates; with sharded modules every rank does (their loss needs all ranks)
+        if (dd.main or len(shards)) and val_ds is not None and len(val_ds) and (
+                (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+            row.update({f"val_{k}": v for k, v in
+                        validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
+        if dd.main:
+            base.eval()
+            with _eval_mode(_method_modules(method)):
+                row.update(method.evaluate(base, epoch + 1))
+        history.append(row)
+        final = row
+        log.epoch(row)
+
     try:
+        if step and step % steps_per_epoch == 0 and len(history) < step // steps_per_epoch:
+            # interrupted after the epoch's last step, before its row was written (e.g. Ctrl-C during
+            # validation): finish that epoch now, from its saved training averages
+            done = _Averager()
+            if partial:
+                done.sums, done.n = dict(partial["sums"]), int(partial["n"])
+            finish_epoch(step // steps_per_epoch - 1, done, float((partial or {}).get("seconds", 0.0)))
+            avg, partial = done, None
+            save_state()
+            if dd.main:
+                _write_metrics(out, history)
         while step < stop_at:
             epoch, start = divmod(step, steps_per_epoch)
             sampler.set_epoch(epoch, start * cfg.batch_size)
@@ -482,7 +517,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
             if start and partial:  # resuming inside an epoch: keep its running averages
                 avg.sums, avg.n = dict(partial["sums"]), int(partial["n"])
             partial = None
-            t0 = time.time()
+            t0 = epoch_start = time.time()
             for batch in loader:
                 lr = lr_at(cfg, step, steps_per_epoch)
                 for o in optimizers:
@@ -521,22 +556,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                     break
             epoch_done = step % steps_per_epoch == 0
             if epoch_done:
-                row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, steps_per_epoch)}
-                row.update(avg.mean("train_"))
-                row["epoch_time_s"] = round(time.time() - t0, 3)
-                base = _unwrap(model)
-                # rank 0 validates; with sharded modules every rank does (their loss needs all ranks)
-                if (dd.main or len(shards)) and val_ds is not None and len(val_ds) and (
-                        (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
-                    row.update({f"val_{k}": v for k, v in
-                                validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
-                if dd.main:
-                    base.eval()
-                    with _eval_mode(_method_modules(method)):
-                        row.update(method.evaluate(base, epoch + 1))
-                history.append(row)
-                final = row
-                log.epoch(row)
+                finish_epoch(epoch, avg, time.time() - t0)
             save_state()
             if dd.main and epoch_done:
                 _write_metrics(out, history)

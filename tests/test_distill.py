@@ -17,7 +17,7 @@ from conftest import run_facetool
 from facetool.engine import TrainConfig, train
 from facetool.errors import FacetoolError
 from facetool.trainers.distill import (DistillMethod, Teacher, at_loss, attention_map, hint_loss, kd_loss, mixup_images,
-                                      pkt_loss, resolve_weights, rkd_loss, soft_kd_loss, taps)
+                                      pkt_loss, resolve_weights, rkd_loss, soft_kd_loss)
 from facetool.trainers.srrl import Connector, fm_loss, match_size, sr_loss
 from facetool.models import create_model, load_model, save_checkpoint
 

@@ -239,3 +239,41 @@ def test_result_summary_comes_from_the_method(tmp_path):
     model = load_model(tmp_path / "a" / "model.pt")
     rates = torch.tensor([[res["metrics"][f"val_rate_{i:02d}"] for i in range(8)]])
     assert res["exec_gflops"] == float(executed_flops(model, rates, 32)[0]) / 1e9
+
+
+class InterruptedValidation(ClassificationMethod):
+    """Ctrl-C (KeyboardInterrupt) in the validation of epoch ``at``, once."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__()
+        self.at, self.fired, self.epoch = at, False, 1  # the epoch whose validation comes next
+
+    def loss(self, model, batch, out, internals):
+        if not model.training and not self.fired and self.epoch == self.at:
+            self.fired = True
+            raise KeyboardInterrupt
+        return super().loss(model, batch, out, internals)
+
+    def evaluate(self, model, epoch):
+        self.epoch = epoch + 1
+        return {}
+
+
+@pytest.mark.parametrize("at", [1, 2])
+def test_ctrl_c_during_validation_then_resume_keeps_every_epoch_row(tmp_path, at):
+    """W2: Ctrl-C during end-of-epoch validation, then --resume: the interrupted epoch's row is
+    written (same training averages as an uninterrupted run), and a finished run says 2 of 2 epochs."""
+    ds, val = ToyFaces(), ToyFaces(n=9, seed=1)
+    ref = train(_model(), ClassificationMethod(), ds, _cfg(tmp_path / "ref"), val_ds=val)
+    method = InterruptedValidation(at)
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), method, ds, _cfg(tmp_path / "b"), val_ds=val)
+    res = train(_model(), method, ds, _cfg(tmp_path / "b", resume=True), val_ds=val)
+    rows = [json.loads(line) for line in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    want = [json.loads(line) for line in (tmp_path / "ref" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for r, w in zip(rows, want):
+        for k in ("train_loss", "train_top1", "val_loss", "val_top1"):
+            assert r[k] == pytest.approx(w[k], abs=1e-6), (k, r, w)
+    assert res["val_top1"] == pytest.approx(ref["val_top1"])
+    assert load_model(tmp_path / "b" / "model.pt").meta["epochs_done"] == 2
