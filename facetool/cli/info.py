@@ -39,7 +39,7 @@ def register(app: typer.Typer) -> None:
 
         model = load_model(path, name=arch)
         n_params = sum(p.numel() for p in model.parameters()) if hasattr(model, "parameters") else 0
-        rows = {"model": getattr(model, "name", type(model).__name__), "task": getattr(model, "task", "?"),
+        rows = {"model": getattr(model, "name", type(model).__name__), "task": getattr(model, "output_kind", "?"),
                 "parameters (M)": round(n_params / 1e6, 3),
                 "config": json.dumps(getattr(model, "config", {}), default=str)}
         if as_json:

@@ -179,7 +179,7 @@ def train_arcface(
     except TypeError as e:  # a registry model that is not a recognition backbone
         raise FacetoolError(f"network {network!r} cannot be built as a recognition backbone ({e}); "
                             "use r18/r34/r50/r100/r200/mbf") from None
-    if getattr(model, "task", None) != "embedding":
+    if getattr(model, "output_kind", None) != "embedding":
         raise FacetoolError(f"network {network!r} is not an embedding model; use r18/r34/r50/r100/r200/mbf")
     train_ds = FaceDataset(store, "train", size=input_size)
     test_ds = FaceDataset(store, "test", size=input_size)

@@ -40,8 +40,11 @@ class ClassificationMethod(Method):
 
     def loss(self, model, batch, out, internals):
         if self.task is not None:
-            from facetool.tasks import task_loss
+            from facetool.tasks import record_task, task_loss
 
+            cfg = getattr(getattr(model, "module", model), "config", None)
+            if isinstance(cfg, dict) and "task" not in cfg:  # a model handed to engine.train directly
+                record_task(model, self.task)
             return {"ce": task_loss(out, batch, self.task)}
         return {"ce": nn.functional.cross_entropy(out.float(), batch["label"])}
 
@@ -53,9 +56,10 @@ class ClassificationMethod(Method):
         return topk_accuracy(out, batch["label"])
 
     def meta(self) -> dict:
+        """The training class balance; the task itself lives in ``model.config["task"]`` only."""
         if self.task is None:
             return {}
-        return {"task": self.task.to_json(), "class_stats": self.class_stats or {}}
+        return {"class_stats": self.class_stats or {}}
 
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
@@ -103,7 +107,7 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
         raise FacetoolError(f"--input-size must be a positive number of pixels, got {input_size}")
     stats = None
     if task is not None and not task.is_identity:
-        from facetool.tasks import class_stats
+        from facetool.tasks import class_stats, record_task
 
         attributes = list(dict.fromkeys([*task.names, *attributes]))
         stats = class_stats(store, task, "train")
@@ -116,7 +120,7 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
     ncls = train_ds.num_classes if stats is None else task.num_outputs
     model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))
     if stats is not None:
-        model.config["task"] = task.to_json()
+        record_task(model, task)
     if init is not None:
         init_from_checkpoint(model, init)
     method = method_factory(model)

@@ -43,9 +43,9 @@ def resolve_student(arch: str, teacher: Teacher | None) -> str:
         raise FacetoolError(f"unknown --student {arch!r}; use one of {', '.join(CLASSIFIER_STUDENTS)} (identity "
                             f"classifiers) or {', '.join(EMBEDDING_STUDENTS)} / mbf, r18..r200 (recognition)")
     if teacher is not None:
-        want = CLASSIFIER_STUDENTS if teacher.task == "classification" else EMBEDDING_STUDENTS
+        want = CLASSIFIER_STUDENTS if teacher.output_kind == "classification" else EMBEDDING_STUDENTS
         if name not in want:
-            kind = "an identity classifier" if teacher.task == "classification" else "an embedding model"
+            kind = "an identity classifier" if teacher.output_kind == "classification" else "an embedding model"
             raise FacetoolError(f"teacher {teacher.source} is {kind}; its student must be one of {', '.join(want)}")
     return name
 
@@ -134,7 +134,7 @@ def distill(
     seed_everything(cfg.seed)
     kw: dict[str, Any] = {"input_size": size}
     if embedding:
-        emb = int(embedding_size or (t.model.embedding_size if t is not None and t.task == "embedding" else 512))
+        emb = int(embedding_size or (t.model.embedding_size if t is not None and t.output_kind == "embedding" else 512))
         kw["embedding_size"] = emb
         if width and name.startswith("iresnet"):
             kw["width"] = width
