@@ -1,10 +1,12 @@
-"""``output_kind`` (what a model returns) apart from the task (what a classifier predicts), and the task
-stored once in checkpoints and read by one function (0.2.1 checkpoints included)."""
+"""``output_kind`` (what a model returns) apart from the task (what a classifier predicts), the task
+stored once in checkpoints and read by one function (0.2.1 checkpoints included), and ``open_dataset``
+as the one way commands open a face source."""
 
 from __future__ import annotations
 
 import ast
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import run_facetool
 from facetool.errors import FacetoolError
 from facetool.models import FaceModel, create_model, load_model
 from facetool.store import Record, StoreWriter
@@ -186,3 +189,51 @@ def test_a_method_given_a_task_records_it_in_the_config(tmp_path):
     train(model, ClassificationMethod(task, [0]), ds, cfg)
     raw = torch.load(tmp_path / "run" / "model.pt", weights_only=True)
     assert raw["config"]["task"] == task.to_json() and "task" not in raw["meta"]
+
+
+# -- open_dataset: the one way to open a face source -----------------------------------------------
+def test_open_dataset_on_a_store_is_the_face_dataset(tmp_path):
+    from facetool.data import FaceDataset, open_dataset
+
+    store = small_store(tmp_path / "s.h5")
+    for split, kw in [("train", {}), ("test", {"attributes": ["gender", "age"], "size": 8}),
+                      (None, {"indices": [5, 1]})]:
+        a, b = open_dataset(store, split, **kw), FaceDataset(store, split, **kw)
+        assert type(a) is FaceDataset and len(a) == len(b) and np.array_equal(a.indices, b.indices)
+        assert a.num_classes == b.num_classes and a.attr_values == b.attr_values
+        for i in range(len(a)):
+            x, y = a[i], b[i]
+            assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+    other = tmp_path / "faces.store"  # a store under another name is still a store (HDF5 inside)
+    shutil.copy(store, other)
+    assert len(open_dataset(other, "train")) == 4
+
+
+def test_open_dataset_refuses_what_is_no_face_source(tmp_path):
+    from facetool.data import open_dataset
+
+    (tmp_path / "notes.txt").write_text("not faces\n")
+    (tmp_path / "folder").mkdir()
+    for path, says in [(tmp_path / "notes.txt", "is not a face source"), (tmp_path / "missing.txt", "no such file"),
+                       (tmp_path / "folder", "is a folder")]:
+        with pytest.raises(FacetoolError) as e:
+            open_dataset(path, "train")
+        msg = str(e.value)
+        assert "\n" not in msg and says in msg and msg.startswith(f"--store {path}")
+        assert "a face source is a facetool face store (.h5, written by `facetool prepare`)" in msg
+    with pytest.raises(FacetoolError, match="--unlabeled"):
+        open_dataset(tmp_path / "notes.txt", None, option="--unlabeled")
+    with pytest.raises(FacetoolError, match="face store not found"):  # a missing .h5: the store's own message
+        open_dataset(tmp_path / "missing.h5", "train")
+
+
+def test_commands_refuse_a_non_store_in_one_line(tmp_path):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("not faces\n")
+    m = create_model("resnet18", num_classes=4, input_size=32, width=8)
+    from facetool.models import save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", m)
+    r = run_facetool("eval", "classify", "--store", notes, "--model", tmp_path / "m.pt", cwd=tmp_path)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().count("\n") == 0 and "a face source is a facetool face store (.h5" in r.stderr

@@ -89,16 +89,16 @@ def predict(
     on_batch: Callable[[int], None] | None = None,
 ) -> Predictions:
     """One pass of ``model`` (eval mode) over ``split`` of ``store``; ``on_batch(n)`` reports progress."""
-    from facetool.data import FaceDataset, make_loader
+    from facetool.data import face_source, make_loader, open_dataset
 
-    with FaceStore(store) as s:
+    with FaceStore(face_source(store)) as s:
         size = s.image_size[0]
         ncls = s.num_classes
     check_classifier(model, ncls, getattr(model, "config", {}).get("name", ""))
     task = task_of(model)
     insize = model_input_size(model, size)
     attrs = () if task.is_identity else task.names
-    ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices, attributes=attrs)
+    ds = open_dataset(store, split, size=insize if insize != size else None, indices=indices, attributes=attrs)
     if not task.is_identity:
         _check_vocab(task, ds.attr_values, store)
     if not len(ds):
@@ -248,7 +248,9 @@ def compare_classifiers(
     if len(archs) != len(model_paths):
         raise FacetoolError(f"give --arch once per --model, in the same order ({len(model_paths)} models, "
                             f"{len(archs)} --arch), or not at all")
-    FaceStore(store).close()
+    from facetool.data import face_source
+
+    FaceStore(face_source(store)).close()
     models = [(Path(p), load_model(p, name=a)) for p, a in zip(model_paths, archs)]  # fail before any work
     rows = []
     for p, m in models:

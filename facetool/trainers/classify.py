@@ -98,7 +98,7 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
 
     ``init``: a checkpoint whose weights initialise the model where names and shapes match (the
     classifier of another task or class count is left at its initialisation)."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import open_dataset
     from facetool.flops import count_params, executed_flops, flops_summary
     from facetool.models.registry import create_model
 
@@ -111,11 +111,11 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
 
         attributes = list(dict.fromkeys([*task.names, *attributes]))
         stats = class_stats(store, task, "train")
-    train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
+    train_ds = open_dataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
     size = input_size or int(train_ds.image_size[0])
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    val_ds = FaceDataset(store, "test", attributes=attributes, size=input_size)
+    val_ds = open_dataset(store, "test", attributes=attributes, size=input_size)
     seed_everything(cfg.seed)
     ncls = train_ds.num_classes if stats is None else task.num_outputs
     model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))

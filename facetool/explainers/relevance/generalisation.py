@@ -59,6 +59,7 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     from facetool.explainers.dissect import _plt, _savefig
     from facetool.io import guard_output, write_json, write_text
     from facetool.models.checkpoint import load_model
+    from facetool.data.sources import face_source
     from facetool.store import FaceStore
 
     paths = [Path(p) for p in model_paths]
@@ -78,7 +79,7 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     for p in paths:
         n = p.parent.name if p.stem == "model" else p.stem
         names.append(n if n not in names else f"{n}_{len(names)}")
-    with FaceStore(store_path) as st:
+    with FaceStore(face_source(store_path)) as st:
         rows = st.indices(split)[:limit]
         if len(rows) == 0:
             raise FacetoolError(f"the {split} split of {Path(store_path).name} is empty")

@@ -78,7 +78,7 @@ def distill(
     on_config: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import face_source, open_dataset
     from facetool.flops import count_params, flops_summary
     from facetool.io import guard_output, write_json
     from facetool.models import create_model
@@ -87,7 +87,7 @@ def distill(
 
     weights = resolve_weights(kind, alpha, beta, gamma)
     cfg.validate()
-    store = require_file(store, "face store")
+    store = face_source(require_file(store, "face store"))
     with FaceStore(store) as s:
         num_classes, store_size = s.num_classes, int(s.image_size[0])
     if teacher is None and kind != "none":
@@ -110,14 +110,14 @@ def distill(
     if embedding and size % 16:
         raise FacetoolError(f"--input-size must be a multiple of 16 for {name}, got {size}")
     if transfer is not None:
-        require_file(transfer, "transfer store")
+        face_source(require_file(transfer, "transfer store"), "--transfer")
     notes: list[str] = []
-    train_ds = FaceDataset(store, "train", size=size if size != store_size else None)
+    train_ds = open_dataset(store, "train", size=size if size != store_size else None)
     if labeled_per_identity:
         train_ds.indices = first_per_identity(train_ds.labels, train_ds.indices, labeled_per_identity)
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    test_ds = FaceDataset(store, "test", size=size if size != store_size else None)
+    test_ds = open_dataset(store, "test", size=size if size != store_size else None)
     u_ds = open_unlabeled(unlabeled, size, notes) if unlabeled is not None else None
     out = Path(cfg.out)
     for f in (teacher, *teacher_heads):
@@ -183,7 +183,8 @@ def distill(
     device = next(model.parameters()).device
     trans = None
     if transfer is not None:
-        trans = (FaceDataset(transfer, "train", size=size), FaceDataset(transfer, "test", size=size))
+        trans = (open_dataset(transfer, "train", option="--transfer", size=size),
+                 open_dataset(transfer, "test", option="--transfer", size=size))
         if not len(trans[0]) or not len(trans[1]):
             raise FacetoolError(f"transfer store {transfer} needs a train and a test split")
     if len(test_ds):
