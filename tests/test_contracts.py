@@ -1,6 +1,6 @@
-"""``output_kind`` (what a model returns) apart from the task (what a classifier predicts), the task
-stored once in checkpoints and read by one function (0.2.1 checkpoints included), and ``open_dataset``
-as the one way commands open a face source."""
+"""The contracts of CONTRACTS.md: ``output_kind`` (what a model returns) apart from the task (what a
+classifier predicts), the task stored once in checkpoints and read by one function (0.2.1 checkpoints
+included), and ``open_dataset`` as the one way commands open a face source."""
 
 from __future__ import annotations
 
@@ -36,6 +36,18 @@ def small_store(path: Path, size: int = 32) -> Path:
                         split=row % 2, source=f"{row}.jpg", attributes={"gender": (row // 2) % 2}))
     w.finalize()
     return path
+
+
+def test_contracts_md_has_the_sections_the_code_cites():
+    text = (ROOT / "CONTRACTS.md").read_text(encoding="utf-8")
+    sections = set(re.findall(r"^## (.+)$", text, re.M))
+    assert {"Models", "Tasks", "Checkpoints", "Training methods", "Face sources", "Explainers"} <= sections
+    cited = []
+    for p, src in _sources():
+        cited += [(p, c) for c in re.findall(r'CONTRACTS\.md`*,?\s+(?:sections?\s+)?"([^"]+)"', src)]
+        cited += [(p, c) for c in re.findall(r'CONTRACTS\.md[^"\n]*"[^"]+" and "([^"]+)"', src)]
+    assert cited and all(c in sections for _, c in cited), [(str(p), c) for p, c in cited if c not in sections]
+    assert "facetool/explainers/__init__.py" in {str(p.relative_to(ROOT)) for p, _ in cited}
 
 
 # -- output_kind: what forward returns ---------------------------------------------------------------

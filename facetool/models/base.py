@@ -17,6 +17,7 @@ described by the model too: its :class:`ConditionalBlock` s, in the order of the
 ``internals["gates"]``, say what they skip and let a caller force their decisions
 (:meth:`FaceModel.conditional_blocks`, :meth:`FaceModel.forced_decisions`). Executed-FLOP counting
 (:mod:`facetool.flops`) and dense explanations use only this interface, never a method module.
+The interface as a whole: CONTRACTS.md "Models".
 """
 
 from __future__ import annotations
