@@ -269,5 +269,5 @@ def task_metrics(out, batch: dict, task: Task, majority: Sequence[int] | None = 
     return res
 
 
-__all__ = ["Task", "KINDS", "TASK_HELP", "task_of", "record_task", "split_logits", "task_slice", "owners", "resolve_task",
-           "class_stats", "targets", "task_loss", "task_metrics"]
+__all__ = ["Task", "KINDS", "TASK_HELP", "task_of", "record_task", "split_logits", "task_slice", "owners",
+           "resolve_task", "class_stats", "targets", "task_loss", "task_metrics"]

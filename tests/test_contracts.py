@@ -125,8 +125,8 @@ def test_one_reader_of_the_stored_task():
             key = None
             if isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant):
                 key, of = node.slice.value, node.value
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in ("get", "pop")
-                  and node.args and isinstance(node.args[0], ast.Constant)):
+            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                  and node.func.attr in ("get", "pop") and node.args and isinstance(node.args[0], ast.Constant)):
                 key, of = node.args[0].value, node.func.value
             if key == "task" and re.search(r"config|cfg|meta", ast.unparse(of)):
                 bad.append(f"{p.relative_to(ROOT)}:{node.lineno}: {ast.unparse(node)}")

@@ -59,7 +59,8 @@ def test_export_loads_in_insightface_and_matches_pytorch(r18, tmp_path):
     assert (theirs - ours).abs().max() / ours.abs().max() < 1e-4
 
     onnx_model = load_model(out)  # the facetool model call contract
-    assert isinstance(onnx_model, OnnxModel) and onnx_model.output_kind == "embedding" and onnx_model.embedding_size == 128
+    assert isinstance(onnx_model, OnnxModel) and onnx_model.output_kind == "embedding"
+    assert onnx_model.embedding_size == 128
     assert (unit(onnx_model(normalize(np.stack(bgr)[..., ::-1].copy()))) - unit(ours)).abs().max() < 1e-4
 
 

@@ -349,7 +349,8 @@ def prediction_heads(model) -> list[tuple[str, list[str], slice]]:
             a += k
         return out
     k = cfg.get("num_classes")
-    if getattr(model, "output_kind", "classification") == "classification" and isinstance(k, int) and 2 <= k <= MAX_PREDICTED_VALUES:
+    is_classifier = getattr(model, "output_kind", "classification") == "classification"
+    if is_classifier and isinstance(k, int) and 2 <= k <= MAX_PREDICTED_VALUES:
         return [("predicted", [f"class {i}" for i in range(k)], slice(0, k))]
     return []
 
