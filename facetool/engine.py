@@ -1,11 +1,14 @@
 """The one training loop of facetool. Every trainer is a :class:`Method` plugged into :func:`train`.
 
 A method names its loss terms (``loss`` returns a dict; the total is their sum), its per-batch
-metrics, optional extra trainable modules (a margin head, a connector ...) and an end-of-epoch
-callback. The engine owns everything else: SGD with momentum and weight decay, per-step learning-rate
-schedule with linear warm-up, AMP on CUDA, a NaN/inf guard naming the bad term, gradient clipping,
-metrics (CSV + JSONL + console), atomic per-epoch checkpoints, exact resume, and DDP under
-``torchrun`` (RANK/WORLD_SIZE in the environment; NCCL on GPU, gloo on CPU; rank 0 logs and saves).
+metrics, optional extra trainable modules (a margin head, a connector ...), modules split per rank (a
+class-sharded classifier), an end-of-epoch callback, the keys the epoch line prints and the summary a
+run's ``result.json`` gets. The engine owns everything else: SGD with momentum and weight decay,
+per-step learning-rate schedule with linear warm-up, AMP on CUDA, a NaN/inf guard naming the bad term,
+gradient clipping, metrics (CSV + JSONL + console), atomic per-epoch checkpoints, exact resume, and DDP
+under ``torchrun`` (:mod:`facetool.distributed`; rank 0 logs and saves what every rank shares). The
+engine knows no model family: conditional computation reaches it only through the model's
+``conditional_blocks()``.
 
 Outputs in ``cfg.out``::
 
@@ -13,6 +16,11 @@ Outputs in ``cfg.out``::
     model.pt      facetool checkpoint of the model (``load_model``), meta = method.meta() + metrics
     heads.pt      state_dicts of the method's extra modules (only if it has any)
     metrics.csv / metrics.jsonl   one row per epoch;  config.json   the TrainConfig
+
+and, for a method with sharded modules, one pair per rank ``r`` written by that rank::
+
+    last.rank{r}.pt   its part of the resume state (sharded modules, their optimizer state, step)
+    heads.rank{r}.pt  state_dicts of its sharded modules (shapes of its shard)
 
 Exact resume: the data order of epoch ``e`` is a pure function of ``(seed, e)`` and the resume state
 records the step inside the epoch, so ``resume=True`` (after ``max_steps`` or Ctrl-C) continues with
@@ -22,11 +30,13 @@ workers the random flips of a resumed epoch are re-drawn).
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import fnmatch
 import io
 import json
 import math
-import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,8 +45,9 @@ from typing import Any, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset
 
+from facetool.distributed import Dist, EpochSampler, setup, teardown
 from facetool.errors import FacetoolError, NonFiniteLossError
 from facetool.io import torch_load, torch_save, write_json, write_text
 from facetool.models.checkpoint import save_checkpoint
@@ -50,7 +61,16 @@ class Method:
     name = "base"
 
     def modules(self) -> dict[str, nn.Module]:
-        """Extra trainable modules: optimised with the model, saved in the resume state and heads.pt."""
+        """Extra trainable modules: optimised with the model, replicated on every rank (gradients
+        averaged over ranks), saved by rank 0 in the resume state and heads.pt."""
+        return {}
+
+    def sharded_modules(self) -> dict[str, nn.Module]:
+        """Trainable modules whose parameters are split over the ranks (e.g. a classifier holding this
+        rank's classes): not wrapped by DDP and their gradients not averaged (the method's loss does
+        its own communication), their optimizer state stays on the rank, and every rank saves its
+        part (``last.rank{r}.pt``, ``heads.rank{r}.pt``). A run with them resumes only on as many
+        processes as wrote it. Names must differ from :meth:`modules`'."""
         return {}
 
     def loss(self, model: nn.Module, batch: dict, out: Any, internals: dict) -> dict[str, Tensor]:
@@ -68,6 +88,24 @@ class Method:
     def meta(self) -> dict:
         """JSON-able facts stored in the checkpoint meta (e.g. attribute masks)."""
         return {}
+
+    def log_keys(self) -> tuple[str, ...]:
+        """Metric keys the console's epoch line prints, in the row's order, when the row has them
+        (``fnmatch`` patterns: ``val_acc*``)."""
+        return ("epoch", "train_loss", "train_top1", "val_top1")
+
+    def summary(self, model: nn.Module, final: dict[str, float]) -> dict[str, Any]:
+        """What a run's result adds about the trained model (rank 0, model on the CPU), given its final
+        metrics: dense GFLOPs, the conditional blocks' share, parameters and -- for a conditional model
+        whose metrics hold its per-block decision rates (:func:`facetool.flops.decision_rates`) --
+        the executed GFLOPs (``exec_gflops``)."""
+        from facetool.flops import executed_gflops, flops_summary
+
+        out: dict[str, Any] = dict(flops_summary(model))
+        gflops = executed_gflops(model, final)
+        if gflops is not None:
+            out["exec_gflops"] = gflops
+        return out
 
 
 @dataclass
@@ -127,6 +165,33 @@ class TrainConfig:
         d["milestones"] = list(self.milestones)
         return d
 
+    @classmethod
+    def from_options(cls, opts: Any, *, out: Path, extra: dict | None = None) -> "TrainConfig":
+        """The config of the command-line training options (``facetool.cli.options.TrainOptions``, or
+        any object with those attributes): 0 means off / all for ``grad_clip`` and ``max_steps``,
+        ``milestones`` is the typed text (or a sequence), ``lr_gamma`` is the step schedule's ``gamma``.
+        Checked here (FacetoolError naming the option), so a bad value fails before any work."""
+        ms = opts.milestones
+        if isinstance(ms, str):
+            try:
+                ms = tuple(float(x) for x in ms.split(",") if x.strip())
+            except ValueError:
+                raise FacetoolError(f"--milestones needs numbers separated by commas, got {opts.milestones!r}") from None
+        if not all(math.isfinite(m) and m >= 0 for m in ms):
+            raise FacetoolError(f"--milestones must be epochs >= 0, got {opts.milestones!r}")
+        if opts.log_every < 0:
+            raise FacetoolError(f"--log-every must be >= 0 (0 = never), got {opts.log_every}")
+        if not (opts.lr_gamma > 0 and math.isfinite(opts.lr_gamma)):
+            raise FacetoolError(f"--lr-gamma must be a positive number, got {opts.lr_gamma}")
+        cfg = cls(out=Path(out), epochs=opts.epochs, batch_size=opts.batch_size, lr=opts.lr, momentum=opts.momentum,
+                  weight_decay=opts.weight_decay, schedule=opts.schedule, milestones=tuple(ms), gamma=opts.lr_gamma,
+                  warmup_epochs=opts.warmup_epochs, amp=opts.amp, seed=opts.seed, workers=opts.workers,
+                  grad_clip=opts.grad_clip or None, resume=opts.resume, overwrite=opts.overwrite,
+                  log_every=opts.log_every, max_steps=opts.max_steps or None, flip=opts.flip,
+                  val_every=opts.val_every, extra=dict(extra or {}))
+        cfg.validate()
+        return cfg
+
 
 def lr_at(cfg: TrainConfig, step: int, steps_per_epoch: int) -> float:
     """Learning rate of optimizer step ``step`` (0-based): linear warm-up, then the schedule."""
@@ -153,63 +218,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-# -- distributed ---------------------------------------------------------------------------------
-@dataclass
-class _Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    initialised_here: bool = False
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _setup_distributed() -> _Dist:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1 or "RANK" not in os.environ:
-        return _Dist()
-    rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    here = False
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        if torch.cuda.is_available():
-            torch.cuda.set_device(local)
-        dist.init_process_group(backend=backend)
-        here = True
-    return _Dist(rank, world, local, here)
-
-
-class EpochSampler(Sampler[int]):
-    """Shuffled indices of one epoch as a pure function of (seed, epoch), this rank's shard, from a
-    start offset (used to resume inside an epoch). Every rank gets the same number of indices."""
-
-    def __init__(self, n: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
-        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
-        self.per_rank = math.ceil(n / world)
-        self.epoch, self.start = 0, 0
-
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
-    def _indices(self) -> list[int]:
-        if self.shuffle:
-            g = torch.Generator()
-            g.manual_seed(self.seed * 100_003 + self.epoch)
-            idx = torch.randperm(self.n, generator=g).tolist()
-        else:
-            idx = list(range(self.n))
-        idx += idx[: self.per_rank * self.world - self.n]  # pad so that ranks get equal shares
-        return idx[self.rank :: self.world]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self._indices()[self.start :])
-
-    def __len__(self) -> int:
-        return self.per_rank - self.start
-
-
 # -- the loop -------------------------------------------------------------------------------------
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
@@ -217,6 +225,67 @@ def _to_device(batch: dict, device: torch.device) -> dict:
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)
+
+
+@contextlib.contextmanager
+def _eval_mode(modules: list[nn.Module]) -> Iterator[None]:
+    """Modules in eval mode inside the block (dropout off, BatchNorm on running statistics); each
+    back in its previous mode afterwards."""
+    was = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, w in zip(modules, was):
+            m.train(w)
+
+
+def _method_modules(method: Method) -> list[nn.Module]:
+    return [*method.modules().values(), *method.sharded_modules().values()]
+
+
+def _rank_file(out: Path, kind: str, rank: int) -> Path:
+    return out / f"{kind}.rank{rank}.pt"
+
+
+_RANK_FILE = re.compile(r"(last|heads)\.rank(\d+)\.pt")
+
+
+def _clip_grad_norm(params: list[Tensor], sharded: list[Tensor], max_norm: float, world: int) -> None:
+    """``clip_grad_norm_`` over all parameters, where the sharded ones' squared norms are summed over
+    the ranks (the replicated ones are equal on every rank and count once)."""
+    if not sharded:
+        nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    own = [p.grad for p in sharded if p.grad is not None]
+    dev = (grads or own)[0].device if (grads or own) else torch.device("cpu")
+    sq = torch.zeros((), device=dev)
+    for g in own:
+        sq += g.detach().float().pow(2).sum()
+    if world > 1:
+        dist.all_reduce(sq)
+    for g in grads:
+        sq += g.detach().float().pow(2).sum()
+    coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+    for g in grads + own:
+        g.mul_(coef.to(g.dtype))
+
+
+def _agree_on_overflow(sharded: list[Tensor], device: torch.device) -> None:
+    """AMP with sharded modules: if any rank's sharded gradients overflowed, make every rank's do so,
+    so every rank's GradScaler skips the same steps and keeps the same scale."""
+    bad = torch.zeros((), device=device)
+    for p in sharded:
+        if p.grad is not None:
+            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    if bad.item():
+        for p in sharded:
+            if p.grad is not None:
+                p.grad.fill_(float("nan"))
+                break
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -272,19 +341,21 @@ def _check_finite(terms: dict[str, Tensor], epoch: int, step: int) -> None:
 @torch.no_grad()
 def validate(model: nn.Module, method: Method, ds: Dataset, batch_size: int, device: torch.device,
              workers: int = 0) -> dict[str, float]:
-    """Method loss terms and metrics averaged over ``ds`` with the model in eval mode."""
+    """Method loss terms and metrics averaged over ``ds`` with the model in eval mode and the method's
+    modules too (each back in its previous mode afterwards)."""
     from facetool.data.dataset import make_loader
 
     model.eval()
     avg = _Averager()
-    for batch in make_loader(ds, batch_size, workers=workers):
-        batch = _to_device(batch, device)
-        out, internals = model(batch["image"], return_internals=True)
-        terms = method.loss(model, batch, out, internals)
-        vals = {k: float(v) for k, v in terms.items()}
-        vals["loss"] = sum(vals.values())
-        vals.update(method.metrics(batch, out, internals))
-        avg.add(vals, batch["image"].shape[0])
+    with _eval_mode(_method_modules(method)):
+        for batch in make_loader(ds, batch_size, workers=workers):
+            batch = _to_device(batch, device)
+            out, internals = model(batch["image"], return_internals=True)
+            terms = method.loss(model, batch, out, internals)
+            vals = {k: float(v) for k, v in terms.items()}
+            vals["loss"] = sum(vals.values())
+            vals.update(method.metrics(batch, out, internals))
+            avg.add(vals, batch["image"].shape[0])
     return avg.mean()
 
 
@@ -293,15 +364,14 @@ def train(model: nn.Module, method: Method, train_ds: Dataset, cfg: TrainConfig,
     """Train ``model`` with ``method``; returns the metrics of the last epoch (see module doc)."""
     cfg.validate()
     out = Path(cfg.out)
-    dd = _setup_distributed()
+    dd = setup()
     try:
         return _train(model, method, train_ds, cfg, val_ds, out, dd)
     finally:
-        if dd.initialised_here and dist.is_initialized():
-            dist.destroy_process_group()
+        teardown(dd)
 
 
-def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[str, float]:
+def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[str, float]:
     from facetool.data.dataset import make_loader
 
     if len(train_ds) == 0:
@@ -312,6 +382,10 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
         if last_path.exists() and not cfg.resume and not cfg.overwrite:
             raise FacetoolError(f"{out} already holds a training run; pass --resume to continue it or --overwrite")
         out.mkdir(parents=True, exist_ok=True)
+        if not cfg.resume:  # per-rank files of an earlier run would be read as this run's
+            for f in out.iterdir():
+                if _RANK_FILE.fullmatch(f.name):
+                    f.unlink()
         write_json(out / "config.json", {"train": cfg.to_json(), "method": method.name, "method_meta": method.meta(),
                                          "model": dict(getattr(model, "config", {}))})
     if hasattr(train_ds, "flip"):
@@ -319,8 +393,17 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
 
     model.to(device)
     heads = nn.ModuleDict(method.modules()).to(device)
+    shards = nn.ModuleDict(method.sharded_modules()).to(device)
+    if set(heads) & set(shards):
+        raise ValueError(f"method {method.name}: {sorted(set(heads) & set(shards))} named both in modules() and "
+                         "sharded_modules()")
     params = [p for p in list(model.parameters()) + list(heads.parameters()) if p.requires_grad]
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    shard_params = [p for p in shards.parameters() if p.requires_grad]
+    # this rank's shards: their own optimizer, so that its state is saved per rank
+    shard_opt = torch.optim.SGD(shard_params, lr=cfg.lr, momentum=cfg.momentum,
+                                weight_decay=cfg.weight_decay) if shard_params else None
+    optimizers = [opt] + ([shard_opt] if shard_opt is not None else [])
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
 
@@ -339,6 +422,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
         if st.get("model_config") != dict(getattr(_unwrap(model), "config", {})) or st.get("method") != method.name:
             raise FacetoolError(f"cannot resume {last_path}: it was trained with another model or method; "
                                 "use another --out or --overwrite")
+        shard_state = _load_shards(st, shards, out, dd) if (len(shards) or st.get("sharded")) else None
         if st.get("steps_per_epoch") != steps_per_epoch:
             raise FacetoolError(f"cannot resume {last_path}: --batch-size or the data changed since it was written")
         model.load_state_dict(st["model"])
@@ -346,31 +430,46 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
         opt.load_state_dict(st["optimizer"])
         scaler.load_state_dict(st["scaler"])
         step, history, partial = int(st["step"]), list(st["history"]), st.get("partial")
+        if shard_state is not None:
+            shards.load_state_dict(shard_state["modules"])
+            if shard_opt is not None:
+                shard_opt.load_state_dict(shard_state["optimizer"])
         rng = st["rng"][dd.rank] if dd.rank < len(st["rng"]) else st["rng"][0]
         _set_rng_state(rng, device)
 
     train_model: nn.Module = model
     if dd.world > 1:
-        gated = bool(getattr(model, "num_gates", 0))
+        from facetool.models.base import conditional_blocks
+
+        # skipped conditional parts get no gradient in a step
+        conditional = bool(conditional_blocks(model))
         train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=gated)
+            model, device_ids=[dd.local_rank] if device.type == "cuda" else None, find_unused_parameters=conditional)
 
     def save_state() -> None:
+        if len(shards):  # every rank its part, before rank 0 writes last.pt (the gather below waits for all)
+            torch_save({"format": "facetool-resume-shard", "rank": dd.rank, "world": dd.world, "step": step,
+                        "modules": shards.state_dict(),
+                        "optimizer": shard_opt.state_dict() if shard_opt is not None else {}},
+                       _rank_file(out, "last", dd.rank))
         rng = [_rng_state(device)]
         if dd.world > 1:
             gathered: list[Any] = [None] * dd.world
             dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
             rng = gathered
         if dd.main:
-            torch_save({"format": "facetool-resume", "model": _unwrap(model).state_dict(), "heads": heads.state_dict(),
-                        "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
-                        "steps_per_epoch": steps_per_epoch, "history": history, "rng": rng, "method": method.name,
-                        "partial": {"sums": avg.sums, "n": avg.n} if step % steps_per_epoch else None,
-                        "model_config": dict(getattr(_unwrap(model), "config", {}))}, last_path)
+            state = {"format": "facetool-resume", "model": _unwrap(model).state_dict(), "heads": heads.state_dict(),
+                     "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
+                     "steps_per_epoch": steps_per_epoch, "history": history, "rng": rng, "method": method.name,
+                     "partial": {"sums": avg.sums, "n": avg.n} if step % steps_per_epoch else None,
+                     "model_config": dict(getattr(_unwrap(model), "config", {}))}
+            if len(shards):
+                state["sharded"] = {"world": dd.world, "modules": list(shards)}
+            torch_save(state, last_path)
 
     total_steps = cfg.epochs * steps_per_epoch
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
-    log = _Logger(cfg.verbose and dd.main, total_steps)
+    log = _Logger(cfg.verbose and dd.main, total_steps, method.log_keys())
     final: dict[str, float] = dict(history[-1]) if history else {}
     try:
         while step < stop_at:
@@ -378,6 +477,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
             sampler.set_epoch(epoch, start * cfg.batch_size)
             model.train()
             heads.train()
+            shards.train()
             avg = _Averager()
             if start and partial:  # resuming inside an epoch: keep its running averages
                 avg.sums, avg.n = dict(partial["sums"]), int(partial["n"])
@@ -385,25 +485,31 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
             t0 = time.time()
             for batch in loader:
                 lr = lr_at(cfg, step, steps_per_epoch)
-                for g in opt.param_groups:
-                    g["lr"] = lr
+                for o in optimizers:
+                    for g in o.param_groups:
+                        g["lr"] = lr
                 batch = _to_device(batch, device)
                 with torch.autocast(device.type, dtype=torch.float16, enabled=use_amp):
                     out_, internals = train_model(batch["image"], return_internals=True)
                     terms = method.loss(_unwrap(model), batch, out_, internals)
                 _check_finite(terms, epoch + 1, step + 1)
                 loss = sum(terms.values())
-                opt.zero_grad(set_to_none=True)
+                for o in optimizers:
+                    o.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if dd.world > 1:
-                    for p in heads.parameters():  # the model's grads are reduced by DDP
+                    for p in heads.parameters():  # the model's grads are reduced by DDP, the shards' not at all
                         if p.grad is not None:
                             dist.all_reduce(p.grad)
                             p.grad /= dd.world
+                    if use_amp and shard_params:
+                        _agree_on_overflow(shard_params, device)
                 if cfg.grad_clip is not None:
-                    scaler.unscale_(opt)
-                    nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-                scaler.step(opt)
+                    for o in optimizers:
+                        scaler.unscale_(o)
+                    _clip_grad_norm(params, shard_params, cfg.grad_clip, dd.world)
+                for o in optimizers:
+                    scaler.step(o)
                 scaler.update()
                 step += 1
                 vals = {k: float(v.detach()) for k, v in terms.items()}
@@ -418,14 +524,16 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
                 row: dict[str, Any] = {"epoch": epoch + 1, "step": step, "lr": lr_at(cfg, step - 1, steps_per_epoch)}
                 row.update(avg.mean("train_"))
                 row["epoch_time_s"] = round(time.time() - t0, 3)
+                base = _unwrap(model)
+                # rank 0 validates; with sharded modules every rank does (their loss needs all ranks)
+                if (dd.main or len(shards)) and val_ds is not None and len(val_ds) and (
+                        (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
+                    row.update({f"val_{k}": v for k, v in
+                                validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
                 if dd.main:
-                    base = _unwrap(model)
-                    if val_ds is not None and len(val_ds) and ((epoch + 1) % cfg.val_every == 0
-                                                               or epoch + 1 == cfg.epochs):
-                        row.update({f"val_{k}": v for k, v in
-                                    validate(base, method, val_ds, cfg.batch_size, device, cfg.workers).items()})
                     base.eval()
-                    row.update(method.evaluate(base, epoch + 1))
+                    with _eval_mode(_method_modules(method)):
+                        row.update(method.evaluate(base, epoch + 1))
                 history.append(row)
                 final = row
                 log.epoch(row)
@@ -440,24 +548,53 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: _Dist) -> dict[s
     if dd.main:
         meta = {"method": method.name, **method.meta(), "metrics": final, "epochs_done": len(history),
                 "train": cfg.to_json()}
+        if len(shards):
+            meta["sharded"] = {"world": dd.world, "modules": list(shards)}
         save_checkpoint(out / "model.pt", _unwrap(model), meta)
         if len(heads):
             torch_save({k: m.state_dict() for k, m in heads.items()}, out / "heads.pt")
+    if len(shards):
+        torch_save({k: m.state_dict() for k, m in shards.items()}, _rank_file(out, "heads", dd.rank))
     log.close()
     return final
+
+
+def _load_shards(st: dict, shards: nn.ModuleDict, out: Path, dd: Dist) -> dict:
+    """This rank's part of a resume state (``last.rank{r}.pt``), checked against ``last.pt``: same
+    sharded modules, same number of processes, same step."""
+    last = out / "last.pt"
+    info = st.get("sharded") or {}
+    names, saved = list(shards), list(info.get("modules", []))
+    if sorted(names) != sorted(saved):
+        raise FacetoolError(f"cannot resume {last}: it holds per-process modules {saved or 'none'} but the method "
+                            f"has {names or 'none'}; use another --out or --overwrite")
+    if int(info["world"]) != dd.world:
+        raise FacetoolError(f"cannot resume {last}: it was trained by {info['world']} processes, each holding its own "
+                            f"part of {', '.join(names)}, and this run has {dd.world}; resume it with "
+                            f"torchrun --nproc_per_node={info['world']}")
+    path = _rank_file(out, "last", dd.rank)
+    if not path.is_file():
+        raise FacetoolError(f"cannot resume {last}: {path.name} (process {dd.rank}'s part of {', '.join(names)}) "
+                            "is missing")
+    part = torch_load(path, "resume state")
+    if part.get("step") != st.get("step") or part.get("world") != dd.world:
+        raise FacetoolError(f"cannot resume {last}: {path.name} is from step {part.get('step')} but last.pt from step "
+                            f"{st.get('step')} (the run stopped while saving); use --overwrite to start again")
+    return part
 
 
 class _Logger:
     """Rank-0 console output: a progress bar on a terminal, one line per epoch otherwise."""
 
-    def __init__(self, enabled: bool, total: int) -> None:
+    def __init__(self, enabled: bool, total: int, keys: tuple[str, ...] = ()) -> None:
         self.enabled = enabled
+        self.keys = tuple(keys)
         self.progress = None
         if not enabled:
             return
-        from rich.console import Console
+        from facetool.console import err_console
 
-        self.console = Console(stderr=True)
+        self.console = err_console
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -478,9 +615,7 @@ class _Logger:
     def epoch(self, row: dict) -> None:
         if not self.enabled:
             return
-        keys = [k for k in row if k in ("epoch", "train_loss", "train_top1", "val_top1", "val_exec_rate", "val_attr_acc",
-                                        "val_attr_base")
-                or k.startswith("val_acc") or k.startswith("lfw")]
+        keys = [k for k in row if any(fnmatch.fnmatchcase(k, p) for p in self.keys)]
         self.console.print("  ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys),
                            highlight=False)
 

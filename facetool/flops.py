@@ -16,6 +16,8 @@ so every conditional model plugs into the same counter.
 
 from __future__ import annotations
 
+from typing import Mapping, Sequence
+
 import torch
 from torch import Tensor, nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -85,6 +87,34 @@ def executed_flops(model: nn.Module, gates: Tensor, input_size: int | None = Non
     if g.dim() != 2 or g.shape[1] != block.numel():
         raise ValueError(f"gates must be (B, {block.numel()}), got {tuple(g.shape)}")
     return (dense - block.sum()) + g @ block
+
+
+def decision_rates(gates: Tensor, targets: Sequence[float] | None = None) -> dict[str, float]:
+    """Execution statistics of a batch's (B, L) conditional-block decisions (columns in
+    ``conditional_blocks()`` order): the mean rate over all blocks (``exec_rate``), over the blocks
+    with a target below 1 (``exec_rate_free``, given per-block ``targets``) and per block (``rate_00``
+    ...). Averaged over an epoch they are what :func:`executed_gflops` reads back."""
+    per = gates.detach().float().mean(0)
+    out = {"exec_rate": float(per.mean())}
+    if targets is not None:
+        free = [i for i, t in enumerate(targets) if t < 1.0]
+        if free:
+            out["exec_rate_free"] = float(per[free].mean())
+    out.update({f"rate_{i:02d}": float(v) for i, v in enumerate(per.tolist())})
+    return out
+
+
+def executed_gflops(model: nn.Module, metrics: Mapping[str, float], input_size: int | None = None,
+                    prefixes: Sequence[str] = ("val_", "train_")) -> float | None:
+    """GFLOPs per image executed at the mean per-block decision rates ``<prefix>rate_NN`` of ``metrics``
+    (:func:`decision_rates`, one per conditional block; the first prefix that has them all); None
+    for a model without conditional blocks or metrics without its rates."""
+    n = len(conditional_blocks(model))
+    for prefix in prefixes:
+        rates = [metrics.get(f"{prefix}rate_{i:02d}") for i in range(n)]
+        if n and None not in rates:
+            return float(executed_flops(model, torch.tensor([rates]), input_size)[0]) / 1e9
+    return None
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

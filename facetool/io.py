@@ -94,6 +94,10 @@ def _existing_ancestor(p: Path) -> Path:
     return q
 
 
+#: file suffixes of a face store / feature cache (HDF5)
+STORE_SUFFIXES = (".h5", ".hdf5")
+
+
 def guard_output(
     path: str | Path,
     *,
@@ -103,10 +107,15 @@ def guard_output(
     is_dir: bool = False,
     owner: str | None = None,
     resumable: bool = False,
+    suffix: "str | tuple[str, ...] | None" = None,
 ) -> Path:
     """THE check every command runs on each output path before it writes anything.
 
-    * never an input of the same command (refused even with ``--overwrite``);
+    * never an input of the same command, never an existing file inside an input folder (a dataset
+      root), and a run folder (``resumable``) never holds an input (``--init``, a teacher): refused
+      even with ``--overwrite``;
+    * ``suffix``: the output's required file suffix(es) (``.h5`` for stores, ``.json`` for reports ...), so
+      a typo cannot turn a checkpoint or an image into a store;
     * an existing file or non-empty folder is not replaced without ``--overwrite``, except a file this
       command wrote there earlier: with ``owner`` (the command and what identifies its result, e.g.
       ``"eval ijbc model=/abs/runs/a/model.pt"``) a file recorded with the same owner and unchanged since
@@ -130,6 +139,15 @@ def guard_output(
             same = False
         if same or p.resolve() == ip.resolve():
             raise FacetoolError(f"{option} {p} is also an input of this command; choose another output path")
+        if ip.is_dir() and p.exists() and not p.is_dir() and ip.resolve() in p.resolve().parents:
+            raise FacetoolError(f"{option} {p} is a file of the input folder {ip}; choose a path outside it")
+        if is_dir and resumable and p.resolve() in ip.resolve().parents:  # a run folder replaces its files
+            raise FacetoolError(f"{option} {p} holds the input {ip}; writing the run there would replace it: "
+                                "choose another folder")
+    if suffix is not None and not is_dir:
+        allowed = (suffix,) if isinstance(suffix, str) else tuple(suffix)
+        if p.suffix.lower() not in allowed:
+            raise FacetoolError(f"{option} {p} must end in {' or '.join(allowed)}")
     if p.exists() or p.is_symlink():
         if is_dir and not p.is_dir():
             raise FacetoolError(f"{option} {p} is a file, not a folder; give a new or empty folder")
@@ -157,15 +175,23 @@ def guard_run_folder(out: "str | Path | None", default_stem: str, *, inputs=(), 
     """A training-style run folder: ``out``, or ``<parent>/<default_stem>-<n>`` (the next free n); guarded
     (a new or empty folder, or ``--overwrite``/``--resume``). Under ``torchrun`` every rank must name the
     same folder, so ``--out`` is required there and only rank 0 checks that it is free."""
-    distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    rank, world = launch_rank()
+    distributed = world > 1
     if out is None:
         if resume:
             raise FacetoolError("--resume needs --out RUN_FOLDER (the run to continue)")
         if distributed:
             raise FacetoolError("under torchrun give --out RUN_FOLDER (every process must write the same run)")
         out = next_free_folder(parent, default_stem)
-    rank0 = int(os.environ.get("RANK", "0")) == 0
-    return guard_output(out, inputs=inputs, overwrite=overwrite or resume or not rank0, is_dir=True, resumable=True)
+    return guard_output(out, inputs=inputs, overwrite=overwrite or resume or rank != 0, is_dir=True, resumable=True)
+
+
+def launch_rank() -> tuple[int, int]:
+    """``(rank, world size)`` that ``torchrun`` put in the environment (``(0, 1)`` outside it). Read before any
+    process group exists (run folders are guarded first); :mod:`facetool.distributed` builds on it."""
+    if "RANK" not in os.environ:
+        return 0, 1
+    return int(os.environ["RANK"]), max(1, int(os.environ.get("WORLD_SIZE", "1")))
 
 
 def next_free_folder(parent: str | Path, stem: str) -> Path:
@@ -268,13 +294,35 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     try:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        # torch's message is long; the line naming the refused global is the useful one
-        why = next((ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln), lines[0] if lines else "unsafe content")
-        raise FacetoolError(f"{what} {p} is not a plain weights file (refused to unpickle: {clip_message(why, 200)})") from None
+        raise FacetoolError(f"{what} {p} " + _weights_only_reason(str(e))) from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise FacetoolError(f"{what} {p} is corrupt or not a torch file: {clip_message(first, 200)}") from None
+
+
+def _weights_only_reason(message: str) -> str:
+    """What torch's weights_only refusal means, in one clause (never its multi-paragraph advice): a
+    pickle naming a global that exists is unsafe content; one naming a global that does not exist, or
+    failing otherwise, is a damaged (e.g. truncated) file."""
+    import importlib
+    import re
+
+    why = next((ln.strip() for ln in message.splitlines() if "WeightsUnpickler error:" in ln), "")
+    why = why.split("WeightsUnpickler error:", 1)[-1].strip() or clip_message(message.strip().splitlines()[0], 200)
+    m = re.search(r"GLOBAL ([\w.]+)", message)
+    if m:
+        module, _, attr = m.group(1).rpartition(".")
+        try:
+            exists = bool(module) and hasattr(importlib.import_module(module), attr)
+        except Exception:  # noqa: BLE001 - an unknown module: not a real global either
+            exists = False
+        if exists:
+            return (f"is not a plain weights file: it asks to run {m.group(1)} when unpickled, which facetool "
+                    "refuses (only tensors, numbers, strings and containers load)")
+    if "weights_only" in why:  # torch's advice, no reason given: keep none of it
+        why = "its pickle does not read back"
+        return f"is corrupt or truncated (its pickle names {m.group(1)!r}, which does not exist)"
+    return f"is corrupt or truncated ({clip_message(why, 160)})"
 
 
 class RestrictedUnpickler(pickle.Unpickler):
@@ -305,6 +353,10 @@ def restricted_loads(data: bytes, encoding: str = "bytes") -> Any:
     try:
         return RestrictedUnpickler(io.BytesIO(data), encoding=encoding).load()
     except pickle.UnpicklingError as e:
-        raise FacetoolError(f"refused to load pickle: {e}") from None
-    except (EOFError, ValueError, TypeError, IndexError, AttributeError) as e:
-        raise FacetoolError(f"corrupt pickle: {type(e).__name__}: {e}") from None
+        if str(e).startswith("refused global "):
+            name = str(e).removeprefix("refused global ")
+            raise FacetoolError(f"is not a plain data file: it asks to run {name} when unpickled, which facetool "
+                                "refuses (only lists, tuples, bytes, numbers and strings load)") from None
+        raise FacetoolError(f"is corrupt or truncated: {clip_message(str(e), 160)}") from None
+    except (EOFError, ValueError, TypeError, IndexError, AttributeError, KeyError, MemoryError) as e:
+        raise FacetoolError(f"is corrupt or truncated: {type(e).__name__}: {clip_message(str(e), 160)}") from None

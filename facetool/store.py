@@ -39,7 +39,7 @@ import numpy as np
 
 from facetool import __version__
 from facetool.errors import FacetoolError
-from facetool.io import atomic_path, guard_output, partial_path, record_output
+from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, partial_path, record_output
 
 FORMAT = "facetool-store"
 FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ class StoreWriter:
         flush_every: int = 256,
     ) -> None:
         self.path = Path(path)
-        guard_output(self.path, overwrite=overwrite)
+        guard_output(self.path, overwrite=overwrite, suffix=STORE_SUFFIXES)
         self.tmp = partial_path(self.path)
         self.image_size = (int(image_size[0]), int(image_size[1]))
         self.attribute_values = {k: list(v) for k, v in (attribute_values or {}).items()}

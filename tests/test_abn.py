@@ -115,7 +115,7 @@ def test_att_channels_widen_the_bottleneck_and_a_dead_one_gives_a_constant_map()
     assert m.att_conv.out_channels == 16 and m.att_conv2.in_channels == 16 and m.att_conv2.out_channels == 2
     assert m.att_conv3.in_channels == 16 and m.config["att_channels"] == 16
     paper = _abn(heads=[2]).eval()
-    assert paper.att_conv.out_channels == 2  # default: K = number of outputs (the paper)
+    assert paper.att_conv.out_channels == 2  # the model's att_channels=None: K = number of outputs (the paper)
     x = torch.randn(3, 3, 64, 64)
     with torch.no_grad():
         _, it = paper(x, return_internals=True)
@@ -126,6 +126,43 @@ def test_att_channels_widen_the_bottleneck_and_a_dead_one_gives_a_constant_map()
     want = torch.sigmoid(paper.att_bn3(torch.zeros(1, 1, 1, 1)))  # sigmoid(att_bn3(0)) everywhere
     torch.testing.assert_close(M, want.expand_as(M), rtol=0, atol=1e-6)
     assert float(it["attention_logits"].abs().max()) == 0.0
+
+
+def test_checkpoint_config_of_0_2_1_loads_with_the_paper_bottleneck(tmp_path):
+    """0.2.1's `train abn` wrote no att_channels unless given (a library call could record None); both
+    mean K = C, the shapes those checkpoints hold."""
+    from facetool.io import torch_save
+
+    ref = _abn(heads=[2], att_channels=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    for extra in ({}, {"att_channels": None}):
+        cfg = {"name": "abn_resnet18", "num_classes": 2, "input_size": 64, "width": 4, "heads": [2],
+               "mechanism": "residual", **extra,
+               "task": {"kind": "attribute", "names": ["gender"], "classes": [2], "vocab": [["f", "m"]]}}
+        path = tmp_path / f"old{len(extra)}.pt"
+        torch_save({"format": "facetool-checkpoint", "version": 1, "config": cfg, "state_dict": ref.state_dict(),
+                    "meta": {"method": "abn"}}, path)
+        m = load_model(path)
+        assert (m.att_conv.out_channels, m.att_conv2.in_channels, m.att_conv3.in_channels) == (2, 2, 2)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), ref(x), rtol=0, atol=0)
+
+
+def test_train_abn_default_bottleneck_is_max_of_outputs_and_16(tmp_path, cli):
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.models.abn import att_channels_option
+
+    # not given -> max(C, 16), recorded only where it is not C; 0 -> the paper's K = C (not recorded); K -> K
+    assert [att_channels_option(None, c) for c in (2, 6, 16, 80)] == [16, 16, None, None]
+    assert [att_channels_option(v, 2) for v in (0, 1, 6)] == [None, 1, 6]
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=4, size=32, seed=0)
+    for opt, k in (((), 16), (("--att-channels", "0"), 2)):  # one binary attribute: C = 2
+        r = cli("train", "abn", "--store", store, "--out", tmp_path / f"run{k}", "--arch", "resnet18", "--width", "4",
+                "--task", "attribute:gender", "--epochs", "1", "--batch-size", "8", "--workers", "0", *opt)
+        assert r.exit_code == 0, r.output
+        m = load_model(tmp_path / f"run{k}" / "model.pt")
+        assert (m.att_conv.out_channels, m.att_conv2.in_channels, m.att_conv3.in_channels) == (k, k, k)
+        assert m.att_conv2.out_channels == 2 and m.config.get("att_channels") == (16 if k == 16 else None)
 
 
 def test_bad_construction():

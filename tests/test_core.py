@@ -50,8 +50,11 @@ def test_restricted_unpickler_refuses_code():
             return (os.system, ("echo pwned > /tmp/facetool_pwned",))
 
     data = pickle.dumps(([b"img"], Evil()))
-    with pytest.raises(FacetoolError, match="refused"):
+    with pytest.raises(FacetoolError, match="asks to run posix.system when unpickled, which facetool refuses"):
         restricted_loads(data)
+    ok = pickle.dumps(([b"a", b"b"], [True]), protocol=2)
+    with pytest.raises(FacetoolError, match="is corrupt or truncated"):  # damage is not a refusal
+        restricted_loads(ok[: len(ok) // 2])
     assert not os.path.exists("/tmp/facetool_pwned")
     assert restricted_loads(pickle.dumps(([b"a", b"b"], [True]), protocol=2)) == ([b"a", b"b"], [True])
 
@@ -93,6 +96,39 @@ def test_torch_load_refuses_pickled_code_and_corrupt(tmp_path):
         torch_load(c)
 
 
+def test_truncated_checkpoints_are_called_damaged_in_one_short_line(tmp_path):
+    """Damage (a truncated pickle inside the zip, a truncated legacy file) is reported as corrupt or
+    truncated, in one line without PyTorch's weights_only advice; real code in a pickle stays refused."""
+    import zipfile
+
+    ok = tmp_path / "ok.pt"
+    torch.save({"a": torch.zeros(100)}, ok)
+    bad = tmp_path / "cut.pt"
+    with zipfile.ZipFile(ok) as zin, zipfile.ZipFile(bad, "w") as zout:
+        for it in zin.infolist():
+            b = zin.read(it.filename)
+            zout.writestr(it, b[: len(b) // 2] if it.filename.endswith("data.pkl") else b)
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"a": torch.zeros(100)}, legacy, _use_new_zipfile_serialization=False)
+    legacy.write_bytes(legacy.read_bytes()[:60])
+    for p in (bad, legacy):
+        with pytest.raises(FacetoolError) as e:
+            torch_load(p)
+        msg = str(e.value)
+        assert "corrupt" in msg and str(p) in msg and "\n" not in msg and len(msg) < 400, msg
+        assert "weights_only" not in msg and "trusted source" not in msg, msg
+
+
+def test_bin_pack_errors_name_the_file(tmp_path):
+    from facetool.eval.verification import load_bin
+
+    p = tmp_path / "lfw.bin"
+    data = pickle.dumps(([b"a", b"b"], [True]), protocol=2)
+    p.write_bytes(data[:10])
+    with pytest.raises(FacetoolError, match=f"verification pack {p} is corrupt or truncated"):
+        load_bin(p)
+
+
 def test_recipe_variables_and_errors(tmp_path):
     r = tmp_path / "r.toml"
     r.write_text('[vars]\nout = "runs/x"\n[[step]]\nname = "one"\nrun = "info {out}/a.h5 --json"\n')
@@ -123,3 +159,60 @@ def test_ddp_prefixed_state_dict_loads(tmp_path):
     m2 = load_model(tmp_path / "ddp.pth", name="_test_tiny")
     x = torch.randn(1, 3, 8, 8)
     torch.testing.assert_close(m(x), m2(x))
+
+
+def test_recipe_set_values_are_one_argument_and_variables_follow_them(tmp_path):
+    """W4: a --set value with spaces stays one argument; `store = "{out}/s.h5"` follows --set out=...;
+    a variable holding several arguments is split as the recipe's own; unknown names and circles are refused."""
+    r = tmp_path / "r.toml"
+    r.write_text('[vars]\nout = "runs/x"\nstore = "{out}/s.h5"\nopts = "--json --limit 3"\n'
+                 '[[step]]\nrun = "info {store} {opts}"\n')
+    _, steps = load_recipe(r, {"out": "my runs/it's here"})
+    assert steps[0].argv == ["info", "my runs/it's here/s.h5", "--json", "--limit", "3"]
+    _, steps = load_recipe(r, {"opts": "--json --limit 5"})
+    assert steps[0].argv == ["info", "runs/x/s.h5", "--json", "--limit", "5"]
+    _, steps = load_recipe(r, {"out": "{braces}"})
+    assert steps[0].argv[1] == "{braces}/s.h5"
+    with pytest.raises(FacetoolError, match="no variable 'ot'.*opts, out, store"):
+        load_recipe(r, {"ot": "x"})
+    r.write_text('[vars]\na = "{b}"\nb = "{a}"\n[[step]]\nrun = "info {a}"\n')
+    with pytest.raises(FacetoolError, match="circle"):
+        load_recipe(r)
+
+
+def test_shipped_recipes_put_every_output_under_out(tmp_path):
+    """W4: --set out=DIR moves every path the synthetic recipes write (their stores too)."""
+    from pathlib import Path
+
+    for name in ("quickstart", "abn_synthetic", "distill_synthetic", "relevance_generalisation"):
+        _, steps = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.toml", {"out": str(tmp_path / "o")})
+        for s in steps:
+            for flag in ("--out", "--store", "--json"):
+                if flag in s.argv:
+                    assert s.argv[s.argv.index(flag) + 1].startswith(str(tmp_path / "o")), (name, s.argv)
+
+
+def test_ctrl_c_swallowed_in_a_weakref_callback_still_ends_the_command_with_130(capfd):
+    """C1: a KeyboardInterrupt raised inside a weakref callback is only printed by Python ("Exception
+    ignored"); the command must still end as interrupted (exit 130), not with exit 0."""
+    import signal
+    import weakref
+
+    import typer
+
+    from facetool.cli.common import guarded
+
+    class Thing:
+        pass
+
+    @guarded
+    def command():
+        t = Thing()
+        weakref.finalize(t, signal.raise_signal, signal.SIGINT)
+        del t  # the callback runs here; its KeyboardInterrupt is swallowed
+        return "finished"
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    assert e.value.exit_code == 130
+    assert "interrupted" in capfd.readouterr().err

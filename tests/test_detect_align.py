@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
 from pathlib import Path
 
 import cv2
@@ -11,7 +13,7 @@ import pytest
 
 from facetool.detect import ARCFACE_DST, RetinaFace, align_5pt, bbox_crop, read_rgb, similarity_transform, transform_points
 from facetool.detect.align import template
-from facetool.detect.retinaface import anchor_centres, decode_biubug6, prior_boxes
+from facetool.detect.retinaface import anchor_centres, decode_biubug6, nms, prior_boxes
 from facetool.errors import FacetoolError
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (0, 255, 255)]
@@ -48,6 +50,54 @@ def test_similarity_transform_never_reflects():
     mirrored = src * [-1, 1]
     M = similarity_transform(src, mirrored)
     assert np.linalg.det(M[:, :2]) > 0  # a rotation, not a reflection
+
+
+def test_similarity_transform_pinned_values():
+    """A face's 5 points onto the 112 and 128 templates: the matrices 0.2.1 computed (its own Umeyama
+    code), to 1e-6; the crop is the warp by that matrix."""
+    lm = np.array([[101.3, 122.7], [151.9, 118.2], [128.4, 149.6], [108.8, 175.1], [149.5, 171.3]])
+    M = similarity_transform(lm, template(112))
+    np.testing.assert_allclose(M, [[0.7381054759, -0.0443456434, -31.9009208679],
+                                   [0.0443456434, 0.7381054759, -42.5565605164]], atol=1e-6)
+    np.testing.assert_allclose(similarity_transform(lm, template(128)),
+                               [[0.7381054759, -0.0443456434, -23.9009208679],
+                                [0.0443456434, 0.7381054759, -42.5565605164]], atol=1e-6)
+    img = cv2.GaussianBlur(np.random.default_rng(0).integers(0, 256, (260, 250, 3), dtype=np.uint8), (0, 0), 2)
+    crop, M2 = align_5pt(img, lm)  # takes the points as float32
+    np.testing.assert_array_equal(M2, similarity_transform(lm.astype(np.float32), template(112)))
+    np.testing.assert_allclose(M2, M, atol=2e-5)
+    np.testing.assert_array_equal(crop, cv2.warpAffine(img, M2, (112, 112), flags=cv2.INTER_LINEAR))
+
+
+def test_similarity_transform_is_scikit_image_estimate(monkeypatch):
+    from skimage.transform import SimilarityTransform
+
+    rng = np.random.default_rng(1)
+    for k in range(50):  # random, mirrored and collinear point sets
+        src = rng.normal(size=(5, 2)) * 50 + 100
+        dst = src * [-1, 1] if k % 3 == 0 else rng.normal(size=(5, 2)) * 30 + 56
+        if k % 5 == 0:
+            src[:, 1] = 2 * src[:, 0] + 1
+        want = SimilarityTransform.from_estimate(src, dst).params[:2]
+        np.testing.assert_allclose(similarity_transform(src, dst), want, rtol=0, atol=1e-4)
+    calls = []
+    real = SimilarityTransform.from_estimate.__func__
+    monkeypatch.setattr(SimilarityTransform, "from_estimate",
+                        classmethod(lambda cls, *a, **kw: calls.append(1) or real(cls, *a, **kw)))
+    similarity_transform(ARCFACE_DST, ARCFACE_DST * 2)
+    assert calls == [1]  # the estimate is scikit-image's
+
+
+def test_similarity_transform_degenerate_points():
+    same = np.full((5, 2), 7.0)
+    # no spread in src: the translation of the means (scale 1); no spread in dst: everything onto its mean
+    np.testing.assert_allclose(similarity_transform(same, ARCFACE_DST), [[1, 0, 56.02616 - 7], [0, 1, 71.90078 - 7]],
+                               atol=1e-4)
+    np.testing.assert_allclose(similarity_transform(ARCFACE_DST, same), [[0, 0, 7], [0, 0, 7]], atol=1e-6)
+    with pytest.raises(ValueError, match="finite"):
+        similarity_transform(np.full((5, 2), np.nan), ARCFACE_DST)
+    with pytest.raises(ValueError, match=r"\(n,2\)"):
+        similarity_transform(ARCFACE_DST[:1], ARCFACE_DST[:1])
 
 
 def test_template_sizes():
@@ -200,13 +250,58 @@ def test_unsupported_detector_is_one_line_error(tmp_path):
 
 
 def test_nms_hand_example():
-    from facetool.detect.retinaface import nms
-
     boxes = np.array([[0, 0, 10, 10], [1, 0, 11, 10], [20, 20, 30, 30], [0, 0, 10, 5]], float)
     scores = np.array([0.9, 0.95, 0.5, 0.8])
     # box1 vs box0: IoU 90/110 = 0.82 -> dropped; box3 vs box1: inter 45, union 100+50-45 = 105 -> 0.43 > 0.4
     assert nms(boxes, scores, 0.4).tolist() == [1, 2]
     assert nms(boxes, scores, 0.5).tolist() == [1, 3, 2]
+
+
+def _nms_brute_force(boxes, scores, thr):
+    """Greedy NMS spelled out: best score first (ties: lower index), keep a box unless its IoU with a kept
+    box exceeds ``thr``."""
+    def iou(a, b):
+        w = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+        h = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+        union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - w * h
+        return w * h / union
+
+    keep = []
+    for i in sorted(range(len(scores)), key=lambda i: (-scores[i], i)):
+        if all(iou(boxes[i].tolist(), boxes[k].tolist()) <= thr for k in keep):
+            keep.append(i)
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_nms_matches_brute_force_on_random_boxes(dtype, monkeypatch):
+    import torchvision.ops
+
+    rng = np.random.default_rng(3)
+    for trial in range(20):
+        n = int(rng.integers(1, 120))
+        c = rng.uniform(0, 200, (n, 2)) if trial % 2 else rng.uniform(90, 110, (n, 2))  # sparse / crowded
+        wh = rng.uniform(5, 60, (n, 2))
+        boxes = np.concatenate([c - wh / 2, c + wh / 2], 1).astype(dtype)
+        scores = rng.uniform(0, 1, n)
+        if trial % 4 == 0:
+            scores = np.round(scores, 1)  # many ties: index order
+        for thr in (0.3, 0.4, 0.7):
+            got = nms(boxes, scores, thr)
+            assert got.dtype == np.int64
+            assert got.tolist() == _nms_brute_force(boxes.astype(np.float64), scores, thr), (trial, thr)
+    assert nms(np.zeros((0, 4), dtype), np.zeros(0), 0.4).tolist() == []
+    calls = []
+    real = torchvision.ops.nms
+    monkeypatch.setattr(torchvision.ops, "nms", lambda *a: calls.append(1) or real(*a))
+    nms(boxes, scores, 0.4)
+    assert calls == [1]  # the suppression is torchvision's
+
+
+def test_nms_keeps_torch_out_of_the_detector_import():
+    code = "import sys, facetool.detect.retinaface; assert 'torch' not in sys.modules, 'torch imported'"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
 
 
 def test_detector_without_landmarks_is_refused_for_alignment(tmp_path):

@@ -360,3 +360,39 @@ def test_bias_discovery_flags_the_planted_glasses_gender_link(tmp_path, gender_b
     # =100: 0.228, 0.189 / 0.065, -0.410 (0.209 / -0.172); =200: 0.184, 0.233 / -0.005, -0.034
     # (0.209 / -0.019). Share of units linking glasses to 'male': biased 0.23-0.32, clean 0-0.28.
     assert b > 0.1 and b - c > 0.1, got
+
+
+class _StrideTwo(FaceModel):
+    """``down``: a stride-2, "same"-padded 3x3 convolution whose kernel picks the centre pixel of the red
+    channel, so cell (j, k) IS input pixel (2j, 2k): its receptive-field centre."""
+
+    layer_names = ("down",)
+    cam_layer = "down"
+
+    def __init__(self, input_size: int = 64, num_classes: int = 0) -> None:
+        super().__init__()
+        self.down = nn.Conv2d(3, 1, 3, stride=2, padding=1, bias=False)
+        with torch.no_grad():
+            self.down.weight.zero_()
+            self.down.weight[0, 0, 1, 1] = 1.0
+        self.output_kind = "embedding"
+
+    def forward_features(self, x, internals=None):
+        return self.down(x)
+
+    def forward_head(self, f):
+        return f.mean((2, 3))
+
+
+def test_unit_maps_put_cells_on_their_receptive_field_centres(painted_store):
+    """Upsampled unit maps take cell (j, k)'s value exactly at pixel (2j, 2k) for a stride-2 layer
+    (interpolate(align_corners=False) put it at (2j + 0.5, 2k + 0.5), half a cell off)."""
+    from facetool.data.transforms import normalize
+    from facetool.explainers.units.report import unit_maps
+
+    d = load_dictionary(painted_store)
+    maps = unit_maps(_StrideTwo(), d, "down", [0, 1])
+    for r in (0, 1):
+        red = normalize(d.batch(np.array([r])).images)[0, 0]
+        assert maps[r].shape == (1, 64, 64)
+        torch.testing.assert_close(maps[r][0, ::2, ::2], red[::2, ::2], rtol=0, atol=1e-5)

@@ -158,3 +158,84 @@ def test_val_every_validates_every_nth_and_the_last_epoch(tmp_path):
     assert len((tmp_path / "metrics.csv").read_text().splitlines()) == 4  # header + 3 epochs (blank val cells)
     with pytest.raises(FacetoolError, match="--val-every"):
         train(_model(), ClassificationMethod(), ToyFaces(), _cfg(tmp_path / "b", val_every=0))
+
+
+class ModeSpy(WithHead):
+    """A head with dropout and BatchNorm that records its mode in every loss call, by phase."""
+
+    def __init__(self) -> None:
+        self.head = nn.Sequential(nn.Dropout(0.5), nn.BatchNorm1d(16), nn.Linear(16, 3))
+        self.seen: dict[bool, set[bool]] = {True: set(), False: set()}  # model.training -> head.training
+        self.at_evaluate: list[bool] = []
+
+    def loss(self, model, batch, out, internals):
+        self.seen[model.training].add(self.head.training)
+        return super().loss(model, batch, out, internals)
+
+    def evaluate(self, model, epoch):
+        self.at_evaluate.append(self.head.training)
+        return {}
+
+
+def test_method_modules_are_in_eval_mode_during_validation(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("resnet18", num_classes=0, input_size=32, width=2)
+    m = ModeSpy()
+    train(model, m, ToyFaces(), _cfg(tmp_path, epochs=2), val_ds=ToyFaces(n=10, seed=1))
+    assert m.seen == {True: {True}, False: {False}}  # training steps in train mode, validation in eval mode
+    assert m.at_evaluate == [False, False] and m.head.training  # and back to train mode afterwards
+    running = m.head[1].running_mean.clone()
+    from facetool.engine import validate
+
+    validate(model, m, ToyFaces(n=10, seed=1), 4, torch.device("cpu"))
+    assert torch.equal(m.head[1].running_mean, running) and m.head.training  # validation leaves the statistics
+
+
+class Declared(ClassificationMethod):
+    def metrics(self, batch, out, internals):
+        return {"top1": 0.5, "foo_a": 0.25, "foo_b": 0.125, "exec_rate": 1.0}
+
+    def log_keys(self):
+        return ("epoch", "train_foo*")
+
+
+def test_epoch_line_prints_the_keys_the_method_declares(tmp_path, capsys):
+    train(_model(), Declared(), ToyFaces(), _cfg(tmp_path, epochs=1, log_every=0, verbose=True),
+          val_ds=ToyFaces(n=9, seed=1))
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("epoch")]
+    assert lines == ["epoch 1  train_foo_a 0.25  train_foo_b 0.125"]  # not val_exec_rate, val_top1 ...
+
+
+def test_aig_epoch_line_keeps_its_text(tmp_path, capsys):
+    from facetool.trainers.aig import AIGMethod
+
+    train(_model(), AIGMethod([1.0] * 8), ToyFaces(), _cfg(tmp_path, epochs=1, log_every=0, verbose=True),
+          val_ds=ToyFaces(n=9, seed=1))
+    err = capsys.readouterr().err
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    keys = ["epoch", "train_loss", "train_top1", "val_top1", "val_exec_rate"]
+    line = "  ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys)
+    assert err[err.index("epoch 1"):].split() == line.split()  # (wrapped at the console's 80 columns)
+
+
+def test_result_summary_comes_from_the_method(tmp_path):
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.trainers.aig import AIGMethod
+    from facetool.trainers.classify import train_on_store
+
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=3, per_identity=4, size=32, seed=0)
+
+    class Summed(ClassificationMethod):
+        def summary(self, model, final):
+            return {"own": final["epoch"], **super().summary(model, final)}
+
+    res = train_on_store(store, "resnet18", lambda m: Summed(), _cfg(tmp_path / "r", epochs=1), model_kwargs={"width": 2})
+    on_disk = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert on_disk["own"] == res["own"] == 1 and on_disk["gated_blocks"] == 0 and "exec_gflops" not in on_disk
+    res = train_on_store(store, "aig_resnet18", lambda m: AIGMethod([1.0] * 8), _cfg(tmp_path / "a", epochs=1),
+                         model_kwargs={"width": 2})
+    from facetool.flops import executed_flops
+
+    model = load_model(tmp_path / "a" / "model.pt")
+    rates = torch.tensor([[res["metrics"][f"val_rate_{i:02d}"] for i in range(8)]])
+    assert res["exec_gflops"] == float(executed_flops(model, rates, 32)[0]) / 1e9

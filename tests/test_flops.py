@@ -160,3 +160,25 @@ def test_conditional_blocks_order_comes_from_the_model():
     assert conditional_blocks(create_model("resnet18", num_classes=2, input_size=32, width=8)) == []
     aig = create_model("aig_resnet18", num_classes=2, input_size=32, width=8)
     assert conditional_blocks(aig) == aig.conditional_blocks() == gated_blocks(aig) and len(gated_blocks(aig)) == 8
+
+
+@torch.no_grad()
+def test_executed_gflops_of_any_conditional_model_from_its_decision_rates():
+    """Executed GFLOPs come from the decisions of the model's conditional blocks (columns of
+    internals["gates"]), through the method's default summary: no AIG code involved."""
+    from facetool.engine import Method
+    from facetool.flops import decision_rates, executed_gflops
+
+    torch.manual_seed(0)
+    m = Switchy()
+    _, internals = m(torch.randn(16, 3, 8, 8), return_internals=True)
+    rates = decision_rates(internals["gates"], targets=[1.0, 0.5])
+    ra, rb = internals["gates"].float().mean(0).tolist()
+    assert rates == {"exec_rate": pytest.approx((ra + rb) / 2), "exec_rate_free": rb, "rate_00": ra, "rate_01": rb}
+    final = {f"val_{k}": v for k, v in rates.items()}
+    expect = (S_STEM + S_FC + (ra + rb) * S_BLOCK) / 1e9
+    assert executed_gflops(m, final) == pytest.approx(expect, rel=1e-6)
+    summary = Method().summary(m, final)
+    assert summary["exec_gflops"] == pytest.approx(expect, rel=1e-6) and summary["gated_blocks"] == 2
+    assert summary["gflops"] == (S_STEM + 2 * S_BLOCK + S_FC) / 1e9
+    assert "exec_gflops" not in Method().summary(m, {"val_rate_00": 1.0})  # a rate missing: no estimate

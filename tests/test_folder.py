@@ -69,6 +69,39 @@ def test_aligned_mode_resizes_everything(faces_dir, tmp_path):
         np.testing.assert_allclose(s.images([k])[0], cv2.resize(src, (64, 64), interpolation=cv2.INTER_AREA), atol=1)
 
 
+def test_per_identity_replaces_unreadable_files(faces_dir, tmp_path, cli):
+    """An identity of 5 files, 2 of them corrupt, --per-identity 3: the corrupt files are replaced by
+    the identity's other files before the split, so it keeps 3 images; the report counts both."""
+    root = tmp_path / "faces"
+    src = faces_dir / "id_a" / "0000_01.jpg"
+    for name, n in (("id_a", 5), ("id_b", 4)):
+        (root / name).mkdir(parents=True)
+        for i in range(n):
+            (root / name / f"{i}.jpg").write_bytes(src.read_bytes())
+    for i in (1, 3):
+        (root / "id_a" / f"{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    out = tmp_path / "p.h5"
+    _, rep = prepare_folder(root, out, aligned=True, size=32, per_identity=3, test_fraction=1 / 3, seed=0)
+    assert (rep["identities"], rep["images"], rep["train"], rep["test"]) == (2, 6, 4, 2)
+    assert rep["dropped"] == {"unreadable": 2, "not sampled": 1}  # id_b: 1 of 4 not sampled; id_a: none left
+    assert json.loads(report_path(out).read_text())["dropped"]["unreadable"] == 2
+    with FaceStore(out) as s:
+        assert np.bincount(s.labels).tolist() == [3, 3]
+        assert sorted(x for x in s.sources if x.startswith("id_a")) == ["id_a/0.jpg", "id_a/2.jpg", "id_a/4.jpg"]
+        layout = (list(s.sources), s.labels.tolist(), s.split.tolist())
+    _, rep2 = prepare_folder(root, tmp_path / "w.h5", aligned=True, size=32, per_identity=3, test_fraction=1 / 3,
+                             seed=0, workers=3)  # files decoded on a thread pool: the same store
+    with FaceStore(tmp_path / "w.h5") as s:
+        assert (list(s.sources), s.labels.tolist(), s.split.tolist()) == layout
+    # too few readable images: with --min-images 4, id_a (5 files, 3 readable) is dropped
+    _, rep = prepare_folder(root, tmp_path / "q.h5", aligned=True, size=32, per_identity=3, min_images=4)
+    assert rep["identities"] == 1 and rep["dropped"] == {"unreadable": 2, "too few readable images": 3,
+                                                         "not sampled": 1}
+    r = cli("prepare", "folder", root, "--out", tmp_path / "c.h5", "--aligned", "--size", "32", "--per-identity", "3")
+    assert r.exit_code == 0, r.output
+    assert json.loads(report_path(tmp_path / "c.h5").read_text())["images"] == 6
+
+
 def test_folder_cli_and_errors(faces_dir, tmp_path, cli):
     out = tmp_path / "c.h5"
     r = cli("prepare", "folder", faces_dir, "--out", out, "--min-images", 2)

@@ -125,7 +125,7 @@ def test_info_on_a_bare_backbone_and_arch_for_unknown_layouts(backbone, tmp_path
     r = run_facetool("info", backbone, "--json", cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     info = json.loads(r.stdout)
-    assert info["model"] == "iresnet18" and info["task"] == "embedding"
+    assert info["model"] == "iresnet18" and info["output"] == "embedding"
     assert json.loads(info["config"]) == {"name": "iresnet18", "embedding_size": 512, "input_size": 112}
 
     # a layout no matcher knows (here the test model `test_mean_colour`'s weights): the error points to --arch

@@ -151,3 +151,88 @@ def test_unknown_module_type_is_named():
 
     with pytest.raises(FacetoolError, match="Weird"):
         lrp(Weird(), torch.randn(1, 3, 8, 8), lambda o: o)
+
+
+class _ToyBlock(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(c, c, 3, 1, 1, bias=False), nn.BatchNorm2d(c), nn.ReLU()
+
+    def forward(self, x):
+        return self.relu(x + self.bn(self.conv(x)))
+
+
+class _Toy(nn.Module):
+    """An architecture facetool does not know: a conv+BN stem, one residual block, a linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.bn, self.relu = nn.Conv2d(3, 4, 3, 2, 1, bias=False), nn.BatchNorm2d(4), nn.ReLU()
+        self.block, self.pool, self.fc = _ToyBlock(4), nn.AdaptiveAvgPool2d(1), nn.Linear(4, 5, bias=False)
+
+    def forward(self, x):
+        return self.fc(self.pool(self.block(self.relu(self.bn(self.conv(x))))).flatten(1))
+
+
+def _toy_canonizers(model):
+    from facetool.explainers.lrp.parts import attribute_canonizer, new_sum, pair_merge_canonizer
+
+    def block_forward(self, x):
+        return self.relu(self.canonizer_sum(torch.stack([x, self.bn(self.conv(x))], dim=-1)))
+
+    def blocks(name, module):
+        if isinstance(module, _ToyBlock):
+            return {"forward": block_forward.__get__(module), "canonizer_sum": new_sum()}
+        return None
+
+    pairs = lambda m: [(m.conv, m.bn)] + [(b.conv, b.bn) for b in m.modules() if isinstance(b, _ToyBlock)]  # noqa: E731
+    return [pair_merge_canonizer(pairs), attribute_canonizer(blocks)]
+
+
+def test_a_registered_canonizer_makes_lrp_work_on_a_new_architecture():
+    """One registration (no other file touched) and LRP canonizes the new class and its subclasses."""
+    from facetool.explainers.lrp import CANONIZERS, register_canonizer
+
+    torch.manual_seed(0)
+    m = _Toy().eval()
+    with torch.no_grad():
+        m.bn.weight.uniform_(0.5, 1.5)
+        m.block.bn.weight.uniform_(0.5, 1.5)
+        m.bn.running_var.uniform_(0.5, 2.0)
+        m.block.bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 3, 16, 16)
+    with pytest.raises(FacetoolError, match="cannot canonize a _Toy model"):
+        check_canonizable(m)
+    try:
+        register_canonizer(_Toy, containers=(_ToyBlock,))(_toy_canonizers)
+        assert check_canonizable(m) == "_toy"
+        with torch.no_grad():
+            y0 = m(x)
+        rel, out = lrp(m, x, _explained, "lrp-epsilon", bias_free=True)
+        # the Sum module splits relevance between the residual terms: conserved (the gradient would double it)
+        target = _explained(out).sum(1)
+        assert ((rel.sum((1, 2, 3)) - target).abs() / target.abs()).max() < 1e-4
+        with torch.no_grad():
+            assert torch.equal(m(x), y0)
+        assert not any(mod._forward_hooks or mod._forward_pre_hooks for mod in m.modules())
+
+        class Sub(_Toy):
+            pass
+
+        s = Sub().eval()
+        s.load_state_dict(m.state_dict())
+        assert check_canonizable(s) == "_toy"
+        assert torch.equal(lrp(s, x, _explained, "lrp-epsilon", bias_free=True)[0], rel)
+        with pytest.raises(ValueError, match="already has an LRP canonizer"):
+            register_canonizer(_Toy)(_toy_canonizers)
+    finally:
+        CANONIZERS.pop(_Toy, None)
+
+
+def test_a_subclass_of_a_facetool_model_finds_its_parents_canonizer():
+    m = _model("aig_resnet18")
+    x = torch.randn(2, 3, 64, 64)
+    rel, _ = lrp(m, x, _explained, "lrp")
+    m.__class__ = type("MyAIG", (type(m),), {})
+    assert check_canonizable(m) == "resnet"
+    assert torch.equal(lrp(m, x, _explained, "lrp")[0], rel)

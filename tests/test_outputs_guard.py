@@ -375,6 +375,11 @@ def test_recipe_passes_ctrl_c_through_and_suggests_resume(tmp_path, cli, monkeyp
     assert r.exit_code == 0 and "--resume" in r.output and "--overwrite" not in r.output.replace("\n", " ")
     r = cli("recipe", recipe, "--from-step", "3")
     assert r.exit_code == 2 and "--from-step must be in 1..1" in r.output
+    # W3: the advice repeats the --set values (quoted), so following it continues the same run
+    recipe.write_text('[vars]\nout = "default"\n[[step]]\nname = "faces"\nrun = "prepare synthetic --out {out}/s.h5 --overwrite"\n')
+    r = cli("recipe", recipe, "--set", f"out={tmp_path}/my runs")
+    assert r.exit_code == 130, r.output
+    assert f"--set 'out={tmp_path}/my runs' --from-step 1 --resume" in " ".join(r.output.split())
 
 
 @pytest.mark.slow
@@ -400,3 +405,58 @@ def test_usage_errors_are_one_line_in_a_fresh_process(tmp_path):
     r = run_facetool("train", "aig", "--epochs", "x", "--store", tmp_path / "s.h5", cwd=tmp_path)
     assert r.returncode == 2 and "--epochs" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "runs").exists()
+
+
+# -- #17 data loss: an output is never an input, a file of an input folder, or a run folder holding an input
+def test_d1_d2_an_output_never_replaces_a_file_of_the_input_dataset(tmp_path, cli):
+    """D1/D2: `prepare celeba --out CelebA/Anno/list_attr_celeba.txt --overwrite` and `prepare folder
+    FairFace --out FairFace/train/1.jpg --overwrite` turned an input file into a store."""
+    from test_celeba_fairface import write_celeba
+
+    root = write_celeba(tmp_path / "CelebA")
+    victims = [p for p in root.rglob("*") if p.is_file()]
+    before = {p: _digest(p) for p in victims}
+    attr = next(p for p in victims if p.name == "list_attr_celeba.txt")
+    img = next(p for p in victims if p.suffix == ".jpg")
+    for out in (attr, img):
+        r = cli("prepare", "celeba", "--root", root, "--out", out, "--overwrite")
+        assert r.exit_code == 2, r.output
+    r = cli("prepare", "folder", root / "img_align_celeba", "--aligned", "--size", 32, "--out", img, "--overwrite")
+    assert r.exit_code == 2 and ("input folder" in r.output or "must end in .h5" in r.output), r.output
+    h5 = root / "inside.h5"
+    h5.write_bytes(b"an input file that happens to be .h5")
+    r = cli("prepare", "folder", root, "--aligned", "--size", 32, "--out", h5, "--overwrite")
+    assert r.exit_code == 2 and "file of the input folder" in r.output, r.output
+    assert {p: _digest(p) for p in victims} == before
+
+
+def test_d3_init_checkpoint_inside_the_run_folder_is_refused(synthetic_store, tmp_path, cli):
+    from facetool.models import create_model, save_checkpoint
+
+    run = tmp_path / "r18"
+    init = save_checkpoint(run / "model.pt", create_model("resnet18", width=8, num_classes=8, input_size=32))
+    digest = _digest(init)
+    r = cli("train", "resnet", "--store", synthetic_store, "--arch", "resnet18", "--width", 8, "--input-size", 32,
+            "--epochs", 1, "--max-steps", 1, "--init", init, "--out", run, "--overwrite")
+    assert r.exit_code == 2 and "holds the input" in r.output and str(init) in r.output, r.output
+    assert _digest(init) == digest
+
+
+def test_d4_outputs_carry_their_suffix(synthetic_store, tmp_path, cli):
+    """D4: `eval classify --json other/model.pt --overwrite` and `prepare synthetic --out model.pt
+    --overwrite` replaced another model's checkpoint."""
+    from facetool.models import create_model, save_checkpoint
+
+    victim = save_checkpoint(tmp_path / "gender" / "model.pt", create_model("resnet18", width=8, num_classes=8,
+                                                                             input_size=32))
+    model = save_checkpoint(tmp_path / "r18" / "model.pt", create_model("resnet18", width=8, num_classes=8,
+                                                                        input_size=32))
+    digest = _digest(victim)
+    r = cli("eval", "classify", "--store", synthetic_store, "--model", model, "--json", victim, "--overwrite")
+    assert r.exit_code == 2 and "--json" in r.output and "must end in .json" in r.output, r.output
+    r = cli("prepare", "synthetic", "--identities", 2, "--per-identity", 2, "--size", 32, "--out", victim, "--overwrite")
+    assert r.exit_code == 2 and "must end in .h5 or .hdf5" in r.output, r.output
+    r = cli("prepare", "synthetic", "--identities", 2, "--per-identity", 2, "--size", 32, "--out", tmp_path / "s.h5",
+            "--grid", victim, "--overwrite")
+    assert r.exit_code == 2 and "--grid" in r.output and ".png" in r.output, r.output
+    assert _digest(victim) == digest and not (tmp_path / "s.h5").exists()

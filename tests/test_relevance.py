@@ -333,3 +333,35 @@ def test_cli_image_reference_and_empty_split(synthetic_store, checkpoints, tmp_p
     r = cli("dissect", "relevance", "--model", emb, "--store", synthetic_store, "--out", tmp_path / "e",
             "--target", "cosine", "--reference", tmp_path / "nope.png")
     assert r.exit_code == 2 and "nope.png" in r.output
+
+
+def test_gradcam_maps_are_placed_on_receptive_field_centres(checkpoints):
+    """Grad-CAM by hand (ReLU of the gradient-weighted channel sum at the cam_layer, min-max normalised)
+    at the layer's resolution, upsampled with cell j on pixel s*j, equals ``explain(..., "gradcam")``;
+    pytorch-grad-cam's own cv2.resize would put cell j on s*(j + 0.5) - 0.5 (half a cell off)."""
+    from facetool.explainers.placement import upsample_maps
+    from facetool.explainers.relevance import resolve
+    from facetool.models.checkpoint import load_model
+
+    clf, _ = checkpoints
+    m = load_model(clf).eval()
+    torch.manual_seed(1)
+    x = torch.randn(3, 3, 64, 64)
+    what = resolve(m, x, Target.parse("predicted"))
+    maps = explain(m, x, "gradcam", what)
+    layer = m.get_layer(m.cam_layer)
+    acts = {}
+    h = layer.register_forward_hook(lambda mod, i, o: acts.__setitem__("a", o))
+    try:
+        out = m(x)
+        a = acts["a"]
+        score = out.gather(1, what.classes[:, None]).sum()
+        g, = torch.autograd.grad(score, a)
+    finally:
+        h.remove()
+    cam = torch.relu((g.mean((2, 3), keepdim=True) * a).sum(1)).detach()  # (B, h, w)
+    cam = cam - cam.amin((1, 2), keepdim=True)
+    cam = cam / (1e-7 + cam.amax((1, 2), keepdim=True))
+    assert cam.shape[-1] < 64  # a real down-sampled layer
+    want = upsample_maps(cam[:, None], (64, 64))[:, 0]
+    np.testing.assert_allclose(maps, want.numpy(), atol=2e-4)

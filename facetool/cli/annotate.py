@@ -42,7 +42,7 @@ def register(app: typer.Typer) -> None:
         from facetool.io import guard_output, write_json
 
         if json_out is not None:
-            guard_output(json_out, inputs=(store, from_model, *(csv or ()), *(fairface or ())), overwrite=overwrite, option="--json",
+            guard_output(json_out, inputs=(store, from_model, *(csv or ()), *(fairface or ())), overwrite=overwrite, option="--json", suffix=".json",
                          owner=f"annotate {Path(store).resolve()}")
         if fairface:
             if csv or from_model is not None:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
+import signal
+import threading
 from typing import Any, Callable
 
 import typer
@@ -41,7 +44,11 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         from facetool.io import release_claims
 
         try:
-            return fn(*args, **kwargs)
+            with _sigint_remembered() as sigint:
+                result = fn(*args, **kwargs)
+            if sigint["seen"]:  # Ctrl-C landed where Python swallows exceptions (a weakref callback, __del__)
+                raise KeyboardInterrupt
+            return result
         except typer.Exit:
             raise
         except FacetoolError as e:
@@ -71,6 +78,27 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             release_claims()
 
     return wrapper
+
+
+@contextlib.contextmanager
+def _sigint_remembered():
+    """While a command runs, Ctrl-C raises KeyboardInterrupt as usual AND is remembered: Python only
+    prints "Exception ignored" for one raised inside a weakref callback or ``__del__``, and the command
+    would otherwise finish with exit 0 as if nobody had pressed it."""
+    state = {"seen": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield state
+        return
+
+    def on_sigint(signum, frame):
+        state["seen"] = True
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield state
+    finally:
+        signal.signal(signal.SIGINT, old)
 
 
 def dict_table(title: str, rows: dict[str, Any] | list[tuple[str, Any]], key: str = "item", value: str = "value") -> Table:

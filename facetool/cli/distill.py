@@ -2,24 +2,29 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from facetool.cli.common import console, dict_table, guarded
+from facetool.cli.options import TrainOptions, training_options
 
+#: --student help (static: --help must not import torch; tests/test_cli_options.py checks it against the registry)
+STUDENT_HELP = ("resnet18 | resnet34 | resnet50 | resnet101 (classifier teacher), or iresnet18 | iresnet34 | iresnet50 | "
+                "iresnet100 | iresnet200 | mobilefacenet (embedding teacher; aliases r18 | r34 | r50 | r100 | r200 | "
+                "mbf).")
 METHOD_HELP = "srrl | kd | fitnet | at | rkd | pkt | none (none = the same student trained with cross-entropy only)."
 
 
 def register(app: typer.Typer) -> None:
     @app.command("distill")
     @guarded
+    @training_options(epochs=30, batch_size=128, lr=0.1, schedule="cosine")
     def distill_cmd(
         method: str = typer.Argument(..., help=METHOD_HELP),
         teacher: Optional[Path] = typer.Option(None, "--teacher", help="Teacher: facetool checkpoint, arcface_torch backbone.pth or ONNX model (optional for none)."),
-        student: str = typer.Option(..., "--student", help="resnet18|34|50|101 (classifier teacher) or mobilefacenet, iresnet18..200 / mbf, r18..r200 (embedding teacher)."),
+        student: str = typer.Option(..., "--student", help=STUDENT_HELP),
         store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5): train split trains, test split validates and is diagnosed. [env FACETOOL_STORE]"),
         out: Path = typer.Option(..., "--out", help="Run folder: model.pt (the student), heads.pt, last.pt (resume), metrics, result.json."),
         teacher_head: list[Path] = typer.Option([], "--teacher-head", help="Classifier of an embedding teacher (facetool heads.pt, arcface_torch softmax weight); repeat for model-parallel shards."),
@@ -40,22 +45,7 @@ def register(app: typer.Typer) -> None:
         mixup: float = typer.Option(0.0, "--mixup", help="Mix each labeled image with an unlabeled one, lambda ~ Beta(A, A) (0 = off)."),
         transfer: Optional[Path] = typer.Option(None, "--transfer", help="Another store: linear-probe top-1 of the frozen student (and teacher) features."),
         labeled_per_identity: Optional[int] = typer.Option(None, "--labeled-per-identity", help="Use only the first N training images of each identity."),
-        epochs: int = typer.Option(30, "--epochs"),
-        batch_size: int = typer.Option(128, "--batch-size", help="Per process."),
-        lr: float = typer.Option(0.1, "--lr"),
-        momentum: float = typer.Option(0.9, "--momentum"),
-        weight_decay: float = typer.Option(5e-4, "--weight-decay"),
-        schedule: str = typer.Option("cosine", "--schedule", help="cosine | step | poly."),
-        milestones: str = typer.Option("", "--milestones", help="Step schedule: epochs, comma-separated (x0.1 at each)."),
-        warmup_epochs: float = typer.Option(0.0, "--warmup-epochs"),
-        grad_clip: float = typer.Option(0.0, "--grad-clip", help="Gradient-norm clip (0 = off)."),
-        amp: bool = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA."),
-        flip: bool = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips."),
-        workers: int = typer.Option(0, "--workers", help="DataLoader workers."),
-        seed: int = typer.Option(0, "--seed"),
-        max_steps: int = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all; continue with --resume)."),
-        resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-        overwrite: bool = typer.Option(False, "--overwrite", help="Start over in an existing --out."),
+        train: TrainOptions = None,
     ) -> None:
         """Distil a frozen teacher into a student on the training engine (SRRL or a baseline).
 
@@ -70,7 +60,7 @@ def register(app: typer.Typer) -> None:
 
         # the run folder is checked before anything else (the library checks it again with the teacher)
         guard_output(out, inputs=(store, teacher, unlabeled, transfer, *(teacher_head or ())),
-                     overwrite=overwrite or resume, is_dir=True)
+                     overwrite=train.overwrite or train.resume, is_dir=True)
         m = method.lower()
         if m not in METHODS:
             raise FacetoolError(f"unknown distillation method {method!r}; use one of {', '.join(METHODS)}")
@@ -80,15 +70,10 @@ def register(app: typer.Typer) -> None:
             if len(parts) != 2 or not all(parts):
                 raise FacetoolError(f"--hint needs TEACHER_STAGE,STUDENT_STAGE (e.g. layer2,layer2), got {hint!r}")
             hint_pair = (parts[0], parts[1])
-        try:
-            ms = tuple(float(x) for x in milestones.split(",") if x.strip())
-        except ValueError:
-            raise FacetoolError(f"--milestones needs numbers separated by commas, got {milestones!r}") from None
-        cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, schedule=schedule, milestones=ms, warmup_epochs=warmup_epochs,
-                          amp=amp, seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume,
-                          overwrite=overwrite, max_steps=max_steps or None, flip=flip)
-        main = int(os.environ.get("RANK", "0")) == 0
+        cfg = TrainConfig.from_options(train, out=out)
+        from facetool.distributed import is_main
+
+        main = is_main()
         result = distill(
             m, store=store, student=student, cfg=cfg, teacher=teacher, teacher_heads=teacher_head,
             teacher_loss=teacher_loss, teacher_scale=teacher_scale, student_loss=student_loss,

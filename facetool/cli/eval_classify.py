@@ -49,7 +49,8 @@ def register(group: typer.Typer) -> None:
         from facetool.store import FaceStore
 
         if json_out is not None:
-            guard_output(json_out, inputs=(store, *model), overwrite=overwrite, option="--json", owner="eval classify")
+            guard_output(json_out, inputs=(store, *model), overwrite=overwrite, option="--json", owner="eval classify",
+                         suffix=".json")
 
         with FaceStore(face_source(store)) as s:
             n = len(s.indices(split))

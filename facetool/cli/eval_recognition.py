@@ -112,7 +112,7 @@ def _ijb(prefix: str):
         root: Path = typer.Option(..., "--root", help="IJB folder with meta/ and loose_crop/ (insightface layout)."),
         model: Path = typer.Option(..., "--model", help="facetool checkpoint, arcface_torch backbone.pth or .onnx."),
         batch_size: int = typer.Option(256, "--batch-size", min=1),
-        no_norm: bool = typer.Option(False, "--no-norm", help="L2-normalise each image feature (N0)."),
+        no_norm: bool = typer.Option(False, "--no-norm", help="Drop each image feature's norm (insightface N0: L2-normalise it before pooling). Default N1 keeps the norm, a quality weight in the template average."),
         no_det_score: bool = typer.Option(False, "--no-det-score", help="Do not weight by the faceness score (D0)."),
         no_flip: bool = typer.Option(False, "--no-flip", help="Do not add the flipped crop's feature (F0)."),
         cache: Optional[Path] = typer.Option(None, "--cache", help="HDF5 feature cache: reruns skip extraction."),

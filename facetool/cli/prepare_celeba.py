@@ -30,10 +30,10 @@ def register(prepare_app: typer.Typer) -> None:
         """
         from facetool.data.celeba import prepare_celeba
         from facetool.data.imdbface import report_path
-        from facetool.io import guard_output
+        from facetool.io import STORE_SUFFIXES, guard_output
 
         if not resume:
-            guard_output(out, inputs=(root,), overwrite=overwrite)
+            guard_output(out, inputs=(root,), overwrite=overwrite, suffix=STORE_SUFFIXES)
         path, rep = prepare_celeba(root, out, size=size, val_split=val_split, limit=limit or None,
                                    overwrite=overwrite, resume=resume, workers=workers)
         rows = [("identities", rep["identities"]), ("images", rep["images"]), ("train", rep["train"]),

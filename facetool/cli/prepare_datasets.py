@@ -52,8 +52,10 @@ def register(prepare_app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", "-o", help="Output store (.h5)."),
         aligned: bool = typer.Option(False, "--aligned", help="Images are already aligned crops: only resize."),
         size: int = typer.Option(112, help="Crop size."),
-        min_images: int = typer.Option(1, help="Keep identities with at least this many images."),
-        per_identity: int = typer.Option(0, help="Images sampled per identity (0: all)."),
+        min_images: int = typer.Option(1, help="Keep identities with at least this many images (usable ones with "
+                                                "--per-identity)."),
+        per_identity: int = typer.Option(0, help="Images sampled per identity (0: all); a file that does not decode "
+                                                  "or shows no face is replaced by another of the identity."),
         test_fraction: float = typer.Option(0.2, help="Fraction of each identity's images in the test split."),
         seed: int = typer.Option(0, help="Seed of the sampling and the split."),
         detector: Optional[Path] = typer.Option(None, help="Detector ONNX (default: bundled RetinaFace)."),

@@ -34,7 +34,7 @@ def register(app: typer.Typer) -> None:
     @guarded
     def recipe(
         path: Path = typer.Argument(..., help="Recipe TOML file (see recipes/)."),
-        set_: list[str] = typer.Option([], "--set", help="Override a recipe variable: name=value."),
+        set_: list[str] = typer.Option([], "--set", help="Override a recipe variable: name=value (the value is one argument, spaces included; variables that use it, e.g. store = \"{out}/synthetic.h5\", follow it)."),
         from_step: int = typer.Option(1, "--from-step", help="Start at this step (1-based)."),
         dry_run: bool = typer.Option(False, "--dry-run", help="Print the command lines only."),
         resume: bool = typer.Option(False, "--resume", help="Continue the interrupted run of the first step run "
@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a recipe: a list of facetool command lines (the quickstart, the papers' tables)."""
         from facetool.cli import app as root
-        from facetool.recipe import load_recipe, resume_argv
+        from facetool.recipe import load_recipe, rerun_command, resume_argv
 
         overrides = {}
         for s in set_:
@@ -74,12 +74,12 @@ def register(app: typer.Typer) -> None:
                 raise FacetoolError(f"recipe step {i} ({step.name}): {e.format_message()}") from None
             except (typer.Exit, SystemExit) as e:
                 rc = getattr(e, "exit_code", getattr(e, "code", 1))
-            again = f"facetool recipe {path} --from-step {i}"
-            if rc == 130:  # Ctrl-C inside the step: pass it through, with how to continue
+            if rc == 130:  # Ctrl-C inside the step: pass it through, with how to continue (same --set values)
                 can_resume = "--resume" in options(argv)
                 print_error(f"recipe interrupted at step {i} ({step.name}); continue with: "
-                            + (f"{again} --resume" if can_resume else again))
+                            + rerun_command(path, set_, i, resume=can_resume))
                 raise typer.Exit(130)
             if rc:
-                raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with {again}")
+                raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with "
+                                    + rerun_command(path, set_, i))
             console.print(f"[dim]step {i} done in {time.time() - t0:.1f}s[/]")

@@ -2,34 +2,33 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from facetool.cli.common import console, dict_table, guarded
+from facetool.cli.options import TrainOptions, training_options
 from facetool.errors import FacetoolError
 
-ARCHS = ("resnet18", "resnet34", "resnet50", "resnet101")
+#: per command: the registry family its --arch comes from and the prefix of the family's names
+#: (the user names the backbone: --arch resnet50 trains aig_resnet50)
+FAMILIES = {"resnet": ("resnet", ""), "aig": ("aig", "aig_"), "iig": ("aig", "aig_"), "abn": ("abn", "abn_")}
+#: --arch help (static: --help must not import torch; tests/test_cli_options.py checks it against the registry)
+ARCH_HELP = "resnet18 | resnet34 | resnet50 | resnet101."
+ABN_ARCH_HELP = "Backbone: resnet18 | resnet34 | resnet50 | resnet101 | iresnet18 | iresnet34 | iresnet50 | iresnet100 " \
+                "(r18 | r34 | r50 | r100 are aliases of the IR-ResNets)."
+#: per-command defaults of the training options that may differ by method (facetool.cli.options.PER_METHOD)
+DEFAULTS = {"epochs": 30, "batch_size": 150, "lr": 0.1, "schedule": "cosine"}
 
 
-def _arch(arch: str) -> str:
-    from facetool.errors import FacetoolError
+def _model_name(kind: str, arch: str) -> str:
+    """The registered model ``train KIND --arch ARCH`` builds (resnet50 -> aig_resnet50 for aig; aliases
+    resolved); an unknown name is an error listing the family's names from the registry."""
+    from facetool.models.registry import resolve_model_name
 
-    a = arch.lower().removeprefix("aig_")
-    if a not in ARCHS:
-        raise FacetoolError(f"unknown --arch {arch!r}; use one of {', '.join(ARCHS)}")
-    return a
-
-
-def _abn_arch(arch: str) -> str:
-    from facetool.models.abn import BACKBONES
-
-    a = arch.lower().removeprefix("abn_")
-    if a not in BACKBONES:
-        raise FacetoolError(f"unknown --arch {arch!r} for ABN; use one of {', '.join(BACKBONES)}")
-    return a
+    family, prefix = FAMILIES[kind]
+    return resolve_model_name(arch, family=family, prefix=prefix, option="--arch")
 
 
 def _int_list(text: str, option: str) -> list[int]:
@@ -39,11 +38,12 @@ def _int_list(text: str, option: str) -> list[int]:
         raise FacetoolError(f"{option} needs integers separated by commas, got {text!r}") from None
 
 
-def _out(kind: str, arch: str, out: Optional[Path], inputs: tuple, overwrite: bool, resume: bool) -> Path:
-    """The run folder: --out, or runs/<kind>-<arch>-<n> (the next free n); guarded before anything runs."""
+def _out(kind: str, name: str, out: Optional[Path], inputs: tuple, train: TrainOptions) -> Path:
+    """The run folder: --out, or runs/<kind>-<backbone>-<n> (the next free n); guarded before anything runs."""
     from facetool.io import guard_run_folder
 
-    return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=overwrite, resume=resume)
+    arch = name.removeprefix(FAMILIES[kind][1])
+    return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=train.overwrite, resume=train.resume)
 
 
 def _show(title: str, result: dict) -> None:
@@ -91,66 +91,48 @@ def task_option():
 
 
 def register(app: typer.Typer) -> None:
-    def run(kind: str, store: Path, out: Path, arch: str, input_size: Optional[int], width: int, epochs: int,
-            batch_size: int, lr: float, momentum: float, weight_decay: float, schedule: str, warmup_epochs: float,
-            grad_clip: float, amp: bool, flip: bool, workers: int, seed: int, max_steps: int, resume: bool,
-            overwrite: bool, factory, attributes=(), gate_hidden: int = 16, task: str = "identity",
-            mechanism: str = "residual", init: Optional[Path] = None, att_channels: int = 0) -> None:
+    def run(kind: str, store: Path, out: Optional[Path], arch: str, train: TrainOptions, factory, *,
+            input_size: Optional[int], width: int, attributes=(), gate_hidden: int = 16, task: str = "identity",
+            mechanism: str = "residual", init: Optional[Path] = None, att_channels: Optional[int] = None) -> None:
         from facetool.engine import TrainConfig
         from facetool.trainers.classify import train_on_store
         from facetool.tasks import resolve_task
 
-        out = _out(kind, _abn_arch(arch) if kind == "abn" else _arch(arch), out, (store,), overwrite, resume)
+        name = _model_name(kind, arch)
+        out = _out(kind, name, out, (store, init), train)
         t = resolve_task(task, store)
         if kind == "abn":
-            name = "abn_" + _abn_arch(arch)
             kw = {"width": width, "heads": list(t.classes), "mechanism": mechanism}
-            if att_channels:
-                kw["att_channels"] = att_channels
+            from facetool.models.abn import att_channels_option
+
+            k = att_channels_option(att_channels, t.num_outputs)
+            if k is not None:
+                kw["att_channels"] = k
         else:
-            name = _arch(arch) if kind == "resnet" else "aig_" + _arch(arch)
             kw = {"width": width} | ({"gate_hidden": gate_hidden} if kind != "resnet" else {})
-        cfg = TrainConfig(out=out, epochs=epochs, batch_size=batch_size, lr=lr, momentum=momentum,
-                          weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs, amp=amp,
-                          seed=seed, workers=workers, grad_clip=grad_clip or None, resume=resume, overwrite=overwrite,
-                          max_steps=max_steps or None, flip=flip)
+        cfg = TrainConfig.from_options(train, out=out)
         result = train_on_store(store, name, factory, cfg, input_size=input_size, attributes=attributes,
                                 model_kwargs=kw, task=t, init=init)
-        if int(os.environ.get("RANK", "0")) == 0:
+        from facetool.distributed import is_main
+
+        if is_main():
             _show(f"train {kind} ({name}) -> {out}", result)
 
     store_o = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5); train split trains, test split validates. [env FACETOOL_STORE]")
     out_o = typer.Option(None, "--out", help="Run folder: model.pt, last.pt (resume), metrics.csv/jsonl, result.json "
                                              "(default: runs/<command>-<arch>-<n>, the next free n).")
-    arch_o = typer.Option("resnet50", "--arch", help="resnet18 | resnet34 | resnet50 | resnet101.")
+    arch_o = typer.Option("resnet50", "--arch", help=ARCH_HELP)
     size_o = typer.Option(None, "--input-size", help="Network input size (default: the store's image size).")
     width_o = typer.Option(64, "--width", help="Base width (64 = standard ResNet; 16/32 for CPU runs).")
-    epochs_o = typer.Option(30, "--epochs")
-    bs_o = typer.Option(150, "--batch-size", help="Per process.")
-    lr_o = typer.Option(0.1, "--lr")
-    mom_o = typer.Option(0.9, "--momentum")
-    wd_o = typer.Option(5e-4, "--weight-decay")
-    sched_o = typer.Option("cosine", "--schedule", help="cosine | step | poly (per step, after warm-up).")
-    warm_o = typer.Option(0.0, "--warmup-epochs")
-    clip_o = typer.Option(0.0, "--grad-clip", help="Gradient-norm clip (0 = off).")
-    amp_o = typer.Option(True, "--amp/--no-amp", help="Mixed precision on CUDA.")
-    flip_o = typer.Option(True, "--flip/--no-flip", help="Random horizontal flips.")
-    workers_o = typer.Option(0, "--workers", help="DataLoader workers.")
-    seed_o = typer.Option(0, "--seed")
-    steps_o = typer.Option(0, "--max-steps", help="Stop after this many steps (0 = all; continue with --resume).")
-    resume_o = typer.Option(False, "--resume", help="Continue the run in --out.")
-    over_o = typer.Option(False, "--overwrite", help="Start over in an existing --out.")
     task_o = task_option()
 
     @app.command("resnet")
     @guarded
+    @training_options(**DEFAULTS)
     def resnet(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
-               width: int = width_o, epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o,
-               momentum: float = mom_o, weight_decay: float = wd_o, schedule: str = sched_o,
-               warmup_epochs: float = warm_o, grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o,
-               workers: int = workers_o, seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o,
-               overwrite: bool = over_o, task: str = task_o,
-               init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint whose weights initialise the model where names and shapes match (e.g. an identity model for a gender model).")) -> None:
+               width: int = width_o, task: str = task_o,
+               init: Optional[Path] = typer.Option(None, "--init", help="Checkpoint whose weights initialise the model where names and shapes match (e.g. an identity model for a gender model)."),
+               train: TrainOptions = None) -> None:
         """Train a ResNet classifier (softmax cross-entropy) of identities or attributes (--task).
 
         --task attribute:gender trains one softmax head; --task attributes one head per attribute of the
@@ -161,12 +143,12 @@ def register(app: typer.Typer) -> None:
         """
         from facetool.trainers.classify import ClassificationMethod
 
-        run("resnet", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
-            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
-            lambda model: ClassificationMethod(), task=task, init=init)
+        run("resnet", store, out, arch, train, lambda model: ClassificationMethod(), input_size=input_size, width=width,
+            task=task, init=init)
 
     @app.command("aig")
     @guarded
+    @training_options(**DEFAULTS)
     def aig(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
             width: int = width_o,
             target: float = typer.Option(0.4, "--target", help="Target execution rate t in [0, 1] of the free blocks."),
@@ -174,11 +156,7 @@ def register(app: typer.Typer) -> None:
                                                 help="Explicit per-block targets '1,1,0.4,...' (one per gated block)."),
             target_weight: float = typer.Option(1.0, "--target-weight", help="Weight of L_target."),
             gate_hidden: int = typer.Option(16, "--gate-hidden", help="Hidden channels of each gate."),
-            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
-            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
-            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
-            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o,
-            task: str = task_o) -> None:
+            task: str = task_o, train: TrainOptions = None) -> None:
         """Train ConvNet-AIG: a gate per residual block, CE + L_target (blocks really skipped at inference).
 
         Default targets: the middle blocks at --target; ResNet-101 pins the first 7 and last 3 blocks to 1,
@@ -195,15 +173,13 @@ def register(app: typer.Typer) -> None:
             return AIGMethod(ts, target_weight)
 
         if not 0.0 <= target <= 1.0:
-            from facetool.errors import FacetoolError
-
             raise FacetoolError(f"--target must be in [0, 1], got {target}")
-        run("aig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
-            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
-            gate_hidden=gate_hidden, task=task)
+        run("aig", store, out, arch, train, factory, input_size=input_size, width=width, gate_hidden=gate_hidden,
+            task=task)
 
     @app.command("iig")
     @guarded
+    @training_options(**DEFAULTS)
     def iig(store: Path = store_o, out: Optional[Path] = out_o, arch: str = arch_o, input_size: Optional[int] = size_o,
             width: int = width_o,
             feature: str = typer.Option(..., "--feature", help="Attribute(s) of the store, comma-separated: gender[,age]."),
@@ -215,10 +191,7 @@ def register(app: typer.Typer) -> None:
             target: float = typer.Option(0.6, "--target", help="Target rate for --with-target."),
             iig_weight: float = typer.Option(1.0, "--iig-weight", help="Weight of L_IIG."),
             gate_hidden: int = typer.Option(16, "--gate-hidden"),
-            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
-            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
-            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
-            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o) -> None:
+            train: TrainOptions = None) -> None:
         """Train ConvNet-IIG: each attribute value owns disjoint gated blocks; CE + L_IIG (+ L_target).
 
         The masks and the attribute vocabulary go into the checkpoint meta
@@ -226,7 +199,6 @@ def register(app: typer.Typer) -> None:
 
         Example: facetool train iig --store data/faces.h5 --arch resnet50 --feature gender --out runs/iig
         """
-        from facetool.errors import FacetoolError
         from facetool.trainers.aig import target_schedule as default_schedule
         from facetool.trainers.iig import IIGMethod, load_masks, make_masks
         from facetool.store import FaceStore
@@ -236,7 +208,7 @@ def register(app: typer.Typer) -> None:
             raise FacetoolError("--feature needs at least one attribute name")
         if not 0.0 <= target <= 1.0:
             raise FacetoolError(f"--target must be in [0, 1], got {target}")
-        out = _out("iig", _arch(arch), out, (store, masks), overwrite, resume)
+        out = _out("iig", _model_name("iig", arch), out, (store, masks), train)
         with FaceStore(store) as s:
             vocab = {f: s.attribute(f)[1] for f in feats}
         given = load_masks(masks) if masks is not None else None
@@ -248,26 +220,24 @@ def register(app: typer.Typer) -> None:
             m = {f: given[f] for f in feats} if given is not None else make_masks(vocab, L, mask_style, _int_list(per_value, '--blocks-per-value'))
             return IIGMethod(m, vocab, L, default_schedule(L, target) if with_target else None, iig_weight)
 
-        run("iig", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
-            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite, factory,
-            attributes=feats, gate_hidden=gate_hidden)
+        run("iig", store, out, arch, train, factory, input_size=input_size, width=width, attributes=feats,
+            gate_hidden=gate_hidden)
 
     @app.command("abn")
     @guarded
-    def abn(store: Path = store_o, out: Path = out_o,
-            arch: str = typer.Option("resnet50", "--arch", help="Backbone: resnet18|34|50|101, iresnet18|34|50|100."),
+    @training_options(**DEFAULTS)
+    def abn(store: Path = store_o, out: Optional[Path] = out_o,
+            arch: str = typer.Option("resnet50", "--arch", help=ABN_ARCH_HELP),
             input_size: Optional[int] = size_o, width: int = width_o,
             mechanism: str = typer.Option("residual", "--mechanism",
                                           help="residual: perception sees (1+M)*g (paper Eq. 2); multiply: M*g (Eq. 1)."),
             attention_weight: float = typer.Option(1.0, "--attention-weight", help="Weight of CE(attention branch)."),
-            att_channels: int = typer.Option(0, "--att-channels", help="Width K of the attention branch's ReLU "
-                                             "bottleneck (0 = the number of outputs, as in the paper; 16 keeps a "
-                                             "binary attribute's bottleneck from dying)."),
-            epochs: int = epochs_o, batch_size: int = bs_o, lr: float = lr_o, momentum: float = mom_o,
-            weight_decay: float = wd_o, schedule: str = sched_o, warmup_epochs: float = warm_o,
-            grad_clip: float = clip_o, amp: bool = amp_o, flip: bool = flip_o, workers: int = workers_o,
-            seed: int = seed_o, max_steps: int = steps_o, resume: bool = resume_o, overwrite: bool = over_o,
-            task: str = task_o) -> None:
+            att_channels: Optional[int] = typer.Option(
+                None, "--att-channels", show_default=False,
+                help="Width K of the attention branch's ReLU bottleneck. Default: max(number of outputs, 16), which "
+                     "keeps a binary attribute's bottleneck from dying; 0 = the number of outputs, as in the paper "
+                     "(and 0.2.1's default: a 0.2.1 run started without this option resumes with 0)."),
+            task: str = task_o, train: TrainOptions = None) -> None:
         """Train an Attention Branch Network: loss = CE(attention branch) + CE(perception branch).
 
         Any input size (adaptive pooling). With --task attributes there is one attention map and one
@@ -281,10 +251,10 @@ def register(app: typer.Typer) -> None:
 
         if mechanism not in MECHANISMS:
             raise FacetoolError(f"unknown --mechanism {mechanism!r}; use one of {', '.join(MECHANISMS)}")
-        if att_channels < 0:
-            raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs), got {att_channels}")
+        if att_channels is not None and att_channels < 0:
+            raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs, as in the paper), "
+                                f"got {att_channels}")
         if not attention_weight >= 0:
             raise FacetoolError(f"--attention-weight must be >= 0, got {attention_weight}")
-        run("abn", store, out, arch, input_size, width, epochs, batch_size, lr, momentum, weight_decay, schedule,
-            warmup_epochs, grad_clip, amp, flip, workers, seed, max_steps, resume, overwrite,
-            lambda model: ABNMethod(attention_weight), task=task, mechanism=mechanism, att_channels=att_channels)
+        run("abn", store, out, arch, train, lambda model: ABNMethod(attention_weight), input_size=input_size,
+            width=width, task=task, mechanism=mechanism, att_channels=att_channels)

@@ -3,21 +3,30 @@
 Each image is detected with RetinaFace, the main face (largest, most central) is aligned on its 5
 points to ``size`` (112); ``aligned=True`` takes images that are already aligned crops and only
 resizes them. Filters and the seeded split are those of IMDb-Face; counters: ``too few images``,
-``not sampled``, ``unreadable``, ``no face``.
+``not sampled``, ``unreadable``, ``no face``, ``too few readable images``.
+
+With ``per_identity`` the sampling is IMDb-Face's (:class:`facetool.data.imdbface._Identity`): an
+identity's files are tried in a seeded order (its own stream of ``seed``), a file that does not decode
+or shows no face is *replaced* by the identity's next file until ``per_identity`` usable images are
+found, an identity with fewer than ``min_images`` usable images is dropped, and only then are its
+images split train/test. Without ``per_identity`` every file is used, one file at a time (memory stays
+bounded on huge folders such as FairFace's ``train/``): the seeded split is planned over the files
+and an unusable file is dropped (there is no other file to take its place).
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import cv2
 
-from facetool.data.imdbface import check_options, finish_report, guard_report, sample_split
+from facetool.data.imdbface import _Identity, check_options, finish_report, guard_report, sample_split
 from facetool.detect.align import align_5pt, template, transform_points
 from facetool.errors import FacetoolError, require_dir
-from facetool.io import guard_output
+from facetool.io import STORE_SUFFIXES, guard_output
 from facetool.store import Record
 
 IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
@@ -25,8 +34,10 @@ IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 
 def plan(
     root: Path, *, min_images: int, per_identity: int | None, test_fraction: float, seed: int
-) -> tuple[list[str], list[tuple[int, str, int]], Counter]:
-    """Identities = sub-folders of ``root`` (sorted); items ``(label, path relative to root, split)``."""
+) -> tuple[list[str], list[tuple], Counter]:
+    """Identities = sub-folders of ``root`` (sorted). Without ``per_identity`` an item is one file
+    ``(label, path relative to root, split)`` with its split planned here; with it, one identity
+    ``(label, name, [(path,), ...])`` whose sampling and split happen while reading (``_Identity``)."""
     counters: Counter[str] = Counter()
     groups: dict[str, list[str]] = {}
     for d in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
@@ -37,23 +48,25 @@ def plan(
             counters["too few images"] += len(files)
         else:
             groups[d.name] = files
-    chosen = sample_split(groups, per_identity, test_fraction, seed)
-    identities, items = [], []
-    for label, key in enumerate(groups):
-        identities.append(key)
-        counters["not sampled"] += len(groups[key]) - len(chosen[key])
-        items += [(label, rel, split) for rel, split in chosen[key]]
+    identities = list(groups)
+    if per_identity:
+        return identities, [(label, key, [(rel,) for rel in groups[key]]) for label, key in enumerate(groups)], counters
+    chosen = sample_split(groups, None, test_fraction, seed)
+    items = [(label, rel, split) for label, key in enumerate(groups) for rel, split in chosen[key]]
     return identities, items, counters
 
 
 class _Processor:
+    """One file ``(label, rel[, split])`` -> a Record (split 0 unless given) or a skip reason. Thread-safe."""
+
     def __init__(self, root: Path, size: int, detector=None) -> None:
         self.root, self.size, self.detector = root, size, detector
 
-    def __call__(self, item: tuple[int, str, int]) -> Record | str:
+    def __call__(self, item: tuple) -> Record | str:
         from facetool.detect.retinaface import read_rgb
 
-        label, rel, split = item
+        label, rel, *rest = item
+        split = rest[0] if rest else 0
         img = read_rgb(self.root / rel)
         if img is None:
             return "unreadable"
@@ -99,7 +112,7 @@ def prepare_folder(
     if workers < 1:
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "dataset folder")
-    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume)
+    out = guard_output(out, inputs=(root, detector_model), overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=(root, detector_model))
     identities, items, counters = plan(
         root, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed
@@ -117,19 +130,28 @@ def prepare_folder(
         "per_identity": per_identity, "test_fraction": test_fraction, "seed": seed,
         "detector": detector.source if detector else None, "det_size": det_size, "score": score,
     }
-    path, final = build_store(
-        out,
-        items,
-        _Processor(root, size, detector),
-        writer_kwargs=dict(
-            image_size=(size, size), identities=identities, source=f"folder:{root.name}",
-            preprocessing={k: v for k, v in settings.items() if k != "root"},
-            template=None if aligned else template(size),
-        ),
-        overwrite=overwrite,
-        resume=resume,
-        workers=workers,
-        label=f"folder {root.name}",
-        initial_counters=dict(counters),
-    )
+    if per_identity:
+        settings["sampling"] = "per-identity, unusable files replaced"
+    row = _Processor(root, size, detector)
+    pool = ThreadPoolExecutor(workers) if per_identity and workers > 1 else None
+    try:
+        path, final = build_store(
+            out,
+            items,
+            _Identity(row, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed,
+                      pool=pool) if per_identity else row,
+            writer_kwargs=dict(
+                image_size=(size, size), identities=identities, source=f"folder:{root.name}",
+                preprocessing={k: v for k, v in settings.items() if k != "root"},
+                template=None if aligned else template(size),
+            ),
+            overwrite=overwrite,
+            resume=resume,
+            workers=1 if per_identity else workers,  # per identity: one identity at a time, its files on the pool
+            label=f"folder {root.name}" + (" identities" if per_identity else ""),
+            initial_counters=dict(counters),
+        )
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
     return path, finish_report(path, final, settings)

@@ -30,7 +30,7 @@ import numpy as np
 
 from facetool.detect.align import align_5pt, bbox_crop, template, transform_points
 from facetool.errors import FacetoolError, require_dir, require_file
-from facetool.io import guard_output, write_json
+from facetool.io import STORE_SUFFIXES, guard_output, write_json
 from facetool.store import Record
 
 COLUMNS = ("name", "index", "image", "rect", "height width")
@@ -282,7 +282,8 @@ def prepare_imdbface(
         raise FacetoolError(f"--workers must be >= 1 (threads), got {workers}")
     root = require_dir(root, "IMDb-Face image root")
     csv = Path(csv) if csv else root / "IMDb-Face.csv"
-    out = guard_output(out, inputs=(csv, root, detector_model), overwrite=overwrite or resume)
+    out = guard_output(out, inputs=(csv, root, detector_model), overwrite=overwrite or resume,
+                       suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=(csv, root, detector_model))
     df = read_csv(csv)
     identities, items, counters = plan(df, root, min_images=min_images)

@@ -39,24 +39,25 @@ def template(size: int = 112) -> np.ndarray:
 def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Least-squares similarity (rotation, uniform scale, translation) mapping ``src`` onto ``dst``.
 
-    Umeyama (1991): returns the 2x3 matrix M with ``dst ≈ M[:, :2] @ src + M[:, 2]``.
+    scikit-image's ``SimilarityTransform`` estimate (Umeyama 1991, never a reflection); returns the 2x3
+    matrix M with ``dst ≈ M[:, :2] @ src + M[:, 2]``. Where it defines no rotation (the cross-covariance of
+    the centred points is 0, e.g. all ``src`` or all ``dst`` points coincide) M maps the ``src`` mean
+    onto the ``dst`` mean with scale 1 if the ``src`` points coincide, else 0.
     """
+    from skimage.transform import SimilarityTransform
+
     src = np.asarray(src, np.float64)
     dst = np.asarray(dst, np.float64)
     if src.shape != dst.shape or src.ndim != 2 or src.shape[1] != 2 or len(src) < 2:
         raise ValueError(f"need two (n,2) point sets with n >= 2, got {src.shape} and {dst.shape}")
-    mu_s, mu_d = src.mean(0), dst.mean(0)
-    s_c, d_c = src - mu_s, dst - mu_d
-    var_s = (s_c**2).sum() / len(src)
-    cov = d_c.T @ s_c / len(src)
-    U, S, Vt = np.linalg.svd(cov)
-    d = np.ones(2)
-    if np.linalg.det(U) * np.linalg.det(Vt) < 0:
-        d[-1] = -1.0
-    R = U @ np.diag(d) @ Vt
-    scale = (S * d).sum() / var_s if var_s > 0 else 1.0
-    t = mu_d - scale * R @ mu_s
-    return np.hstack([scale * R, t[:, None]]).astype(np.float32)
+    if not (np.isfinite(src).all() and np.isfinite(dst).all()):
+        raise ValueError("similarity_transform needs finite points")
+    tform = SimilarityTransform.from_estimate(src, dst)
+    if tform:
+        return tform.params[:2].astype(np.float32)
+    mu_s, mu_d = src.mean(0), dst.mean(0)  # the covariance is 0: scale 0, unless src has no spread
+    scale = 0.0 if ((src - mu_s) ** 2).sum() > 0 else 1.0
+    return np.hstack([scale * np.eye(2), (mu_d - scale * mu_s)[:, None]]).astype(np.float32)
 
 
 def transform_points(pts: np.ndarray, M: np.ndarray) -> np.ndarray:

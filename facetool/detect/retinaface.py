@@ -102,19 +102,22 @@ def anchor_centres(height: int, width: int, stride: int, num_anchors: int) -> np
 
 
 def nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> np.ndarray:
-    """Greedy non-maximum suppression; indices of the kept boxes, best first."""
-    x1, y1, x2, y2 = boxes.T
-    area = np.maximum(x2 - x1, 0) * np.maximum(y2 - y1, 0)
-    order = np.argsort(-scores, kind="stable")
-    keep = []
-    while order.size:
-        i, rest = order[0], order[1:]
-        keep.append(i)
-        w = np.maximum(0, np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]))
-        h = np.maximum(0, np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]))
-        inter = w * h
-        order = rest[inter <= iou * (area[i] + area[rest] - inter)]
-    return np.asarray(keep, np.int64)
+    """Greedy non-maximum suppression (``torchvision.ops.nms``): indices of the kept boxes, best first.
+
+    A box is dropped when its IoU with a kept, higher-scoring box exceeds ``iou``; equal scores are taken
+    in index order (torchvision's own sort does not promise an order for ties, so it is given ranks).
+    """
+    import torch
+    from torchvision.ops import nms as tv_nms
+
+    boxes = np.asarray(boxes)
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    if not order.size:
+        return np.zeros(0, np.int64)
+    b = torch.from_numpy(np.ascontiguousarray(boxes[order], np.float64 if boxes.dtype == np.float64 else np.float32))
+    rank = torch.arange(order.size, 0, -1, dtype=b.dtype)  # strictly decreasing along ``order``
+    keep = tv_nms(b, rank, float(iou)).numpy()
+    return order[keep].astype(np.int64)
 
 
 class RetinaFace:

@@ -248,12 +248,13 @@ def cache_key(model_id: str, data_id: str, preprocessing: str = PREPROCESSING) -
 def check_cache(path: str | Path, inputs: Sequence[str | Path | None] = (), option: str = "--cache") -> Path:
     """An HDF5 feature cache is read and extended by reruns, so an existing one is this command's own;
     anything else (a face store, a checkpoint, any other file) is refused and never written into."""
-    from facetool.io import guard_output
+    from facetool.io import STORE_SUFFIXES, guard_output
 
     p = Path(path)
     if not p.exists():
-        return guard_output(p, inputs=inputs, option=option)
-    guard_output(p, inputs=inputs, overwrite=True, option=option)  # input == cache and folder checks
+        return guard_output(p, inputs=inputs, option=option, suffix=STORE_SUFFIXES)
+    # input == cache and folder checks; a cache kept inside a dataset folder is the command's own file
+    guard_output(p, inputs=[i for i in inputs if i is None or not Path(i).is_dir()], overwrite=True, option=option)
     if p.is_file():
         try:
             with h5py.File(p, "r") as f:

@@ -51,7 +51,10 @@ def load_bin(path: str | Path, size: int = 112) -> tuple[BinImages, np.ndarray]:
     p = Path(path)
     if not p.is_file():
         raise FacetoolError(f"verification pack not found: {p}")
-    obj = restricted_loads(p.read_bytes(), encoding="bytes")
+    try:
+        obj = restricted_loads(p.read_bytes(), encoding="bytes")
+    except FacetoolError as e:
+        raise FacetoolError(f"verification pack {p} {e}") from None
     if not (isinstance(obj, (tuple, list)) and len(obj) == 2):
         raise FacetoolError(f"{p} is not a (bins, issame_list) verification pack")
     bins, issame = obj

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from facetool.errors import FacetoolError
+from facetool.explainers.placement import upsample_maps  # noqa: F401  (maps on receptive-field centres)
 
 LANDMARK_PARTS = ("left_eye", "right_eye", "nose", "mouth", "lower_face")
 
@@ -72,35 +73,6 @@ def landmark_part_masks(landmarks: np.ndarray, size: tuple[int, int], radius: fl
     m[~np.isfinite(iod)] = False
     out["lower_face"] = m
     return out
-
-
-def _cell_weights(n_out: int, n_in: int, stride: float, scale: float) -> torch.Tensor:
-    """(n_out, n_in) linear-interpolation weights: output pixel i (centre i + 0.5 on the image) sits at
-    input coordinate (i + 0.5) * scale - 0.5 and at map coordinate that / stride (clamped to the map)."""
-    u = np.clip(((np.arange(n_out) + 0.5) * scale - 0.5) / stride, 0, n_in - 1)
-    j0 = np.floor(u).astype(np.int64)
-    j1 = np.minimum(j0 + 1, n_in - 1)
-    w = (u - j0).astype(np.float32)
-    out = np.zeros((n_out, n_in), np.float32)
-    np.add.at(out, (np.arange(n_out), j0), 1 - w)
-    np.add.at(out, (np.arange(n_out), j1), w)
-    return torch.from_numpy(out)
-
-
-def upsample_maps(maps: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int] | None = None,
-                  stride: float | None = None) -> torch.Tensor:
-    """Maps (B, A, h, w) of a model that saw ``input_size`` (S_h, S_w) pixels (default ``size``), where
-    cell (j, k) is centred on input pixel (stride*j, stride*k) ("same"-padded convolutions; default
-    stride S/h), bilinearly resampled onto an image of ``size`` (H, W) that was resized to the input
-    size (pixel-centre convention); beyond the first/last cell centre the border value is kept."""
-    H, W = size
-    Sh, Sw = input_size or size
-    h, w = maps.shape[-2:]
-    sy = float(stride) if stride else Sh / h
-    sx = float(stride) if stride else Sw / w
-    wy = _cell_weights(H, h, sy, Sh / H).to(maps)
-    wx = _cell_weights(W, w, sx, Sw / W).to(maps)
-    return torch.einsum("ij,bajk,lk->bail", wy, maps, wx)
 
 
 def part_shares(maps: np.ndarray, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

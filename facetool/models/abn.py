@@ -23,12 +23,14 @@ to that loop (tests check both agree to 1e-5 in eval mode, ``benchmarks/bench_ab
 In training mode the folded pass computes BatchNorm statistics over all B*A copies (the loop over
 each attribute's B copies) -- the same expectation, a different batch.
 
-``att_channels`` (default C, as in the paper) is the width K of the attention branch's ReLU
-bottleneck (1x1 conv c4 -> K -> BN -> ReLU; then K -> C logits and K -> A maps). With K = C = 2 (one
-binary attribute) the bottleneck can die: when BN + ReLU zero both channels on an image, its map is
-the constant ``sigmoid(att_bn3(0))`` and its attention logits are 0 (measured on the synthetic set:
-seed 1 of a glasses classifier gave one constant map for every image, a beard classifier zeroed
-every bearded face); ``att_channels=16`` avoids it.
+``att_channels`` is the width K of the attention branch's ReLU bottleneck (1x1 conv c4 -> K -> BN ->
+ReLU; then K -> C logits and K -> A maps). ``None`` -- and a checkpoint config without the key, as
+0.2.1 wrote them by default -- means K = C, as in the paper. With K = C = 2 (one binary attribute) the
+bottleneck can die: when BN + ReLU zero both channels on an image, its map is the constant
+``sigmoid(att_bn3(0))`` and its attention logits are 0 (measured on the synthetic set: seed 1 of a
+glasses classifier gave one constant map for every image, a beard classifier zeroed every bearded
+face); ``att_channels=16`` avoids it, so ``facetool train abn`` builds K = max(C, 16) unless told
+otherwise (:func:`default_att_channels`, :func:`att_channels_option`).
 
 ``attention_stride`` s: map cell (j, k) is centred on input pixel (s*j, s*k) (16 for ResNets, 8 for
 IR-ResNets; every conv and pool is "same"-padded) -- ``facetool.explainers.attention.upsample_maps``
@@ -49,10 +51,13 @@ import torch
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
+from facetool.hooks import set_attrs
 from facetool.models.base import FaceModel
 from facetool.models.registry import create_model, register_model
 
 MECHANISMS = ("residual", "multiply")
+#: ``facetool train abn``'s narrowest attention bottleneck: K = max(C, MIN_ATT_CHANNELS) by default
+MIN_ATT_CHANNELS = 16
 BACKBONES = ("resnet18", "resnet34", "resnet50", "resnet101", "iresnet18", "iresnet34", "iresnet50", "iresnet100")
 
 
@@ -64,6 +69,26 @@ def _stride_one(stage: nn.Module) -> nn.Module:
         elif isinstance(m, (nn.MaxPool2d, nn.AvgPool2d)) and m.stride not in (1, (1, 1)):
             m.stride = 1
     return stage
+
+
+def default_att_channels(num_outputs: int) -> int:
+    """``train abn``'s bottleneck width K for C outputs: max(C, 16) (the paper's K = C dies on a binary
+    attribute)."""
+    return max(int(num_outputs), MIN_ATT_CHANNELS)
+
+
+def att_channels_option(value: int | None, num_outputs: int) -> int | None:
+    """The ``att_channels`` argument for ``train abn --att-channels VALUE`` (``None``: not given).
+
+    Not given: :func:`default_att_channels`, recorded only where it differs from C (C < 16), so a model of
+    C >= 16 outputs has the config 0.2.1 wrote (and a 0.2.1 run resumes); 0: ``None``, the paper's K = C
+    (also 0.2.1's config); K >= 1: K."""
+    if value is None:
+        k = default_att_channels(num_outputs)
+        return k if k != int(num_outputs) else None
+    if int(value) < 0:
+        raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs, as in the paper), got {value}")
+    return int(value) or None
 
 
 def _build_backbone(name: str, width: int) -> nn.Module:
@@ -178,15 +203,8 @@ def _out_channels(stage: nn.Module) -> int:
 def per_attribute_loop(model: nn.Module, on: bool = True) -> Iterator[nn.Module]:
     """Within the block, multi-task ABN runs ``layer4`` once per attribute (the reference code's
     loop) instead of once on the folded batch; the previous mode is restored afterwards."""
-    abns = [m for m in model.modules() if isinstance(m, ABN)]
-    old = [m.loop for m in abns]
-    for m in abns:
-        m.loop = on
-    try:
+    with set_attrs((m for m in model.modules() if isinstance(m, ABN)), loop=on):
         yield model
-    finally:
-        for m, o in zip(abns, old):
-            m.loop = o
 
 
 def _factory(backbone: str):

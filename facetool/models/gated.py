@@ -25,6 +25,7 @@ from typing import Iterator
 import torch
 from torch import Tensor, nn
 
+from facetool.hooks import set_attrs
 from facetool.models.base import ConditionalBlock, forced_decisions
 
 
@@ -120,15 +121,8 @@ def gated_blocks(model: nn.Module) -> list[GatedResidual]:
 def set_skipping(model: nn.Module, skip: bool) -> Iterator[nn.Module]:
     """Within the block, real compute skipping at inference is on or off (off: ``z * F(x)`` like in
     training); each block's previous setting is restored afterwards."""
-    blocks = gated_blocks(model)
-    was = [b.skip for b in blocks]
-    for b in blocks:
-        b.skip = skip
-    try:
+    with set_attrs(gated_blocks(model), skip=skip):
         yield model
-    finally:
-        for b, w in zip(blocks, was):
-            b.skip = w
 
 
 def forced_gates(model: nn.Module, value: float = 1.0) -> contextlib.AbstractContextManager:

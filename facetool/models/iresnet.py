@@ -127,7 +127,7 @@ def _factory(depth: int):
 
 
 for _d in LAYERS:
-    register_model(f"iresnet{_d}")(_factory(_d))
+    register_model(f"iresnet{_d}", family="recognition", aliases=(f"r{_d}",))(_factory(_d))
 
 
 

@@ -94,7 +94,7 @@ class MobileFaceNet(FaceModel):
         return self.features(self.linear(x))
 
 
-@register_model("mobilefacenet")
+@register_model("mobilefacenet", family="recognition", aliases=("mbf",))
 def mobilefacenet(embedding_size: int = 512, input_size: int = 112, dropout: float = 0.0) -> MobileFaceNet:
     """MobileFaceNet (~1.2 M parameters at embedding 512)."""
     return MobileFaceNet(embedding_size, input_size, dropout)

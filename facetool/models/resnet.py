@@ -173,22 +173,22 @@ def resnet101(**kw) -> ResNet:
     return _make(101, False, **kw)
 
 
-@register_model("aig_resnet18")
+@register_model("aig_resnet18", family="aig")
 def aig_resnet18(**kw) -> ResNet:
     return _make(18, True, **kw)
 
 
-@register_model("aig_resnet34")
+@register_model("aig_resnet34", family="aig")
 def aig_resnet34(**kw) -> ResNet:
     return _make(34, True, **kw)
 
 
-@register_model("aig_resnet50")
+@register_model("aig_resnet50", family="aig")
 def aig_resnet50(**kw) -> ResNet:
     return _make(50, True, **kw)
 
 
-@register_model("aig_resnet101")
+@register_model("aig_resnet101", family="aig")
 def aig_resnet101(**kw) -> ResNet:
     return _make(101, True, **kw)
 

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from facetool.trainers.classify import ClassificationMethod
 from facetool.errors import FacetoolError
+from facetool.flops import decision_rates
 from facetool.models.gated import Gate, GatedResidual, forced_gates, gated_blocks, set_skipping  # noqa: F401  (re-exported)
 
 
@@ -91,15 +92,11 @@ class AIGMethod(ClassificationMethod):
     def meta(self) -> dict:
         return {**super().meta(), "aig": {"targets": self.targets, "weight": self.weight}}
 
+    def log_keys(self) -> tuple[str, ...]:
+        return (*super().log_keys(), "val_exec_rate")
+
 
 def execution_rates(gates: Tensor, targets: Sequence[float] | None = None) -> dict[str, float]:
     """Mean execution rate over all gated blocks (``exec_rate``), over the blocks with a target
-    below 1 (``exec_rate_free``) and per block (``rate_00`` ...)."""
-    per = gates.detach().float().mean(0)
-    out = {"exec_rate": float(per.mean())}
-    if targets is not None:
-        free = [i for i, t in enumerate(targets) if t < 1.0]
-        if free:
-            out["exec_rate_free"] = float(per[free].mean())
-    out.update({f"rate_{i:02d}": float(v) for i, v in enumerate(per.tolist())})
-    return out
+    below 1 (``exec_rate_free``) and per block (``rate_00`` ...): :func:`facetool.flops.decision_rates`."""
+    return decision_rates(gates, targets)

@@ -13,7 +13,6 @@ the backbone) and ``backbone.pth`` (plain state_dict, arcface_torch-compatible f
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -22,13 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from facetool.engine import Method, TrainConfig, train
+from facetool.engine import Method, TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError
 from facetool.models.heads import MARGINS, create_head
 
-#: short network names (arcface_torch's) -> registry names
-NETWORKS = {"r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-            "r200": "iresnet200", "mbf": "mobilefacenet"}
+#: the registry family (facetool.models.registry) --network names; arcface_torch's short names (r50, mbf)
+#: are its aliases
+NETWORK_FAMILY = "recognition"
 LOSSES = ("arcface", "cosface", "softmax")
 
 
@@ -108,6 +107,9 @@ class ArcFaceMethod(Method):
             row.update(_verify_bin(model, path, self._packs[path], self.eval_batch_size, device))
         return row
 
+    def log_keys(self) -> tuple[str, ...]:
+        return (*super().log_keys(), "lfw*")  # the LFW pack's verification accuracy, when validated on one
+
     def meta(self) -> dict:
         return {"loss": self.loss_name, "margins": list(self.margins) if self.margins else None, "s": self.s,
                 "num_classes": self.num_classes}
@@ -124,7 +126,11 @@ def _verify_bin(model: nn.Module, path: Path, pack, batch_size: int, device: tor
 
 
 def resolve_network(network: str) -> str:
-    return NETWORKS.get(network, network)
+    """The registered recognition backbone ``--network`` names (``r50`` -> ``iresnet50``, ``mbf`` ->
+    ``mobilefacenet``); anything else is a FacetoolError listing the names."""
+    from facetool.models.registry import resolve_model_name
+
+    return resolve_model_name(network, family=NETWORK_FAMILY, option="--network")
 
 
 def parse_margins(text: str | None) -> tuple[float, float, float] | None:
@@ -157,6 +163,7 @@ def train_arcface(
     """Train ``network`` with a margin head on ``store``'s train split; the test split (if any) is the
     validation set and gives the pair statistics. Writes the engine outputs plus ``backbone.pth``."""
     from facetool.data.sources import open_dataset
+    from facetool.distributed import is_main
     from facetool.errors import require_file
     from facetool.io import torch_save
     from facetool.models import create_model
@@ -174,6 +181,7 @@ def train_arcface(
     for b in val_bins:
         require_file(b, "verification pack")
     name = resolve_network(network)
+    seed_everything(cfg.seed)  # --seed decides the backbone's and the margin head's initial weights
     try:
         model = create_model(name, embedding_size=embedding_size, input_size=input_size, **(model_kwargs or {}))
     except TypeError as e:  # a registry model that is not a recognition backbone
@@ -195,6 +203,6 @@ def train_arcface(
                            eval_batch_size=cfg.batch_size)
     cfg.extra = {**cfg.extra, "store": str(store), "network": name, "loss": loss}
     result = train(model, method, train_ds, cfg, val_ds)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main():
         torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(cfg.out) / "backbone.pth")
     return result

@@ -5,11 +5,9 @@ validated on its test split, ``result.json`` with dense and executed GFLOPs) and
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 from torch import Tensor, nn
 
 from facetool.engine import Method, TrainConfig, seed_everything, train
@@ -61,6 +59,9 @@ class ClassificationMethod(Method):
             return {}
         return {"class_stats": self.class_stats or {}}
 
+    def log_keys(self) -> tuple[str, ...]:
+        return (*super().log_keys(), "val_attr_acc", "val_attr_base", "val_acc*")
+
 
 def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) -> dict[str, float]:
     k_max = min(max(ks), logits.shape[1])
@@ -90,7 +91,8 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
                    model_kwargs: dict | None = None, task: Any = None, init: str | Path | None = None) -> dict[str, Any]:
     """Build train/test datasets of a face store and a registered model, train it with the method
     returned by ``method_factory(model)`` (validating on the store's test split each epoch), and write
-    ``result.json`` (final metrics, dense and executed GFLOPs, parameters). Returns that dict.
+    ``result.json`` (final metrics, parameters and the method's :meth:`~facetool.engine.Method.summary`:
+    dense and executed GFLOPs). Returns that dict.
 
     ``task`` (:class:`facetool.tasks.Task`, default identity): an attribute task sizes the model's
     output to the task (concatenated per-attribute logits), records it in ``model.config["task"]``,
@@ -99,7 +101,8 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
     ``init``: a checkpoint whose weights initialise the model where names and shapes match (the
     classifier of another task or class count is left at its initialisation)."""
     from facetool.data.sources import open_dataset
-    from facetool.flops import count_params, executed_flops, flops_summary
+    from facetool.distributed import is_main
+    from facetool.flops import count_params
     from facetool.models.registry import create_model
 
     cfg.validate()
@@ -133,15 +136,9 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
                               "metrics": final, "params": count_params(model)}
     if stats is not None:
         result.update(task=task.to_json(), class_stats=stats)
-    if int(os.environ.get("RANK", "0")) == 0:
+    if is_main():
         model.cpu()
-        result.update(flops_summary(model, size))
-        n = result["gated_blocks"]
-        for prefix in ("val_", "train_"):
-            rates = [final.get(f"{prefix}rate_{i:02d}") for i in range(n)]
-            if n and None not in rates:
-                result["exec_gflops"] = float(executed_flops(model, torch.tensor([rates]), size)[0]) / 1e9
-                break
+        result.update(method.summary(model, final))
         write_json(Path(cfg.out) / "result.json", result)
     return result
 

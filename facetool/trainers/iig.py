@@ -230,6 +230,9 @@ class IIGMethod(ClassificationMethod):
         return {"masks": self.masks, "vocab": self.vocab, "features": self.features,
                 "iig": {"targets": self.targets, "weight": self.weight, "target_weight": self.target_weight}}
 
+    def log_keys(self) -> tuple[str, ...]:
+        return (*super().log_keys(), "val_exec_rate")
+
 
 def masks_from_meta(meta: Mapping) -> tuple[Masks, dict[str, list[str]]]:
     """(masks, vocab) stored by :class:`IIGMethod` in a checkpoint's meta (``load_model(...).meta``)."""

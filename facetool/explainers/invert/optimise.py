@@ -5,11 +5,10 @@ priors (:func:`invert_batches`). Equations: :mod:`facetool.explainers.invert`.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from torch import nn
 
 from facetool.data.transforms import denormalize
 from facetool.errors import FacetoolError
+from facetool.hooks import eval_mode
 from facetool.io import torch_load, torch_save
 from facetool.explainers.invert.priors import (BNStatsPrior, GatePatternPrior, IdentityLoss, L2Prior, Prior,
                                                RoutingPrior, TVPrior, attached, reference_internals, require_internal)
@@ -164,7 +164,7 @@ def invert(
     gen = torch.Generator().manual_seed(cfg.seed)
 
     # check the output dimension once, before any optimisation
-    with torch.no_grad(), _eval(model):
+    with torch.no_grad(), eval_mode(model):
         probe = model(torch.zeros(1, 3, S, S, device=dev))
     if probe.dim() != 2:
         raise FacetoolError(f"model outputs shape {tuple(probe.shape)}, not (N, D) vectors; it cannot be inverted")
@@ -203,7 +203,7 @@ def invert(
 
     def result(p: torch.Tensor) -> InversionResult:
         imgs = _full(p.detach(), S).clamp(-1, 1)
-        with torch.no_grad(), _eval(model):
+        with torch.no_grad(), eval_mode(model):
             cos = F.cosine_similarity(model(imgs), t, dim=1)
         return InversionResult(imgs.cpu(), history, cos.cpu(), step)
 
@@ -260,16 +260,6 @@ def invert(
         return result(param)
 
 
-@contextlib.contextmanager
-def _eval(model: nn.Module) -> Iterator[None]:
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was)
-
-
 def _load_state(path: str | Path, cfg: InversionConfig, targets: torch.Tensor) -> dict | None:
     p = Path(path)
     if not p.exists():
@@ -290,7 +280,7 @@ def _load_state(path: str | Path, cfg: InversionConfig, targets: torch.Tensor) -
 def embed(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """Model outputs of normalised images (N, 3, S, S), in eval mode, on the CPU."""
     dev = _device(model)
-    with _eval(model):
+    with eval_mode(model):
         outs = [model(images[i : i + batch].to(dev)).float().cpu() for i in range(0, len(images), batch)]
     return torch.cat(outs) if outs else torch.zeros(0)
 

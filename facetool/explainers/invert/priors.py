@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from facetool.errors import FacetoolError
+from facetool.hooks import eval_mode, frozen
 
 
 @runtime_checkable
@@ -204,32 +205,21 @@ class RoutingPrior(BasePrior):
 @contextlib.contextmanager
 def attached(model: nn.Module, priors: Sequence[Prior]) -> Iterator[None]:
     """Set priors up on ``model`` (hooks) and always tear them down; freeze the model meanwhile."""
-    was_training = model.training
-    grads = [p.requires_grad for p in model.parameters()]
     done: list[Prior] = []
-    try:
-        model.eval()
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for pr in priors:
-            pr.setup(model)
-            done.append(pr)
-        yield
-    finally:
-        for pr in done:
-            pr.close()
-        for p, g in zip(model.parameters(), grads):
-            p.requires_grad_(g)
-        model.train(was_training)
+    with eval_mode(model), frozen(model):
+        try:
+            for pr in priors:
+                pr.setup(model)
+                done.append(pr)
+            yield
+        finally:
+            for pr in done:
+                pr.close()
 
 
 @torch.no_grad()
 def reference_internals(model: nn.Module, images: torch.Tensor) -> dict:
     """Internals (gate_probs, routing, ...) of real images, detached: the targets of model priors."""
-    was = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         _, internals = model(images, return_internals=True)
-    finally:
-        model.train(was)
     return internals

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
+from facetool.explainers.placement import upsample_maps
 from facetool.explainers.relevance.targets import Explained
 
 LRP_METHODS = ("lrp", "lrp-gamma", "lrp-ab")
@@ -51,20 +52,33 @@ def explain(model: nn.Module, x: Tensor, method: str, what: Explained, *, seed: 
         att = internals["attention"].float()
         if att.shape[1] > 1:  # one map per attribute head: the explained attribute's, else their mean
             att = att[:, what.head:what.head + 1] if what.head is not None else att.mean(1, keepdim=True)
-        from facetool.explainers.attention import upsample_maps  # cells on their receptive-field centres
-
         up = upsample_maps(att, (H, W), stride=getattr(model, "attention_stride", None))
         return up[:, 0].numpy().astype(np.float32)
     import pytorch_grad_cam
 
     layer = _cam_layer(model)
-    cls = getattr(pytorch_grad_cam, CAM_METHODS[method])
+    cls = _at_layer_resolution(getattr(pytorch_grad_cam, CAM_METHODS[method]))
     with eval_mode(model):
         with cls(model=model, target_layers=[layer]) as cam:
             if method == "scorecam":
                 cam.batch_size = 32
-            maps = cam(input_tensor=x, targets=what.cam_targets())
-    return np.nan_to_num(np.asarray(maps, np.float32))
+            maps = cam(input_tensor=x, targets=what.cam_targets())  # (B, h, w) at the layer's resolution
+    maps = torch.from_numpy(np.nan_to_num(np.asarray(maps, np.float32)))[:, None]
+    return upsample_maps(maps, (H, W))[:, 0].numpy()  # cells on their receptive-field centres
+
+
+def _at_layer_resolution(cam_class: type) -> type:
+    """``cam_class`` returning its maps at the target layer's resolution: pytorch-grad-cam would resize
+    them to the input with cv2.resize (cell j at pixel s*(j + 0.5) - 0.5, half a cell off); facetool
+    places them itself (:func:`facetool.explainers.placement.upsample_maps`)."""
+
+    class AtLayerResolution(cam_class):
+        def get_target_width_height(self, input_tensor):
+            a = self.activations_and_grads.activations[-1]
+            return int(a.shape[-1]), int(a.shape[-2])
+
+    AtLayerResolution.__name__ = cam_class.__name__
+    return AtLayerResolution
 
 
 def normalise(maps: np.ndarray) -> np.ndarray:

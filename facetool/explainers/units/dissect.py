@@ -48,7 +48,9 @@ import torch
 import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
+from facetool.explainers.placement import upsample_maps
 from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
+from facetool.hooks import taps
 
 MAX_PREDICTED_VALUES = 12
 
@@ -282,32 +284,6 @@ class Dissection:
 
 
 # ----------------------------------------------------------------------------------- streaming
-class _Hooks:
-    """Forward hooks on named layers; removed on exit (the model is never modified)."""
-
-    def __init__(self, model, names: Sequence[str]) -> None:
-        self.model, self.names = model, list(names)
-        self.out: dict[str, torch.Tensor] = {}
-        self.handles: list = []
-
-    def __enter__(self) -> "_Hooks":
-        for n in self.names:
-            mod = self.model.get_layer(n)
-
-            def hook(_m, _i, o, n=n):
-                if isinstance(o, (tuple, list)):
-                    o = o[0]
-                self.out[n] = o.detach()
-
-            self.handles.append(mod.register_forward_hook(hook))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for h in self.handles:
-            h.remove()
-        self.handles.clear()
-
-
 def _model_input(images: np.ndarray, size: int | None, device) -> torch.Tensor:
     from facetool.data.transforms import normalize
 
@@ -415,14 +391,14 @@ def dissect_units(
         # ---- pass 1: per-unit thresholds (and the model's predictions, a global group of their own)
         heads = prediction_heads(model) if predictions else []
         pred = np.full((len(heads), N), -1, np.int64)
-        with torch.no_grad(), _Hooks(model, layers) as hooks:
+        with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
             for bi, b in enumerate(dictionary.batches(batch_size, masks=False)):
                 out = model(_model_input(b.images, in_size, dev))
                 if heads and isinstance(out, torch.Tensor) and out.dim() == 2:
                     for h, (_, _, sl) in enumerate(heads):
                         pred[h, b.rows] = out[:, sl].argmax(1).cpu().numpy()
                 for name in layers:
-                    a = hooks.out[name]
+                    a = found[name]
                     if a.dim() != 4:
                         raise FacetoolError(f"layer {name} outputs shape {tuple(a.shape)}, not a (batch, units, h, w) map")
                     if name not in sketches:
@@ -452,7 +428,7 @@ def dissect_units(
             scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
         P = H * W
         carry_all = np.zeros((N, K), bool)
-        with torch.no_grad(), _Hooks(model, layers) as hooks:
+        with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
             for bi, b in enumerate(dictionary.batches(batch_size)):
                 model(_model_input(b.images, in_size, dev))
                 B = len(b.rows)
@@ -463,7 +439,7 @@ def dissect_units(
                 rows_t = torch.from_numpy(b.rows.astype(np.int64))
                 r0, r1 = int(b.rows[0]), int(b.rows[-1]) + 1
                 for name in layers:
-                    a = hooks.out[name].float()
+                    a = found[name].float()
                     U = a.shape[1]
                     flat = a.reshape(B, U, -1)
                     mx, mn = flat.amax(-1), flat.amin(-1)
@@ -473,7 +449,7 @@ def dissect_units(
                     step = max(1, min(U, mem_elements // max(1, B * P)))
                     for u0 in range(0, U, step):
                         u1 = min(U, u0 + step)
-                        up = F.interpolate(a[:, u0:u1], size=(H, W), mode="bilinear", align_corners=False)
+                        up = upsample_maps(a[:, u0:u1], (H, W), (in_size or H, in_size or W))
                         m = (up > thr[name][u0:u1, None, None]).reshape(B, u1 - u0, P).float()
                         inter[name][u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
                         mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()

@@ -11,12 +11,13 @@ from typing import Sequence
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from facetool.errors import FacetoolError
-from facetool.explainers.units.dissect import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _Hooks, _model_input,
+from facetool.explainers.placement import upsample_maps
+from facetool.explainers.units.dissect import (IOU_THRESHOLD, QUANTILE, Dissection, _check_layers, _model_input,
                                              as_serialisable, compare_dissections, dissect_units, parse_layers)
 from facetool.explainers.units.dictionary import FaceDictionary, landmark_polygons
+from facetool.hooks import taps
 
 _CSS = """body{font-family:sans-serif;margin:1.5em;max-width:1200px}table{border-collapse:collapse;margin:.5em 0}
 td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px;text-align:right}th{background:#eee}
@@ -106,12 +107,12 @@ def unit_maps(model, dictionary: FaceDictionary, layer: str, rows: Sequence[int]
     was = model.training
     model.eval()
     try:
-        with torch.no_grad(), _Hooks(model, [layer]) as hooks:
+        with torch.no_grad(), taps(model, [layer], detach=True, first=True) as found:
             for a in range(0, len(rows), batch_size):
                 rs = np.array(rows[a:a + batch_size])
                 b = dictionary.batch(rs)
                 model(_model_input(b.images, in_size, dev))
-                up = F.interpolate(hooks.out[layer].float(), size=(H, W), mode="bilinear", align_corners=False).cpu()
+                up = upsample_maps(found[layer].float(), (H, W), (in_size or H, in_size or W)).cpu()
                 for j, r in enumerate(rs):
                     out[int(r)] = up[j]
     finally:

@@ -29,7 +29,8 @@ from facetool.trainers.distill.losses import (DEFAULT_WEIGHTS, METHODS, NEEDS_FE
                                               resolve_weights, rkd_loss, soft_kd_loss)
 from facetool.trainers.distill.method import DistillMethod
 from facetool.trainers.distill.run import distill, resolve_student
-from facetool.trainers.distill.teacher import Teacher, load_head, load_teacher, taps
+from facetool.hooks import taps  # re-exported: the distillation API has always offered it
+from facetool.trainers.distill.teacher import Teacher, load_head, load_teacher
 
 __all__ = ["DEFAULT_WEIGHTS", "METHODS", "NEEDS_FEATURES", "DistillMethod", "FolderImages", "Teacher", "WithUnlabeled",
            "at_loss", "attention_map", "diagnostics", "distill", "first_per_identity", "hint_loss", "kd_loss",

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
+from facetool.hooks import taps
 from facetool.trainers.distill.method import DistillMethod
-from facetool.trainers.distill.teacher import Teacher, taps
+from facetool.trainers.distill.teacher import Teacher
 
 
 # -- diagnostics -----------------------------------------------------------------------------------

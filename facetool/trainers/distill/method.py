@@ -11,10 +11,11 @@ from torch import Tensor, nn
 
 from facetool.engine import Method
 from facetool.errors import FacetoolError
+from facetool.hooks import taps
 from facetool.trainers.classify import topk_accuracy
 from facetool.trainers.distill.losses import (NEEDS_FEATURES, WEIGHT_MEANING, at_loss, hint_loss, kd_loss, mixup_images,
                                               pkt_loss, pooled, resolve_weights, rkd_loss, soft_kd_loss)
-from facetool.trainers.distill.teacher import Teacher, margin_name, taps
+from facetool.trainers.distill.teacher import Teacher, margin_name
 from facetool.trainers.srrl import SR_LOSSES, Connector, fm_loss, match_size, sr_loss
 
 

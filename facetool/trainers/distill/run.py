@@ -11,39 +11,34 @@ engine's outputs (``model.pt`` is an ordinary facetool checkpoint of the student
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch.utils.data import Dataset
 
+from facetool.distributed import is_main
 from facetool.engine import TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError, require_file
+from facetool.models.registry import list_models, model_family, resolve_model_name
 from facetool.trainers.distill.data import WithUnlabeled, first_per_identity, open_unlabeled
 from facetool.trainers.distill.diagnostics import diagnostics
 from facetool.trainers.distill.losses import resolve_weights
 from facetool.trainers.distill.method import DistillMethod
 from facetool.trainers.distill.teacher import Teacher, load_teacher, margin_name
 
-CLASSIFIER_STUDENTS = ("resnet18", "resnet34", "resnet50", "resnet101")
-
-
-EMBEDDING_STUDENTS = ("mobilefacenet", "iresnet18", "iresnet34", "iresnet50", "iresnet100", "iresnet200")
-
-
-ALIASES = {"mbf": "mobilefacenet", "r18": "iresnet18", "r34": "iresnet34", "r50": "iresnet50", "r100": "iresnet100",
-           "r200": "iresnet200"}
+#: registry families (facetool.models.registry) a student comes from: identity classifiers for a classifier
+#: teacher, recognition backbones (IR-ResNet, MobileFaceNet; aliases r18..r200, mbf) for an embedding teacher
+CLASSIFIER_FAMILY, EMBEDDING_FAMILY = "resnet", "recognition"
 
 
 # -- the run ---------------------------------------------------------------------------------------
 def resolve_student(arch: str, teacher: Teacher | None) -> str:
-    name = ALIASES.get(arch.lower(), arch.lower())
-    if name not in CLASSIFIER_STUDENTS + EMBEDDING_STUDENTS:
-        raise FacetoolError(f"unknown --student {arch!r}; use one of {', '.join(CLASSIFIER_STUDENTS)} (identity "
-                            f"classifiers) or {', '.join(EMBEDDING_STUDENTS)} / mbf, r18..r200 (recognition)")
+    """The registered name of ``--student`` (aliases resolved), checked against the teacher's task."""
+    name = resolve_model_name(arch, family=(CLASSIFIER_FAMILY, EMBEDDING_FAMILY), option="--student")
     if teacher is not None:
-        want = CLASSIFIER_STUDENTS if teacher.output_kind == "classification" else EMBEDDING_STUDENTS
+        family = CLASSIFIER_FAMILY if teacher.output_kind == "classification" else EMBEDDING_FAMILY
+        want = list_models(family=family)
         if name not in want:
             kind = "an identity classifier" if teacher.output_kind == "classification" else "an embedding model"
             raise FacetoolError(f"teacher {teacher.source} is {kind}; its student must be one of {', '.join(want)}")
@@ -104,7 +99,7 @@ def distill(
     if t is not None and t.has_logits and uses_classifier and t.num_classes != num_classes:
         raise FacetoolError(f"the teacher's classifier has {t.num_classes} classes but store {store} has {num_classes} "
                             "identities; distil on the identities the teacher was trained on")
-    embedding = name in EMBEDDING_STUDENTS
+    embedding = model_family(name) == EMBEDDING_FAMILY
     size = int(input_size or ((t.input_size if t is not None and t.is_torch and t.input_size else None) if embedding
                               else None) or store_size)
     if embedding and size % 16:
@@ -178,7 +173,7 @@ def distill(
     result: dict[str, Any] = {"method": kind, "store": str(store), "teacher": str(teacher) if teacher else None,
                               "student": dict(model.config), "weights": weights, "metrics": final, "notes": notes,
                               "distill": method.meta()["distill"]}
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main():
         return result
     device = next(model.parameters()).device
     trans = None

@@ -4,37 +4,16 @@ removable forward hooks; never trained, never modified."""
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError, require_file
+from facetool.hooks import taps
 from facetool.trainers.distill.losses import pooled
-
-
-# -- feature taps ----------------------------------------------------------------------------------
-@contextlib.contextmanager
-def taps(model: nn.Module, names: Sequence[str]) -> Iterator[dict[str, Tensor]]:
-    """Record the outputs of the named stages (``model.get_layer(name)``) of every forward while
-    the block runs; the hooks are removed on exit, leaving the model as it was."""
-    found: dict[str, Tensor] = {}
-    handles = []
-    try:
-        for n in dict.fromkeys(names):
-            layer = model.get_layer(n) if hasattr(model, "get_layer") else model.get_submodule(n)
-
-            def hook(_m, _inp, out, n=n):
-                found[n] = out
-
-            handles.append(layer.register_forward_hook(hook))
-        yield found
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # -- the teacher ------------------------------------------------------------------------------------

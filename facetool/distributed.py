@@ -1,0 +1,172 @@
+"""Multi-process training and inference under ``torchrun``, in one place.
+
+``torchrun --nproc_per_node=N`` starts N copies of a command with ``RANK``/``WORLD_SIZE``/``LOCAL_RANK``
+in the environment. :func:`setup` turns that into a process group (NCCL on GPU, gloo on CPU) and
+:func:`teardown` ends it again; a group that the caller initialised itself (``init_process_group`` with
+any ``init_method``) is used as it is and left alone. Everything else asks this module, never the
+environment: :func:`rank`, :func:`world_size`, :func:`is_main` (the rank that logs and writes shared
+files), :func:`on_main` (run a write on rank 0 only), :func:`barrier`, :func:`all_gather_object`,
+:func:`gather_rows` (per-rank rows of a sharded pass back in index order on rank 0) and
+:class:`EpochSampler` (each rank's shard of an epoch's shuffled order).
+
+Outside ``torchrun`` (and with no group initialised) every function answers for one process:
+rank 0 of 1, gathers return their input, barriers return at once.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any, Callable, Iterator, TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+from facetool.io import launch_rank
+
+T = TypeVar("T")
+
+
+@dataclass
+class Dist:
+    """This process's place in the job: ``rank`` of ``world``, its ``local_rank`` (GPU index on its
+    node), and whether :func:`setup` created the process group (then :func:`teardown` destroys it)."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    initialised_here: bool = False
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _initialised() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def setup() -> Dist:
+    """The process group of this job: the one already initialised, else one from ``torchrun``'s
+    environment (NCCL and this process's GPU when CUDA is available, gloo otherwise), else none (one
+    process)."""
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if _initialised():
+        return Dist(dist.get_rank(), dist.get_world_size(), local, False)
+    rank, world = launch_rank()
+    if world <= 1:
+        return Dist()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return Dist(rank, world, local, True)
+
+
+def teardown(d: Dist) -> None:
+    """Destroy the process group if :func:`setup` created it."""
+    if d.initialised_here and _initialised():
+        dist.destroy_process_group()
+
+
+def rank() -> int:
+    """This process's rank: the process group's, else ``torchrun``'s (0 outside it)."""
+    return dist.get_rank() if _initialised() else launch_rank()[0]
+
+
+def world_size() -> int:
+    """Number of processes: the process group's, else ``torchrun``'s (1 outside it)."""
+    return dist.get_world_size() if _initialised() else launch_rank()[1]
+
+
+def is_main() -> bool:
+    """True on rank 0, the process that logs and writes the files every rank shares."""
+    return rank() == 0
+
+
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T | None:
+    """``fn(*args, **kwargs)`` on rank 0 only (writing a shared file); None on the other ranks."""
+    return fn(*args, **kwargs) if is_main() else None
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op without a process group)."""
+    if _initialised() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process). Pickled
+    between the job's own processes only."""
+    if not _initialised() or dist.get_world_size() == 1:
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_rows(rows: np.ndarray | torch.Tensor, indices: np.ndarray | torch.Tensor | list[int],
+                total: int | None = None) -> np.ndarray | torch.Tensor | None:
+    """Rows computed on each rank for dataset ``indices`` (e.g. its :class:`EpochSampler` shard,
+    unshuffled) put back in index order on rank 0: an array (tensor in, CPU tensor out) of
+    ``total`` rows (default: the largest index + 1) where row ``i`` is the row computed for index
+    ``i``. Indices that several ranks computed (the sampler's padding) must hold equal rows; an index
+    no rank computed is an error. Other ranks get None."""
+    is_tensor = isinstance(rows, torch.Tensor)
+    local = rows.detach().cpu().numpy() if is_tensor else np.asarray(rows)
+    idx = np.asarray(indices.cpu() if isinstance(indices, torch.Tensor) else indices, dtype=np.int64).reshape(-1)
+    if len(idx) != len(local):
+        raise ValueError(f"{len(local)} rows for {len(idx)} indices")
+    parts = [(idx, local)]
+    if _initialised() and dist.get_world_size() > 1:
+        gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object((idx, local), gathered, dst=0)
+        if gathered is None:
+            return None
+        parts = gathered
+    n = total if total is not None else max((int(i.max()) + 1 for i, _ in parts if len(i)), default=0)
+    out = np.zeros((n, *local.shape[1:]), dtype=local.dtype)
+    seen = np.zeros(n, dtype=bool)
+    for i, r in parts:
+        out[i] = r
+        seen[i] = True
+    if not seen.all():
+        raise ValueError(f"no rank computed rows {np.flatnonzero(~seen)[:5].tolist()} ... of {n}")
+    return torch.from_numpy(out) if is_tensor else out
+
+
+class EpochSampler(Sampler[int]):
+    """Shuffled indices of one epoch as a pure function of (seed, epoch), this rank's shard, from a
+    start offset (used to resume inside an epoch). Every rank gets the same number of indices."""
+
+    def __init__(self, n: int, *, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True) -> None:
+        self.n, self.seed, self.rank, self.world, self.shuffle = n, seed, rank, world, shuffle
+        self.per_rank = math.ceil(n / world)
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
+
+    def _indices(self) -> list[int]:
+        if self.shuffle:
+            g = torch.Generator()
+            g.manual_seed(self.seed * 100_003 + self.epoch)
+            idx = torch.randperm(self.n, generator=g).tolist()
+        else:
+            idx = list(range(self.n))
+        total = self.per_rank * self.world
+        while len(idx) < total:  # pad (cycling, as often as needed when n < world) so ranks get equal shares
+            idx += idx[: total - len(idx)]
+        return idx[self.rank :: self.world]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices()[self.start :])
+
+    def __len__(self) -> int:
+        return self.per_rank - self.start
+
+
+__all__ = ["Dist", "setup", "teardown", "rank", "world_size", "is_main", "on_main", "barrier", "all_gather_object",
+           "gather_rows", "EpochSampler"]

@@ -1,0 +1,72 @@
+"""The LRP rules (zennit composites) and the attribution itself, with the canonizers of the model's
+family (:mod:`facetool.explainers.lrp.registry`) attached only inside :func:`lrp_context`."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from facetool.errors import FacetoolError
+from facetool.explainers.lrp.registry import canonizers_for
+from facetool.hooks import eval_mode
+
+LRP_METHODS = ("lrp", "lrp-gamma", "lrp-ab", "lrp-epsilon")
+
+
+def input_bounds(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Lowest/highest normalised pixel values, shaped like ``x`` (facetool: (v - 127.5) / 127.5)."""
+    from facetool.data.transforms import MEAN, STD
+
+    return torch.full_like(x, (0.0 - MEAN) / STD), torch.full_like(x, (255.0 - MEAN) / STD)
+
+
+def make_composite(method: str, model: nn.Module, x: Tensor, bias_free: bool = False, epsilon: float = 1e-6):
+    """The zennit composite of ``method`` with facetool's canonizers for ``model``."""
+    from zennit import composites, rules
+    from zennit.types import Convolution
+
+    if method not in LRP_METHODS:
+        raise FacetoolError(f"unknown LRP method {method!r}; use one of {', '.join(LRP_METHODS)}")
+    zp = ["bias"] if bias_free else None
+    canon = canonizers_for(model)
+    if method == "lrp":
+        return composites.EpsilonPlusFlat(epsilon=epsilon, zero_params=zp, canonizers=canon)
+    if method == "lrp-gamma":
+        low, high = input_bounds(x)
+        return composites.EpsilonGammaBox(low=low, high=high, epsilon=epsilon, zero_params=zp, canonizers=canon)
+    if method == "lrp-ab":
+        return composites.EpsilonAlpha2Beta1(epsilon=epsilon, zero_params=zp, canonizers=canon)
+    layer_map = composites.layer_map_base() + [
+        ((Convolution, nn.Linear), rules.Epsilon(epsilon=epsilon, zero_params=zp)),
+    ]
+    return composites.LayerMapComposite(layer_map=layer_map, canonizers=canon)
+
+
+@contextlib.contextmanager
+def lrp_context(model: nn.Module, method: str, x: Tensor, bias_free: bool = False,
+                epsilon: float = 1e-6) -> Iterator[nn.Module]:
+    """Canonizers and rule hooks attached to ``model`` inside the block (eval mode), removed after."""
+    composite = make_composite(method, model, x, bias_free, epsilon)
+    with eval_mode(model):
+        composite.register(model)
+        try:
+            yield model
+        finally:
+            composite.remove()
+
+
+def lrp(model: nn.Module, x: Tensor, attr_output: Callable[[Tensor], Tensor], method: str = "lrp",
+        bias_free: bool = False, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+    """Relevance of each input value: ``(relevance (B, C, H, W), model output)``.
+
+    ``attr_output(out)`` gives the relevance at the model output (e.g. the one-hot class logit, or the
+    embedding's terms of the cosine to a reference); the input relevance sums to its sum (exactly with
+    ``bias_free`` up to the stabilisers)."""
+    x = x.detach().clone().requires_grad_(True)
+    with lrp_context(model, method, x, bias_free, epsilon):
+        out = model(x)
+        rel, = torch.autograd.grad(out, x, grad_outputs=attr_output(out.detach()).to(out.dtype))
+    return rel.detach(), out.detach()
