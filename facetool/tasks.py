@@ -1,7 +1,8 @@
 """What a classifier predicts: identities, one categorical attribute, or all attributes at once.
 
-A :class:`Task` is a small JSON-able description stored in the checkpoint config (``config["task"]``)
-and meta::
+A :class:`Task` is a small JSON-able description stored once, in the model's config
+(``model.config["task"]``, saved with the checkpoint; written by :func:`record_task`, read by
+:func:`task_of` and nothing else; CONTRACTS.md "Tasks")::
 
     {"kind": "identity" | "attribute" | "attributes",
      "names": [attribute names],            # ["identity"] for identity tasks
@@ -91,10 +92,20 @@ class Task:
 
 
 def task_of(model: Any) -> Task:
-    """The task a model was trained for (identity when its config has none)."""
+    """The task a model was trained for: ``model.config["task"]``; identity (over ``num_classes``) when
+    its config has none. The one reader: every command asks this function. (0.2.1 checkpoints also
+    carried a copy in their meta; ``load_model`` reads the config's, or the meta's where only that exists.)"""
     cfg = getattr(model, "config", {}) or {}
-    return Task.from_json(cfg.get("task") or (getattr(model, "meta", {}) or {}).get("task"),
-                          cfg.get("num_classes"))
+    return Task.from_json(cfg.get("task"), cfg.get("num_classes"))
+
+
+def record_task(model: Any, task: Task | dict | None) -> None:
+    """Store ``task`` in ``model.config["task"]`` (the checkpoint's one copy); identity tasks are not
+    recorded (a model without one is an identity model)."""
+    t = None if task is None else Task.from_json(task)
+    if t is not None and not t.is_identity:
+        model = getattr(model, "module", model)  # DDP
+        model.config["task"] = t.to_json()
 
 
 def split_logits(out, task: Task | dict) -> list:
@@ -258,5 +269,5 @@ def task_metrics(out, batch: dict, task: Task, majority: Sequence[int] | None = 
     return res
 
 
-__all__ = ["Task", "KINDS", "TASK_HELP", "task_of", "split_logits", "task_slice", "owners", "resolve_task",
-           "class_stats", "targets", "task_loss", "task_metrics"]
+__all__ = ["Task", "KINDS", "TASK_HELP", "task_of", "record_task", "split_logits", "task_slice", "owners",
+           "resolve_task", "class_stats", "targets", "task_loss", "task_metrics"]

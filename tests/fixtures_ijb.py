@@ -18,7 +18,7 @@ class PixelEmbed(FaceModel):
     """A deterministic embedder of aligned faces: 8x8 average-pooled pixels, mean-removed, then a fixed
     random projection. ``images_seen`` counts every image it embedded (class-wide)."""
 
-    task = "embedding"
+    output_kind = "embedding"
     images_seen = 0
 
     def __init__(self, dim: int = 32) -> None:
@@ -38,7 +38,7 @@ class PixelEmbed(FaceModel):
 class MeanColour(FaceModel):
     """Embedding = the mean normalised RGB colour of the image (flip invariant, fully controlled)."""
 
-    task = "embedding"
+    output_kind = "embedding"
 
     def __init__(self) -> None:
         super().__init__()

@@ -60,7 +60,7 @@ class HandUnits(FaceModel):
         super().__init__()
         self.full = _Detectors()
         self.pooled = nn.AvgPool2d(4)
-        self.task = "embedding"
+        self.output_kind = "embedding"
 
     def forward_features(self, x, internals=None):
         return self.pooled(self.full(x))
@@ -375,7 +375,7 @@ class _StrideTwo(FaceModel):
         with torch.no_grad():
             self.down.weight.zero_()
             self.down.weight[0, 0, 1, 1] = 1.0
-        self.task = "embedding"
+        self.output_kind = "embedding"
 
     def forward_features(self, x, internals=None):
         return self.down(x)

@@ -260,7 +260,7 @@ def test_resume_reproduces_an_uninterrupted_distillation(tmp_path):
 
 def test_onnx_like_teacher_is_refused_for_feature_methods():
     class Emb:
-        task = "embedding"
+        output_kind = "embedding"
         config: dict = {}
 
         def __call__(self, x):
@@ -346,7 +346,7 @@ def test_recognition_teacher_with_its_head_and_backbone_pth(tiny, tmp_path, cli)
     res = json.loads((out / "result.json").read_text())
     assert res["distill"]["teacher_margin_applied"] is False and "train_sr" in res["metrics"]
     assert res["student"]["name"] == "iresnet18" and res["student"]["embedding_size"] == 16
-    assert load_model(out / "model.pt").task == "embedding"
+    assert load_model(out / "model.pt").output_kind == "embedding"
     # arcface_torch backbone.pth alone: SRRL falls back to L_FM on the embedding and says so
     out2 = tmp_path / "fm_only"
     r = cli("distill", "srrl", "--teacher", tiny / "backbone.pth", "--student", "r18", "--width", "4",

@@ -59,7 +59,8 @@ def test_export_loads_in_insightface_and_matches_pytorch(r18, tmp_path):
     assert (theirs - ours).abs().max() / ours.abs().max() < 1e-4
 
     onnx_model = load_model(out)  # the facetool model call contract
-    assert isinstance(onnx_model, OnnxModel) and onnx_model.task == "embedding" and onnx_model.embedding_size == 128
+    assert isinstance(onnx_model, OnnxModel) and onnx_model.output_kind == "embedding"
+    assert onnx_model.embedding_size == 128
     assert (unit(onnx_model(normalize(np.stack(bgr)[..., ::-1].copy()))) - unit(ours)).abs().max() < 1e-4
 
 
@@ -148,6 +149,6 @@ def test_aig_export_keeps_per_sample_gate_decisions(tmp_path):
     assert not report["insightface_recognition"]
     assert all(b.skip for b in gated_blocks(m))
     onnx_model = OnnxModel(tmp_path / "aig.onnx", providers=["CPUExecutionProvider"])
-    assert onnx_model.task == "classification"  # no embedding command takes it for an embedder
+    assert onnx_model.output_kind == "classification"  # no embedding command takes it for an embedder
     got = onnx_model(x)
     torch.testing.assert_close(got, m(x), atol=1e-4, rtol=1e-4)

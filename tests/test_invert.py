@@ -34,7 +34,7 @@ from facetool.models.base import FaceModel
 class Tiny(FaceModel):
     """conv-BN-ReLU x2 -> pool -> linear embedding; optional gate_probs internal."""
 
-    task = "embedding"
+    output_kind = "embedding"
 
     def __init__(self, dim: int = 16, bn: bool = True, gates: bool = False) -> None:
         super().__init__()

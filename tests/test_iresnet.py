@@ -50,7 +50,7 @@ def test_key_and_parameter_counts(depth, keys, params):
 
 def test_forward_contract_and_frozen_features():
     m = create_model("iresnet18", width=8, embedding_size=32, input_size=64).eval()
-    assert m.task == "embedding"
+    assert m.output_kind == "embedding"
     assert not m.features.weight.requires_grad and torch.all(m.features.weight == 1)
     x = torch.randn(2, 3, 64, 64)
     f = m.forward_features(x)

@@ -48,7 +48,7 @@ def test_extract_feeds_the_model_its_own_input_size():
 class _Fixed16(FaceModel):
     """An embedder that only takes 16 x 16 inputs and does not say so."""
 
-    task = "embedding"
+    output_kind = "embedding"
 
     def __init__(self) -> None:
         super().__init__()
@@ -86,7 +86,7 @@ def test_pooled_features_are_the_class_heads_input_and_leave_the_model_alone():
     with torch.no_grad():
         before = m(x)
         p = select_features(m, "penultimate")
-        assert isinstance(p, PooledFeatures) and p.task == "embedding" and p.input_size == 32
+        assert isinstance(p, PooledFeatures) and p.output_kind == "embedding" and p.input_size == 32
         f = m.forward_features(x)
         emb, internals = p(x, return_internals=True)
         torch.testing.assert_close(emb, f.mean((2, 3)))  # the pooled map the class head gets

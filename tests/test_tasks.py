@@ -158,7 +158,7 @@ def test_train_and_eval_cli_with_attribute_task(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "majority %" in r.stdout and "facial_hair" in r.stdout
     m = load_model(out / "model.pt")
-    assert task_of(m).kind == "attributes" and m.meta["task"] == m.config["task"]
+    assert task_of(m).kind == "attributes" and "task" not in m.meta  # stored once: model.config["task"]
     assert sum(task_of(m).classes) == m.config["num_classes"] == 17
     assert "class_stats" in m.meta and "gender" in m.meta["class_stats"]
     r = run_facetool("eval", "classify", "--store", store, "--model", out / "model.pt", "--json", tmp_path / "e.json")

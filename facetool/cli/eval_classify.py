@@ -43,6 +43,7 @@ def register(group: typer.Typer) -> None:
         """
         from rich.progress import Progress
 
+        from facetool.data import face_source
         from facetool.eval.classification import compare_classifiers
         from facetool.io import guard_output, write_json
         from facetool.store import FaceStore
@@ -51,7 +52,7 @@ def register(group: typer.Typer) -> None:
             guard_output(json_out, inputs=(store, *model), overwrite=overwrite, option="--json", owner="eval classify",
                          suffix=".json")
 
-        with FaceStore(store) as s:
+        with FaceStore(face_source(store)) as s:
             n = len(s.indices(split))
         with Progress(console=console, transient=True) as prog:
             task = prog.add_task("evaluating", total=n * len(model))

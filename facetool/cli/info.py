@@ -68,8 +68,8 @@ def register(app: typer.Typer) -> None:
 
 
 def _output_kind(model) -> str:
-    """classification | embedding (the model's kind of output)."""
-    return str(getattr(model, "output", None) or getattr(model, "task", "?"))
+    """classification | embedding: what the model returns (``model.output_kind``, CONTRACTS.md "Models")."""
+    return str(getattr(model, "output_kind", "?"))
 
 
 def _heads_file(path: Path) -> dict | None:

@@ -1,4 +1,5 @@
-"""Data: the PyTorch dataset over a face store, transforms and dataset loaders.
+"""Data: the PyTorch dataset over a face store, :func:`open_dataset` (the one way commands open a face
+source for a model, :mod:`facetool.data.sources`), transforms and dataset loaders.
 
 The names below are resolved on first access, so importing a light submodule (or
 ``facetool.data`` itself) does not import torch.
@@ -11,12 +12,14 @@ from typing import Any
 
 _LAZY = {
     "FaceDataset": "facetool.data.dataset",
+    "open_dataset": "facetool.data.sources",
+    "face_source": "facetool.data.sources",
     "make_loader": "facetool.data.dataset",
     "normalize": "facetool.data.transforms",
     "denormalize": "facetool.data.transforms",
 }
 
-__all__ = ["FaceDataset", "make_loader", "normalize", "denormalize"]
+__all__ = ["FaceDataset", "open_dataset", "face_source", "make_loader", "normalize", "denormalize"]
 
 
 def __getattr__(name: str) -> Any:

@@ -21,6 +21,7 @@ import torch
 
 from facetool.errors import FacetoolError
 from facetool.store import FaceStore
+from facetool.tasks import task_of
 
 
 @dataclass
@@ -65,9 +66,9 @@ def free_blocks(meta: dict | None, num_gates: int) -> tuple[list[int], float] | 
 
 def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
     """Refuse embedding models and classifiers trained on another number of identities."""
-    if getattr(model, "task", "classification") != "classification":
+    if getattr(model, "output_kind", "classification") != "classification":
         raise FacetoolError(f"model {source} is an embedding model; classification needs a classifier")
-    if not _task(model).is_identity:
+    if not task_of(model).is_identity:
         return
     n = getattr(model, "config", {}).get("num_classes")
     if n is not None and int(n) != num_classes:
@@ -88,16 +89,16 @@ def predict(
     on_batch: Callable[[int], None] | None = None,
 ) -> Predictions:
     """One pass of ``model`` (eval mode) over ``split`` of ``store``; ``on_batch(n)`` reports progress."""
-    from facetool.data import FaceDataset, make_loader
+    from facetool.data import face_source, make_loader, open_dataset
 
-    with FaceStore(store) as s:
+    with FaceStore(face_source(store)) as s:
         size = s.image_size[0]
         ncls = s.num_classes
     check_classifier(model, ncls, getattr(model, "config", {}).get("name", ""))
-    task = _task(model)
+    task = task_of(model)
     insize = model_input_size(model, size)
     attrs = () if task.is_identity else task.names
-    ds = FaceDataset(store, split, size=insize if insize != size else None, indices=indices, attributes=attrs)
+    ds = open_dataset(store, split, size=insize if insize != size else None, indices=indices, attributes=attrs)
     if not task.is_identity:
         _check_vocab(task, ds.attr_values, store)
     if not len(ds):
@@ -135,12 +136,6 @@ def predict(
     return Predictions(np.concatenate(idx), np.concatenate(labels), np.concatenate(tops),
                        np.concatenate(gates) if gates else None,
                        np.concatenate(apred) if apred else None, np.concatenate(atrue) if atrue else None)
-
-
-def _task(model):
-    from facetool.tasks import task_of
-
-    return task_of(model)
 
 
 def _check_vocab(task, store_vocab: dict, store) -> None:
@@ -189,7 +184,7 @@ def evaluate_classifier(
         size = model_input_size(model, s.image_size[0])
     cpu_model = model.cpu()
     dense = float(count_flops(cpu_model, size))
-    task = _task(model)
+    task = task_of(model)
     base = majority_baselines(store, task, split, pred.labels, pred.attr_true)
     res = {
         "model": getattr(model, "config", {}).get("name", type(model).__name__),
@@ -253,7 +248,9 @@ def compare_classifiers(
     if len(archs) != len(model_paths):
         raise FacetoolError(f"give --arch once per --model, in the same order ({len(model_paths)} models, "
                             f"{len(archs)} --arch), or not at all")
-    FaceStore(store).close()
+    from facetool.data import face_source
+
+    FaceStore(face_source(store)).close()
     models = [(Path(p), load_model(p, name=a)) for p, a in zip(model_paths, archs)]  # fail before any work
     rows = []
     for p, m in models:

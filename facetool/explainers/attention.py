@@ -116,7 +116,7 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
                       batch_size: int = 32, images: int = 8, max_heads: int = 8, overwrite: bool = False,
                       device: str | None = None) -> dict[str, Any]:
     """Run the analysis (see module doc); writes into the folder ``out``; returns the summary dict."""
-    from facetool.data import FaceDataset, make_loader
+    from facetool.data import face_source, make_loader, open_dataset
     from facetool.io import guard_output, write_json, write_text
     from facetool.models import load_model
     from facetool.store import FaceStore
@@ -128,7 +128,7 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
     model = load_model(model_path)
     check_attention_model(model, model_path)
     task = task_of(model)
-    with FaceStore(store) as s:
+    with FaceStore(face_source(store)) as s:
         H, W = s.image_size
         idx_all = s.indices(split)
         if not len(idx_all):
@@ -144,7 +144,7 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
         landmarks = s.landmarks
     heads = list(task.names) if not task.is_identity else ["identity"]
     insize = int(getattr(model, "config", {}).get("input_size") or H)
-    ds = FaceDataset(store, split, size=insize if insize != H else None)
+    ds = open_dataset(store, split, size=insize if insize != H else None)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval().to(dev)
     stride = getattr(model, "attention_stride", None)

@@ -23,6 +23,7 @@ import pandas as pd
 
 from facetool.errors import FacetoolError, require_dir, require_file
 from facetool.io import atomic_path, write_json, write_text
+from facetool.data.sources import face_source
 from facetool.store import UNKNOWN, FaceStore
 
 
@@ -198,7 +199,7 @@ def dissect_gates(
     from facetool.models import load_model
 
     require_file(model_path, "model")
-    with FaceStore(store) as s:
+    with FaceStore(face_source(store)) as s:
         have = sorted(set(s.attribute_names("image")) | set(s.attribute_names("identity")))
         attrs = list(attributes) if attributes else have
         missing = [a for a in attrs if a not in have]

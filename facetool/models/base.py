@@ -3,7 +3,10 @@
 * ``forward_features(x, internals=None)`` -> the last feature map (or feature vector);
 * ``forward_head(features)`` -> logits (classifiers) or the embedding (recognition backbones);
 * ``forward(x)`` -> ``forward_head(forward_features(x))``; ``forward(x, return_internals=True)``
-  returns ``(output, internals)``.
+  returns ``(output, internals)``;
+* ``output_kind`` -> what ``forward`` returns: ``"classification"`` (class logits) or ``"embedding"``
+  (a face embedding). It is not the *task* a classifier predicts (``train --task``: identity, one
+  attribute, all attributes), which is ``model.config["task"]`` read by :func:`facetool.tasks.task_of`.
 
 ``internals`` is a plain dict the model fills with its named internal quantities, always under the
 same names and shapes across models (see :data:`INTERNALS`). Plain ``forward(x)`` returns a tensor,
@@ -14,11 +17,13 @@ described by the model too: its :class:`ConditionalBlock` s, in the order of the
 ``internals["gates"]``, say what they skip and let a caller force their decisions
 (:meth:`FaceModel.conditional_blocks`, :meth:`FaceModel.forced_decisions`). Executed-FLOP counting
 (:mod:`facetool.flops`) and dense explanations use only this interface, never a method module.
+The interface as a whole: CONTRACTS.md "Models".
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Any, Iterator
 
 import torch
@@ -34,6 +39,30 @@ INTERNALS = {
     "attention_logits": "(B, C) logits of an attention branch",
     "block_flops": "(L,) FLOPs per image of each gated block when executed",
 }
+
+
+#: the values of ``model.output_kind``: class logits, or a face embedding
+CLASSIFICATION, EMBEDDING = "classification", "embedding"
+OUTPUT_KINDS = (CLASSIFICATION, EMBEDDING)
+
+
+_TASK_DEPRECATED = ("model.task is deprecated after facetool 0.2.1 (easy to confuse with `train --task`); "
+                    "use model.output_kind")
+
+
+def _get_task(self: Any) -> str:
+    warnings.warn(_TASK_DEPRECATED, DeprecationWarning, stacklevel=2)
+    return self.output_kind
+
+
+def _set_task(self: Any, value: str) -> None:
+    warnings.warn(_TASK_DEPRECATED, DeprecationWarning, stacklevel=2)
+    self.output_kind = value
+
+
+#: the 0.2.1 name of ``output_kind``, kept for users' scripts and models: reading or setting it warns
+#: (DeprecationWarning) and goes to ``output_kind``. facetool itself never uses it (tests/test_contracts.py).
+TASK_ALIAS = property(_get_task, _set_task, doc="Deprecated alias of ``output_kind`` (the 0.2.1 name); warns.")
 
 
 class ConditionalBlock(nn.Module):
@@ -96,7 +125,9 @@ def _forced_blocks(model: nn.Module, value: float | None) -> Iterator[nn.Module]
 class FaceModel(nn.Module):
     """Base class. Subclasses set ``self.config`` (JSON-able kwargs; ``create_model`` fills it)."""
 
-    task: str = "classification"  # or "embedding"
+    #: what ``forward`` returns: ``"classification"`` (class logits) or ``"embedding"`` (see the module doc)
+    output_kind: str = CLASSIFICATION
+    task = TASK_ALIAS
     #: names of the internals this model reports (subset of INTERNALS)
     internal_names: tuple[str, ...] = ()
 
@@ -105,6 +136,15 @@ class FaceModel(nn.Module):
     layer_names: tuple[str, ...] = ()
     #: the entry of ``layer_names`` whose output is the last spatial feature map (Grad-CAM's layer)
     cam_layer: str = ""
+
+    def __init_subclass__(cls, **kw: Any) -> None:
+        super().__init_subclass__(**kw)
+        legacy = cls.__dict__.get("task")
+        if isinstance(legacy, str):  # a 0.2.1 model class declaring ``task = "embedding"``
+            warnings.warn(f"{cls.__name__}.task: {_TASK_DEPRECATED}", DeprecationWarning, stacklevel=2)
+            if "output_kind" not in cls.__dict__:
+                cls.output_kind = legacy
+            cls.task = TASK_ALIAS
 
     def __init__(self) -> None:
         super().__init__()

@@ -3,6 +3,12 @@
     {"format": "facetool-checkpoint", "version": 1, "config": {...}, "state_dict": {...},
      "meta": {...}}   # meta: JSON-able (training store, metrics, attribute masks, ...)
 
+``config`` is ``model.config``: ``name`` and the constructor arguments, plus ``task`` (what a classifier
+predicts, :mod:`facetool.tasks`; absent for identity models) -- the task's one stored copy, read back
+by :func:`facetool.tasks.task_of`. Checkpoints of facetool 0.2.1 also carry it in ``meta["task"]``;
+it is the same, and a checkpoint with only that copy gets it moved into the config on load.
+See CONTRACTS.md "Checkpoints".
+
 They load with ``torch.load(weights_only=True)`` in anyone's code. ``load_model`` also accepts
 bare state_dicts of other projects (architecture inferred by the matchers in the registry,
 :func:`facetool.models.registry.match_state_dict`, or named by the caller: ``--arch``) and ONNX files.
@@ -101,7 +107,7 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
     model = create_model(mname, **cfg)
     load_state_dict_checked(model, ck["state_dict"], str(p))
     model.meta = ck.get("meta") or {}
-    task = task or model.meta.get("task")
+    task = task or model.meta.get("task")  # 0.2.1 wrote a second copy into the meta; only it may be there
     if task:
         model.config["task"] = task
     model.eval()

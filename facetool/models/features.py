@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from facetool.errors import FacetoolError
-from facetool.models.base import FaceModel
+from facetool.models.base import CLASSIFICATION, EMBEDDING, FaceModel
 
 #: the choices of ``--features``
 FEATURES = ("embedding", "penultimate", "logits")
@@ -31,7 +31,7 @@ EMBEDDING_FEATURES = ("embedding", "penultimate")
 
 def is_classifier(model: Any) -> bool:
     """Whether ``model`` outputs class logits (a class head), not an embedding."""
-    return getattr(model, "task", "embedding") == "classification"
+    return getattr(model, "output_kind", EMBEDDING) == CLASSIFICATION
 
 
 def model_label(model: Any) -> str:
@@ -65,7 +65,7 @@ class PooledFeatures(FaceModel):
     (the input of the class head of a ResNet / AIG / IIG classifier). Wraps, never modifies, the model;
     ``forward(x, return_internals=True)`` still reports the wrapped model's internals (gates ...)."""
 
-    task = "embedding"
+    output_kind = EMBEDDING
 
     def __init__(self, model: FaceModel) -> None:
         super().__init__()

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from facetool.errors import FacetoolError
-from facetool.models.base import FaceModel
+from facetool.models.base import EMBEDDING, FaceModel
 from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
 
 LAYERS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 14, 3), 100: (3, 13, 30, 3), 200: (6, 26, 60, 6)}
@@ -55,7 +55,7 @@ class IBasicBlock(nn.Module):
 class IResNet(FaceModel):
     """IR-ResNet embedding network (ArcFace backbone)."""
 
-    task = "embedding"
+    output_kind = EMBEDDING
     layer_names = ("layer1", "layer2", "layer3", "layer4")
     cam_layer = "layer4"
 

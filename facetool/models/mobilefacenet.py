@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from facetool.errors import FacetoolError
-from facetool.models.base import FaceModel
+from facetool.models.base import EMBEDDING, FaceModel
 from facetool.models.registry import register_model, register_state_dict_matcher
 
 #: (out channels, blocks, first stride, expansion channels of the first block, of the others)
@@ -55,7 +55,7 @@ class Bottleneck(nn.Module):
 class MobileFaceNet(FaceModel):
     """MobileFaceNet embedding network with a global depthwise-conv (GDC) head."""
 
-    task = "embedding"
+    output_kind = EMBEDDING
     layer_names = ("conv1", "conv2_dw", "blocks", "conv_sep")
     cam_layer = "conv_sep"
 

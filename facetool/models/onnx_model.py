@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from facetool.errors import FacetoolError, require_file
+from facetool.models.base import CLASSIFICATION, EMBEDDING, TASK_ALIAS
 
 
 def _providers() -> list[str]:
@@ -24,10 +25,11 @@ def _providers() -> list[str]:
 
 
 class OnnxModel:
-    """An ONNX Runtime embedder with the facetool model call contract (``task = "embedding"``;
+    """An ONNX Runtime embedder with the facetool model call contract (``output_kind = "embedding"``;
     ``"classification"`` for a classifier facetool exported with its ``logits`` output)."""
 
-    task = "embedding"
+    output_kind = EMBEDDING
+    task = TASK_ALIAS
 
     def __init__(self, path: str | Path, providers: list[str] | None = None) -> None:
         import onnxruntime as ort
@@ -62,7 +64,7 @@ class OnnxModel:
         self.embedding_size = emb if isinstance(emb, int) else int(self(torch.zeros(1, 3, self.input_size, self.input_size)).shape[1])
         meta = self.session.get_modelmeta().custom_metadata_map or {}
         if meta.get("facetool_output") == "logits" or outputs[0].name == "logits":
-            self.task = "classification"  # a facetool-exported classifier: its output is no embedding
+            self.output_kind = CLASSIFICATION  # a facetool-exported classifier: its output is no embedding
         self.config = {"name": "onnx", "path": str(self.path)}
         self.meta: dict = {}
 

@@ -22,7 +22,7 @@ import re
 import torch
 from torch import Tensor, nn
 
-from facetool.models.base import FaceModel
+from facetool.models.base import CLASSIFICATION, EMBEDDING, FaceModel
 from facetool.models.gated import Gate, GatedResidual, gated_blocks
 from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
 
@@ -112,7 +112,7 @@ class ResNet(FaceModel):
         self.num_features = inplanes
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(inplanes, num_classes) if num_classes > 0 else nn.Identity()
-        self.task = "classification" if num_classes > 0 else "embedding"
+        self.output_kind = CLASSIFICATION if num_classes > 0 else EMBEDDING
         for m in self.modules():
             if isinstance(m, nn.Conv2d) and not _in_gate(self, m):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

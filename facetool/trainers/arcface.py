@@ -162,7 +162,7 @@ def train_arcface(
 ) -> dict[str, float]:
     """Train ``network`` with a margin head on ``store``'s train split; the test split (if any) is the
     validation set and gives the pair statistics. Writes the engine outputs plus ``backbone.pth``."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.errors import require_file
     from facetool.io import torch_save
@@ -187,10 +187,10 @@ def train_arcface(
     except TypeError as e:  # a registry model that is not a recognition backbone
         raise FacetoolError(f"network {network!r} cannot be built as a recognition backbone ({e}); "
                             "use r18/r34/r50/r100/r200/mbf") from None
-    if getattr(model, "task", None) != "embedding":
+    if getattr(model, "output_kind", None) != "embedding":
         raise FacetoolError(f"network {network!r} is not an embedding model; use r18/r34/r50/r100/r200/mbf")
-    train_ds = FaceDataset(store, "train", size=input_size)
-    test_ds = FaceDataset(store, "test", size=input_size)
+    train_ds = open_dataset(store, "train", size=input_size)
+    test_ds = open_dataset(store, "test", size=input_size)
     val_ds = test_ds if len(test_ds) else None
     pair_ds = None
     idx = test_ds.indices
@@ -198,7 +198,7 @@ def train_arcface(
         idx = np.sort(np.random.default_rng(0).choice(idx, max_pair_images, replace=False))
     counts = np.bincount(test_ds.labels[idx]) if len(idx) else np.zeros(0, int)
     if pair_eval and (counts > 0).sum() >= 2 and (counts >= 2).any():  # both genuine and impostor pairs
-        pair_ds = FaceDataset(store, None, size=input_size, indices=idx)
+        pair_ds = open_dataset(store, None, size=input_size, indices=idx)
     method = ArcFaceMethod(train_ds.num_classes, embedding_size, loss, s, margins, pair_ds, val_bins,
                            eval_batch_size=cfg.batch_size)
     cfg.extra = {**cfg.extra, "store": str(store), "network": name, "loss": loss}

@@ -38,8 +38,11 @@ class ClassificationMethod(Method):
 
     def loss(self, model, batch, out, internals):
         if self.task is not None:
-            from facetool.tasks import task_loss
+            from facetool.tasks import record_task, task_loss
 
+            cfg = getattr(getattr(model, "module", model), "config", None)
+            if isinstance(cfg, dict) and "task" not in cfg:  # a model handed to engine.train directly
+                record_task(model, self.task)
             return {"ce": task_loss(out, batch, self.task)}
         return {"ce": nn.functional.cross_entropy(out.float(), batch["label"])}
 
@@ -51,9 +54,10 @@ class ClassificationMethod(Method):
         return topk_accuracy(out, batch["label"])
 
     def meta(self) -> dict:
+        """The training class balance; the task itself lives in ``model.config["task"]`` only."""
         if self.task is None:
             return {}
-        return {"task": self.task.to_json(), "class_stats": self.class_stats or {}}
+        return {"class_stats": self.class_stats or {}}
 
     def log_keys(self) -> tuple[str, ...]:
         return (*super().log_keys(), "val_attr_acc", "val_attr_base", "val_acc*")
@@ -96,7 +100,7 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
 
     ``init``: a checkpoint whose weights initialise the model where names and shapes match (the
     classifier of another task or class count is left at its initialisation)."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.flops import count_params
     from facetool.models.registry import create_model
@@ -106,20 +110,20 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
         raise FacetoolError(f"--input-size must be a positive number of pixels, got {input_size}")
     stats = None
     if task is not None and not task.is_identity:
-        from facetool.tasks import class_stats
+        from facetool.tasks import class_stats, record_task
 
         attributes = list(dict.fromkeys([*task.names, *attributes]))
         stats = class_stats(store, task, "train")
-    train_ds = FaceDataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
+    train_ds = open_dataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
     size = input_size or int(train_ds.image_size[0])
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    val_ds = FaceDataset(store, "test", attributes=attributes, size=input_size)
+    val_ds = open_dataset(store, "test", attributes=attributes, size=input_size)
     seed_everything(cfg.seed)
     ncls = train_ds.num_classes if stats is None else task.num_outputs
     model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))
     if stats is not None:
-        model.config["task"] = task.to_json()
+        record_task(model, task)
     if init is not None:
         init_from_checkpoint(model, init)
     method = method_factory(model)

@@ -89,9 +89,10 @@ def load_inputs(
     p = Path(images)
     if p.is_dir():
         return _load_folder(p, limit, size)
+    from facetool.data.sources import face_source
     from facetool.store import FaceStore
 
-    with FaceStore(p) as s:
+    with FaceStore(face_source(p, "--images")) as s:
         labels_all = s.labels
         rows = _spread_rows(labels_all, s.indices(split))[lim]
         if len(rows) == 0:

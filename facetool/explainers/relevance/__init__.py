@@ -36,9 +36,9 @@ from facetool.explainers.relevance.metrics import (FILLS, ORDERS, mask_by_map, p
                                                    region_scores, removal_masks, resize_masks)
 from facetool.explainers.relevance.run import dissect_relevance
 from facetool.explainers.relevance.targets import (CosineTarget, Explained, Target, attribute_slice, check_target,
-                                                   embed, model_task, resolve)
+                                                   embed, resolve)
 
 __all__ = ["CAM_METHODS", "CosineTarget", "Explained", "FILLS", "LRP_METHODS", "METHODS", "ORDERS", "Target",
            "attribute_slice", "check_target", "dissect_relevance", "embed", "explain", "generalisation_matrix",
-           "image_file", "load_images", "mask_by_map", "model_task", "normalise", "part_mass", "perturbation_curves",
+           "image_file", "load_images", "mask_by_map", "normalise", "part_mass", "perturbation_curves",
            "region_scores", "removal_masks", "resize_masks", "resolve", "select_rows"]

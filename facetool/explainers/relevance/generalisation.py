@@ -14,18 +14,19 @@ from facetool.errors import FacetoolError
 from facetool.explainers.relevance.inputs import load_images
 from facetool.explainers.relevance.maps import METHODS, explain
 from facetool.explainers.relevance.metrics import mask_by_map
-from facetool.explainers.relevance.targets import Target, attribute_slice, model_task, resolve
+from facetool.explainers.relevance.targets import Target, attribute_slice, resolve
+from facetool.tasks import task_of
 
 
 def _own_target(model: nn.Module) -> Target:
     """What a model of the matrix is scored on: its identity class, or its (single) attribute."""
-    task = model_task(model)
-    if getattr(model, "task", "classification") != "classification":
+    task = task_of(model)
+    if getattr(model, "output_kind", "classification") != "classification":
         raise FacetoolError(f"{getattr(model, 'name', 'model')}: the generalisation matrix needs classifiers "
                             "(accuracy drop); this is an embedding model")
-    if task.get("kind") == "attribute":
-        return Target("attribute", task["names"][0])
-    if task.get("kind") == "attributes":
+    if task.kind == "attribute":
+        return Target("attribute", task.names[0])
+    if task.kind == "attributes":
         raise FacetoolError("the generalisation matrix scores single-task models (identity or attribute:NAME)")
     return Target("label")
 
@@ -58,6 +59,7 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     from facetool.explainers.dissect import _plt, _savefig
     from facetool.io import guard_output, write_json, write_text
     from facetool.models.checkpoint import load_model
+    from facetool.data.sources import face_source
     from facetool.store import FaceStore
 
     paths = [Path(p) for p in model_paths]
@@ -77,7 +79,7 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     for p in paths:
         n = p.parent.name if p.stem == "model" else p.stem
         names.append(n if n not in names else f"{n}_{len(names)}")
-    with FaceStore(store_path) as st:
+    with FaceStore(face_source(store_path)) as st:
         rows = st.indices(split)[:limit]
         if len(rows) == 0:
             raise FacetoolError(f"the {split} split of {Path(store_path).name} is empty")

@@ -13,9 +13,9 @@ from facetool.errors import FacetoolError
 
 
 def load_images(store_path: Path, rows: np.ndarray, size: int) -> Tensor:
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import open_dataset
 
-    ds = FaceDataset(store_path, None, size=size, indices=rows)
+    ds = open_dataset(store_path, None, size=size, indices=rows)
     return torch.stack([ds[i]["image"] for i in range(len(ds))]) if len(ds) else torch.zeros(0, 3, size, size)
 
 

@@ -28,6 +28,7 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
     import h5py
     import pandas as pd
 
+    from facetool.data.sources import face_source
     from facetool.errors import require_file
     from facetool.io import atomic_path, guard_output, write_json, write_text
     from facetool.models.checkpoint import load_model
@@ -56,7 +57,7 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
         check_canonizable(model)
     size = int(getattr(model, "input_size", 0) or model.config.get("input_size", 112))
 
-    with FaceStore(store_path) as st:
+    with FaceStore(face_source(store_path)) as st:
         labels_all = st.labels
         rows, ref_rows = select_rows(st, split, limit, reference if tgt.kind == "cosine" else None, labels_all)
         attr_names = attributes if attributes is not None else sorted(

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
+from facetool.tasks import task_of
 
 
 @dataclass
@@ -32,28 +33,23 @@ class Target:
         return f"attribute:{self.attribute}" if self.kind == "attribute" else self.kind
 
 
-def model_task(model: nn.Module) -> dict:
-    """The checkpoint's task description (CONTRACTS.md); identity models without one are identity."""
-    cfg = getattr(model, "config", {}) or {}
-    task = cfg.get("task") or (getattr(model, "meta", {}) or {}).get("task")
-    return task if isinstance(task, dict) else {"kind": "identity"}
-
-
 def attribute_slice(model: nn.Module, name: str) -> slice:
-    """The logits of attribute ``name`` in the model's output (facetool.tasks.task_slice)."""
+    """The logits of attribute ``name`` in the model's output (:func:`facetool.tasks.task_slice` of the
+    model's task, CONTRACTS.md "Tasks")."""
     from facetool.tasks import task_slice
 
-    task = model_task(model)
-    if task.get("kind") not in ("attribute", "attributes"):
+    task = task_of(model)
+    if task.kind not in ("attribute", "attributes"):
         raise FacetoolError(f"--target attribute:{name} needs an attribute model (train with --task attribute:{name}); "
-                            f"this model's task is {task.get('kind', 'identity')}")
+                            f"this model's task is {task.kind}")
     return task_slice(task, name)
 
 
 def check_target(model: nn.Module, target: Target) -> None:
-    """Refuse targets the model cannot explain (one-line errors)."""
-    is_classifier = getattr(model, "task", "classification") == "classification"
-    kind = model_task(model).get("kind", "identity")
+    """Refuse targets the model cannot explain (one-line errors): class targets need a model whose
+    ``output_kind`` is classification, ``cosine`` an embedding model (CONTRACTS.md "Models")."""
+    is_classifier = getattr(model, "output_kind", "classification") == "classification"
+    kind = task_of(model).kind
     if target.kind in ("label", "predicted") and not is_classifier:
         raise FacetoolError(f"--target {target.kind} needs a model with a class head; {getattr(model, 'name', 'this model')} "
                             "is an embedding model (use --target cosine with --reference)")
@@ -154,8 +150,8 @@ def resolve(model: nn.Module, x: Tensor, target: Target, labels: Tensor | None =
                                 "--target label needs the model trained on this store's identities (use predicted)")
         return Explained(classes=labels.long(), sl=sl)
     codes = attr_codes.long() if attr_codes is not None else torch.full_like(pred, -1)
-    task = model_task(model)
-    head = list(task.get("names", [])).index(target.attribute) if task.get("kind") == "attributes" else None
+    task = task_of(model)
+    head = task.names.index(target.attribute) if task.kind == "attributes" else None
     return Explained(classes=torch.where(codes >= 0, codes, pred), sl=sl, head=head)
 
 

@@ -279,9 +279,10 @@ class StoreDictionary(FaceDictionary):
 
     def __init__(self, path: str | Path, *, split: str = "all", limit: int | None = None,
                  local_attributes: bool = True, global_groups: Sequence[str] | None = None) -> None:
+        from facetool.data.sources import face_source
         from facetool.store import FaceStore
 
-        self.store = FaceStore(path)
+        self.store = FaceStore(face_source(path))
         s = self.store
         idx = s.indices(split)
         if limit is not None:

@@ -310,19 +310,23 @@ def _check_layers(model, layers: Sequence[str]) -> list[str]:
 def prediction_heads(model) -> list[tuple[str, list[str], slice]]:
     """The model's own categorical outputs as global groups: (group name, value names, logit slice).
 
-    Attribute classifiers (``model.config["task"]``, see CONTRACTS) give one group per attribute,
-    named ``"<attribute> (predicted)"`` with the attribute's vocabulary; other classifiers with at
-    most 12 classes give ``"predicted"`` with values ``class 0 ...``; identity/embedding models none."""
+    Attribute classifiers (their task, :func:`facetool.tasks.task_of`; CONTRACTS.md "Tasks") give
+    one group per attribute, named ``"<attribute> (predicted)"`` with the attribute's vocabulary; other
+    classifiers (``output_kind`` classification, CONTRACTS.md "Models") with at most 12 classes give
+    ``"predicted"`` with values ``class 0 ...``; identity/embedding models none."""
+    from facetool.tasks import task_of
+
     cfg = getattr(model, "config", {}) or {}
-    task = cfg.get("task")
-    if isinstance(task, dict) and task.get("kind") in ("attribute", "attributes"):
+    task = task_of(model)
+    if task.kind in ("attribute", "attributes"):
         out, a = [], 0
-        for name, k, vocab in zip(task.get("names", []), task.get("classes", []), task.get("vocab", [])):
+        for name, k, vocab in zip(task.names, task.classes, task.vocab):
             out.append((f"{name} (predicted)", [str(v) for v in vocab][:k] or [str(i) for i in range(k)], slice(a, a + k)))
             a += k
         return out
     k = cfg.get("num_classes")
-    if getattr(model, "task", "classification") == "classification" and isinstance(k, int) and 2 <= k <= MAX_PREDICTED_VALUES:
+    is_classifier = getattr(model, "output_kind", "classification") == "classification"
+    if is_classifier and isinstance(k, int) and 2 <= k <= MAX_PREDICTED_VALUES:
         return [("predicted", [f"class {i}" for i in range(k)], slice(0, k))]
     return []
 

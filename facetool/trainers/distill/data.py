@@ -74,7 +74,7 @@ class WithUnlabeled(Dataset):
 
 def open_unlabeled(path: str | Path, size: int, notes: list[str]) -> Dataset:
     """A face store (all splits, labels ignored) or a folder of aligned crops, at ``size`` px."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import face_source, open_dataset
     from facetool.store import FaceStore
 
     p = Path(path)
@@ -82,10 +82,10 @@ def open_unlabeled(path: str | Path, size: int, notes: list[str]) -> Dataset:
         ds = FolderImages(p, size)
         notes.append(f"unlabeled: {len(ds)} images from folder {p}, resized to {size} px where they differ")
         return ds
-    require_file(p, "unlabeled store")
+    face_source(require_file(p, "unlabeled store"), "--unlabeled")
     with FaceStore(p) as s:
         own = int(s.image_size[0])
-    ds = FaceDataset(p, None, size=size if own != size else None)
+    ds = open_dataset(p, None, option="--unlabeled", size=size if own != size else None)
     if own != size:
         notes.append(f"unlabeled store {p} holds {own} px images; resized to {size} px")
     notes.append(f"unlabeled: {len(ds)} images from {p} (labels ignored)")

@@ -43,7 +43,7 @@ class DistillMethod(Method):
             raise FacetoolError(f"--mixup must be >= 0 (the Beta distribution's parameter), got {mixup}")
         self.T, self.sr_kind = float(temperature), sr_loss
         self.teacher, self.student_head = teacher, student_head
-        self.student_task = getattr(student, "task", "classification")
+        self.student_output_kind = getattr(student, "output_kind", "classification")
         self.unlabeled_weight, self.mixup = float(unlabeled_weight), float(mixup)
         self.notes: list[str] = []
         self._s: dict[str, Tensor] = {}
@@ -143,7 +143,7 @@ class DistillMethod(Method):
 
     def student_feature(self, out: Tensor) -> Tensor:
         """The student's own penultimate feature: pooled last map (classifiers) or the embedding."""
-        if self.student_task == "classification":
+        if self.student_output_kind == "classification":
             return pooled(self._s[self.s_fmap])
         return out
 

@@ -37,10 +37,10 @@ def resolve_student(arch: str, teacher: Teacher | None) -> str:
     """The registered name of ``--student`` (aliases resolved), checked against the teacher's task."""
     name = resolve_model_name(arch, family=(CLASSIFIER_FAMILY, EMBEDDING_FAMILY), option="--student")
     if teacher is not None:
-        family = CLASSIFIER_FAMILY if teacher.task == "classification" else EMBEDDING_FAMILY
+        family = CLASSIFIER_FAMILY if teacher.output_kind == "classification" else EMBEDDING_FAMILY
         want = list_models(family=family)
         if name not in want:
-            kind = "an identity classifier" if teacher.task == "classification" else "an embedding model"
+            kind = "an identity classifier" if teacher.output_kind == "classification" else "an embedding model"
             raise FacetoolError(f"teacher {teacher.source} is {kind}; its student must be one of {', '.join(want)}")
     return name
 
@@ -73,7 +73,7 @@ def distill(
     on_config: Callable[[dict], None] | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict."""
-    from facetool.data.dataset import FaceDataset
+    from facetool.data.sources import face_source, open_dataset
     from facetool.flops import count_params, flops_summary
     from facetool.io import guard_output, write_json
     from facetool.models import create_model
@@ -82,7 +82,7 @@ def distill(
 
     weights = resolve_weights(kind, alpha, beta, gamma)
     cfg.validate()
-    store = require_file(store, "face store")
+    store = face_source(require_file(store, "face store"))
     with FaceStore(store) as s:
         num_classes, store_size = s.num_classes, int(s.image_size[0])
     if teacher is None and kind != "none":
@@ -105,14 +105,14 @@ def distill(
     if embedding and size % 16:
         raise FacetoolError(f"--input-size must be a multiple of 16 for {name}, got {size}")
     if transfer is not None:
-        require_file(transfer, "transfer store")
+        face_source(require_file(transfer, "transfer store"), "--transfer")
     notes: list[str] = []
-    train_ds = FaceDataset(store, "train", size=size if size != store_size else None)
+    train_ds = open_dataset(store, "train", size=size if size != store_size else None)
     if labeled_per_identity:
         train_ds.indices = first_per_identity(train_ds.labels, train_ds.indices, labeled_per_identity)
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    test_ds = FaceDataset(store, "test", size=size if size != store_size else None)
+    test_ds = open_dataset(store, "test", size=size if size != store_size else None)
     u_ds = open_unlabeled(unlabeled, size, notes) if unlabeled is not None else None
     out = Path(cfg.out)
     for f in (teacher, *teacher_heads):
@@ -129,7 +129,7 @@ def distill(
     seed_everything(cfg.seed)
     kw: dict[str, Any] = {"input_size": size}
     if embedding:
-        emb = int(embedding_size or (t.model.embedding_size if t is not None and t.task == "embedding" else 512))
+        emb = int(embedding_size or (t.model.embedding_size if t is not None and t.output_kind == "embedding" else 512))
         kw["embedding_size"] = emb
         if width and name.startswith("iresnet"):
             kw["width"] = width
@@ -178,7 +178,8 @@ def distill(
     device = next(model.parameters()).device
     trans = None
     if transfer is not None:
-        trans = (FaceDataset(transfer, "train", size=size), FaceDataset(transfer, "test", size=size))
+        trans = (open_dataset(transfer, "train", option="--transfer", size=size),
+                 open_dataset(transfer, "test", option="--transfer", size=size))
         if not len(trans[0]) or not len(trans[1]):
             raise FacetoolError(f"transfer store {transfer} needs a train and a test split")
     if len(test_ds):

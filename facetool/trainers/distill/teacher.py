@@ -29,8 +29,8 @@ class Teacher:
         self.head = head
         self.source = source
         self.is_torch = isinstance(model, nn.Module)
-        self.task = getattr(model, "task", "embedding")
-        if self.task == "classification" and head is not None:
+        self.output_kind = getattr(model, "output_kind", "embedding")
+        if self.output_kind == "classification" and head is not None:
             raise FacetoolError(f"teacher {source} is a classifier; --teacher-head is for embedding teachers")
         for m in (model, head):
             if isinstance(m, nn.Module):
@@ -43,11 +43,11 @@ class Teacher:
 
     @property
     def has_logits(self) -> bool:
-        return self.task == "classification" or self.head is not None
+        return self.output_kind == "classification" or self.head is not None
 
     @property
     def num_classes(self) -> int | None:
-        if self.task == "classification":
+        if self.output_kind == "classification":
             n = (getattr(self.model, "config", {}) or {}).get("num_classes")
             return int(n) if n is not None else None
         if self.head is None:
@@ -73,7 +73,7 @@ class Teacher:
 
     def head_logits(self, h: Tensor) -> Tensor:
         """Frozen classifier scores of penultimate features ``h`` (autograd flows to ``h``)."""
-        if self.task == "classification":
+        if self.output_kind == "classification":
             raise RuntimeError("classifier teachers score feature maps (head_from_map)")
         return self.head(h) if self.head is not None else None  # MarginHead without labels: s * cos
 
@@ -81,7 +81,7 @@ class Teacher:
         """(h, logits) of a feature map in the teacher's space through the teacher's frozen head:
         classifiers pool and apply their classifier; embedding models run their embedding head
         (``forward_head``) and the classification head. Gradients flow to ``f`` only."""
-        if self.task == "classification":
+        if self.output_kind == "classification":
             return pooled(f), self.model.forward_head(f)
         h = self.model.forward_head(f)
         return h, (self.head_logits(h) if self.head is not None else None)
@@ -107,7 +107,7 @@ class Teacher:
                 feats = {n: found[n] for n in layers}
             else:
                 out, fmap, feats = self.model(x), None, {}
-            if self.task == "classification":
+            if self.output_kind == "classification":
                 h, logits = pooled(fmap), out
             else:
                 h, logits = out, (self.head_logits(out) if self.head is not None else None)
@@ -186,12 +186,12 @@ def load_teacher(path: str | Path, heads: Sequence[str | Path] = (), loss: str |
         raise FacetoolError(f"teacher {p} failed to load: {e}") from None
     meta = getattr(model, "meta", {}) or {}
     head_files = [Path(h) for h in heads]
-    if not head_files and getattr(model, "task", "") == "embedding" and (p.parent / "heads.pt").is_file() \
+    if not head_files and getattr(model, "output_kind", "") == "embedding" and (p.parent / "heads.pt").is_file() \
             and meta.get("num_classes") and p.suffix != ".onnx":
         head_files = [p.parent / "heads.pt"]
     head = None
     if head_files:
-        if getattr(model, "task", "") == "classification":
+        if getattr(model, "output_kind", "") == "classification":
             raise FacetoolError(f"teacher {p} is a classifier; --teacher-head is only for embedding teachers")
         emb = int(getattr(model, "embedding_size", 0) or (model.config or {}).get("embedding_size", 512))
         head = load_head(head_files, emb, loss, scale, meta)
