@@ -29,6 +29,7 @@ _LAZY: dict[str, str] = {
     "FaceStore": "facetool.store",
     "FaceDataset": "facetool.data.dataset",
     "make_loader": "facetool.data.dataset",
+    "open_dataset": "facetool.data.sources",
     "prepare_synthetic": "facetool.data.synthetic",
     # training
     "train": "facetool.engine",
