@@ -44,6 +44,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         from facetool.io import release_claims
 
         try:
+            _check_numbers(kwargs)  # options are validated before any work
             with _sigint_remembered() as sigint:
                 result = fn(*args, **kwargs)
             if sigint["seen"]:  # Ctrl-C landed where Python swallows exceptions (a weakref callback, __del__)
@@ -78,6 +79,45 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
             release_claims()
 
     return wrapper
+
+
+def current_command() -> tuple[str, dict[str, str]]:
+    """The running command's name (``"train resnet"``) and its parameters' option flags
+    (python name -> longest ``--flag``), from the CLI parser's context; ``("", {})`` outside the CLI."""
+    try:
+        from typer._click.globals import get_current_context  # typer vendors click (pinned by the lock)
+    except ImportError:  # pragma: no cover - another typer layout
+        return "", {}
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return "", {}
+    names, c = [], ctx
+    while c is not None and c.parent is not None:
+        names.append(c.info_name)
+        c = c.parent
+    flags = {}
+    for p in ctx.command.params:
+        opts = [o for o in getattr(p, "opts", []) if o.startswith("--")]
+        flags[p.name] = max(opts, key=len) if opts else p.name  # an argument: its name (e.g. "path")
+    return " ".join(reversed(names)), flags
+
+
+def _check_numbers(kwargs: dict[str, Any]) -> None:
+    """Every numeric option against its declared range and every input path against its declared kind
+    (facetool/cli/limits.py): NaN, infinity, absurd values and missing or wrong files never reach the
+    command. Numbers first, then paths, in the command's declaration order."""
+    from pathlib import Path
+
+    from facetool.cli.limits import check_number, check_path
+
+    command, flags = current_command()
+    for name, value in kwargs.items():
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and name in flags:
+            check_number(command, flags[name], value)
+    for name, value in kwargs.items():
+        if name in flags and (isinstance(value, Path) or (isinstance(value, (list, tuple)) and value
+                                                          and all(isinstance(v, Path) for v in value))):
+            check_path(command, flags[name], value)
 
 
 @contextlib.contextmanager
