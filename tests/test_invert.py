@@ -369,7 +369,8 @@ def test_cli_pairs_with_a_store_larger_than_the_model(tiny_setup, tmp_path, cli)
     assert (out / "inverted.h5").is_file() and (out / "grid.png").is_file()
     # a judge built for 64 px sees the 32-px faces resized to its own size
     torch.manual_seed(2)
-    j64 = save_checkpoint(tmp_path / "j64.pt", create_model("iresnet18", width=4, embedding_size=8, input_size=64).eval())
+    j64 = create_model("iresnet18", width=4, embedding_size=8, input_size=64).eval()
+    j64 = save_checkpoint(tmp_path / "j64.pt", j64)
     r = cli("invert", "--model", m0, "--images", store, "--pairs", "--judge", j64, "--limit", 3, "--batch", 3,
             "--iterations", 2, "--out", tmp_path / "inv64")
     assert r.exit_code == 0, r.output

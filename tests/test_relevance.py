@@ -4,6 +4,7 @@ tests with hand-computed values) and the command on the real store format."""
 from __future__ import annotations
 
 import json
+import math
 
 import h5py
 import numpy as np
@@ -385,9 +386,10 @@ def test_cli_bad_grid_and_every_option_are_refused_before_any_work(synthetic_sto
         raise AssertionError("the model was loaded before the options were checked")
 
     monkeypatch.setattr(ckpt, "load_model", no_work)
-    for opt, kw in [("--grid", {"grid": 0}), ("--steps", {"steps": 0}), ("--max-fraction", {"max_fraction": float("nan")}),
+    for opt, kw in [("--grid", {"grid": 0}), ("--steps", {"steps": 0}), ("--max-fraction", {"max_fraction": math.nan}),
                     ("--max-fraction", {"max_fraction": 1.5}), ("--patch", {"patch": 0}), ("--limit", {"limit": 0}),
-                    ("--batch-size", {"batch_size": -1}), ("--fill", {"fill": "grey"}), ("--device", {"device": "tpu"})]:
+                    ("--batch-size", {"batch_size": -1}), ("--fill", {"fill": "grey"}),
+                    ("--device", {"device": "tpu"})]:
         with pytest.raises(FacetoolError, match=opt):
             dissect_relevance(clf, synthetic_store, out, **kw)
     assert not out.exists()

@@ -101,10 +101,11 @@ def arch_option(flag: str = "--arch", of: str = "--model") -> Any:
                              "layout matches), e.g. iresnet50; the error lists the names.")
 
 
-def device_option() -> Any:
+def device_option(default: str = "auto") -> Any:
     """``--device``: where a command runs its model; checked before any work by
-    :func:`facetool.devices.resolve_device` (the one validator of every command with ``--device``)."""
-    return typer.Option("auto", "--device", metavar="DEVICE",
+    :func:`facetool.devices.resolve_device` (the one validator of every command with ``--device``).
+    ``default`` is the command's own (``cpu`` where earlier versions always ran there)."""
+    return typer.Option(default, "--device", metavar="DEVICE",
                         help="auto (cuda when available), cpu, cuda, cuda:N or mps; checked before any work.")
 
 

@@ -31,7 +31,7 @@ def register(group: typer.Typer) -> None:
         grid: int = typer.Option(16, "--grid", help="Images in the overlay grid (>= 1)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random ordering / random maps."),
         arch: Optional[str] = arch_option(),
-        device: str = device_option(),
+        device: str = device_option("cpu"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder's files."),
     ) -> None:
         """Relevance maps of a model over a store, validated by pixel/patch perturbation (MoRF, LeRF,
@@ -74,7 +74,7 @@ def register(group: typer.Typer) -> None:
         batch_size: int = typer.Option(16, "--batch-size"),
         seed: int = typer.Option(0, "--seed"),
         arch: Optional[str] = arch_option(of="--models"),
-        device: str = device_option(),
+        device: str = device_option("cpu"),
         overwrite: bool = typer.Option(False, "--overwrite"),
     ) -> None:
         """Do relevance maps generalise across models? Mask each image by model A's relevance (its own

@@ -85,7 +85,8 @@ def register(group: typer.Typer) -> None:
                 console.print(records_table("bias discovery: concept-subgroup links that differ (units = holding the "
                                             "concept and biased to the subgroup)", res["compare"][:15], cols))
             else:
-                contrasted = any(u.globals for r in res["results"].values() for lr in r.layers.values() for u in lr.units)
+                contrasted = any(u.globals for r in res["results"].values() for lr in r.layers.values()
+                                 for u in lr.units)
                 print_notes(["bias discovery: no concept-subgroup link to compare: " + (
                     "no unit of either model holds a local concept" if contrasted else
                     "no global group with two values present was left (see the notes above)")])

@@ -69,10 +69,11 @@ def invert_cmd(
     written: list[str] = []
     try:
         _invert(model=model, out=out, images=images, embeddings=embeddings, split=split, limit=limit,
-                iterations=iterations, batch=batch, lr=lr, id_loss=id_loss, bn_weight=bn_weight, no_bn_prior=no_bn_prior,
-                tv_l2=tv_l2, tv_l1=tv_l1, l2=l2, gate_prior=gate_prior, routing_prior=routing_prior, multires=multires,
-                judge=judge, pairs=pairs, seed=seed, resume=resume, arch=arch, features=features, judge_arch=judge_arch,
-                judge_features=judge_features, state_dir=state_dir, written=written)
+                iterations=iterations, batch=batch, lr=lr, id_loss=id_loss, bn_weight=bn_weight,
+                no_bn_prior=no_bn_prior, tv_l2=tv_l2, tv_l1=tv_l1, l2=l2, gate_prior=gate_prior,
+                routing_prior=routing_prior, multires=multires, judge=judge, pairs=pairs, seed=seed, resume=resume,
+                arch=arch, features=features, judge_arch=judge_arch, judge_features=judge_features,
+                state_dir=state_dir, written=written)
     except KeyboardInterrupt:
         if os.environ.get("FACETOOL_DEBUG"):
             raise

@@ -112,7 +112,8 @@ def check_evaluation(inputs: InversionInputs, model: nn.Module, judge: nn.Module
     except RuntimeError as e:
         from facetool.errors import clip_message
 
-        raise FacetoolError(f"{who} cannot embed the {size}x{size} faces of this inversion: {clip_message(e, 200)}") from None
+        raise FacetoolError(f"{who} cannot embed the {size}x{size} faces of this inversion: "
+                            f"{clip_message(e, 200)}") from None
     if out.dim() != 2:
         raise FacetoolError(f"{who} outputs shape {tuple(out.shape)}, not one embedding per face")
 

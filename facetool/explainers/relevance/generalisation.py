@@ -49,10 +49,11 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, sl: slice | None, batch: i
 def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | Path, out: str | Path, *,
                           method: str = "lrp", split: str = "test", limit: int = 64, fraction: float = 0.2,
                           patch: int = 8, fill: str = "mean", batch_size: int = 16, seed: int = 0,
-                          overwrite: bool = False, arch: str | None = None, device: str | None = None) -> dict:
+                          overwrite: bool = False, arch: str | None = None, device: str | None = "cpu") -> dict:
     """Mask each image by model A's relevance (its own target), measure model B's accuracy drop on
     B's own task. Rows A (plus a ``random`` row), columns B; PNG heatmap + CSV + JSON. ``arch``: the
-    architecture of model files that record none; ``device``: where the models run."""
+    architecture of model files that record none; ``device``: where the models run (cpu by default, as
+    before)."""
     import pandas as pd
 
     from facetool.devices import resolve_device

@@ -46,11 +46,11 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
                       limit: int = 64, batch_size: int = 16, steps: int = 10, max_fraction: float = 0.5,
                       patch: int = 8, fill: str = "mean", grid: int = 16, seed: int = 0,
                       attributes: Sequence[str] | None = None, overwrite: bool = False, arch: str | None = None,
-                      device: str | None = None) -> dict:
+                      device: str | None = "cpu") -> dict:
     """``facetool dissect relevance``: maps, perturbation validation, part masses, plots, HDF5 + JSON/CSV.
-    ``arch``: architecture of a model file that records none; ``device``: where the model runs (images,
-    maps and results stay on the CPU). ``notes`` in the result: doubts about the maps (a CAM layer too
-    coarse)."""
+    ``arch``: architecture of a model file that records none; ``device``: where the model runs (cpu by
+    default, as before; images, maps and results stay on the CPU). ``notes`` in the result: doubts about
+    the maps (a CAM layer too coarse)."""
     import time
 
     import h5py

@@ -169,4 +169,6 @@ def forward(model: nn.Module, x: Tensor) -> Tensor:
 
 def embed(model: nn.Module, x: Tensor, batch: int = 64) -> Tensor:
     with torch.no_grad():
-        return torch.cat([forward(model, x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0)
+        if not len(x):
+            return x.new_zeros(0)
+        return torch.cat([forward(model, x[i:i + batch]) for i in range(0, len(x), batch)])
