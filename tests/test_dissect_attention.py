@@ -110,7 +110,7 @@ def test_dissect_attention_cli_on_synthetic_store(tmp_path):
     import cv2
 
     grid = cv2.imread(str(out / "overlays.png"))
-    assert grid.shape == (3 * 48, 3 * 48, 3)  # 3 images x (face + 2 maps)
+    assert grid.shape[0] > 3 * 48 and grid.shape[1] > 3 * 48  # 3 images x (face + 2 maps), labels, colour bar
     shares = {(x["head"], x["part"]): x for x in res["part_shares"]}
     assert ("facial_hair", "beard") in shares and ("gender", "eyes") in shares
     assert all(0 <= x["attention_share"] <= 1 and 0 < x["area_share"] <= 1 for x in shares.values())
@@ -155,6 +155,65 @@ def test_dissect_attention_landmarks_and_bad_input(tmp_path, cli):
     assert not (tmp_path / "p").exists()
     with pytest.raises(FacetoolError, match="is also an input"):
         dissect_attention(ck, store, store, overwrite=True)
+
+
+def _figure_texts(fig) -> tuple[set[str], list[str]]:
+    """(titles and y labels of the image axes, labels of the colour bars) of a matplotlib figure."""
+    texts, bars = set(), []
+    for ax in fig.axes:
+        if ax.get_label() == "<colorbar>":
+            bars.append(ax.get_ylabel() or ax.get_xlabel())
+        else:
+            texts |= {ax.get_title(), ax.get_ylabel()} - {""}
+    return texts, bars
+
+
+def test_attention_figures_have_labels_and_a_colour_bar(tmp_path, monkeypatch):
+    """overlays.png and mean_maps.png were bare pixel grids: now rows name the image (store row and
+    identity) or the head, columns the attribute head or value (with its image count), and a colour
+    bar gives the scale."""
+    from matplotlib.figure import Figure
+
+    from facetool.data.synthetic import prepare_synthetic
+
+    saved = []
+    savefig = Figure.savefig
+
+    def capture(self, *a, **k):
+        saved.append(self)
+        return savefig(self, *a, **k)
+
+    monkeypatch.setattr(Figure, "savefig", capture)
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=4, per_identity=5, size=48, seed=0)
+    ck = _abn_checkpoint(store, tmp_path / "abn.pt", "attributes:gender,facial_hair")
+    res = dissect_attention(ck, store, tmp_path / "att", images=3)
+    assert {"overlays.png", "mean_maps.png"} <= set(res["files"]) and len(saved) == 2
+    with FaceStore(store) as s:
+        rows = s.indices("test")[:3]
+        who = [s.identities[s.labels[r]] for r in rows]
+        codes, vocab = s.attribute("gender")
+        n_male = int((codes[s.indices("test")] == vocab.index("male")).sum())
+    texts, bars = _figure_texts(saved[0])
+    assert {"face", "gender", "facial_hair"} <= texts and bars == ["attention"]
+    assert {f"#{r}\n{w}" for r, w in zip(rows, who)} <= texts, texts
+    texts, bars = _figure_texts(saved[1])
+    assert {"gender", "facial_hair", f"male ({n_male})"} <= texts and bars == ["mean attention / map maximum"]
+
+
+def test_attention_arch_and_device_options(tmp_path, cli):
+    """--arch and --device were missing on `dissect attention`; both are checked before any work."""
+    from facetool.data.synthetic import prepare_synthetic
+
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=2, per_identity=3, size=32, seed=0)
+    ck = _abn_checkpoint(store, tmp_path / "abn.pt", "attribute:gender")
+    out = tmp_path / "o"
+    r = cli("dissect", "attention", "--model", ck, "--store", store, "--out", out, "--arch", "iresnet34")
+    assert r.exit_code == 2 and "abn_resnet18; --arch iresnet34 contradicts it" in r.output and not out.exists()
+    r = cli("dissect", "attention", "--model", ck, "--store", store, "--out", out, "--device", "tpu")
+    assert r.exit_code == 2 and "--device 'tpu' is not a device" in r.output and not out.exists()
+    r = cli("dissect", "attention", "--model", ck, "--store", store, "--out", out, "--arch", "abn_resnet18",
+            "--device", "cpu", "--images", 1)
+    assert r.exit_code == 0, r.output
 
 
 # -- learning tests on the synthetic set -------------------------------------------------------------

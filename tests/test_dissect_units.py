@@ -396,3 +396,166 @@ def test_unit_maps_put_cells_on_their_receptive_field_centres(painted_store):
         red = normalize(d.batch(np.array([r])).images)[0, 0]
         assert maps[r].shape == (1, 64, 64)
         torch.testing.assert_close(maps[r][0, ::2, ::2], red[::2, ::2], rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------- issue 17
+class _RedUnit(FaceModel):
+    """One unit: the (normalised) red channel; on a flat image its maximum is the image's red level."""
+
+    layer_names = ("red",)
+    cam_layer = "red"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.red = nn.Identity()
+        self.task = "embedding"
+
+    def forward_features(self, x, internals=None):
+        return self.red(x[:, :1])
+
+    def forward_head(self, f):
+        return f.mean((2, 3))
+
+
+def _age_store(path: Path) -> Path:
+    """4 identities x 2 flat 32-px faces; age has a vocabulary of 4 values of which only 20-40 (ids 0, 1)
+    and 60+ (ids 2, 3) are present; gender has only 'female'. Red levels 20-40: 40, 100, 150, 190;
+    60+: 60, 140, 180, 220."""
+    from facetool.store import Record, StoreWriter
+
+    w = StoreWriter(path, image_size=(32, 32), identities=["a", "b", "c", "d"],
+                    identity_attributes={"age": (["0-20", "20-40", "40-60", "60+"], [1, 1, 3, 3]),
+                                         "gender": (["female", "male"], [0, 0, 0, 0])})
+    lm = np.array([[11, 13], [21, 13], [16, 18], [12, 24], [20, 24]], np.float32)
+    for i, red in enumerate([40, 100, 150, 190, 60, 140, 180, 220]):
+        img = np.full((32, 32, 3), 128, np.uint8)
+        img[..., 0] = red
+        w.append(Record(image=img, label=i // 2, landmarks=lm))
+    w.checkpoint(8, force=True)
+    w.finalize()
+    return path
+
+
+def test_global_threshold_counts_the_values_present_in_the_dictionary(tmp_path):
+    """W1: by hand, the red unit's P(age) over the values present is 20-40: 0.396, 60+: 0.604 (absent
+    values 0). With k = the vocabulary (4) the threshold 0.3 made it 'biased' to both ages at once;
+    with k = the 2 values present it is 0.55: biased to 60+ only. A group with one value present is
+    dropped with a note."""
+    d = load_dictionary(_age_store(tmp_path / "age.h5"))
+    res = dissect_units(_RedUnit(), d, ["red"], quantile=0.05, device="cpu")
+    u = res.layers["red"].units[0]
+    p = u.globals["age"]
+    assert p["0-20"] == 0 and p["40-60"] == 0
+    assert p["20-40"] == pytest.approx(0.3956, abs=1e-3) and p["60+"] == pytest.approx(0.6044, abs=1e-3)
+    assert u.biased == ["age=60+"], u.biased
+    assert "gender" not in u.globals
+    assert res.notes == ["global group 'gender' dropped: only one value (female) is present among the 8 "
+                         "dictionary images, so no unit can be biased within it"]
+    assert "values present" in res.settings["global_threshold"]
+    d.close()
+
+
+def test_limit_takes_a_fixed_sample_stratified_by_identity(painted_store):
+    """W1: --limit N took the first N images (two of the six identities); now every identity gives N/6,
+    the same images on every run, in store order."""
+    from facetool.store import FaceStore
+
+    with FaceStore(painted_store) as s:
+        labels = s.labels
+    d = load_dictionary(painted_store, limit=12)
+    idx = d.index
+    assert len(idx) == 12 and list(idx) == sorted(idx)
+    assert sorted(np.bincount(labels[idx], minlength=6)) == [2] * 6
+    assert list(load_dictionary(painted_store, limit=12).index) == list(idx)  # deterministic
+    assert any("stratified by identity" in n for n in d.notes)
+    # uneven identities: the small one gives all it has, the others share the rest (+-1)
+    from facetool.explainers.units.dictionary import stratified_sample
+
+    lab = np.array([0] * 10 + [1] * 2 + [2] * 5)
+    pick = stratified_sample(np.arange(17) + 100, lab, 9)
+    counts = np.bincount(lab[pick - 100], minlength=3)
+    assert counts[1] == 2 and sorted(counts[[0, 2]]) == [3, 4] and len(set(pick)) == 9
+    # and --help says so
+    import typer
+
+    from facetool.cli import app
+
+    root = typer.main.get_command(app)
+    dissect = root.get_command(root.context_class(root), "dissect")
+    units = dissect.get_command(dissect.context_class(dissect), "units")
+    limit = next(p for p in units.params if p.name == "limit")
+    assert "stratified by identity" in limit.help
+
+
+def test_report_html_shows_a_dash_not_an_escaped_entity(painted_store):
+    """units/report.html showed a literal '&ndash;' for a unit holding no local concept (escaped twice)."""
+    from html.parser import HTMLParser
+
+    from facetool.explainers.units.report import render_report
+
+    d = load_dictionary(painted_store)
+    model = HandUnits()
+    res = dissect_units(model, d, ["full"], batch_size=16, device="cpu")
+    assert res.layers["full"].units[1].kind == "global"  # shown, with no concept held
+    page = render_report({"hand": res}, {"hand": model}, d, max_units=4)
+
+    class Text(HTMLParser):
+        def __init__(self):
+            super().__init__(convert_charrefs=True)
+            self.parts = []
+
+        def handle_data(self, data):
+            self.parts.append(data)
+
+    t = Text()
+    t.feed(page)
+    text = "".join(t.parts)
+    assert "&ndash;" not in text and "&amp;" not in page
+    assert "holds: \u2013" in text
+    d.close()
+
+
+def _one_value_gender_model(path: Path) -> Path:
+    """A 32-px gender classifier that predicts 'female' for every face (a large bias on class 0)."""
+    torch.manual_seed(0)
+    m = create_model("resnet18", num_classes=2, input_size=32, width=8)
+    m.config["task"] = {"kind": "attribute", "names": ["gender"], "classes": [2], "vocab": [["female", "male"]]}
+    with torch.no_grad():
+        m.fc.bias.copy_(torch.tensor([50.0, -50.0]))
+    return save_checkpoint(path, m.eval())
+
+
+def test_cli_compare_says_why_its_table_is_empty(tmp_path):
+    """`--compare` printed an empty table without a word: the model predicts one gender on the whole
+    dictionary, so 'gender (predicted)' is dropped and nothing is left to link concepts to."""
+    csv_p = make_csv_dictionary(tmp_path / "dict")
+    g = _one_value_gender_model(tmp_path / "g.pt")
+    out = tmp_path / "cmp"
+    r = run_facetool("dissect", "units", "--compare", g, g, "--dictionary", csv_p, "--layers", "layer1",
+                     "--out", out, "--quantile", "0.05")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert lines and all(ln.startswith("note: ") for ln in lines), r.stderr
+    assert any("global group 'gender (predicted)' dropped: the model predicts one value (female) on all 3 "
+               "dictionary images" in ln for ln in lines), r.stderr
+    assert "note: bias discovery: no concept-subgroup link to compare: no global group with two values" in r.stderr
+    assert "concept-subgroup links that differ" not in r.stdout
+    js = json.loads((out / "dissection.json").read_text())
+    assert all("gender (predicted)" in res["notes"][0] for res in js["results"].values())
+
+
+def test_cli_device_and_arch_are_checked_before_any_work(painted_store, small_resnet, tmp_path, cli):
+    """I11: --device tpu (and cuda without a GPU) ended in 'internal error'; --arch was missing."""
+    out = tmp_path / "dev"
+    args = ["dissect", "units", "--model", small_resnet, "--store", painted_store, "--layers", "layer3", "--out", out]
+    r = run_facetool(*args, "--device", "tpu")
+    assert r.returncode == 2 and r.stderr.startswith("error: --device 'tpu' is not a device; use auto, cpu")
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and not out.exists()
+    if not torch.cuda.is_available():
+        r = run_facetool(*args, "--device", "cuda")
+        assert r.returncode == 2 and r.stderr.startswith("error: --device cuda: no CUDA device here; use --device cpu")
+        assert len(r.stderr.strip().splitlines()) == 1 and not out.exists()
+    r = cli(*args, "--arch", "iresnet34")
+    assert r.exit_code == 2 and "resnet18; --arch iresnet34 contradicts it" in r.output and not out.exists()
+    r = cli(*args, "--arch", "resnet18", "--device", "cpu", "--quantile", "0.05")
+    assert r.exit_code == 0, r.output

@@ -536,3 +536,20 @@ def test_srrl_student_beats_the_plain_student(tmp_path):
     print(f"teacher {teacher_top1:.1f} %; SRRL vs none test top-1 per seed {seeds}: {top1['srrl']} vs {top1['none']}; "
           f"means {srrl:.2f} vs {none:.2f} (+{srrl - none:.2f})")
     assert srrl - none >= 5.0, (top1, srrl, none)
+
+
+def test_teacher_arch_option(tiny, tmp_path, cli):
+    """`distill --teacher` had no --arch (the README promises it on every command with a model file):
+    --teacher-arch names the architecture of a teacher file that records none, must agree with one that
+    does, and is refused without --teacher."""
+    out = tmp_path / "ta"
+    r = cli("distill", "kd", "--teacher", tiny / "teacher.pt", "--teacher-arch", "iresnet34", "--student", "resnet18",
+            *_tiny_args(tiny, out))
+    assert r.exit_code == 2 and "resnet18; --teacher-arch iresnet34 contradicts it" in r.output, r.output
+    assert not (out / "model.pt").exists()
+    r = cli("distill", "none", "--teacher-arch", "resnet18", "--student", "resnet18", *_tiny_args(tiny, out))
+    assert r.exit_code == 2 and "--teacher-arch names the architecture of --teacher; give --teacher too" in r.output
+    r = cli("distill", "srrl", "--teacher", tiny / "backbone.pth", "--teacher-arch", "iresnet18", "--student", "r18",
+            "--width", "4", *_tiny_args(tiny, out))
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "config.json").read_text())["method"] == "distill-srrl"

@@ -155,8 +155,8 @@ def test_info_on_a_bare_backbone_and_arch_for_unknown_layouts(backbone, tmp_path
 def test_device_strings_are_checked_up_front(ijb_root, tmp_path, cli):
     ck = save_checkpoint(tmp_path / "m.pt", create_model("iresnet18", width=4, embedding_size=8, input_size=32))
     r = cli("eval", "ijbc", "--root", ijb_root, "--model", ck, "--device", "foo", "--out", tmp_path / "o")
-    assert r.exit_code == 2 and "--device 'foo' is not a device; use auto, cpu, cuda, cuda:N" in r.output
+    assert r.exit_code == 2 and "--device 'foo' is not a device; use auto, cpu" in r.output
     assert "internal error" not in r.output and not (tmp_path / "o").exists()
     if not torch.cuda.is_available():
         r = cli("eval", "lfw", "--bin", tmp_path / "none.bin", "--model", ck, "--device", "cuda")
-        assert r.exit_code == 2 and "--device cuda: no CUDA GPU is available" in r.output
+        assert r.exit_code == 2 and "--device cuda: no CUDA device here" in r.output

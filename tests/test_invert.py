@@ -346,3 +346,83 @@ def test_cli_embeddings_input_and_errors(cli, tiny_setup, tmp_path):
     assert r.exit_code != 0 and "gate_probs" in r.output
     r = cli("invert", "--model", m0, "--out", tmp_path / "e")
     assert r.exit_code != 0 and "exactly one" in r.output
+
+
+# -- issue 17 -----------------------------------------------------------------------------------------
+def test_cli_pairs_with_a_store_larger_than_the_model(tiny_setup, tmp_path, cli):
+    """I1: a 32-px model, a 64-px store, --pairs --judge: the real faces of the pairs were not resized, a
+    shape error after the whole optimisation, nothing written (and --resume failed the same way). Now the
+    pairs' faces are at the model's size (and resized to a judge's own size where that differs)."""
+    from conftest import run_facetool
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.models import create_model
+    from facetool.models.checkpoint import save_checkpoint
+
+    d, (m0, m1) = tiny_setup
+    store, _ = prepare_synthetic(tmp_path / "s64.h5", identities=3, per_identity=4, size=64, seed=0)
+    out = tmp_path / "inv"
+    r = run_facetool("invert", "--model", m0, "--images", store, "--pairs", "--judge", m1, "--limit", 3, "--batch", 3,
+                     "--iterations", 2, "--out", out)
+    assert r.returncode == 0, r.stderr
+    met = json.loads((out / "metrics.json").read_text())
+    assert met["pairs"] == 6 and math.isfinite(met["pair_accuracy"]) and math.isfinite(met["cosine_judge"])
+    assert (out / "inverted.h5").is_file() and (out / "grid.png").is_file()
+    # a judge built for 64 px sees the 32-px faces resized to its own size
+    torch.manual_seed(2)
+    j64 = create_model("iresnet18", width=4, embedding_size=8, input_size=64).eval()
+    j64 = save_checkpoint(tmp_path / "j64.pt", j64)
+    r = cli("invert", "--model", m0, "--images", store, "--pairs", "--judge", j64, "--limit", 3, "--batch", 3,
+            "--iterations", 2, "--out", tmp_path / "inv64")
+    assert r.exit_code == 0, r.output
+    assert math.isfinite(json.loads((tmp_path / "inv64" / "metrics.json").read_text())["pair_accuracy"])
+
+
+def test_cli_pairs_are_checked_before_the_optimisation(tiny_setup, tmp_path, cli, monkeypatch):
+    """What the evaluation needs is checked before the optimisation (which can take hours), not after it."""
+    import facetool.explainers.invert as inv
+    from facetool.store import Record, StoreWriter
+
+    def no_optimisation(*a, **k):
+        raise AssertionError("optimised before the pair protocol was checked")
+
+    monkeypatch.setattr(inv, "invert_batches", no_optimisation)
+    d, (m0, m1) = tiny_setup
+    w = StoreWriter(tmp_path / "single.h5", image_size=(32, 32), identities=["a", "b", "c"])
+    for i in range(3):  # one image per identity: no genuine pair can be formed
+        w.append(Record(np.full((32, 32, 3), 40 * i, np.uint8), i, split=1, source=f"{i}.png"))
+    w.finalize()
+    out = tmp_path / "inv"
+    r = cli("invert", "--model", m0, "--images", tmp_path / "single.h5", "--pairs", "--judge", m1, "--out", out)
+    assert r.exit_code == 2 and "--pairs: the store has no other image of these identities" in r.output, r.output
+    assert not (out / "metrics.json").exists()
+
+
+def test_cli_interrupted_invert_says_what_it_kept(tiny_setup, tmp_path, cli, monkeypatch):
+    """An interrupted invert said 'partial results were kept' when none were: now it says what it kept
+    (the resume states of its batches) or that nothing was (and removes the empty folder it made)."""
+    import facetool.explainers.invert as inv
+    from facetool.io import torch_save
+
+    d, (m0, _) = tiny_setup
+
+    def interrupted(*a, state_dir=None, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inv, "invert_batches", interrupted)
+    out = tmp_path / "none"
+    r = cli("invert", "--model", m0, "--images", d / "s.h5", "--iterations", 2, "--out", out)
+    assert r.exit_code == 130 and "partial results were kept" not in r.output
+    assert "interrupted before the first resume state was saved; nothing was kept" in r.output, r.output
+    assert not out.exists()
+
+    def interrupted_after_a_batch(*a, state_dir=None, **k):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        torch_save({"step": 1}, state_dir / "state-0.pt")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(inv, "invert_batches", interrupted_after_a_batch)
+    out = tmp_path / "some"
+    r = cli("invert", "--model", m0, "--images", d / "s.h5", "--iterations", 2, "--out", out)
+    msg = " ".join(r.output.split())
+    assert r.exit_code == 130 and "kept the resume state of 1 batch(es)" in msg, r.output
+    assert "wrote none of inverted.h5, grid.png, metrics.json" in msg and f"--resume --out {out}" in msg

@@ -149,10 +149,10 @@ def test_resolve_device():
         assert "cpu" in str(e.value)
     if not torch.cuda.is_available():
         for dev in ("cuda", "cuda:1"):
-            with pytest.raises(FacetoolError, match="no CUDA GPU"):
+            with pytest.raises(FacetoolError, match="no CUDA device here"):
                 resolve_device(dev)
     else:
-        with pytest.raises(FacetoolError, match="CUDA GPU"):
+        with pytest.raises(FacetoolError, match="CUDA device"):
             resolve_device(f"cuda:{torch.cuda.device_count()}")
 
 

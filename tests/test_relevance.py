@@ -4,6 +4,7 @@ tests with hand-computed values) and the command on the real store format."""
 from __future__ import annotations
 
 import json
+import math
 
 import h5py
 import numpy as np
@@ -365,3 +366,91 @@ def test_gradcam_maps_are_placed_on_receptive_field_centres(checkpoints):
     assert cam.shape[-1] < 64  # a real down-sampled layer
     want = upsample_maps(cam[:, None], (64, 64))[:, 0]
     np.testing.assert_allclose(maps, want.numpy(), atol=2e-4)
+
+
+# -- issue 17 -----------------------------------------------------------------------------------------
+def test_cli_bad_grid_and_every_option_are_refused_before_any_work(synthetic_store, checkpoints, tmp_path,
+                                                                   monkeypatch):
+    """I10: --grid 0 failed with 'internal error' after every map was computed; now one line, exit 2,
+    nothing written, and the library refuses every bad option before loading the model."""
+    clf, _ = checkpoints
+    out = tmp_path / "g0"
+    r = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out, "--grid", "0",
+                     "--limit", "2", "--steps", "1")
+    assert r.returncode == 2 and r.stderr.startswith("error: ") and "--grid" in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr and not out.exists()
+    import facetool.models.checkpoint as ckpt
+    from facetool.explainers.relevance import dissect_relevance
+
+    def no_work(*a, **k):
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(ckpt, "load_model", no_work)
+    for opt, kw in [("--grid", {"grid": 0}), ("--steps", {"steps": 0}), ("--max-fraction", {"max_fraction": math.nan}),
+                    ("--max-fraction", {"max_fraction": 1.5}), ("--patch", {"patch": 0}), ("--limit", {"limit": 0}),
+                    ("--batch-size", {"batch_size": -1}), ("--fill", {"fill": "grey"}),
+                    ("--device", {"device": "tpu"})]:
+        with pytest.raises(FacetoolError, match=opt):
+            dissect_relevance(clf, synthetic_store, out, **kw)
+    assert not out.exists()
+
+
+def test_cli_reference_without_target_cosine_is_refused(synthetic_store, checkpoints, tmp_path):
+    """--reference was silently ignored without --target cosine."""
+    clf, _ = checkpoints
+    out = tmp_path / "ref"
+    r = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out,
+                     "--reference", "self", "--limit", "2", "--steps", "1")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert r.stderr.startswith("error: --reference applies only to --target cosine") and not out.exists()
+
+
+def test_cli_scorecam_leaks_no_progress_bar(synthetic_store, checkpoints, tmp_path):
+    """pytorch-grad-cam's ScoreCAM drew a tqdm bar per image on stderr."""
+    import pytorch_grad_cam.score_cam as sc
+    import tqdm
+
+    clf, _ = checkpoints
+    out = tmp_path / "sc"
+    r = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out,
+                     "--method", "scorecam", "--limit", "2", "--steps", "1", "--grid", "2")
+    assert r.returncode == 0, r.stderr
+    assert "it/s" not in r.stderr and "%|" not in r.stderr and "\r" not in r.stderr, r.stderr
+    assert all(ln.startswith("note: ") for ln in r.stderr.strip().splitlines()), r.stderr
+    assert sc.tqdm is tqdm  # the library's own module is put back after each map
+
+
+def test_cli_gradcam_on_a_2x2_cam_layer_says_so(synthetic_store, checkpoints, tmp_path):
+    """Grad-CAM on a 64-px ResNet's 2x2 layer4 gave meaningless maps without a word: one note line on
+    stderr names the resolution and what to do; a 128-px model (4x4) and LRP get none."""
+    clf, _ = checkpoints
+    out = tmp_path / "gc"
+    r = run_facetool("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out,
+                     "--method", "gradcam", "--limit", "2", "--steps", "1", "--grid", "2")
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("note: gradcam maps of clf.pt come from a 2x2 map"), r.stderr
+    assert "--input-size 128" in lines[0] and "--method lrp" in lines[0]
+    assert json.loads((out / "metrics.json").read_text())["notes"] == [lines[0][len("note: "):]]
+    from facetool.explainers.relevance.maps import cam_notes
+
+    torch.manual_seed(0)
+    big = create_model("resnet18", width=8, num_classes=5, input_size=128).eval()
+    assert cam_notes(big, "gradcam", 128) == [] and cam_notes(_clf(), "lrp", 64) == []
+
+
+def test_arch_and_device_on_relevance_and_generalisation(synthetic_store, checkpoints, tmp_path, cli):
+    """--arch and --device were missing on `dissect relevance|generalisation` (the README promises --arch
+    on every command with --model); both are checked before any work."""
+    clf, _ = checkpoints
+    out = tmp_path / "o"
+    for cmd in (["dissect", "relevance", "--model", clf], ["dissect", "generalisation", "--models", f"{clf},{clf}"]):
+        args = [*cmd, "--store", synthetic_store, "--out", out, "--limit", 2]
+        r = cli(*args, "--arch", "iresnet34")
+        assert r.exit_code == 2 and "resnet18; --arch iresnet34 contradicts it" in r.output, r.output
+        r = cli(*args, "--device", "tpu")
+        assert r.exit_code == 2 and "--device 'tpu' is not a device; use auto, cpu" in r.output, r.output
+        assert not out.exists()
+    r = cli("dissect", "relevance", "--model", clf, "--store", synthetic_store, "--out", out, "--limit", 2,
+            "--steps", 1, "--grid", 2, "--arch", "resnet18", "--device", "cpu")
+    assert r.exit_code == 0, r.output

@@ -169,6 +169,29 @@ def arch_option(flag: str = "--arch", of: str = "--model") -> Any:
                              "layout matches), e.g. iresnet50; the error lists the names.")
 
 
+def device_option(default: str = "auto") -> Any:
+    """``--device``: where a command runs its model; checked before any work by
+    :func:`facetool.devices.resolve_device` (the one validator of every command with ``--device``).
+    ``default`` is the command's own (``cpu`` where earlier versions always ran there)."""
+    return typer.Option(default, "--device", metavar="DEVICE",
+                        help="auto (cuda when available), cpu, cuda, cuda:N or mps; checked before any work.")
+
+
+def checked_device(device: str | None) -> str:
+    """``--device`` checked before any work: a one-line error naming what this machine allows."""
+    from facetool.devices import resolve_device
+
+    return resolve_device(device)
+
+
+def print_notes(notes: list[str] | tuple[str, ...]) -> None:
+    """A command's notes (what it dropped or doubts), one ``note:`` line each on stderr."""
+    from rich.markup import escape
+
+    for n in notes:
+        err_console.print(f"note: {escape(one_line(n))}", highlight=False, soft_wrap=True)
+
+
 def features_option(choices: tuple[str, ...] = ("embedding", "penultimate"), flag: str = "--features",
                     of: str = "--model") -> Any:
     """``--features``: which output of the model an embedding command uses (classifiers need it)."""

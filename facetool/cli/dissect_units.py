@@ -7,7 +7,8 @@ from typing import List, Optional
 
 import typer
 
-from facetool.cli.common import console, guarded, records_table
+from facetool.cli.common import (arch_option, checked_device, console, device_option, guarded, print_notes,
+                                 records_table)
 
 
 def register(group: typer.Typer) -> None:
@@ -28,11 +29,14 @@ def register(group: typer.Typer) -> None:
                                        "(Network Dissection: 0.005; the published HND code used 0.05)."),
         iou_threshold: float = typer.Option(0.04, "--iou-threshold", help="A unit is localizable at best IoU >= this."),
         split: str = typer.Option("all", "--split", help="Store split forming the dictionary: train, test or all."),
-        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use the first N dictionary images."),
+        limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Use N dictionary images: a fixed sample "
+                                            "stratified by identity (every identity equally, +-1; the same on every "
+                                            "run); with --dictionary, the CSV's first N rows."),
         batch_size: int = typer.Option(32, "--batch-size", min=1),
         top_images: int = typer.Option(6, "--top-images", min=1, max=64, help="Top-activating images kept per unit."),
         max_units: int = typer.Option(48, "--max-units", min=0, help="Units per layer drawn in the report."),
-        device: Optional[str] = typer.Option(None, "--device", help="cpu or cuda (default: cuda if available)."),
+        device: str = device_option(),
+        arch: Optional[str] = arch_option(of="--model/--compare"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing --out folder's files."),
         extra: Optional[List[str]] = typer.Argument(None, hidden=True),
     ) -> None:
@@ -47,6 +51,7 @@ def register(group: typer.Typer) -> None:
 
         from facetool.io import guard_output
 
+        device = checked_device(device)  # before any work
         cmp = list(compare or []) + [Path(e) for e in (extra or [])]
         # the output folder is checked before anything else (the library checks it again)
         guard_output(out, inputs=(model, *cmp, store, dictionary), overwrite=overwrite, is_dir=True)
@@ -64,17 +69,25 @@ def register(group: typer.Typer) -> None:
             res = dissect_to_folder(out, models=models, layers=layers, store=store, dictionary_csv=dictionary,
                                     split=split, limit=limit, quantile=quantile, iou_threshold=iou_threshold,
                                     batch_size=batch_size, device=device, top_images=top_images, max_units=max_units,
-                                    overwrite=overwrite, compare=bool(cmp), progress=progress)
+                                    overwrite=overwrite, compare=bool(cmp), progress=progress, arch=arch)
         d = res["dictionary"]
         console.print(f"dictionary: {d['images']} images, {d['concepts']} local concepts, global groups: "
                       f"{', '.join(d['groups']) or 'none'}"
                       + (f"; skipped {', '.join(f'{k}: {v}' for k, v in d['skipped'].items())}" if d["skipped"] else ""))
         recs = [{"model": m, "layer": ln, **c} for m, per in res["counts"].items() for ln, c in per.items()]
         console.print(records_table("units by concept type", recs))
+        print_notes([f"{m}: {n}" if res["compare"] is not None else n for m, n in res["notes"]])
         if res["compare"] is not None:
             names = list(res["models"])
             cols = ["layer", "concept", "subgroup", f"units {names[0]}", f"units {names[1]}", f"mean P {names[0]}",
                     f"mean P {names[1]}"]
-            console.print(records_table("bias discovery: concept-subgroup links that differ (units = holding the concept "
-                                        "and biased to the subgroup)", res["compare"][:15], cols))
+            if res["compare"]:
+                console.print(records_table("bias discovery: concept-subgroup links that differ (units = holding the "
+                                            "concept and biased to the subgroup)", res["compare"][:15], cols))
+            else:
+                contrasted = any(u.globals for r in res["results"].values() for lr in r.layers.values()
+                                 for u in lr.units)
+                print_notes(["bias discovery: no concept-subgroup link to compare: " + (
+                    "no unit of either model holds a local concept" if contrasted else
+                    "no global group with two values present was left (see the notes above)")])
         console.print(f"wrote {', '.join(res['files'])} to {out}")

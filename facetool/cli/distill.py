@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from facetool.cli.common import console, dict_table, guarded
+from facetool.cli.common import arch_option, console, dict_table, guarded
 from facetool.cli.options import TrainOptions, training_options
 
 #: --student help (static: --help must not import torch; tests/test_cli_options.py checks it against the registry)
@@ -27,6 +27,7 @@ def register(app: typer.Typer) -> None:
         student: str = typer.Option(..., "--student", help=STUDENT_HELP),
         store: Path = typer.Option(..., "--store", envvar="FACETOOL_STORE", help="Face store (HDF5): train split trains, test split validates and is diagnosed. [env FACETOOL_STORE]"),
         out: Path = typer.Option(..., "--out", help="Run folder: model.pt (the student), heads.pt, last.pt (resume), metrics, result.json."),
+        teacher_arch: Optional[str] = arch_option("--teacher-arch", of="--teacher"),
         teacher_head: list[Path] = typer.Option([], "--teacher-head", help="Classifier of an embedding teacher (facetool heads.pt, arcface_torch softmax weight); repeat for model-parallel shards."),
         teacher_loss: Optional[str] = typer.Option(None, "--teacher-loss", help="arcface | cosface | softmax: the head's kind (default: from the checkpoint, else arcface)."),
         teacher_scale: Optional[float] = typer.Option(None, "--teacher-scale", help="Logit scale s of a margin head (default: from the checkpoint, else 64)."),
@@ -81,7 +82,7 @@ def register(app: typer.Typer) -> None:
             temperature=temperature, sr_loss=sr_loss, hint=hint_pair, unlabeled=unlabeled,
             unlabeled_weight=unlabeled_weight, mixup=mixup, transfer=transfer,
             labeled_per_identity=labeled_per_identity,
-            on_config=show_config if main else None)
+            on_config=show_config if main else None, teacher_arch=teacher_arch)
         if main:
             show_result(result)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import typer
 
-from facetool.cli.common import arch_option, console, dict_table, err_console, features_option, guarded
+from facetool.cli.common import arch_option, console, dict_table, err_console, fail, features_option, guarded
 
 
 def register(app: typer.Typer) -> None:
@@ -46,13 +47,8 @@ def invert_cmd(
     judge_features: str = features_option(flag="--judge-features", of="--judge"),
 ) -> None:
     """Invert faces: optimise images whose embeddings match the targets, then score them."""
-    import torch
-
-    from facetool.data.transforms import normalize
     from facetool.errors import FacetoolError
-    from facetool.io import atomic_path, guard_output, guard_run_folder, run_name, write_json
-    from facetool.explainers import invert as inv
-    from facetool.models import load_model
+    from facetool.io import guard_output, guard_run_folder, run_name
 
     for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1), ("--seed", seed, 0)):
         if v < lo:
@@ -65,10 +61,60 @@ def invert_cmd(
         if not v >= 0:
             raise FacetoolError(f"{opt} must be >= 0, got {v}")
     inputs = (model, images, embeddings, judge)
+    fresh = out is None or not Path(out).exists()  # this run creates the folder (removed again if left empty)
     out = guard_run_folder(out, f"invert-{run_name(model)}", inputs=inputs, overwrite=overwrite, resume=resume)
     for name in ("inverted.h5", "grid.png", "metrics.json"):
         guard_output(out / name, inputs=inputs, overwrite=overwrite or resume, option="--out")
     state_dir = out / "state"
+    written: list[str] = []
+    try:
+        _invert(model=model, out=out, images=images, embeddings=embeddings, split=split, limit=limit,
+                iterations=iterations, batch=batch, lr=lr, id_loss=id_loss, bn_weight=bn_weight,
+                no_bn_prior=no_bn_prior, tv_l2=tv_l2, tv_l1=tv_l1, l2=l2, gate_prior=gate_prior,
+                routing_prior=routing_prior, multires=multires, judge=judge, pairs=pairs, seed=seed, resume=resume,
+                arch=arch, features=features, judge_arch=judge_arch, judge_features=judge_features,
+                state_dir=state_dir, written=written)
+    except KeyboardInterrupt:
+        if os.environ.get("FACETOOL_DEBUG"):
+            raise
+        fail(_interrupted_message(out, state_dir, fresh, written), 130)
+
+
+def _interrupted_message(out: Path, state_dir: Path, fresh: bool, written: list[str]) -> str:
+    """What an interrupted ``invert`` kept, truthfully: the resume state of its batches (written every
+    ``save_every`` iterations and at the end of a batch) and the result files it finished, or nothing
+    (an empty folder this run made is then removed)."""
+    import contextlib
+
+    states = sorted(state_dir.glob("state-*.pt")) if state_dir.is_dir() else []
+    files = f"wrote {', '.join(written)}" if written else "wrote none of inverted.h5, grid.png, metrics.json"
+    if states:
+        return (f"interrupted; kept the resume state of {len(states)} batch(es) in {state_dir} and {files}: rerun "
+                f"the same command with --resume --out {out} to continue")
+    if not written:
+        for d in (state_dir, out if fresh else None):  # only folders this run created, and only when empty
+            with contextlib.suppress(OSError):
+                if d is not None and d.is_dir() and not any(d.iterdir()):
+                    d.rmdir()
+        return "interrupted before the first resume state was saved; nothing was kept (rerun the command to start over)"
+    return f"interrupted; {files}; no resume state is left"
+
+
+def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | None, split: str, limit: int,
+            iterations: int, batch: int, lr: float, id_loss: str, bn_weight: float, no_bn_prior: bool, tv_l2: float,
+            tv_l1: float, l2: float, gate_prior: float, routing_prior: float, multires: bool, judge: Path | None,
+            pairs: bool, seed: int, resume: bool, arch: str | None, features: str, judge_arch: str | None,
+            judge_features: str, state_dir: Path, written: list[str]) -> None:
+    """The inversion itself, after the options and outputs are checked (``invert_cmd``); appends each
+    result file to ``written`` once it is complete."""
+    import torch
+
+    from facetool.data.transforms import normalize
+    from facetool.errors import FacetoolError
+    from facetool.io import atomic_path, write_json
+    from facetool.explainers import invert as inv
+    from facetool.models import load_model
+
     if state_dir.exists() and not resume:
         for f in state_dir.glob("state-*.pt"):
             f.unlink()
@@ -89,6 +135,7 @@ def invert_cmd(
     if judge is not None:
         judge_net = select_features(load_model(judge, name=judge_arch, option="--judge-arch"), judge_features,
                                     option="--judge-features", allowed=EMBEDDING_FEATURES)
+    inv.check_evaluation(data, net, judge_net, pairs, size, seed)  # before the optimisation, not after it
 
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -133,6 +180,7 @@ def invert_cmd(
     except BaseException:
         w.abort(keep=False)
         raise
+    written.append("inverted.h5")
     import cv2
 
     grid = inv.grid_image(done.images, res.uint8)
@@ -141,7 +189,9 @@ def invert_cmd(
         raise FacetoolError(f"cannot encode {out / 'grid.png'}")
     with atomic_path(out / "grid.png") as tmp:
         tmp.write_bytes(png.tobytes())
+    written.append("grid.png")
     write_json(out / "metrics.json", metrics)
+    written.append("metrics.json")
     if diverged is None:
         for f in state_dir.glob("state-*.pt"):
             f.unlink()

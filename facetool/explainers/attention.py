@@ -9,10 +9,12 @@ batches (memory bounded by one batch):
   is centred on input pixel s*j, not on s*(j + 0.5) - 0.5 as ``interpolate(align_corners=False)``
   assumes; that convention shifts the map by (s - 1)/2 px (7.5 px for ResNet's stride 16) down and
   to the right, and lowered the glasses-frame attention ratio of a trained ABN from 1.46 to 1.19;
-* overlay grid (``overlays.png``): one row per image (the first ``images`` of the split), the face
-  then each head's map blended over it (up to ``max_heads``);
+* overlay grid (``overlays.png``): one row per image (the first ``images`` of the split, labelled
+  with its store row and identity), the face then each head's map blended over it (up to
+  ``max_heads``, columns labelled with the head's attribute), and a colour bar of the attention scale;
 * mean map per attribute value (``mean_maps.png`` + ``mean_maps.npz``): head ``a``'s map averaged over
-  the images whose value of the head's attribute is ``v`` (identity models: one "all" mean);
+  the images whose value of the head's attribute is ``v`` (identity models: one "all" mean); rows
+  labelled with the head, each map with its value and image count, a colour bar (map / its maximum);
 * attention share per facial part (``part_shares.csv``): for each head and part, the mean over the
   images where the part is visible of ``sum(M * mask) / sum(M)`` beside the part's area share
   ``mean(mask)`` and their ratio (> 1: the map concentrates on the part). Parts come from the store's
@@ -99,33 +101,77 @@ def overlay(image: np.ndarray, map01: np.ndarray, alpha: float = 0.5) -> np.ndar
                    0, 255).astype(np.uint8)
 
 
-def _write_png(path: Path, rgb: np.ndarray) -> None:
-    import cv2
+def _colour_bar(fig, axes, label: str) -> None:
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
 
-    from facetool.io import atomic_path
+    fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), "jet"), ax=axes, label=label, fraction=0.04, pad=0.02)
 
-    ok, buf = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
-    if not ok:
-        raise FacetoolError(f"could not encode {path}")
-    with atomic_path(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
+
+def plot_overlays(path: Path, rows: Sequence[tuple[str, Sequence[np.ndarray]]], columns: Sequence[str]) -> Path:
+    """``overlays.png``: one row per image (``(label, [face, overlay ...])``), columns labelled with
+    ``columns`` (face, then the attribute head of each map), and the colour bar of the maps."""
+    from facetool.explainers.dissect import _plt, _savefig
+
+    plt = _plt()
+    n, c = len(rows), len(columns)
+    fig, axes = plt.subplots(n, c, figsize=(1.25 * c + 1.2, 1.3 * n + 0.5), squeeze=False)
+    for i, (label, cells) in enumerate(rows):
+        for j in range(c):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(cells):
+                ax.imshow(cells[j])
+            if i == 0:
+                ax.set_title(columns[j], fontsize=7)
+        axes[i][0].set_ylabel(label, fontsize=7)
+    _colour_bar(fig, axes, "attention")
+    return _savefig(fig, path)
+
+
+def plot_mean_maps(path: Path, mean_maps: dict[str, dict[str, np.ndarray]], counts: dict[str, dict[str, int]]) -> Path:
+    """``mean_maps.png``: one row per head, one map per attribute value (titled ``value (images)``),
+    each divided by its maximum, and the colour bar of that scale."""
+    from facetool.explainers.dissect import _plt, _savefig
+
+    plt = _plt()
+    n, c = len(mean_maps), max(len(d) for d in mean_maps.values())
+    fig, axes = plt.subplots(n, c, figsize=(1.25 * c + 1.2, 1.35 * n + 0.5), squeeze=False)
+    for i, (head, d) in enumerate(mean_maps.items()):
+        for j in range(c):
+            ax = axes[i][j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(d):
+                v, m = list(d.items())[j]
+                ax.imshow(m / max(1e-12, float(m.max())), cmap="jet", vmin=0.0, vmax=1.0)
+                ax.set_title(f"{v} ({counts[head][v]})", fontsize=7)
+            else:
+                ax.axis("off")
+        axes[i][0].set_ylabel(head, fontsize=7)
+    _colour_bar(fig, axes, "mean attention / map maximum")
+    return _savefig(fig, path)
 
 
 @torch.no_grad()
 def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path, *, split: str = "test",
                       batch_size: int = 32, images: int = 8, max_heads: int = 8, overwrite: bool = False,
-                      device: str | None = None) -> dict[str, Any]:
-    """Run the analysis (see module doc); writes into the folder ``out``; returns the summary dict."""
+                      device: str | None = None, arch: str | None = None) -> dict[str, Any]:
+    """Run the analysis (see module doc); writes into the folder ``out``; returns the summary dict.
+    ``arch``: the architecture of a model file that records none; ``device``: where the model runs."""
     from facetool.data import face_source, make_loader, open_dataset
+    from facetool.devices import resolve_device
     from facetool.io import guard_output, write_json, write_text
     from facetool.models import load_model
     from facetool.store import FaceStore
     from facetool.tasks import task_of
 
-    out = guard_output(out, inputs=(model_path, store), overwrite=overwrite, is_dir=True)
+    dev = torch.device(resolve_device(device))  # before any work
     if batch_size < 1 or images < 0 or max_heads < 1:
         raise FacetoolError("--batch-size and --max-heads must be >= 1 and --images >= 0")
-    model = load_model(model_path)
+    out = guard_output(out, inputs=(model_path, store), overwrite=overwrite, is_dir=True)
+    model = load_model(model_path, name=arch)
     check_attention_model(model, model_path)
     task = task_of(model)
     with FaceStore(face_source(store)) as s:
@@ -142,10 +188,11 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
             raise FacetoolError(f"store {Path(store).name} lacks the model's attribute(s) {', '.join(missing)}")
         codes = {n: s.attribute(n) for n in group_names}
         landmarks = s.landmarks
+        identity_of = s.labels
+        identity_names = list(s.identities)
     heads = list(task.names) if not task.is_identity else ["identity"]
     insize = int(getattr(model, "config", {}).get("input_size") or H)
     ds = open_dataset(store, split, size=insize if insize != H else None)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.eval().to(dev)
     stride = getattr(model, "attention_stride", None)
 
@@ -156,7 +203,7 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
     share_sum = {p: None for p in part_names}
     area_sum = {p: 0.0 for p in part_names}
     n_part = {p: 0 for p in part_names}
-    grid_rows: list[np.ndarray] = []
+    grid_rows: list[tuple[str, list[np.ndarray]]] = []  # (image label, [face, overlay per head])
     n_seen = 0
     with FaceStore(store) as s:
         for batch in make_loader(ds, batch_size):
@@ -197,28 +244,27 @@ def dissect_attention(model_path: str | Path, store: str | Path, out: str | Path
                 imgs = s.images(rows[:take])
                 for k in range(take):
                     cells = [imgs[k]] + [overlay(imgs[k], maps[k, a]) for a in range(min(A, max_heads))]
-                    grid_rows.append(np.concatenate(cells, 1))
+                    y = int(identity_of[rows[k]])
+                    who = identity_names[y] if 0 <= y < len(identity_names) else str(y)
+                    grid_rows.append((f"#{int(rows[k])}\n{who}", cells))
             n_seen += len(rows)
 
     out.mkdir(parents=True, exist_ok=True)  # everything is computed: write the files now
     files = []
-    if grid_rows:
-        _write_png(out / "overlays.png", np.concatenate(grid_rows, 0))
-        files.append("overlays.png")
     head_names = heads if len(heads) == A else [f"map{a}" for a in range(A)]
+    if grid_rows:
+        plot_overlays(out / "overlays.png", grid_rows, ["face"] + head_names[:max_heads])
+        files.append("overlays.png")
     mean_maps: dict[str, dict[str, np.ndarray]] = {}
+    mean_counts: dict[str, dict[str, int]] = {}
     for (a, v), sm in sorted(sums.items()):
         hn = head_names[a]
         vocab = task.vocab[a] if not task.is_identity and task.num_heads == A else ["all"]
-        mean_maps.setdefault(hn, {})[vocab[v] if v < len(vocab) else str(v)] = sm / counts[(a, v)]
+        vn = vocab[v] if v < len(vocab) else str(v)
+        mean_maps.setdefault(hn, {})[vn] = sm / counts[(a, v)]
+        mean_counts.setdefault(hn, {})[vn] = counts[(a, v)]
     if mean_maps:
-        tiles = []
-        width = max(len(d) for d in mean_maps.values())
-        for hn, d in list(mean_maps.items())[:max_heads]:
-            row = [_colour(m / max(1e-12, float(m.max()))) for m in d.values()]
-            row += [np.zeros((H, W, 3), np.uint8)] * (width - len(row))
-            tiles.append(np.concatenate(row, 1))
-        _write_png(out / "mean_maps.png", np.concatenate(tiles, 0))
+        plot_mean_maps(out / "mean_maps.png", dict(list(mean_maps.items())[:max_heads]), mean_counts)
         buf = io.BytesIO()
         np.savez_compressed(buf, **{f"{hn}={v}": m.astype(np.float32) for hn, d in mean_maps.items() for v, m in d.items()})
         from facetool.io import atomic_path

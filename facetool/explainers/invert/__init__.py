@@ -37,8 +37,9 @@ faces or embeddings to invert), :mod:`.metrics` (SSIM, cosines, pair verificatio
 
 from facetool.explainers.invert.grid import grid_image
 from facetool.explainers.invert.inputs import IMAGE_SUFFIXES, InversionInputs, load_inputs
-from facetool.explainers.invert.metrics import (best_threshold_accuracy, evaluate_inversion, inverted_pairs,
-                                                pair_accuracy, ssim)
+from facetool.explainers.invert.metrics import (best_threshold_accuracy, check_evaluation, embed_at,
+                                                evaluate_inversion, inverted_pairs, pair_accuracy, real_pair_images,
+                                                ssim, verification_pairs)
 from facetool.explainers.invert.optimise import (InversionConfig, InversionDiverged, InversionResult, ProgressFn,
                                                  build_priors, embed, invert, invert_batches)
 from facetool.explainers.invert.priors import (BasePrior, BNStatsPrior, GatePatternPrior, IdentityLoss, L2Prior, Prior,
@@ -63,7 +64,9 @@ __all__ = [
     "attached",
     "best_threshold_accuracy",
     "build_priors",
+    "check_evaluation",
     "embed",
+    "embed_at",
     "evaluate_inversion",
     "grid_image",
     "invert",
@@ -72,7 +75,9 @@ __all__ = [
     "load_inputs",
     "neighbour_differences",
     "pair_accuracy",
+    "real_pair_images",
     "reference_internals",
     "require_internal",
     "ssim",
+    "verification_pairs",
 ]

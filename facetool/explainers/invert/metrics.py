@@ -58,6 +58,66 @@ def pair_accuracy(scores: np.ndarray, same: np.ndarray) -> tuple[float, str]:
     return kfold_accuracy(2.0 - 2.0 * scores, same)["accuracy"], "10-fold"
 
 
+def embed_at(model: nn.Module, images: torch.Tensor) -> torch.Tensor:
+    """:func:`embed` of normalised images resized (bilinear, antialiased) to the model's own input size
+    where it records one and they differ: a judge may be built for another size than the inverted model."""
+    from facetool.models.features import input_size_of
+
+    size = input_size_of(model)
+    if size and tuple(images.shape[-2:]) != (size, size) and len(images):
+        images = F.interpolate(images.float(), size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return embed(model, images)
+
+
+def real_pair_images(store, rows: np.ndarray, size: int) -> torch.Tensor:
+    """Normalised real faces of store ``rows`` at ``size`` px (the inverted model's input size, as the
+    inverted faces and the inputs are): the pair protocol compares like with like."""
+    from facetool.data.transforms import normalize
+    from facetool.explainers.invert.inputs import _resize
+    from facetool.store import FaceStore
+
+    with FaceStore(store) as st:
+        imgs = st.images(rows)
+    return normalize(_resize(imgs, size)) if len(imgs) else torch.zeros(0, 3, size, size)
+
+
+def verification_pairs(inputs: InversionInputs, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (inverted index, real store row, same) pairs of ``--pairs`` (:func:`inverted_pairs`)."""
+    if inputs.store is None or inputs.rows is None:
+        raise FacetoolError("--pairs needs --images STORE.h5 (real images of the same identities)")
+    from facetool.store import FaceStore
+
+    with FaceStore(inputs.store) as st:
+        ref_labels = st.labels
+    inv_i, real_rows, same = inverted_pairs(inputs.labels, ref_labels, inputs.rows, seed)
+    if len(inv_i) == 0:
+        raise FacetoolError("--pairs: the store has no other image of these identities")
+    return inv_i, real_rows, same
+
+
+def check_evaluation(inputs: InversionInputs, model: nn.Module, judge: nn.Module | None, pairs: bool, size: int,
+                     seed: int = 0) -> None:
+    """Everything :func:`evaluate_inversion` will need, checked before the optimisation (which can take
+    hours): the pairs can be formed, their real faces read at ``size`` px, and the judge (or the model)
+    embeds faces of that size (resized to its own input size). One-line errors."""
+    if judge is None and not pairs:
+        return
+    probe = torch.zeros(1, 3, size, size)
+    if pairs:
+        _, real_rows, _ = verification_pairs(inputs, seed)
+        probe = real_pair_images(inputs.store, real_rows[:1], size)
+    who = "--judge" if judge is not None else "--model"
+    try:
+        out = embed_at(judge if judge is not None else model, probe)
+    except RuntimeError as e:
+        from facetool.errors import clip_message
+
+        raise FacetoolError(f"{who} cannot embed the {size}x{size} faces of this inversion: "
+                            f"{clip_message(e, 200)}") from None
+    if out.dim() != 2:
+        raise FacetoolError(f"{who} outputs shape {tuple(out.shape)}, not one embedding per face")
+
+
 def evaluate_inversion(
     result: InversionResult,
     inputs: InversionInputs,
@@ -68,7 +128,8 @@ def evaluate_inversion(
 ) -> dict[str, Any]:
     """Metrics of an inversion: SSIM to the input faces, cosine to the target under ``model`` and
     (with input faces) under ``judge``; with ``pairs``, verification accuracy of (inverted, real)
-    pairs under the judge (or the model). Per-image values under ``per_image``."""
+    pairs under the judge (or the model). Every face is at the inverted model's input size, resized to
+    the judge's own where that differs. Per-image values under ``per_image``."""
     from facetool.data.transforms import normalize
 
     inv = result.images
@@ -80,21 +141,14 @@ def evaluate_inversion(
         s = ssim(inv, real)
         m["ssim"], per["ssim"] = float(s.mean()), s.tolist()
         if judge is not None:
-            c = F.cosine_similarity(embed(judge, inv), embed(judge, real), dim=1)
+            c = F.cosine_similarity(embed_at(judge, inv), embed_at(judge, real), dim=1)
             m["cosine_judge"], per["cosine_judge"] = float(c.mean()), c.tolist()
     if pairs:
-        if inputs.store is None or inputs.rows is None:
-            raise FacetoolError("--pairs needs --images STORE.h5 (real images of the same identities)")
-        from facetool.store import FaceStore
-
-        with FaceStore(inputs.store) as st:
-            inv_i, real_rows, same = inverted_pairs(inputs.labels, st.labels, inputs.rows, seed)
-            if len(inv_i) == 0:
-                raise FacetoolError("--pairs: the store has no other image of these identities")
-            real_imgs = normalize(st.images(real_rows))
+        inv_i, real_rows, same = verification_pairs(inputs, seed)
+        real_imgs = real_pair_images(inputs.store, real_rows, int(inv.shape[-1]))
         j = judge if judge is not None else model
-        a = F.normalize(embed(j, inv[inv_i]), dim=1)
-        b = F.normalize(embed(j, real_imgs), dim=1)
+        a = F.normalize(embed_at(j, inv[inv_i]), dim=1)
+        b = F.normalize(embed_at(j, real_imgs), dim=1)
         acc, how = pair_accuracy((a * b).sum(1).numpy(), same)
         m |= {"pairs": int(len(same)), "pair_accuracy": acc, "pair_protocol": how}
     m["per_image"] = per

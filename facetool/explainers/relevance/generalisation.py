@@ -12,9 +12,9 @@ from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
 from facetool.explainers.relevance.inputs import load_images
-from facetool.explainers.relevance.maps import METHODS, explain
-from facetool.explainers.relevance.metrics import mask_by_map
-from facetool.explainers.relevance.targets import Target, attribute_slice, resolve
+from facetool.explainers.relevance.maps import METHODS, cam_notes, explain
+from facetool.explainers.relevance.metrics import FILLS, mask_by_map
+from facetool.explainers.relevance.targets import Target, attribute_slice, forward, resolve
 from facetool.tasks import task_of
 
 
@@ -41,7 +41,7 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, sl: slice | None, batch: i
     from facetool.explainers.lrp import eval_mode
 
     with eval_mode(model), torch.no_grad():
-        out = torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)])
+        out = torch.cat([forward(model, x[i:i + batch]) for i in range(0, len(x), batch)])
     o = out if sl is None else out[:, sl]
     ok = y >= 0
     return float((o.argmax(1)[ok] == y[ok]).float().mean()) if ok.any() else float("nan")
@@ -50,11 +50,14 @@ def _accuracy(model: nn.Module, x: Tensor, y: Tensor, sl: slice | None, batch: i
 def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | Path, out: str | Path, *,
                           method: str = "lrp", split: str = "test", limit: int = 64, fraction: float = 0.2,
                           patch: int = 8, fill: str = "mean", batch_size: int = 16, seed: int = 0,
-                          overwrite: bool = False) -> dict:
+                          overwrite: bool = False, arch: str | None = None, device: str | None = "cpu") -> dict:
     """Mask each image by model A's relevance (its own target), measure model B's accuracy drop on
-    B's own task. Rows A (plus a ``random`` row), columns B; PNG heatmap + CSV + JSON."""
+    B's own task. Rows A (plus a ``random`` row), columns B; PNG heatmap + CSV + JSON. ``arch``: the
+    architecture of model files that record none; ``device``: where the models run (cpu by default, as
+    before)."""
     import pandas as pd
 
+    from facetool.devices import resolve_device
     from facetool.errors import require_file
     from facetool.explainers.dissect import _plt, _savefig
     from facetool.io import guard_output, write_json, write_text
@@ -63,22 +66,32 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     from facetool.store import FaceStore
 
     paths = [Path(p) for p in model_paths]
+    dev = resolve_device(device)
+    if not 0.0 < fraction < 1.0:
+        raise FacetoolError(f"--fraction must be in (0, 1), got {fraction}")
+    if method not in METHODS or method == "attention":
+        raise FacetoolError(f"--method must be one of {', '.join(m for m in METHODS if m != 'attention')}")
+    if fill not in FILLS:
+        raise FacetoolError(f"unknown --fill {fill!r}; use one of {', '.join(FILLS)}")
+    for opt, v in (("--limit", limit), ("--batch-size", batch_size), ("--patch", patch)):
+        if not v >= 1:
+            raise FacetoolError(f"{opt} must be >= 1, got {v}")
     out = guard_output(out, inputs=(*paths, store_path), overwrite=overwrite, is_dir=True)
     if len(paths) < 2:
         raise FacetoolError("--models needs at least two checkpoints (comma-separated)")
     for p in paths:
         require_file(p, "--models")
     require_file(store_path, "--store")
-    if not 0.0 < fraction < 1.0:
-        raise FacetoolError(f"--fraction must be in (0, 1), got {fraction}")
-    if method not in METHODS or method == "attention":
-        raise FacetoolError(f"--method must be one of {', '.join(m for m in METHODS if m != 'attention')}")
-    models = [load_model(p) for p in paths]
+    models = [load_model(p, name=arch) for p in paths]
     targets = [_own_target(m) for m in models]
     names = []
     for p in paths:
         n = p.parent.name if p.stem == "model" else p.stem
         names.append(n if n not in names else f"{n}_{len(names)}")
+    for m in models:
+        m.to(dev)
+    notes = [n for m, name in zip(models, names)
+             for n in cam_notes(m, method, int(getattr(m, "input_size", 112)), name)]
     with FaceStore(face_source(store_path)) as st:
         rows = st.indices(split)[:limit]
         if len(rows) == 0:
@@ -124,6 +137,7 @@ def generalisation_matrix(model_paths: Sequence[str | Path], store_path: str | P
     res = {"models": names, "paths": [str(p) for p in paths], "targets": [str(t) for t in targets],
            "method": method, "fraction": fraction, "patch": patch, "fill": fill, "images": int(len(rows)),
            "base_accuracy": dict(zip(names, base)), "drop": {r: dict(zip(names, drop[i])) for i, r in enumerate(maps)},
+           "notes": notes,
            "files": [str(out / "matrix.csv"), str(out / "matrix.png"), str(out / "matrix.json")]}
     write_json(out / "matrix.json", res)
     return res

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
-from facetool.explainers.relevance.targets import Explained
+from facetool.explainers.relevance.targets import Explained, forward
 
 FILLS = ("mean", "blur", "black")
 
@@ -87,7 +87,7 @@ def perturbation_curves(model: nn.Module, x: Tensor, maps: np.ndarray | Tensor, 
             masks = removal_masks(order, counts, grid, patch, (H, W))  # (K, B, 1, H, W)
             xs = (x[None] * (1 - masks) + filled[None] * masks).flatten(0, 1)
             whats = [what] * (steps + 1)
-            out = torch.cat([model(xs[i:i + batch]) for i in range(0, len(xs), batch)])
+            out = torch.cat([forward(model, xs[i:i + batch]) for i in range(0, len(xs), batch)])
             sc = torch.cat([w.score(out[k * B:(k + 1) * B]) for k, w in enumerate(whats)]).view(steps + 1, B).T
             res[name] = sc.numpy()
             res[f"aopc_{name}"] = float((sc[:, :1] - sc).mean().item())

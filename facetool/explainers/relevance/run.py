@@ -11,51 +11,78 @@ from torch import nn
 
 from facetool.errors import FacetoolError
 from facetool.explainers.relevance.inputs import image_file, load_images, select_rows
-from facetool.explainers.relevance.maps import LRP_METHODS, METHODS, explain, normalise
+from facetool.explainers.relevance.maps import LRP_METHODS, METHODS, cam_notes, explain, normalise
 from facetool.explainers.relevance.metrics import FILLS, ORDERS, part_mass, perturbation_curves, resize_masks
 from facetool.explainers.relevance.plots import plot_curves, plot_mean_maps, plot_overlays
 from facetool.explainers.relevance.targets import Explained, Target, check_target, embed, resolve
+
+
+def check_options(*, method: str, target: str, reference: str | None = None, fill: str = "mean", limit: int = 64,
+                  batch_size: int = 16, steps: int = 10, max_fraction: float = 0.5, patch: int = 8,
+                  grid: int = 16) -> Target:
+    """Every option of ``dissect relevance`` that needs no file, checked before any work (a bad
+    ``--grid`` used to fail after every map was computed). Returns the parsed target."""
+    if method not in METHODS:
+        raise FacetoolError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
+    if fill not in FILLS:
+        raise FacetoolError(f"unknown --fill {fill!r}; use one of {', '.join(FILLS)}")
+    for opt, v in (("--limit", limit), ("--batch-size", batch_size), ("--steps", steps), ("--patch", patch),
+                   ("--grid", grid)):
+        if not v >= 1:
+            raise FacetoolError(f"{opt} must be >= 1, got {v}")
+    if not 0.0 < max_fraction <= 1.0:
+        raise FacetoolError(f"--max-fraction must be in (0, 1], got {max_fraction}")
+    tgt = Target.parse(target)
+    if tgt.kind == "cosine" and not reference:
+        raise FacetoolError("--target cosine needs --reference self|same-identity|IMAGE|pairs.txt")
+    if reference is not None and tgt.kind != "cosine":
+        raise FacetoolError(f"--reference applies only to --target cosine (embedding models), not --target {tgt}; "
+                            "drop --reference or use --target cosine")
+    return tgt
 
 
 def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str | Path, *, method: str = "lrp",
                       target: str = "predicted", reference: str | None = None, split: str = "test",
                       limit: int = 64, batch_size: int = 16, steps: int = 10, max_fraction: float = 0.5,
                       patch: int = 8, fill: str = "mean", grid: int = 16, seed: int = 0,
-                      attributes: Sequence[str] | None = None, overwrite: bool = False) -> dict:
-    """``facetool dissect relevance``: maps, perturbation validation, part masses, plots, HDF5 + JSON/CSV."""
+                      attributes: Sequence[str] | None = None, overwrite: bool = False, arch: str | None = None,
+                      device: str | None = "cpu") -> dict:
+    """``facetool dissect relevance``: maps, perturbation validation, part masses, plots, HDF5 + JSON/CSV.
+    ``arch``: architecture of a model file that records none; ``device``: where the model runs (cpu by
+    default, as before; images, maps and results stay on the CPU). ``notes`` in the result: doubts about
+    the maps (a CAM layer too coarse)."""
     import time
 
     import h5py
     import pandas as pd
 
     from facetool.data.sources import face_source
+    from facetool.devices import resolve_device
     from facetool.errors import require_file
     from facetool.io import atomic_path, guard_output, write_json, write_text
     from facetool.models.checkpoint import load_model
     from facetool.store import UNKNOWN, FaceStore
 
     model_path, store_path, out = Path(model_path), Path(store_path), Path(out)
+    dev = resolve_device(device)
+    tgt = check_options(method=method, target=target, reference=reference, fill=fill, limit=limit,
+                        batch_size=batch_size, steps=steps, max_fraction=max_fraction, patch=patch, grid=grid)
     require_file(model_path, "--model")
     require_file(store_path, "--store")
     guard_output(out, inputs=(model_path, store_path), overwrite=overwrite, is_dir=True)
-    if method not in METHODS:
-        raise FacetoolError(f"unknown --method {method!r}; use one of {', '.join(METHODS)}")
-    if fill not in FILLS:
-        raise FacetoolError(f"unknown --fill {fill!r}; use one of {', '.join(FILLS)}")
-    if limit < 1 or batch_size < 1:
-        raise FacetoolError("--limit and --batch-size must be >= 1")
-    tgt = Target.parse(target)
-    model = load_model(model_path)
+    model = load_model(model_path, name=arch)
     if not isinstance(model, nn.Module) or not hasattr(model, "cam_layer"):
         raise FacetoolError(f"{model_path.name}: relevance needs a facetool torch model (not ONNX)")
     check_target(model, tgt)
-    if tgt.kind == "cosine" and not reference:
-        raise FacetoolError("--target cosine needs --reference self|same-identity|IMAGE|pairs.txt")
     if method in LRP_METHODS:
         from facetool.explainers.lrp import check_canonizable
 
         check_canonizable(model)
     size = int(getattr(model, "input_size", 0) or model.config.get("input_size", 112))
+    if patch > size:
+        raise FacetoolError(f"--patch must be between 1 and the model's input size {size}, got {patch}")
+    model.to(dev)
+    notes = cam_notes(model, method, size, model_path.name)
 
     with FaceStore(face_source(store_path)) as st:
         labels_all = st.labels
@@ -151,7 +178,7 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
         "maps_per_second": len(rows) / max(seconds, 1e-9), "fill": fill, "patch": patch, "steps": steps,
         "max_fraction": max_fraction, "score": curves["score_name"],
         "aopc_morf": curves["aopc_morf"], "aopc_lerf": curves["aopc_lerf"], "aopc_random": curves["aopc_random"],
-        "parts": parts_rows, "files": [str(p) for p in files],
+        "parts": parts_rows, "files": [str(p) for p in files], "notes": notes,
     }
     write_json(out / "metrics.json", metrics)
     metrics["files"].append(str(out / "metrics.json"))

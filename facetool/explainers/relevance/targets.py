@@ -137,7 +137,7 @@ def resolve(model: nn.Module, x: Tensor, target: Target, labels: Tensor | None =
         return Explained(refs=refs)
     sl = attribute_slice(model, target.attribute) if target.kind == "attribute" else None
     with torch.no_grad():
-        out = model(x)
+        out = forward(model, x)
     o = out if sl is None else out[:, sl]
     pred = o.argmax(1)
     if target.kind == "predicted":
@@ -155,6 +155,16 @@ def resolve(model: nn.Module, x: Tensor, target: Target, labels: Tensor | None =
     return Explained(classes=torch.where(codes >= 0, codes, pred), sl=sl, head=head)
 
 
+def forward(model: nn.Module, x: Tensor) -> Tensor:
+    """``model(x)`` on the model's device, the output back on the CPU (the relevance code keeps its
+    images and results there)."""
+    p = next(iter(model.parameters()), None)
+    out = model(x.to(p.device) if p is not None else x)
+    return out.cpu() if isinstance(out, Tensor) else out
+
+
 def embed(model: nn.Module, x: Tensor, batch: int = 64) -> Tensor:
     with torch.no_grad():
-        return torch.cat([model(x[i:i + batch]) for i in range(0, len(x), batch)]) if len(x) else x.new_zeros(0)
+        if not len(x):
+            return x.new_zeros(0)
+        return torch.cat([forward(model, x[i:i + batch]) for i in range(0, len(x), batch)])

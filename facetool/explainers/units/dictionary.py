@@ -274,6 +274,30 @@ def _is_binary_present(values: list[str]) -> list[int]:
 
 
 # ------------------------------------------------------------------------------ store dictionary
+def stratified_sample(rows: np.ndarray, labels: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
+    """``n`` of ``rows`` stratified by identity (``labels``): every identity gives the same number of
+    images, one more for some when ``n`` does not divide evenly (an identity with too few gives all it
+    has, the others make up the rest). The images of each identity and the identities that give one
+    more are drawn with a fixed seed: the same sample on every run. Returned in store order.
+
+    (The first ``n`` rows of a store are its first few identities: a dictionary of two people, whose
+    global groups then lack most of their values.)"""
+    rows, labels = np.asarray(rows), np.asarray(labels)
+    if n >= len(rows):
+        return rows.copy()
+    rng = np.random.default_rng(seed)
+    ids = np.unique(labels)
+    per = [rng.permutation(rows[labels == ids[i]]) for i in rng.permutation(len(ids))]
+    chosen: list[int] = []
+    r = 0
+    while len(chosen) < n:
+        for lst in per:
+            if r < len(lst) and len(chosen) < n:
+                chosen.append(int(lst[r]))
+        r += 1
+    return np.sort(np.asarray(chosen, rows.dtype))
+
+
 class StoreDictionary(FaceDictionary):
     """Face dictionary over a face store (part masks where the store has them, else landmarks)."""
 
@@ -285,8 +309,10 @@ class StoreDictionary(FaceDictionary):
         self.store = FaceStore(face_source(path))
         s = self.store
         idx = s.indices(split)
-        if limit is not None:
-            idx = idx[: int(limit)]
+        sampled = limit is not None and int(limit) < len(idx)
+        if sampled:
+            n_all, n_ids = len(idx), len(np.unique(s.labels[idx]))
+            idx = stratified_sample(idx, s.labels[idx], int(limit))
         if len(idx) == 0:
             raise FacetoolError(f"store {Path(path).name} has no images in split {split!r}")
         self.index = np.asarray(idx, np.int64)
@@ -347,6 +373,9 @@ class StoreDictionary(FaceDictionary):
         self.source = str(path)
         self.skipped = {"no landmarks (landmark parts empty)": int((~have_lm).sum())} if (~have_lm).any() else {}
         self.notes = []
+        if sampled:
+            self.notes.append(f"--limit {len(self.index)}: a fixed sample of the {n_all} images of split {split}, "
+                              f"stratified by identity ({n_ids} identities)")
         if has_masks:
             self.notes.append("parts from the store's exact part masks; chin from the 5 landmarks")
         else:

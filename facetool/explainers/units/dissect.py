@@ -23,7 +23,10 @@ Inference Models using Hierarchical Network Dissection" (see ``shared/REFERENCE.
 4. **Global concepts**: per attribute group (gender, age, ...), the images with a known value are
    ranked the same way (min/max over those images' maps), score(v) = sum over images with value v of
    rank_i * s_i / #images with v, normalised over the group's values; the unit is *biased* towards
-   every value with P >= 1/k + 0.05 (k values: 0.55 for 2-way, 0.3 for 4-way groups as in HND).
+   every value with P >= 1/k + 0.05 (k values: 0.55 for 2-way, 0.3 for 4-way groups as in HND), k the
+   number of the group's values *present* among the dictionary's images (a vocabulary of 4 ages of
+   which 2 appear is a 2-way group: with k = 4 both could pass 0.3 and the unit would be "biased" to
+   both). A group with fewer than two values present is skipped, with a note.
    A unit that is not localizable but biased in some group is a *global* unit.
 
 **Bias discovery**: a *link* (local concept c, subgroup g=v) is a unit that holds c and is biased
@@ -47,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
 from facetool.explainers.placement import upsample_maps
 from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
@@ -61,8 +65,29 @@ KEEP_FACTOR = 1.5
 
 
 def global_threshold(k: int) -> float:
-    """HND's 'biased' level for a k-way group: 0.55 (k=2), 0.3 (k=4); 1/k + 0.05 in general."""
+    """HND's 'biased' level for a k-way group: 0.55 (k=2), 0.3 (k=4); 1/k + 0.05 in general. ``k`` is
+    the number of values present in the dictionary (:func:`present_values`), not the vocabulary size."""
     return 1.0 / k + 0.05
+
+
+def present_values(group: GlobalGroup) -> np.ndarray:
+    """The codes of ``group``'s values that some dictionary image has (sorted; unknown -1 left out)."""
+    codes = np.asarray(group.codes)
+    return np.unique(codes[codes >= 0])
+
+
+def group_note(group: GlobalGroup, n_images: int, predicted: bool = False) -> str | None:
+    """Why ``group`` cannot be contrasted (fewer than two values present), or None when it can."""
+    present = present_values(group)
+    if len(present) >= 2:
+        return None
+    if len(present) == 0:
+        why = f"no dictionary image has a known {group.name}"
+    elif predicted:
+        why = f"the model predicts one value ({group.values[int(present[0])]}) on all {n_images} dictionary images"
+    else:
+        why = f"only one value ({group.values[int(present[0])]}) is present among the {n_images} dictionary images"
+    return f"global group '{group.name}' dropped: {why}, so no unit can be biased within it"
 
 
 # ----------------------------------------------------------------------------------- quantiles
@@ -263,6 +288,7 @@ class Dissection:
     dictionary: dict
     settings: dict
     timing: dict
+    notes: list[str] = field(default_factory=list)  # what was dropped and why (global groups ...)
 
     def tally(self, concepts) -> list[dict]:
         rows = []
@@ -276,7 +302,7 @@ class Dissection:
         return rows
 
     def to_json(self) -> dict:
-        return {"settings": self.settings, "dictionary": self.dictionary, "timing": self.timing,
+        return {"settings": self.settings, "dictionary": self.dictionary, "timing": self.timing, "notes": self.notes,
                 "layers": {n: {"shape": list(lr.shape), "units": [u.to_dict() for u in lr.units],
                                "links": [{"concept": c, "subgroup": g, "units": n_}
                                          for (c, g), n_ in sorted(lr.links().items(), key=lambda t: -t[1])]}
@@ -371,7 +397,7 @@ def dissect_units(
     if batch_size < 1:
         raise FacetoolError(f"--batch-size must be >= 1, got {batch_size}")
     layers = _check_layers(model, layers)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(resolve_device(device))
     was_training = model.training
     model.eval()
     in_size = (getattr(model, "config", {}) or {}).get("input_size")
@@ -408,9 +434,20 @@ def dissect_units(
                 if progress:
                     progress("thresholds", (bi + 1) * batch_size, N)
         thr = {n: sketches[n].quantile(quantile).to(dev) for n in layers}
-        # a predicted group needs at least two predicted values to contrast
-        pred_groups = [GlobalGroup(gname, vals, pred[h]) for h, (gname, vals, _) in enumerate(heads)
-                       if (pred[h] >= 0).all() and len(np.unique(pred[h])) >= 2]
+        # a group (stored or predicted) needs at least two values present to contrast
+        notes: list[str] = []
+        for g in dictionary.groups:
+            note = group_note(g, N)
+            if note:
+                notes.append(note)
+        for h, (gname, vals, _) in enumerate(heads):
+            g = GlobalGroup(gname, vals, pred[h])
+            note = group_note(g, N, predicted=True) if (pred[h] >= 0).all() else \
+                f"global group '{gname}' dropped: the model's output is not one row of logits per image"
+            if note:
+                notes.append(note)
+            else:
+                pred_groups.append(g)
         dictionary.groups.extend(pred_groups)
         timing["pass1_s"] = time.perf_counter() - t0
         # ---- pass 2: IoU, per-image max/min (scratch), top images
@@ -479,11 +516,12 @@ def dissect_units(
     timing["images_per_s"] = N / max(timing["pass1_s"] + timing["pass2_s"], 1e-9)
     settings = {"layers": list(layers), "quantile": quantile, "iou_threshold": iou_threshold,
                 "keep_factor": KEEP_FACTOR, "batch_size": batch_size, "device": str(dev),
-                "global_threshold": "1/k + 0.05 (0.55 for 2-way, 0.3 for 4-way groups)"}
+                "global_threshold": "1/k + 0.05, k = the group's values present in the dictionary "
+                                    "(0.55 for 2 values, 0.3 for 4)"}
     summary = dictionary.summary()
     summary["groups"] += [{"name": g.name, "values": g.values, "predicted": True,
                            "images": {v: int((g.codes == i).sum()) for i, v in enumerate(g.values)}} for g in pred_groups]
-    return Dissection(results, summary, settings, timing)
+    return Dissection(results, summary, settings, timing, notes)
 
 
 def _read_block(ds, u0: int, u1: int) -> np.ndarray:
@@ -530,17 +568,18 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
         # stage 3: global groups (every unit)
         for g in dictionary.groups:
             known = np.flatnonzero(g.codes >= 0)
-            if len(np.unique(g.codes[known])) < 2:  # nothing to contrast
+            present = present_values(g)
+            if len(present) < 2:  # nothing to contrast (dissect_units notes it)
                 continue
             k = len(g.values)
             lo, hi = mn[known].min(0), mx[known].max(0)
             w = rank_activation_weights(mx[known], lo, hi)  # (n, b)
             codes = g.codes[known]
-            thr_g = global_threshold(k)
+            thr_g = global_threshold(len(present))  # over the values present, not the vocabulary
             for j, u in enumerate(range(u0, u1)):
                 p = group_probabilities(w[:, j], codes, k)
                 units[u].globals[g.name] = {v: float(p[i]) for i, v in enumerate(g.values)}
-                units[u].biased += [f"{g.name}={v}" for i, v in enumerate(g.values) if p[i] >= thr_g]
+                units[u].biased += [f"{g.name}={g.values[i]}" for i in present if p[i] >= thr_g]
     for ur in units:
         if ur.kind != "local" and ur.biased:
             ur.kind = "global"
@@ -549,7 +588,13 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
 
 # ----------------------------------------------------------------------------------- comparison
 def _group_sizes(d: Dissection) -> dict[str, int]:
-    return {g["name"]: len(g["values"]) for g in d.dictionary.get("groups", [])}
+    """k of every global group: its values present in the dictionary (the vocabulary size where the
+    counts are not recorded)."""
+    out = {}
+    for g in d.dictionary.get("groups", []):
+        n = g.get("images")
+        out[g["name"]] = max(1, sum(1 for c in n.values() if c > 0)) if isinstance(n, dict) else len(g["values"])
+    return out
 
 
 def compare_dissections(a: Dissection, b: Dissection, names: tuple[str, str] = ("A", "B")) -> list[dict]:

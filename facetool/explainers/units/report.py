@@ -154,6 +154,7 @@ def render_report(results: dict[str, Dissection], models: dict[str, object], dic
         model = models[mname]
         parts.append(f"<h2>Model {html.escape(mname)}</h2><p class=note>{res.timing.get('images', 0)} images, "
                      f"{res.timing.get('total_s', 0):.1f} s</p>")
+        parts += [f"<p class=note>note: {html.escape(n)}</p>" for n in res.notes]
         for lname, lr in res.layers.items():
             U, h, w = lr.shape
             parts.append(f"<h3>{html.escape(mname)} / {html.escape(lname)} ({U} units, {h}&times;{w})</h3>")
@@ -185,7 +186,7 @@ def render_report(results: dict[str, Dissection], models: dict[str, object], dic
                     um = (maps[int(r)][u.unit] > u.threshold).numpy()
                     cm = b.masks[j, k] if k is not None else None
                     imgs.append(_img_tag(overlay(b.images[j], um, cm), f"row {r}", max(1, 96 // dictionary.size[0])))
-                probs = ", ".join(f"{c} {u.probs.get(c, 0):.2f}" for c in u.concepts) or "&ndash;"
+                probs = ", ".join(f"{c} {u.probs.get(c, 0):.2f}" for c in u.concepts) or "\u2013"  # escaped below
                 allp = ", ".join(f"{c} {p:.2f}" for c, p in sorted(u.probs.items(), key=lambda t: -t[1]))
                 parts.append(
                     f"<div class=unit><b>unit {u.unit}</b> <span class='kind-{u.kind}'>{u.kind}</span> "
@@ -215,16 +216,21 @@ def dissect_to_folder(
     overwrite: bool = False,
     compare: bool = False,
     progress=None,
+    arch: str | None = None,
 ) -> dict:
     """Dissect one model (or, with ``compare``, two: biased then clean) and write ``report.html``,
-    ``tally.csv``, ``dissection.json`` (and ``compare.csv``) to ``out``. Returns a summary dict."""
+    ``tally.csv``, ``dissection.json`` (and ``compare.csv``) to ``out``. Returns a summary dict
+    (``notes``: (model, note) pairs saying what was dropped and why). ``arch``: the architecture of
+    model files that record none (``--arch``)."""
     import pandas as pd
 
+    from facetool.devices import resolve_device
     from facetool.errors import require_file
     from facetool.io import guard_output, write_json, write_text
     from facetool.explainers.units.dictionary import load_dictionary
     from facetool.models import load_model
 
+    device = resolve_device(device)  # before any work
     models = [Path(m) for m in models]
     if compare and len(models) != 2:
         raise FacetoolError("--compare needs two checkpoints: the suspect (biased) model and the reference (clean) one")
@@ -238,7 +244,7 @@ def dissect_to_folder(
         raise FacetoolError(f"--quantile must be in (0, 0.5), got {quantile}")
     loaded = {}
     for m in models:
-        model = load_model(m)
+        model = load_model(m, name=arch)
         if not hasattr(model, "get_layer"):
             raise FacetoolError(f"{m} is not a facetool model with named layers (ONNX models cannot be dissected)")
         _check_layers(model, layer_names)
@@ -281,7 +287,9 @@ def dissect_to_folder(
         summary["results"] = results  # the Dissection objects (library callers; not written to JSON)
         summary["timing"] = {n: r.timing for n, r in results.items()}
         summary["dictionary"] = {"images": len(dictionary), "concepts": len(dictionary.concepts),
-                                 "groups": [g.name for g in dictionary.groups], "skipped": dictionary.skipped}
+                                 "groups": [g.name for g in dictionary.groups], "skipped": dictionary.skipped,
+                                 "notes": list(dictionary.notes)}
+        summary["notes"] = [(n, note) for n, r in results.items() for note in r.notes]
         return summary
     finally:
         dictionary.close()

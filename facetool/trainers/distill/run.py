@@ -71,6 +71,7 @@ def distill(
     transfer: str | Path | None = None,
     labeled_per_identity: int | None = None,
     on_config: Callable[[dict], None] | None = None,
+    teacher_arch: str | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict."""
     from facetool.data.sources import face_source, open_dataset
@@ -85,6 +86,8 @@ def distill(
     store = face_source(require_file(store, "face store"))
     with FaceStore(store) as s:
         num_classes, store_size = s.num_classes, int(s.image_size[0])
+    if teacher_arch is not None and teacher is None:
+        raise FacetoolError("--teacher-arch names the architecture of --teacher; give --teacher too")
     if teacher is None and kind != "none":
         raise FacetoolError(f"distillation method {kind} needs --teacher")
     if mixup and unlabeled is None:
@@ -93,7 +96,7 @@ def distill(
         raise FacetoolError("none is the cross-entropy baseline; --unlabeled needs a distillation method (e.g. kd)")
     if labeled_per_identity is not None and labeled_per_identity < 1:
         raise FacetoolError(f"--labeled-per-identity must be >= 1, got {labeled_per_identity}")
-    t = load_teacher(teacher, teacher_heads, teacher_loss, teacher_scale) if teacher is not None else None
+    t = load_teacher(teacher, teacher_heads, teacher_loss, teacher_scale, teacher_arch) if teacher is not None else None
     name = resolve_student(student, t)
     uses_classifier = kind in ("srrl", "kd") or unlabeled is not None
     if t is not None and t.has_logits and uses_classifier and t.num_classes != num_classes:

@@ -174,14 +174,15 @@ def load_head(paths: Sequence[str | Path], embedding_size: int, loss: str | None
 
 
 def load_teacher(path: str | Path, heads: Sequence[str | Path] = (), loss: str | None = None,
-                 scale: float | None = None) -> Teacher:
+                 scale: float | None = None, arch: str | None = None) -> Teacher:
     """A frozen teacher from a facetool checkpoint, an arcface_torch ``backbone.pth`` or an ONNX file.
-    An embedding checkpoint written by ``facetool train arcface`` finds its ``heads.pt`` beside it."""
+    An embedding checkpoint written by ``facetool train arcface`` finds its ``heads.pt`` beside it.
+    ``arch`` (``--teacher-arch``): the architecture of a file that records none."""
     from facetool.models import load_model
 
     p = require_file(path, "teacher")
     try:
-        model = load_model(p)
+        model = load_model(p, name=arch, option="--teacher-arch")
     except FacetoolError as e:
         raise FacetoolError(f"teacher {p} failed to load: {e}") from None
     meta = getattr(model, "meta", {}) or {}
