@@ -212,6 +212,6 @@ def test_train_abn_cli(tmp_path):
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--mechanism", "add")
     assert r.returncode == 2 and "residual, multiply" in r.stderr and not (tmp_path / "bad").exists()
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--att-channels", "-1")
-    assert r.returncode == 2 and "--att-channels must be >= 0" in r.stderr and not (tmp_path / "bad").exists()
+    assert r.returncode == 2 and "--att-channels must be in [0, 4096]" in r.stderr and not (tmp_path / "bad").exists()
     r = run_facetool("train", "abn", "--store", store, "--out", tmp_path / "bad", "--arch", "vgg16")
     assert r.returncode == 2 and "iresnet100" in r.stderr and not (tmp_path / "bad").exists()

@@ -226,3 +226,25 @@ def test_bad_input_matrix(valid, tmp_path, monkeypatch, capsys):
     assert {k: _digest(v) for k, v in valid.items()} == before, "an input was changed"
     assert cases > 300 and ("train resnet", "--epochs") in walked and ("eval ijbc", "--model") in walked
     assert not failures, f"{len(failures)} of {cases} bad inputs not refused properly:\n" + "\n".join(failures[:60])
+
+
+@pytest.mark.parametrize("argv,option", [
+    (["distill", "kd", "--student", "resnet18", "--mixup", "nan"], "--mixup"),  # W6: NaN into result.json
+    (["distill", "kd", "--student", "resnet18", "--unlabeled-weight", "-1"], "--unlabeled-weight"),  # W6
+    (["distill", "kd", "--student", "resnet18", "--width", "0"], "--width"),  # W6: silently a width-64 student
+    (["train", "resnet", "--input-size", "100000"], "--input-size"),  # I7
+    (["train", "aig", "--warmup-epochs", "nan"], "--warmup-epochs"),  # I8
+    (["train", "arcface", "--lr", "inf"], "--lr"),
+])
+def test_reported_bad_numbers_in_a_fresh_process(valid, tmp_path, argv, option):
+    """The audit's cases through the real entry point: exit 2, one line naming the option, nothing written."""
+    from conftest import run_facetool
+
+    extra = ["--store", valid[STORE], "--out", tmp_path / "run"]
+    if argv[0] == "distill":
+        extra += ["--teacher", valid[MODEL]]
+    r = run_facetool(*argv, *extra, cwd=tmp_path)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and option in lines[0], r.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()

@@ -161,6 +161,7 @@ def test_arch_options_of_the_classifier_commands(tmp_path, synthetic_store, cli)
 
     with pytest.raises(FacetoolError, match="give --arch once per --model"):
         compare_classifiers([tmp_path / "a.pt", tmp_path / "b.pt"], synthetic_store, archs=["resnet18"])
+    (tmp_path / "x.csv").write_text("identity,gender\nsynth_0000,female\n")
     r = cli("annotate", "--store", synthetic_store, tmp_path / "x.csv", "--arch", "resnet18")
     assert r.exit_code == 2 and "--arch applies to --from-model only" in r.output
     # a bare AIG state_dict runs through `eval classify` (architecture from the keys; --arch must agree)

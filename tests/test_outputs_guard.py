@@ -192,15 +192,20 @@ def _plan(tmp: Path, cmd, name: str):
         if _is_flag(p):
             continue
         if _is_path(hints.get(p.name)):
-            text = f"{p.name} {p.help or ''}".lower()
-            folder = ("folder" in text or p.name in ("root", "run")) and ".h5" not in text
+            # a placeholder of the declared kind (inputs are checked, by kind, before anything else)
+            from facetool.cli.limits import path_kind
+
+            kind = path_kind(name, opt or p.name)
+            folder = kind == "folder"
             path = tmp / "inputs" / (p.name + ("" if folder else ".in"))
             if folder:
                 path.mkdir(parents=True, exist_ok=True)
                 (path / "x.txt").write_text(f"input {p.name}\n")
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_bytes(f"placeholder input for {p.name}\n".encode() * 8)
+                head = {"store": b"\x89HDF\r\n\x1a\n", "store-or-folder": b"\x89HDF\r\n\x1a\n",
+                        "store-or-model": b"\x89HDF\r\n\x1a\n", "model": b"PK\x03\x04", "bin": b"\x80\x02"}
+                path.write_bytes(head.get(kind, b"") + f"placeholder input for {p.name}\n".encode() * 8)
             inputs[opt or p.name] = path
             base += [opt, str(path)] if opt else [str(path)]
         elif p.required:
@@ -251,6 +256,10 @@ def test_eval_classify_and_annotate_never_write_over_the_store(synthetic_store, 
     store = tmp_path / "s.h5"
     store.write_bytes(synthetic_store.read_bytes())
     digest = _digest(store)
+    from facetool.models import create_model, save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", create_model("resnet18", num_classes=8, width=4, input_size=32))
+    (tmp_path / "a.csv").write_text("identity,gender\nsynth_0000,female\n")
     r = cli("eval", "classify", "--store", store, "--model", tmp_path / "m.pt", "--json", store)
     assert r.exit_code == 2 and "also an input" in r.output
     r = cli("annotate", "--store", store, tmp_path / "a.csv", "--json", store, "--overwrite")
@@ -279,6 +288,7 @@ def test_a_rerun_replaces_its_own_result_and_nothing_else(tmp_path, cli):
     assert r.exit_code == 2 and "was not written by this command" in r.output
     assert table.read_text() == '{"mine": true}'
     assert cli(*argv, "--overwrite").exit_code == 0
+    (tmp_path / "a.csv").write_text("identity,gender\nsynth_0000,female\n")
     r = cli("annotate", "--store", store, tmp_path / "a.csv", "--json", table)  # another command
     assert r.exit_code == 2 and "was not written by this command" in r.output
 
@@ -296,7 +306,8 @@ def test_error_text_is_literal_and_whole(cli, tmp_path):
 BAD_NUMBERS = [
     (["train", "resnet", "--width", "0", "--arch", "resnet18"], "--width"),
     (["train", "resnet", "--input-size", "0"], "--input-size"),
-    (["train", "aig", "--input-size", "8", "--arch", "resnet18"], "--input-size must be >= 32"),
+    (["train", "aig", "--input-size", "8", "--arch", "resnet18"], "--input-size must be in [16, 1024]"),
+    (["train", "aig", "--input-size", "20", "--arch", "resnet18"], "--input-size must be >= 32"),
     (["train", "resnet", "--workers", "-1"], "--workers"),
     (["train", "resnet", "--max-steps", "-1"], "--max-steps"),
     (["train", "resnet", "--momentum", "1.5"], "--momentum"),
@@ -337,7 +348,11 @@ def test_prepare_bad_numbers(tmp_path, cli):
         assert not (tmp_path / "o").exists()
 
 
-def test_folder_outputs_are_not_written_into_without_overwrite(tmp_path, cli):
+def test_folder_outputs_are_not_written_into_without_overwrite(tmp_path, cli, synthetic_store):
+    from facetool.models import create_model, save_checkpoint
+
+    save_checkpoint(tmp_path / "m.pt", create_model("aig_resnet18", num_classes=8, width=4, input_size=32))
+    (tmp_path / "s.h5").write_bytes(synthetic_store.read_bytes())
     out = tmp_path / "dissect"
     out.mkdir()
     (out / "notes.txt").write_text("mine")

@@ -71,7 +71,7 @@ def test_train_errors_are_one_line(cli, synthetic_store, tmp_path):
            "block 3 is in both")
     _fails(cli("train", "resnet", *base, "--out", tmp_path / "d", "--arch", "vgg16"), "unknown --arch")
     _fails(cli("train", "resnet", "--store", tmp_path / "none.h5", "--out", tmp_path / "e"), "not found")
-    _fails(cli("train", "resnet", *base, "--out", tmp_path / "f", "--lr", "1e30", "--no-flip"), "became")
+    _fails(cli("train", "resnet", *base, "--out", tmp_path / "f", "--lr", "1e30", "--no-flip"), "--lr must be in (0, 100]")
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,8 @@ def _check_numbers(kwargs: dict[str, Any]) -> None:
     for name, value in kwargs.items():
         if isinstance(value, (int, float)) and not isinstance(value, bool) and name in flags:
             check_number(command, flags[name], value)
+    if isinstance(kwargs.get("device"), str) and flags.get("device") == "--device":
+        checked_device(kwargs["device"])  # the one device validator, before the files
     for name, value in kwargs.items():
         if name in flags and (isinstance(value, Path) or (isinstance(value, (list, tuple)) and value
                                                           and all(isinstance(v, Path) for v in value))):

@@ -38,12 +38,13 @@ class Range:
         return above and below
 
     def describe(self) -> str:
+        """``in [1, 100000]``, ``in (0, 100]`` ... (interval notation) with the note."""
+
         def num(x: float) -> str:
             return f"{int(x)}" if float(x).is_integer() and abs(x) < 1e15 else f"{x:g}"
 
-        lo = f"{'>' if self.lo_open else '>='} {num(self.lo)}"
-        hi = f"{'<' if self.hi_open else '<='} {num(self.hi)}"
-        return f"{lo} and {hi}" + (f" ({self.note})" if self.note else "")
+        interval = f"{'(' if self.lo_open else '['}{num(self.lo)}, {num(self.hi)}{')' if self.hi_open else ']'}"
+        return f"in {interval}" + (f" ({self.note})" if self.note else "")
 
 
 BIG = 10**9  # counts (images, steps, identities) beyond any data set this tool will meet
@@ -97,6 +98,9 @@ LIMITS: dict[str, Range] = {
     "--limit": Range(1, BIG),
     "prepare celeba --limit": Range(0, BIG, note="0 = all"),
     "prepare folder --per-identity": Range(0, 10_000_000, note="0 = all"),
+    # prepare synthetic checks its sizes against the disk itself, with the estimate in the message
+    "prepare synthetic --identities": Range(1, BIG),
+    "prepare synthetic --per-identity": Range(1, BIG),
     "prepare imdb-face --per-identity": Range(0, 10_000_000, note="0 = all"),
     **{f"eval {c} --workers": Range(-1, 256, note="-1 = up to 4, 0 = the main process")
        for c in ("lfw", "cfp-fp", "agedb-30", "calfw", "cplfw", "ijbb", "ijbc")},
@@ -167,6 +171,14 @@ PATHS: dict[str, str] = {
 }
 
 _HDF5 = b"\x89HDF\r\n\x1a\n"
+#: what the missing thing is called in "... not found" (by option; else by kind)
+_NOUN = {"--teacher": "teacher", "--model": "model", "--judge": "judge model", "--from-model": "model",
+         "--compare": "model", "--init": "--init checkpoint", "--detector": "detector model",
+         "--store": "face store", "--transfer": "transfer store", "--unlabeled": "unlabeled images",
+         "--root": "dataset folder", "ROOT": "dataset folder", "--run": "run folder", "--images": "images",
+         "--bin": "verification pack", "--val-bin": "verification pack", "--pairs": "pairs file", "--csv": "CSV file",
+         "CSV": "annotation CSV", "--fairface": "FairFace CSV", "--dictionary": "dictionary CSV", "--masks": "masks file",
+         "--embeddings": "embeddings file", "--teacher-head": "teacher head", "PATH": "file"}
 _WHAT = {STORE: "a face store (HDF5, written by facetool prepare)",
          MODEL: "a model file (a facetool checkpoint, a PyTorch state_dict or an .onnx file)",
          BIN: "an insightface .bin verification pack", FILE: "a file", FOLDER: "a folder",
@@ -210,7 +222,7 @@ def check_path(command: str, option: str, value: Any) -> None:
         p = Path(v)
         name = option if option.startswith("--") else option.upper()
         if not p.exists():
-            raise FacetoolError(f"{name} {p}: not found (expected {_WHAT[kind]})")
+            raise FacetoolError(f"{name}: {_NOUN.get(name, kind)} not found: {p}")
         if kind == FOLDER:
             if not p.is_dir():
                 raise FacetoolError(f"{name} {p} is a file; expected a folder")
@@ -224,4 +236,6 @@ def check_path(command: str, option: str, value: Any) -> None:
         except OSError as e:
             raise FacetoolError(f"{name} {p}: cannot read it ({e.strerror or e})") from None
         if not ok:
-            raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}")
+            if kind in (MODEL, BIN) and _head(p).startswith(_HDF5):
+                raise FacetoolError(f"{name} {p} is an HDF5 file (a face store or feature cache), not {_WHAT[kind]}")
+            raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}: corrupt, or another kind of file")
