@@ -307,3 +307,17 @@ def test_lazy_names_are_the_real_objects():
     from facetool.data.dataset import FaceDataset as direct
 
     assert FaceDataset is direct and synthetic.parse_bias("attribute=gender,value=male").p == 0.9
+
+
+def test_a_command_module_that_fails_to_import_is_an_error(tmp_path):
+    """A broken or missing command module stops the CLI with its import error (0.2.1 skipped a missing
+    one silently: the command just vanished from --help)."""
+    import shutil
+
+    copy = tmp_path / "facetool"
+    shutil.copytree(PKG, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "cli" / "info.py").unlink()
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", "import facetool, facetool.cli; print(facetool.__file__)"],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    assert r.returncode != 0 and "facetool.cli.info" in r.stderr, (r.stdout, r.stderr[-500:])
