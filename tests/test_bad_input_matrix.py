@@ -14,7 +14,6 @@ without a declared range or path kind fails the walk.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import pickle
 import typing
@@ -22,6 +21,12 @@ from pathlib import Path
 
 import pytest
 
+from cli_walk import digest as _digest
+from cli_walk import invoke as _invoke
+from cli_walk import is_flag as _is_flag
+from cli_walk import long_flag as _flag
+from cli_walk import root_command as _root
+from cli_walk import walk_commands
 from facetool.cli.limits import (BIN, FILE, FOLDER, MODEL, OUTPUT, STORE, STORE_OR_FOLDER, STORE_OR_MODEL, limit_for,
                                  path_kind)
 
@@ -29,20 +34,8 @@ NUMBERS = {"nan": "nan", "inf": "inf", "minus one": "-1", "zero": "0", "absurd":
 SUFFIX = {STORE: ".h5", MODEL: ".pt", BIN: ".bin", FILE: ".csv", STORE_OR_FOLDER: ".h5", STORE_OR_MODEL: ".h5"}
 
 
-def _root():
-    import typer
-
-    from facetool.cli import app
-
-    return typer.main.get_command(app)
 
 
-def _commands(cmd, path=()):
-    if hasattr(cmd, "commands"):
-        for name, sub in sorted(cmd.commands.items()):
-            yield from _commands(sub, (*path, name))
-    else:
-        yield " ".join(path), cmd
 
 
 def _annotation(param):
@@ -60,19 +53,10 @@ def _base_types(tp) -> set:
     return set().union(*(_base_types(a) for a in args if a is not type(None)))
 
 
-def _flag(param) -> str:
-    opts = [o for o in param.opts if o.startswith("--")]
-    return max(opts, key=len) if opts else param.name
 
 
-def _is_flag(param) -> bool:
-    return bool(getattr(param, "is_flag", False)) or isinstance(param.default, bool)
 
 
-def _digest(p: Path) -> str:
-    if p.is_dir():
-        return "|".join(f"{q.relative_to(p)}:{_digest(q)}" for q in sorted(p.rglob("*")) if q.is_file())
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 @pytest.fixture(scope="module")
@@ -129,17 +113,6 @@ def _plan(command: str, cmd, valid: dict, outs: Path):
     return base, numbers, paths
 
 
-def _invoke(root, capsys, argv) -> tuple[int, str]:
-    import typer
-
-    capsys.readouterr()
-    try:
-        rc = root.main([str(a) for a in argv], standalone_mode=False, prog_name="facetool")
-    except typer.TyperException as e:  # usage errors, as facetool.cli.main prints them
-        rc = getattr(e, "exit_code", 2)
-        print(e.format_message() if hasattr(e, "format_message") else e)
-    cap = capsys.readouterr()
-    return (rc if isinstance(rc, int) else 0), cap.out + cap.err
 
 
 def _replace(argv: list[str], flag: str, positional: bool, old: str, new: str) -> list[str]:
@@ -187,7 +160,8 @@ def test_bad_input_matrix(valid, tmp_path, monkeypatch, capsys):
         if problem:
             failures.append(f"facetool {command} {what}: {problem}: {text[:300]}")
 
-    for command, cmd in _commands(root):
+    for path, cmd in walk_commands(root):
+        command = " ".join(path)
         base, numbers, paths = _plan(command, cmd, valid, outs)
         argv0 = command.split()
         for p, flag, rng, is_int in numbers:

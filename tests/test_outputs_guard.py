@@ -10,7 +10,6 @@ they read their inputs (the inputs here are placeholder files).
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import os
 import re
@@ -19,6 +18,12 @@ from pathlib import Path
 
 import pytest
 
+from cli_walk import digest as _digest
+from cli_walk import invoke as _invoke
+from cli_walk import is_flag as _is_flag
+from cli_walk import long_flag as _long
+from cli_walk import root_command as _root
+from cli_walk import walk_commands as _commands
 from conftest import run_facetool
 from facetool.errors import FacetoolError, clip_message
 from facetool.io import OUTPUTS_MANIFEST, guard_output, is_own_output, next_free_folder, run_name, write_json
@@ -119,37 +124,10 @@ def test_clip_message_keeps_whole_words():
 
 
 # -- walking the CLI ---------------------------------------------------------------------------------
-def _root():
-    import typer
-
-    from facetool.cli import app
-
-    return typer.main.get_command(app)
 
 
-def _commands(root):
-    def walk(cmd, path):
-        if hasattr(cmd, "commands"):
-            for name, sub in cmd.commands.items():
-                yield from walk(sub, (*path, name))
-        else:
-            yield path, cmd
-
-    yield from walk(root, ())
 
 
-def _invoke(root, capsys, argv) -> tuple[int, str]:
-    """Run the click command in this process (built once: CliRunner rebuilds it per call)."""
-    import typer
-
-    capsys.readouterr()
-    try:
-        rc = root.main([str(a) for a in argv], standalone_mode=False, prog_name="facetool")
-    except typer.TyperException as e:  # usage errors
-        rc = getattr(e, "exit_code", 2)
-        print(e.format_message() if hasattr(e, "format_message") else e)
-    cap = capsys.readouterr()
-    return (rc if isinstance(rc, int) else 0), cap.out + cap.err
 
 
 def _hints(cmd) -> dict:
@@ -164,18 +142,10 @@ def _is_path(tp) -> bool:
     return tp is Path or any(_is_path(a) for a in typing.get_args(tp))
 
 
-def _long(param) -> str:
-    return max((o for o in param.opts if o.startswith("--")), key=len, default=param.opts[0])
 
 
-def _is_flag(param) -> bool:
-    return bool(getattr(param, "is_flag", False)) or isinstance(param.default, bool)
 
 
-def _digest(p: Path) -> str:
-    if p.is_dir():
-        return "|".join(f"{q.relative_to(p)}:{_digest(q)}" for q in sorted(p.rglob("*")) if q.is_file())
-    return hashlib.sha256(p.read_bytes()).hexdigest()
 
 
 def _plan(tmp: Path, cmd, name: str):
