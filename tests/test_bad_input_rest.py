@@ -117,3 +117,116 @@ def test_checkpoints_of_0_2_1_still_load():
 
     for p in sorted((Path(__file__).parent / "fixtures" / "v0_2_1").glob("*/model.pt")):
         assert load_model(p).config["name"]
+
+
+# -- distill: everything checked before training ---------------------------------------------------------
+def _distill(kit, tmp_path, method: str, *args):
+    return run_facetool("distill", method, "--student", "resnet18", "--width", "4", "--epochs", "1",
+                        "--batch-size", "8", "--store", kit["store"], "--out", tmp_path / "run", *args)
+
+
+def test_cli_distill_all_loss_weights_zero_is_refused(kit, tmp_path):
+    """I9: `--alpha 0 --beta 0 --gamma 0` was "internal error: stack expects a non-empty TensorList"."""
+    r = _distill(kit, tmp_path, "srrl", "--teacher", kit["id"], "--alpha", "0", "--beta", "0", "--gamma", "0")
+    refused(r, "--alpha 0", "--beta 0", "--gamma 0", "at least one loss weight must be > 0")
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_loss_needs_a_weight_the_method_uses(kit):
+    """kd does not use --beta: --alpha 0 --gamma 0 --beta 3 trains nothing either."""
+    from facetool.trainers.distill.method import DistillMethod
+    from facetool.trainers.distill.teacher import load_teacher
+    from facetool.models import create_model
+
+    t = load_teacher(kit["id"])
+    student = create_model("resnet18", num_classes=4, input_size=32, width=4)
+    with pytest.raises(FacetoolError, match=r"--beta 3 .*kd uses --alpha \(KL\(T\)\), --gamma \(CE\)"):
+        DistillMethod("kd", t, student, probe=torch.zeros(2, 3, 32, 32),
+                      weights={"alpha": 0.0, "beta": 3.0, "gamma": 0.0})
+
+
+def test_cli_distill_transfer_store_without_test_split_is_refused_before_training(kit, tmp_path):
+    """H1: --transfer was read after the whole training."""
+    from facetool.data.synthetic import prepare_synthetic
+
+    no_test = tmp_path / "no_test.h5"
+    prepare_synthetic(no_test, identities=3, per_identity=4, size=32, seed=1, test_fraction=0.0)
+    before = _sha([no_test, kit["store"], kit["id"]])
+    r = _distill(kit, tmp_path, "kd", "--teacher", kit["id"], "--transfer", no_test)
+    refused(r, f"--transfer {no_test}", "no test images")
+    assert "epoch" not in r.stdout and not (tmp_path / "run").exists()
+    assert _sha([no_test, kit["store"], kit["id"]]) == before
+
+
+def test_cli_distill_transfer_text_file_is_refused_before_training(kit, tmp_path):
+    text = tmp_path / "bad.h5"
+    text.write_text("not a store\n")
+    r = _distill(kit, tmp_path, "kd", "--teacher", kit["id"], "--transfer", text)
+    refused(r, "--transfer", str(text))
+    assert "epoch" not in r.stdout and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["text", "no test split"])
+def test_library_distill_reads_the_transfer_store_before_training(kit, tmp_path, monkeypatch, case):
+    """H1 through the library: no training step runs before --transfer is known to be usable."""
+    import facetool.trainers.distill.run as run
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.engine import TrainConfig
+
+    def no_training(*a, **k):
+        raise AssertionError("training started before --transfer was checked")
+
+    monkeypatch.setattr(run, "train", no_training)
+    transfer = tmp_path / "t.h5"
+    if case == "text":
+        transfer.write_text("not a store\n")
+    else:
+        prepare_synthetic(transfer, identities=3, per_identity=4, size=32, seed=1, test_fraction=0.0)
+    cfg = TrainConfig(out=tmp_path / "run", epochs=1, batch_size=8, verbose=False)
+    with pytest.raises(FacetoolError, match="t.h5"):
+        run.distill("kd", store=kit["store"], student="resnet18", cfg=cfg, teacher=kit["id"], width=4,
+                    transfer=transfer)
+
+
+def test_cli_distill_nan_teacher_head_is_refused_naming_the_file(kit, tmp_path):
+    """U1: a NaN teacher head ended as "loss became nan ... lower --lr" (wrong advice)."""
+    nan_head = tmp_path / "nan_head.pt"
+    w = torch.randn(4, 16)
+    w[1, 3] = float("nan")
+    torch.save({"weight": w}, nan_head)
+    r = _distill(kit, tmp_path, "kd", "--teacher", kit["emb"], "--teacher-head", nan_head)
+    refused(r, f"teacher head {nan_head}", "non-finite")
+    assert "--lr" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_cli_distill_teacher_with_inf_weights_is_refused_naming_the_file(kit, tmp_path):
+    bad = _damaged(kit, "inf", lambda ck: ck["state_dict"]["fc.weight"].fill_(float("inf")))
+    r = _distill(kit, tmp_path, "kd", "--teacher", bad)
+    refused(r, str(bad), "non-finite")
+    assert "--lr" not in r.stderr and not (tmp_path / "run").exists()
+
+
+def test_cli_distill_nan_teacher_scale_is_refused(kit, tmp_path):
+    """U1: a NaN --teacher-scale (refused by the central option check)."""
+    r = _distill(kit, tmp_path, "kd", "--teacher", kit["emb"], "--teacher-head", kit["head"], "--teacher-scale", "nan")
+    refused(r, "--teacher-scale")
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_distill_from_an_attribute_teacher_says_it_predicts_attributes(kit, tmp_path):
+    """It was reported as a class-count mismatch (the gender head has 2 classes, the store 4 identities)."""
+    r = _distill(kit, tmp_path, "kd", "--teacher", kit["gender"])
+    line = refused(r, str(kit["gender"]), "predicts attribute gender, not identities", "train resnet without --task")
+    assert "classes" not in line and not (tmp_path / "run").exists()
+
+
+def test_distill_alpha_on_a_teacher_without_classifier_is_refused(kit):
+    from facetool.models import create_model
+    from facetool.trainers.distill.method import DistillMethod
+    from facetool.trainers.distill.teacher import load_teacher
+
+    t = load_teacher(kit["emb"])
+    student = create_model("iresnet18", embedding_size=16, input_size=32, width=4)
+    with pytest.raises(FacetoolError, match="--alpha weighs KL"):
+        DistillMethod("rkd", t, student, probe=torch.zeros(2, 3, 32, 32),
+                      weights={"alpha": 1.0, "beta": 1.0, "gamma": 1.0})
