@@ -230,3 +230,35 @@ def test_distill_alpha_on_a_teacher_without_classifier_is_refused(kit):
     with pytest.raises(FacetoolError, match="--alpha weighs KL"):
         DistillMethod("rkd", t, student, probe=torch.zeros(2, 3, 32, 32),
                       weights={"alpha": 1.0, "beta": 1.0, "gamma": 1.0})
+
+
+# -- invert --embeddings: the file's own shapes ---------------------------------------------------------
+def test_cli_invert_embeddings_errors_report_the_files_shape_not_the_limited_one(kit, tmp_path):
+    import h5py
+
+    f = tmp_path / "emb.h5"
+    with h5py.File(f, "w") as h:
+        h["embeddings"] = np.random.default_rng(0).standard_normal((10, 16)).astype(np.float32)
+        h["images"] = np.zeros((10, 64, 64, 3), np.uint8)  # the model takes 32 px
+    before = _sha([f, kit["emb"]])
+    r = run_facetool("invert", "--model", kit["emb"], "--embeddings", f, "--limit", "2", "--iterations", "2",
+                     "--out", tmp_path / "inv")
+    refused(r, str(f), "(10, 64, 64, 3)")
+    assert not (tmp_path / "inv").exists() and _sha([f, kit["emb"]]) == before
+
+
+def test_embeddings_file_with_fewer_labels_than_embeddings_is_refused_whatever_the_limit(tmp_path):
+    import h5py
+
+    from facetool.explainers.invert.inputs import load_inputs
+
+    f = tmp_path / "emb.h5"
+    with h5py.File(f, "w") as h:
+        h["embeddings"] = np.ones((10, 16), np.float32)
+        h["labels"] = np.arange(5)
+    with pytest.raises(FacetoolError, match=r"'labels' must be \(N,\) = \(10,\).*got \(5,\)"):
+        load_inputs(embeddings=f, limit=2, size=32)
+    with h5py.File(f, "w") as h:
+        h["embeddings"] = np.ones((10, 4, 4), np.float32)
+    with pytest.raises(FacetoolError, match=r"got shape \(10, 4, 4\)"):
+        load_inputs(embeddings=f, limit=2, size=32)
