@@ -262,3 +262,25 @@ def test_embeddings_file_with_fewer_labels_than_embeddings_is_refused_whatever_t
         h["embeddings"] = np.ones((10, 4, 4), np.float32)
     with pytest.raises(FacetoolError, match=r"got shape \(10, 4, 4\)"):
         load_inputs(embeddings=f, limit=2, size=32)
+
+
+# -- train --init from another model: says what it copied ------------------------------------------------
+def test_cli_train_init_says_which_tensors_were_not_copied(kit, tmp_path):
+    r = run_facetool("train", "resnet", "--arch", "resnet18", "--width", "4", "--store", kit["store"], "--task",
+                     "attribute:gender", "--init", kit["id"], "--epochs", "1", "--batch-size", "8",
+                     "--out", tmp_path / "run")
+    assert r.returncode == 0, r.stderr[-2000:]
+    notes = [ln for ln in r.stderr.splitlines() if ln.startswith("note: --init")]
+    assert len(notes) == 1, r.stderr
+    assert "copied 120 of its 122 tensors" in notes[0] and "fc.weight (4x32 here 2x32)" in notes[0], notes[0]
+    assert "fc.bias" in notes[0] and "2 of the model's 122 tensors keep their fresh initialisation" in notes[0]
+
+
+def test_init_from_an_identical_model_says_nothing(kit):
+    from facetool.models import create_model
+    from facetool.trainers.classify import init_from_checkpoint
+
+    notes: list[str] = []
+    assert init_from_checkpoint(create_model("resnet18", num_classes=4, input_size=32, width=4), kit["id"],
+                                notes) == (122, 0)
+    assert notes == []
