@@ -262,8 +262,10 @@ class StoreWriter:
         f = self.f
         n = int(f.attrs["n_flushed"])
         if n == 0:
+            skipped = {k: v for k, v in self.counters.items() if v}
             self.abort(keep=False)
-            raise FacetoolError("no images left after filtering; nothing was written")
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no input"
+            raise FacetoolError(f"no images left after filtering ({reasons}); nothing was written")
         if drop_empty_identities:
             labels = f["labels"][:]
             used = np.unique(labels)

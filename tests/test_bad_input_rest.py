@@ -284,3 +284,18 @@ def test_init_from_an_identical_model_says_nothing(kit):
     assert init_from_checkpoint(create_model("resnet18", num_classes=4, input_size=32, width=4), kit["id"],
                                 notes) == (122, 0)
     assert notes == []
+
+
+# -- prepare folder: counts per reason when nothing is left -------------------------------------------------
+def test_cli_prepare_folder_without_any_face_gives_the_counts_per_reason(tmp_path):
+    import cv2
+
+    root = tmp_path / "faces"
+    for ident in ("a", "b"):
+        (root / ident).mkdir(parents=True)
+        for i in range(3):
+            cv2.imwrite(str(root / ident / f"{i}.jpg"), np.full((80, 80, 3), 128, np.uint8))
+    (root / "a" / "broken.jpg").write_text("not an image")
+    r = run_facetool("prepare", "folder", root, "--out", tmp_path / "f.h5")
+    refused(r, "no face: 6", "unreadable: 1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]
