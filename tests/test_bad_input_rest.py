@@ -299,3 +299,25 @@ def test_cli_prepare_folder_without_any_face_gives_the_counts_per_reason(tmp_pat
     r = run_facetool("prepare", "folder", root, "--out", tmp_path / "f.h5")
     refused(r, "no face: 6", "unreadable: 1")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["faces"]
+
+
+# -- L_FM: one definition ----------------------------------------------------------------------------------
+def test_diagnostics_feature_distance_is_the_loss_l_fm(monkeypatch):
+    """The loss averaged (h_T - h_S)^2 over the dimensions, the diagnostics table summed them."""
+    import importlib
+
+    from facetool.trainers.srrl import fm_loss
+
+    diag = importlib.import_module("facetool.trainers.distill.diagnostics")  # the package re-exports the function
+
+    t_h = np.array([[1, 2], [3, 0], [0, 0], [1, 1], [0, 2], [3, 1]], np.float32)
+    s_h = np.array([[0, 1], [1, 0], [0, 0], [0, 2], [0, 0], [0, 0]], np.float32)
+    # squared differences per image: 2, 4, 0, 2, 4, 10 -> 22 over 6 images x 2 dimensions
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    logits = np.eye(3, dtype=np.float32)[labels]
+    monkeypatch.setattr(diag, "extract", lambda *a, **k: {"label": labels, "s_logits": logits, "s_h": s_h,
+                                                          "t_h": t_h, "t_logits": logits, "s_h_connected": s_h})
+    d = diag.diagnostics(object(), None, None, None, 8, torch.device("cpu"))
+    assert d["student"]["feat_dist"] == pytest.approx(22 / 12)
+    assert d["student"]["feat_dist"] == pytest.approx(float(fm_loss(torch.from_numpy(s_h), torch.from_numpy(t_h))))
+    assert fm_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 2.0]])).item() == pytest.approx(1.0)
