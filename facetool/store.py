@@ -39,7 +39,7 @@ import numpy as np
 
 from facetool import __version__
 from facetool.errors import FacetoolError, clip_message
-from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, partial_path, record_output
+from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, note_kept, partial_path, record_output
 
 FORMAT = "facetool-store"
 FORMAT_VERSION = 1
@@ -301,6 +301,8 @@ class StoreWriter:
             pass
         if not keep and self.tmp.exists():
             self.tmp.unlink()
+        elif keep and self.tmp.exists():
+            note_kept(self.tmp)
 
 
 class FaceStore:

@@ -321,3 +321,58 @@ def test_diagnostics_feature_distance_is_the_loss_l_fm(monkeypatch):
     assert d["student"]["feat_dist"] == pytest.approx(22 / 12)
     assert d["student"]["feat_dist"] == pytest.approx(float(fm_loss(torch.from_numpy(s_h), torch.from_numpy(t_h))))
     assert fm_loss(torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 2.0]])).item() == pytest.approx(1.0)
+
+
+# -- Ctrl-C: the message says what was kept ---------------------------------------------------------------
+def _interrupted(capfd, body) -> str:
+    import typer
+
+    from facetool.cli.common import guarded
+
+    @guarded
+    def command():
+        body()
+        raise KeyboardInterrupt
+
+    with pytest.raises(typer.Exit) as e:
+        command()
+    assert e.value.exit_code == 130
+    err = capfd.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: interrupted"), err
+    return err
+
+
+def test_interrupt_of_a_command_that_wrote_nothing_says_so(capfd):
+    err = _interrupted(capfd, lambda: None)
+    assert err == "error: interrupted; nothing was written"
+
+
+def test_interrupt_after_complete_files_names_them_and_promises_no_resume(capfd, tmp_path):
+    from facetool.io import write_json
+
+    err = _interrupted(capfd, lambda: write_json(tmp_path / "a.json", {"x": 1}))
+    assert f"kept {tmp_path / 'a.json'}" in err and "nothing is half-written" in err and "--resume" not in err
+
+
+def test_cli_interrupted_prepare_says_it_kept_the_partial_store_and_resumes(cli, tmp_path, monkeypatch):
+    from facetool.store import StoreWriter
+
+    real, calls = StoreWriter.checkpoint, []
+
+    def interrupt_on_the_third(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    out = tmp_path / "s.h5"
+    args = ("prepare", "synthetic", "--identities", "4", "--per-identity", "3", "--size", "32", "--out", out)
+    with monkeypatch.context() as m:
+        m.setattr(StoreWriter, "checkpoint", interrupt_on_the_third)
+        r = cli(*args)
+    assert r.exit_code == 130, r.output
+    assert f"kept the partial {out}.partial; rerun the same command with --resume to continue" in r.output, r.output
+    assert not out.exists()
+    r = cli(*args, "--resume")
+    assert r.exit_code == 0, r.output
+    assert out.exists()
