@@ -99,7 +99,8 @@ def test_cli_checkpoint_input_size_0_is_blamed_on_the_file_not_on_an_option(kit,
     ("nosd", lambda ck: ck.pop("state_dict"), "no state_dict"),
     ("sdlist", lambda ck: ck.update(state_dict=[1]), "state_dict is a list"),
     ("meta", lambda ck: ck.update(meta=[1]), "meta is a list"),
-    ("nan", lambda ck: ck["state_dict"]["fc.weight"].fill_(float("nan")), "non-finite weights (NaN or inf) in fc.weight"),
+    ("nan", lambda ck: ck["state_dict"]["fc.weight"].fill_(float("nan")),
+     "non-finite weights (NaN or inf) in fc.weight"),
 ])
 def test_damaged_checkpoint_is_one_line_naming_the_file_and_the_defect(kit, name, change, needle):
     from facetool.models import load_model

@@ -134,7 +134,8 @@ def _checked_config(cfg: dict, path: Path) -> None:
         model_family(name)
     except FacetoolError:
         raise FacetoolError(f"checkpoint {path} records an unknown architecture {name!r} in its config (written by "
-                            f"another facetool version, or damaged); this facetool knows: {', '.join(list_models())}") from None
+                            f"another facetool version, or damaged); this facetool knows: "
+                            f"{', '.join(list_models())}") from None
     for key, top in SIZE_ARGUMENTS.items():
         v = cfg.get(key)
         if v is None:

@@ -60,8 +60,8 @@ class DistillMethod(Method):
             raise FacetoolError("--unlabeled needs the teacher's predictions: a classifier teacher or --teacher-head")
         self.use_sr = kind == "srrl" and teacher.has_logits and self.weights["beta"] > 0
         if self.weights["alpha"] > 0 and kind not in ("srrl", "none", "kd") and not teacher.has_logits:
-            raise FacetoolError(f"--alpha weighs KL(T) on the teacher's classifier, but {teacher.source} is an embedding "
-                                "model without a head: pass --teacher-head, or --alpha 0")
+            raise FacetoolError(f"--alpha weighs KL(T) on the teacher's classifier, but {teacher.source} is an "
+                                "embedding model without a head: pass --teacher-head, or --alpha 0")
         self._check_some_term()
         if kind == "srrl" and not teacher.has_logits:
             self.notes.append("the teacher has no classifier (no --teacher-head): SRRL falls back to L_FM on the "
