@@ -32,6 +32,10 @@ OUTPUTS_MANIFEST = ".facetool-outputs.json"
 # resolved output path -> owner, set by guard_output(owner=...) and recorded once the file is written
 _claims: dict[str, str] = {}
 
+# what the running command has left on disk, in order: complete outputs (record_output) and partial work
+# kept to be continued (note_kept); what an interrupted command reports (interruption_report)
+_left: dict[str, str] = {}
+
 
 def _manifest(folder: Path) -> dict:
     try:
@@ -62,6 +66,7 @@ def record_output(path: str | Path) -> None:
     Called by :func:`atomic_path` and the store writer; harmless for paths nobody claimed.
     """
     p = Path(path)
+    _left.setdefault(str(p), "complete")
     try:
         owner = _claims.pop(str(p.resolve()), None)
     except OSError:
@@ -83,8 +88,30 @@ def record_output(path: str | Path) -> None:
 
 
 def release_claims() -> None:
-    """Forget claims whose files were never written (called when a command ends)."""
+    """Forget claims whose files were never written and what the last command left (called when a
+    command starts and when it ends)."""
     _claims.clear()
+    _left.clear()
+
+
+def note_kept(path: str | Path) -> None:
+    """Note that an interrupted writer kept its partial work in ``path`` (to be continued by a rerun)."""
+    _left[str(path)] = "partial"
+
+
+def interruption_report(resumable: bool) -> str:
+    """What an interrupted command says, truthfully: the files it completed (every output is written
+    whole or not at all) and the partial work it kept, or that nothing was written; ``resumable`` (the
+    command has ``--resume``) adds how to continue."""
+    if not _left:
+        return "interrupted; nothing was written"
+    names = [f"the partial {p}" if kind == "partial" else p for p, kind in _left.items()]
+    text = "interrupted; kept " + ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    if resumable:
+        return text + "; rerun the same command with --resume to continue"
+    if "partial" in _left.values():
+        return text + "; rerun the same command to continue"
+    return text + " (complete files; nothing is half-written)"
 
 
 def _existing_ancestor(p: Path) -> Path:

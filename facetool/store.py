@@ -39,7 +39,7 @@ import numpy as np
 
 from facetool import __version__
 from facetool.errors import FacetoolError, clip_message
-from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, partial_path, record_output
+from facetool.io import STORE_SUFFIXES, atomic_path, guard_output, note_kept, partial_path, record_output
 
 FORMAT = "facetool-store"
 FORMAT_VERSION = 1
@@ -262,8 +262,10 @@ class StoreWriter:
         f = self.f
         n = int(f.attrs["n_flushed"])
         if n == 0:
+            skipped = {k: v for k, v in self.counters.items() if v}
             self.abort(keep=False)
-            raise FacetoolError("no images left after filtering; nothing was written")
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(skipped.items())) or "no input"
+            raise FacetoolError(f"no images left after filtering ({reasons}); nothing was written")
         if drop_empty_identities:
             labels = f["labels"][:]
             used = np.unique(labels)
@@ -299,6 +301,8 @@ class StoreWriter:
             pass
         if not keep and self.tmp.exists():
             self.tmp.unlink()
+        elif keep and self.tmp.exists():
+            note_kept(self.tmp)
 
 
 class FaceStore:

@@ -41,8 +41,9 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from facetool.io import release_claims
+        from facetool.io import interruption_report, release_claims
 
+        release_claims()
         try:
             _check_numbers(kwargs)  # options are validated before any work
             with _sigint_remembered() as sigint:
@@ -59,7 +60,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         except KeyboardInterrupt:
             if os.environ.get("FACETOOL_DEBUG"):
                 raise
-            fail("interrupted; partial results were kept where the command can resume (--resume)", 130)
+            fail(interruption_report("--resume" in current_command()[1].values()), 130)
         except MemoryError:
             fail("out of memory; use a smaller --batch-size", 1)
         except OSError as e:  # a path the user gave that the system refuses (too long, permission, disk full)

@@ -99,7 +99,8 @@ def register(app: typer.Typer) -> None:
         if not d:
             return
         rows = [("top1", "top-1 %"), ("top5", "top-5 %"), ("ce", "CE(labels)"), ("kl_teacher_student", "KL(teacher‖student)"),
-                ("feat_dist", "‖h_T − h_S‖²"), ("nmi", "NMI (k-means)"), ("transfer_top1", "transfer linear top-1 %")]
+                ("feat_dist", "L_FM: mean (h_T − h_S)²"), ("nmi", "NMI (k-means)"),
+                ("transfer_top1", "transfer linear top-1 %")]
         tab = Table(title=f"distill {result['method']}: diagnostics on the test split", title_justify="left")
         for c in ("metric", "teacher", "student"):
             tab.add_column(c, justify="left" if c == "metric" else "right")

@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
-from facetool.io import atomic_path, partial_path, sha256_file
+from facetool.io import atomic_path, note_kept, partial_path, sha256_file
 from facetool.models.features import input_size_of, model_label, require_embedder
 
 #: the preprocessing every protocol here uses; part of the cache key
@@ -339,6 +339,7 @@ class FeatureCache:
                 flush()  # keep what was computed: the next run resumes after it
             finally:
                 f.close()
+                note_kept(self.partial)
             raise
         feats, flips = f["feats"][()], (f["flip"][()] if flip else None)
         f.close()

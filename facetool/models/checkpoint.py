@@ -23,12 +23,12 @@ import torch
 
 from facetool.errors import FacetoolError
 from facetool.io import torch_load, torch_save
-from facetool.models.registry import STATE_DICT_MATCHERS, create_model, list_models, match_state_dict
+from facetool.models.registry import STATE_DICT_MATCHERS, create_model, list_models, match_state_dict, model_family
 
 FORMAT = "facetool-checkpoint"
 
-__all__ = ["FORMAT", "STATE_DICT_MATCHERS", "load_model", "load_state_dict_checked", "read_checkpoint",
-           "save_checkpoint"]
+__all__ = ["FORMAT", "MAX_INPUT_SIZE", "STATE_DICT_MATCHERS", "check_finite", "load_model", "load_state_dict_checked",
+           "read_checkpoint", "save_checkpoint"]
 
 
 def save_checkpoint(path: str | Path, model: torch.nn.Module, meta: dict | None = None) -> Path:
@@ -60,16 +60,98 @@ def load_state_dict_checked(model: torch.nn.Module, sd: dict, source: str) -> No
     model.load_state_dict(sd, strict=True)
 
 
+#: a recorded input size beyond this is damage, not a face model (the CLI trains at most 1024 px; a model
+#: built at 100000 px would allocate ~100 GB before its weights are even compared)
+MAX_INPUT_SIZE = 4096
+
+#: integer constructor arguments a config may record, with the largest plausible value (a larger one is
+#: damage: it would only allocate memory before the weights are compared with the state_dict)
+SIZE_ARGUMENTS = {"input_size": MAX_INPUT_SIZE, "num_classes": 10_000_000, "width": 1024, "embedding_size": 65536,
+                  "gate_hidden": 65536, "att_channels": 65536}
+
+
+def _few(xs: list[str], n: int = 3) -> str:
+    return ", ".join(xs[:n]) + (f" … ({len(xs)} in all)" if len(xs) > n else "")
+
+
+def check_finite(sd: dict, source: str) -> None:
+    """Refuse a state_dict holding NaN or infinite values (a diverged or damaged file): one line naming
+    ``source`` and the tensors, instead of a NaN loss (or NaN scores) much later."""
+    bad = [k for k, v in sd.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise FacetoolError(f"{source} holds non-finite weights (NaN or inf) in {_few(bad)}: a diverged or "
+                            "damaged file cannot be used")
+
+
+def _check_state_dict(sd: Any, path: Path) -> None:
+    if not isinstance(sd, dict) or not sd:
+        raise FacetoolError(f"checkpoint {path} is damaged: its state_dict is "
+                            + ("empty" if isinstance(sd, dict) else f"a {type(sd).__name__}, not a dict of tensors"))
+    bad = [str(k) for k, v in sd.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise FacetoolError(f"checkpoint {path} is damaged: its state_dict has entries that are not named tensors: "
+                            f"{_few(bad)}")
+    check_finite(sd, f"checkpoint {path}")
+
+
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    obj = torch_load(path)
+    """The checkpoint in ``path``, validated: a facetool checkpoint has a dict ``config`` naming its
+    architecture (a string ``name``), a non-empty ``state_dict`` of named, finite tensors and a dict (or
+    no) ``meta``; a bare state_dict has finite tensors. Anything else is a one-line error naming the file
+    and what is wrong in it."""
+    p = Path(path)
+    obj = torch_load(p)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
+        if "state_dict" not in obj:
+            raise FacetoolError(f"checkpoint {p} is damaged: it has no state_dict (the weights)")
+        _check_state_dict(obj["state_dict"], p)
+        cfg = obj.get("config")
+        if not isinstance(cfg, dict):
+            what = "no config" if cfg is None else f"a config that is a {type(cfg).__name__}, not a JSON object"
+            raise FacetoolError(f"checkpoint {p} is damaged: it has {what} (the config records the architecture and "
+                                "its arguments)")
+        if not isinstance(cfg.get("name"), str) or not cfg["name"]:
+            raise FacetoolError(f"checkpoint {p} is damaged: its config has no architecture name ('name')")
+        if obj.get("meta") is not None and not isinstance(obj["meta"], dict):
+            raise FacetoolError(f"checkpoint {p} is damaged: its meta is a {type(obj['meta']).__name__}, not a "
+                                "JSON object")
         return obj
     if isinstance(obj, dict) and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
         # state_dicts saved from a DDP-wrapped model carry a "module." prefix on every key
-        if all(k.startswith("module.") for k in obj):
+        if all(isinstance(k, str) and k.startswith("module.") for k in obj):
             obj = {k[len("module."):]: v for k, v in obj.items()}
+        _check_state_dict(obj, p)
         return {"format": "state_dict", "state_dict": obj, "config": None, "meta": {}}
     raise FacetoolError(f"{path} is neither a facetool checkpoint nor a state_dict")
+
+
+def _checked_config(cfg: dict, path: Path) -> None:
+    """The recorded architecture is known and its size arguments are positive whole numbers in range:
+    a damaged config is the file's fault, never an option the user did not type."""
+    name = cfg["name"]
+    try:
+        model_family(name)
+    except FacetoolError:
+        raise FacetoolError(f"checkpoint {path} records an unknown architecture {name!r} in its config (written by "
+                            f"another facetool version, or damaged); this facetool knows: "
+                            f"{', '.join(list_models())}") from None
+    for key, top in SIZE_ARGUMENTS.items():
+        v = cfg.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= top:
+            raise FacetoolError(f"checkpoint {path} is damaged: its config has {key} {v!r} (a whole number from 1 to "
+                                f"{top} is needed)")
+
+
+def _as_config_words(message: str) -> str:
+    """A model constructor's message about an option (``--input-size``) reworded for a config value
+    (``input_size``): the user did not type that option."""
+    import re
+
+    message = re.sub(r"^\w+\(\) got an unexpected keyword argument", "an argument it does not take:", message)
+    return re.sub(r"--([a-z][a-z0-9-]*)", lambda m: m.group(1).replace("-", "_"), message)
 
 
 def load_model(path: str | Path, *, name: str | None = None, option: str = "--arch", **kwargs: Any):
@@ -89,13 +171,22 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
         return OnnxModel(p)
     ck = read_checkpoint(p)
     task = None
-    if ck["config"] is not None:
+    recorded = ck["config"] is not None
+    if recorded:
         cfg = dict(ck["config"])
+        _checked_config(cfg, p)
         mname = cfg.pop("name")
         if name is not None and name != mname:
             raise FacetoolError(f"{p} is a facetool checkpoint of {mname}; {option} {name} contradicts it "
                                 f"(leave {option} out)")
         task = cfg.pop("task", None)  # what the model predicts (facetool.tasks), not a constructor argument
+        if task is not None:
+            from facetool.tasks import Task
+
+            try:
+                Task.from_json(task, cfg.get("num_classes"))
+            except FacetoolError as e:
+                raise FacetoolError(f"checkpoint {p} is damaged: its config's task: {e}") from None
         cfg.update(kwargs)
     else:
         found = match_state_dict(ck["state_dict"], name)
@@ -104,7 +195,14 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
                                 f"state_dict layout matches; pass {option} NAME, one of: {', '.join(list_models())}")
         mname, inferred = found if found is not None else (name, {})
         cfg = {**inferred, **kwargs}
-    model = create_model(mname, **cfg)
+    if recorded and not kwargs:
+        try:
+            model = create_model(mname, **cfg)
+        except (FacetoolError, TypeError, ValueError) as e:  # e.g. an argument this architecture does not take
+            raise FacetoolError(f"checkpoint {p}: its config does not build {mname}: "
+                                f"{_as_config_words(str(e))}") from None
+    else:
+        model = create_model(mname, **cfg)
     load_state_dict_checked(model, ck["state_dict"], str(p))
     model.meta = ck.get("meta") or {}
     task = task or model.meta.get("task")  # 0.2.1 wrote a second copy into the meta; only it may be there

@@ -70,10 +70,11 @@ def topk_accuracy(logits: Tensor, labels: Tensor, ks: Sequence[int] = (1, 5)) ->
     return {f"top{k}": float(hit[:, : min(k, k_max)].any(1).float().mean()) for k in ks}
 
 
-def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[int, int]:
+def init_from_checkpoint(model: nn.Module, path: str | Path, notes: list[str] | None = None) -> tuple[int, int]:
     """Copy the tensors of checkpoint ``path`` into ``model`` where names and shapes match; returns
     (copied, left) counts. A checkpoint of which less than half of the tensors fit (another
-    architecture) is an error."""
+    architecture) is an error. When only part of them is copied, ``notes`` gets one line saying how many
+    and which were not (the rest of the model keeps its fresh initialisation)."""
     from facetool.models.checkpoint import read_checkpoint
 
     sd = read_checkpoint(Path(path))["state_dict"]
@@ -83,7 +84,15 @@ def init_from_checkpoint(model: nn.Module, path: str | Path) -> tuple[int, int]:
         raise FacetoolError(f"--init {path}: only {len(match)} of its {len(sd)} tensors fit this model "
                             "(another architecture or width?)")
     model.load_state_dict(match, strict=False)
-    return len(match), len(own) - len(match)
+    skipped = [f"{k} ({'x'.join(map(str, v.shape))} here {'x'.join(map(str, own[k].shape))})" if k in own else
+               f"{k} (not in this model)" for k, v in sd.items() if k not in match]
+    fresh = len(own) - len(match)
+    if notes is not None and (skipped or fresh):
+        few = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+        notes.append(f"--init {path}: copied {len(match)} of its {len(sd)} tensors"
+                     + (f"; not copied: {few}" if skipped else "")
+                     + f"; {fresh} of the model's {len(own)} tensors keep their fresh initialisation")
+    return len(match), fresh
 
 
 def train_on_store(store: str | Path, model_name: str, method_factory: Callable[[nn.Module], Method],
@@ -125,7 +134,13 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
     if stats is not None:
         record_task(model, task)
     if init is not None:
-        init_from_checkpoint(model, init)
+        notes: list[str] = []
+        init_from_checkpoint(model, init, notes)
+        if cfg.verbose and is_main():
+            from facetool.console import err_console
+
+            for n in notes:
+                err_console.print(f"note: {n}", highlight=False, soft_wrap=True, markup=False)
     method = method_factory(model)
     if stats is not None:
         if not hasattr(method, "set_task"):

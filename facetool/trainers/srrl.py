@@ -3,8 +3,9 @@
 The student's last feature map goes through a *connector* (1x1 conv student -> teacher channels,
 BN, ReLU) so that any student pairs with any teacher; the connected map is then
 
-* pooled and compared with the teacher's pooled penultimate feature:  L_FM = ||h_T - h_S||^2
-  (mean squared error over the feature dimensions, as the reference code computes it), and
+* pooled and compared with the teacher's pooled penultimate feature:  L_FM = mean over the D feature
+  dimensions (and the batch) of (h_T - h_S)^2 = ||h_T - h_S||^2 / D: the thesis' and the reference
+  code's MSE of the pooled features (the diagnostics table reports the same quantity), and
 * passed through the teacher's *frozen* classifier W_T:  L_SR = ||W_T h_T - W_T h_S||^2
   (``sr_loss="l2"``, mean squared error of the logits, no temperature), or the cross-entropy of the
   teacher's softmax against the student's (``sr_loss="ce"``, Eq. 4.4, the Table 4.4 ablation).
@@ -58,7 +59,8 @@ def match_size(f: Tensor, size: tuple[int, int] | None) -> Tensor:
 
 
 def fm_loss(h_s: Tensor, h_t: Tensor) -> Tensor:
-    """L_FM (Eq. 4.7): mean over batch and dimensions of (h_T - h_S)^2; the teacher side is a target."""
+    """L_FM (Eq. 4.7): mean over batch and dimensions of (h_T - h_S)^2 (= ||h_T - h_S||^2 / D per image);
+    the teacher side is a target. The one definition: the distillation diagnostics report this too."""
     return F.mse_loss(h_s.float(), h_t.detach().float())
 
 

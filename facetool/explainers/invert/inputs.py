@@ -68,22 +68,25 @@ def load_inputs(
             raise FacetoolError(f"embeddings file not found: {p}")
         try:
             with h5py.File(p, "r") as f:
-                if "embeddings" not in f:
+                shapes = {k: f[k].shape for k in ("embeddings", "images", "labels", "identities")
+                          if isinstance(f.get(k), h5py.Dataset)}
+                if "embeddings" not in shapes:
                     raise FacetoolError(f"{p} has no dataset 'embeddings' (N, D)")
+                _check_embeddings_file(p, shapes, size)  # the file's own shapes, before --limit takes its rows
                 emb = np.asarray(f["embeddings"][lim], np.float32)
-                imgs = np.asarray(f["images"][lim], np.uint8) if "images" in f else None
-                labels = np.asarray(f["labels"][lim], np.int64) if "labels" in f else np.arange(len(emb))
-                names = [x.decode() if isinstance(x, bytes) else str(x) for x in f["identities"][:]] if "identities" in f else None
+                imgs = np.asarray(f["images"][lim], np.uint8) if "images" in shapes else None
+                labels = np.asarray(f["labels"][lim], np.int64) if "labels" in shapes else np.arange(len(emb))
+                names = [x.decode() if isinstance(x, bytes) else str(x) for x in f["identities"][:]] \
+                    if "identities" in shapes else None
         except OSError:
             raise FacetoolError(f"not an HDF5 file (corrupt or wrong file): {p}") from None
-        if emb.ndim != 2 or len(emb) == 0:
-            raise FacetoolError(f"{p}: 'embeddings' must be a non-empty (N, D) array, got shape {emb.shape}")
-        if imgs is not None and (imgs.shape[0] != len(emb) or imgs.shape[1:] != (size, size, 3)):
-            raise FacetoolError(f"{p}: 'images' must be (N, {size}, {size}, 3) uint8, got {imgs.shape}")
+        if not np.isfinite(emb).all():
+            raise FacetoolError(f"{p}: 'embeddings' holds NaN or infinite values")
         if names is None:
             names = [str(i) for i in range(int(labels.max()) + 1)]
-        if labels.shape != (len(emb),) or labels.min() < 0 or labels.max() >= len(names):
-            raise FacetoolError(f"{p}: 'labels' must be (N,) indices into 'identities'")
+        if labels.min() < 0 or labels.max() >= len(names):
+            raise FacetoolError(f"{p}: 'labels' must be (N,) indices into 'identities' (0 to {len(names) - 1}), "
+                                f"found {int(labels.min())} to {int(labels.max())}")
         return InversionInputs(imgs, emb, labels, names, [f"{p.name}:{i}" for i in range(len(emb))],
                                np.ones(len(emb), np.uint8))
     p = Path(images)
@@ -100,6 +103,22 @@ def load_inputs(
         srcs = s.sources
         return InversionInputs(_resize(s.images(rows), size), None, labels_all[rows], s.identities, [srcs[int(r)] for r in rows],
                                s.split[rows], store=p, rows=rows)
+
+
+def _check_embeddings_file(p: Path, shapes: dict[str, tuple], size: int) -> None:
+    """The datasets of an embeddings file agree with each other, judged on the file's own shapes (an error
+    names those, not the shape of the first ``--limit`` rows)."""
+    e = shapes["embeddings"]
+    if len(e) != 2 or e[0] == 0 or e[1] == 0:
+        raise FacetoolError(f"{p}: 'embeddings' must be a non-empty (N, D) array, got shape {e}")
+    n = e[0]
+    if "images" in shapes and shapes["images"] != (n, size, size, 3):
+        raise FacetoolError(f"{p}: 'images' must be (N, {size}, {size}, 3) uint8 with N = {n} (one per embedding, at "
+                            f"the model's input size), got {shapes['images']}")
+    if "labels" in shapes and shapes["labels"] != (n,):
+        raise FacetoolError(f"{p}: 'labels' must be (N,) = ({n},) indices into 'identities', got {shapes['labels']}")
+    if "identities" in shapes and (len(shapes["identities"]) != 1 or shapes["identities"][0] == 0):
+        raise FacetoolError(f"{p}: 'identities' must be a non-empty list of names, got shape {shapes['identities']}")
 
 
 def _resize(images: Sequence[np.ndarray], size: int) -> np.ndarray:

@@ -1,5 +1,5 @@
 """The diagnostics table of a distillation run (thesis Tables 4.3, 4.5, 4.6): top-1/5, CE, KL(teacher ||
-student), feature distance, NMI of k-means clusters, linear-probe transfer."""
+student), feature distance (L_FM, the loss's own definition), NMI of k-means clusters, linear-probe transfer."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from torch.utils.data import Dataset
 from facetool.hooks import taps
 from facetool.trainers.distill.method import DistillMethod
 from facetool.trainers.distill.teacher import Teacher
+from facetool.trainers.srrl import fm_loss
 
 
 # -- diagnostics -----------------------------------------------------------------------------------
@@ -87,9 +88,11 @@ def _top(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
 def diagnostics(teacher: Teacher | None, student: nn.Module, method: DistillMethod, test_ds: Dataset,
                 batch_size: int, device: torch.device, transfer: tuple[Dataset, Dataset] | None = None) -> dict:
     """The thesis' distillation diagnostics on the test split, for the student and the teacher:
-    top-1/5, KL(teacher || student) at T = 1, CE(student, labels), ||h_T - h_S||^2 (mean over images of
-    the squared Euclidean distance; the SRRL student's connected feature, otherwise its own feature
-    where the dimensions agree), NMI of k-means clusters, and the linear-probe top-1 on a transfer store."""
+    top-1/5, KL(teacher || student) at T = 1, CE(student, labels), the feature distance ``feat_dist`` (L_FM
+    as the loss defines it, :func:`facetool.trainers.srrl.fm_loss`: the mean over images and feature
+    dimensions of (h_T - h_S)^2, i.e. ||h_T - h_S||^2 / D averaged over images; the SRRL student's
+    connected feature, otherwise its own feature where the dimensions agree), NMI of k-means clusters,
+    and the linear-probe top-1 on a transfer store."""
     d = extract(teacher, student, method, test_ds, batch_size, device)
     y = d["label"]
     s: dict[str, Any] = {"top1": _top(d["s_logits"], y, 1), "top5": _top(d["s_logits"], y, 5),
@@ -105,7 +108,7 @@ def diagnostics(teacher: Teacher | None, student: nn.Module, method: DistillMeth
                 s["kl_teacher_student"] = _kl(d["t_logits"], d["s_logits"])
         h = d.get("s_h_connected", d["s_h"])
         if h.shape == d["t_h"].shape:
-            s["feat_dist"] = float(((d["t_h"] - h) ** 2).sum(1).mean())
+            s["feat_dist"] = float(fm_loss(torch.from_numpy(h), torch.from_numpy(d["t_h"])))  # one definition
             s["feat_dist_of"] = "connected" if "s_h_connected" in d else "own"
     if transfer is not None:
         tr, te = (extract(teacher, student, method, ds, batch_size, device) for ds in transfer)

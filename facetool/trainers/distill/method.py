@@ -59,6 +59,10 @@ class DistillMethod(Method):
         if self.unlabeled_weight > 0 and (teacher is None or not teacher.has_logits):
             raise FacetoolError("--unlabeled needs the teacher's predictions: a classifier teacher or --teacher-head")
         self.use_sr = kind == "srrl" and teacher.has_logits and self.weights["beta"] > 0
+        if self.weights["alpha"] > 0 and kind not in ("srrl", "none", "kd") and not teacher.has_logits:
+            raise FacetoolError(f"--alpha weighs KL(T) on the teacher's classifier, but {teacher.source} is an "
+                                "embedding model without a head: pass --teacher-head, or --alpha 0")
+        self._check_some_term()
         if kind == "srrl" and not teacher.has_logits:
             self.notes.append("the teacher has no classifier (no --teacher-head): SRRL falls back to L_FM on the "
                               "embedding (no L_SR)")
@@ -78,6 +82,24 @@ class DistillMethod(Method):
             self.at_pairs = list(zip(tl, sl))
         if kind in ("srrl", "fitnet"):
             self._build_adapters(student, probe)
+
+    def _check_some_term(self) -> None:
+        """At least one loss term has a weight > 0: an all-zero loss has nothing to train (refused before
+        any work, naming the weights this method uses)."""
+        w, kind = self.weights, self.kind
+        active = [w["gamma"] > 0, self.unlabeled_weight > 0]
+        if kind == "srrl":
+            active += [w["alpha"] > 0, self.use_sr]
+        elif kind != "none":
+            active += [w["alpha"] > 0, kind != "kd" and w["beta"] > 0]
+        if any(active):
+            return
+        a, b = WEIGHT_MEANING[kind]
+        uses = [f"--{k} ({m})" for k, m in (("alpha", a), ("beta", b), ("gamma", "CE")) if m != "-"]
+        dropped = " (L_SR is dropped: the teacher has no classifier)" if kind == "srrl" and w["beta"] > 0 else ""
+        raise FacetoolError(f"the loss of {kind} would be 0 with --alpha {w['alpha']:g}, --beta {w['beta']:g} and "
+                            f"--gamma {w['gamma']:g}{dropped}: at least one loss weight must be > 0; {kind} uses "
+                            f"{', '.join(uses)}")
 
     # stages of the student this method reads
     @property

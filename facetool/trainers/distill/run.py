@@ -98,7 +98,18 @@ def distill(
         raise FacetoolError(f"--labeled-per-identity must be >= 1, got {labeled_per_identity}")
     t = load_teacher(teacher, teacher_heads, teacher_loss, teacher_scale, teacher_arch) if teacher is not None else None
     name = resolve_student(student, t)
-    uses_classifier = kind in ("srrl", "kd") or unlabeled is not None
+    uses_classifier = kind in ("srrl", "kd") or unlabeled is not None or (kind != "none" and weights["alpha"] > 0)
+    if t is not None and t.output_kind == "classification" and uses_classifier:
+        from facetool.tasks import task_of
+
+        task = task_of(t.model)
+        if not task.is_identity:
+            what = "attribute" + ("s " if len(task.names) > 1 else " ") + ", ".join(task.names)
+            raise FacetoolError(
+                f"teacher {t.source} predicts {what}, not identities: {kind} distils the teacher's identity classifier"
+                + (" (and --alpha its KL)" if kind not in ("srrl", "kd") else "")
+                + "; use an identity classifier (train resnet without --task) or a face-recognition model "
+                "(train arcface) as the teacher, or fitnet | at | rkd | pkt with --alpha 0 (features only)")
     if t is not None and t.has_logits and uses_classifier and t.num_classes != num_classes:
         raise FacetoolError(f"the teacher's classifier has {t.num_classes} classes but store {store} has {num_classes} "
                             "identities; distil on the identities the teacher was trained on")
@@ -107,8 +118,15 @@ def distill(
                               else None) or store_size)
     if embedding and size % 16:
         raise FacetoolError(f"--input-size must be a multiple of 16 for {name}, got {size}")
-    if transfer is not None:
-        face_source(require_file(transfer, "transfer store"), "--transfer")
+    trans = None
+    if transfer is not None:  # read (and refused) before training, not after it
+        transfer = face_source(require_file(transfer, "transfer store"), "--transfer")
+        trans = (open_dataset(transfer, "train", option="--transfer", size=size),
+                 open_dataset(transfer, "test", option="--transfer", size=size))
+        if not len(trans[0]) or not len(trans[1]):
+            empty = " and ".join(n for n, d in zip(("train", "test"), trans) if not len(d))
+            raise FacetoolError(f"--transfer {transfer} has no {empty} images: the linear probe trains on the transfer "
+                                "store's train split and scores its test split")
     notes: list[str] = []
     train_ds = open_dataset(store, "train", size=size if size != store_size else None)
     if labeled_per_identity:
@@ -179,12 +197,6 @@ def distill(
     if not is_main():
         return result
     device = next(model.parameters()).device
-    trans = None
-    if transfer is not None:
-        trans = (open_dataset(transfer, "train", option="--transfer", size=size),
-                 open_dataset(transfer, "test", option="--transfer", size=size))
-        if not len(trans[0]) or not len(trans[1]):
-            raise FacetoolError(f"transfer store {transfer} needs a train and a test split")
     if len(test_ds):
         result["diagnostics"] = diagnostics(t, model, method, test_ds, cfg.batch_size, device, trans)
     model.cpu()

@@ -151,7 +151,11 @@ def load_head(paths: Sequence[str | Path], embedding_size: int, loss: str | None
     from facetool.io import torch_load
     from facetool.models.heads import MARGINS, MarginHead, SoftmaxHead
 
+    from facetool.models.checkpoint import check_finite
+
     parts = [_head_tensors(torch_load(require_file(p, "teacher head"), "teacher head"), Path(p)) for p in paths]
+    for p, part in zip(paths, parts):
+        check_finite(part, f"teacher head {p}")  # a NaN head would end as a NaN loss blamed on --lr
     w = torch.cat([p["weight"].float() for p in parts])
     bias = [p.get("bias") for p in parts]
     if w.dim() != 2 or w.shape[1] != embedding_size:
