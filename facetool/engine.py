@@ -630,14 +630,14 @@ class _Logger:
         if self.progress is not None:
             self.progress.update(self.task, completed=step, description=text)
         elif every and step % every == 0:
-            self.console.print(f"step {step}  {text}", highlight=False)
+            self.console.print(f"step {step}  {text}", highlight=False, soft_wrap=True)
 
     def epoch(self, row: dict) -> None:
         if not self.enabled:
             return
         keys = [k for k in row if any(fnmatch.fnmatchcase(k, p) for p in self.keys)]
         self.console.print("  ".join(f"{k} {row[k]:.4g}" if isinstance(row[k], float) else f"{k} {row[k]}" for k in keys),
-                           highlight=False)
+                           highlight=False, soft_wrap=True)  # one line per epoch, also in a narrow log
 
     def close(self) -> None:
         if self.progress is not None:

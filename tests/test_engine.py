@@ -277,3 +277,20 @@ def test_ctrl_c_during_validation_then_resume_keeps_every_epoch_row(tmp_path, at
             assert r[k] == pytest.approx(w[k], abs=1e-6), (k, r, w)
     assert res["val_top1"] == pytest.approx(ref["val_top1"])
     assert load_model(tmp_path / "b" / "model.pt").meta["epochs_done"] == 2
+
+
+def test_epoch_lines_are_never_wrapped(tmp_path):
+    """A narrow, non-terminal stderr (a CI log, COLUMNS=40) keeps each epoch line whole."""
+    import os
+    import subprocess
+    import sys
+
+    code = ("from facetool.engine import _Logger\n"
+            "log = _Logger(True, 10, ['epoch', 'train_*', 'val_*'])\n"
+            "log.epoch({'epoch': 1, 'train_loss': 1.23456, 'train_top1': 0.5, 'val_attr_acc': 0.75, "
+            "'val_attr_base': 0.5, 'val_top1': 0.25})\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "COLUMNS": "40"})
+    assert r.returncode == 0, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].endswith("val_top1 0.25"), r.stderr
