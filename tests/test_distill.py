@@ -553,3 +553,14 @@ def test_teacher_arch_option(tiny, tmp_path, cli):
             "--width", "4", *_tiny_args(tiny, out))
     assert r.exit_code == 0, r.output
     assert json.loads((out / "config.json").read_text())["method"] == "distill-srrl"
+
+
+def test_a_weight_with_no_term_is_refused_not_ignored():
+    from facetool.errors import FacetoolError
+    from facetool.trainers.distill import resolve_weights
+
+    with pytest.raises(FacetoolError, match="--beta weighs no term of kd"):
+        resolve_weights("kd", beta=5.0)
+    with pytest.raises(FacetoolError, match="--alpha weighs no term of none"):
+        resolve_weights("none", alpha=1.0)
+    assert resolve_weights("kd", beta=0.0)["beta"] == 0.0 and resolve_weights("srrl", beta=2.0)["beta"] == 2.0

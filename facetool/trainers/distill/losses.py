@@ -146,5 +146,9 @@ def resolve_weights(kind: str, alpha: float | None = None, beta: float | None = 
         if v is not None:
             if not (v >= 0 and v < float("inf")):
                 raise FacetoolError(f"--{k} must be a finite number >= 0, got {v}")
+            if v and k != "gamma" and WEIGHT_MEANING[kind][0 if k == "alpha" else 1] == "-":
+                a, b = WEIGHT_MEANING[kind]
+                raise FacetoolError(f"--{k} weighs no term of {kind} (--gamma weighs CE, --alpha {a}, --beta {b}); "
+                                    f"leave --{k} out")
             w[k] = float(v)
     return w
