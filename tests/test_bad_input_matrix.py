@@ -222,3 +222,53 @@ def test_reported_bad_numbers_in_a_fresh_process(valid, tmp_path, argv, option):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and option in lines[0], r.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "runs").exists()
+
+
+class _Marker:
+    """Unpickling this would create the file ``path`` (code execution)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_malicious_pickles_are_refused_in_every_model_head_init_resume_and_bin_slot(valid, tmp_path, monkeypatch,
+                                                                                  capsys):
+    """A pickle that would run code, given to every option that reads a model, a head, a .bin pack or a
+    resume state: refused (exit 2, one line), and the code never runs."""
+    import torch
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("COLUMNS", "100000")
+    marker = tmp_path / "PWNED"
+    evil_pt = tmp_path / "evil.pt"
+    torch.save({"state_dict": {"w": torch.zeros(1)}, "x": _Marker(str(marker))}, evil_pt)
+    evil_bin = tmp_path / "evil.bin"
+    evil_bin.write_bytes(pickle.dumps(([b"x", b"y"], _Marker(str(marker))), protocol=2))
+    root = _root()
+    outs = tmp_path / "outs"
+    slots, failures = 0, []
+    for path, cmd in walk_commands(root):
+        command = " ".join(path)
+        base, _, paths = _plan(command, cmd, valid, outs)
+        for p, flag, kind, positional in paths:
+            if kind in (MODEL, BIN, STORE_OR_MODEL) or flag == "--teacher-head":
+                evil = evil_bin if kind == BIN else evil_pt
+                argv = [*path, *_replace(base, flag, positional, str(valid[kind]), str(evil))]
+                rc, out = _invoke(root, capsys, argv)
+                slots += 1
+                if rc != 2 or len(out.strip().splitlines()) != 1 or marker.exists():
+                    failures.append(f"facetool {command} {flag}: exit {rc}: {out.strip()[:200]}")
+    # the resume state of a training run
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "last.pt").write_bytes(evil_pt.read_bytes())
+    rc, out = _invoke(root, capsys, ["train", "resnet", "--store", valid[STORE], "--arch", "resnet18", "--width", 4,
+                                     "--input-size", 32, "--resume", "--out", run])
+    slots += 1
+    if rc != 2 or marker.exists():
+        failures.append(f"train resnet --resume: exit {rc}: {out.strip()[:200]}")
+    assert not marker.exists(), "a pickle ran code"
+    assert slots >= 30 and not failures, f"{len(failures)} of {slots} slots:\n" + "\n".join(failures)
