@@ -426,3 +426,18 @@ def test_cli_interrupted_invert_says_what_it_kept(tiny_setup, tmp_path, cli, mon
     msg = " ".join(r.output.split())
     assert r.exit_code == 130 and "kept the resume state of 1 batch(es)" in msg, r.output
     assert "wrote none of inverted.h5, grid.png, metrics.json" in msg and f"--resume --out {out}" in msg
+
+
+def test_cli_an_onnx_judge(tiny_setup, tmp_path, cli):
+    """`invert --judge model.onnx`: an exported judge scores the pairs (it failed in `embed`, which asked an
+    ONNX session for its parameters and training mode)."""
+    from facetool.data.synthetic import prepare_synthetic
+
+    d, (m0, m1) = tiny_setup
+    judge = tmp_path / "judge.onnx"
+    assert cli("export", "--model", m1, "--out", judge).exit_code == 0
+    store, _ = prepare_synthetic(tmp_path / "s.h5", identities=3, per_identity=4, size=32, seed=0)
+    r = cli("invert", "--model", m0, "--images", store, "--pairs", "--judge", judge, "--limit", 3, "--batch", 3,
+            "--iterations", 2, "--out", tmp_path / "inv")
+    assert r.exit_code == 0, r.output
+    assert math.isfinite(json.loads((tmp_path / "inv" / "metrics.json").read_text())["cosine_judge"])

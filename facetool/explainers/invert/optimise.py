@@ -278,7 +278,11 @@ def _load_state(path: str | Path, cfg: InversionConfig, targets: torch.Tensor) -
 # -- batches -----------------------------------------------------------------------------------
 @torch.no_grad()
 def embed(model: nn.Module, images: torch.Tensor, batch: int = 64) -> torch.Tensor:
-    """Model outputs of normalised images (N, 3, S, S), in eval mode, on the CPU."""
+    """Model outputs of normalised images (N, 3, S, S), in eval mode, on the CPU (an ONNX judge runs as
+    it is: it has no modes and no parameters)."""
+    if not isinstance(model, nn.Module):
+        outs = [torch.as_tensor(model(images[i : i + batch])).float().cpu() for i in range(0, len(images), batch)]
+        return torch.cat(outs) if outs else torch.zeros(0)
     dev = _device(model)
     with eval_mode(model):
         outs = [model(images[i : i + batch].to(dev)).float().cpu() for i in range(0, len(images), batch)]
