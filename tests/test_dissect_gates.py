@@ -129,4 +129,5 @@ def test_bad_inputs_give_one_line(tmp_path, cli):
     fails("--model", ck, "--store", store, "--out", tmp_path / "o", "--run", tmp_path, match="metrics")
     plain = save_checkpoint(tmp_path / "r.pt", create_model("resnet18", num_classes=2, input_size=32, width=8))
     fails("--model", plain, "--store", store, "--out", tmp_path / "o", match="no gates")
+    fails("--model", ck, "--store", store, "--out", tmp_path / "o", "--device", "tpu", match="--device")
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

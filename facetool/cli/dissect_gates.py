@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from facetool.cli.common import arch_option, console, guarded, records_table
+from facetool.cli.common import arch_option, console, device_option, guarded, records_table
 
 
 def register(group: typer.Typer) -> None:
@@ -25,6 +25,7 @@ def register(group: typer.Typer) -> None:
         identities: int = typer.Option(8, "--identities", min=1, help="Identities in the easy/hard grid."),
         per_identity: int = typer.Option(4, "--per-identity", min=1, help="Easy and hard images per identity."),
         arch: Optional[str] = arch_option(),
+        device: str = device_option("auto"),
         overwrite: bool = typer.Option(False, "--overwrite", help="Write into an existing, non-empty --out folder."),
     ) -> None:
         """Gate execution per attribute value (heatmaps), easy/hard images, active gates of correct vs
@@ -42,7 +43,8 @@ def register(group: typer.Typer) -> None:
         attrs = [a.strip() for a in attributes.split(",") if a.strip()] if attributes else None
         with console.status(f"running {model.name} over {store.name} [{split}]"):
             res = dissect_gates(model, store, out, attributes=attrs, split=split, run=run, batch_size=batch_size,
-                                identities=identities, per_identity=per_identity, arch=arch)
+                                identities=identities, per_identity=per_identity, arch=arch,
+                                device=device)
         console.print(f"{res['images']} images, {res['blocks']} gated blocks, top-1 {res['top1']:.2f} %, "
                       f"top-5 {res['top5']:.2f} %, gate rate {res['gate_rate']:.3f}")
         recs = [{"attribute": a, "images per value": ", ".join(f"{v} {n}" for v, n in d["images"].items()),
