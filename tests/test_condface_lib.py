@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 import facetool
 from facetool.errors import FacetoolError
-from facetool.eval.clusters import NUM_COHORTS, cluster_purity, cluster_scores, cohort_codes, cohort_digits, cohort_parts
+from facetool.eval.clusters import (NUM_COHORTS, cluster_purity, cluster_scores, cohort_codes, cohort_digits,
+                                    cohort_parts)
 from facetool.trainers.condface import sinkhorn
 
 SCORES = [[.9, .1], [.8, .2], [.7, .3], [.6, .4]]
