@@ -43,6 +43,11 @@ _LAZY: dict[str, str] = {
     "evaluate_ijb": "facetool.eval.ijb",
     "verify_bin": "facetool.eval.verification",
     "verify_pairs": "facetool.eval.verification",
+    "cluster_purity": "facetool.eval.clusters",
+    "cluster_scores": "facetool.eval.clusters",
+    "cohort_codes": "facetool.eval.clusters",
+    # CondFace
+    "sinkhorn": "facetool.trainers.condface",
     # cost, export, explanation
     "count_flops": "facetool.flops",
     "count_params": "facetool.flops",

@@ -5,7 +5,7 @@ in the environment. :func:`setup` turns that into a process group (NCCL on GPU, 
 :func:`teardown` ends it again; a group that the caller initialised itself (``init_process_group`` with
 any ``init_method``) is used as it is and left alone. Everything else asks this module, never the
 environment: :func:`rank`, :func:`world_size`, :func:`is_main` (the rank that logs and writes shared
-files), :func:`on_main` (run a write on rank 0 only), :func:`barrier`, :func:`all_gather_object`,
+files), :func:`on_main` (run a write on rank 0 only), :func:`barrier`, :func:`all_reduce`, :func:`all_gather_object`,
 :func:`gather_rows` (per-rank rows of a sharded pass back in index order on rank 0) and
 :class:`EpochSampler` (each rank's shard of an epoch's shuffled order).
 
@@ -97,6 +97,17 @@ def barrier() -> None:
         dist.barrier()
 
 
+def all_reduce(tensor: torch.Tensor, op: str = "sum", group: Any = None) -> torch.Tensor:
+    """``tensor`` reduced in place over the ranks of ``group`` (default: the whole job) with ``op``
+    (``sum`` or ``max``) and returned; without a process group, or in a group of one, it is returned
+    as it is (no communication)."""
+    if op not in ("sum", "max"):
+        raise ValueError(f"all_reduce op must be 'sum' or 'max', got {op!r}")
+    if _initialised() and dist.get_world_size(group) > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def all_gather_object(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in one process). Pickled
     between the job's own processes only."""
@@ -168,5 +179,5 @@ class EpochSampler(Sampler[int]):
         return self.per_rank - self.start
 
 
-__all__ = ["Dist", "setup", "teardown", "rank", "world_size", "is_main", "on_main", "barrier", "all_gather_object",
-           "gather_rows", "EpochSampler"]
+__all__ = ["Dist", "setup", "teardown", "rank", "world_size", "is_main", "on_main", "barrier", "all_reduce",
+           "all_gather_object", "gather_rows", "EpochSampler"]

@@ -1,5 +1,6 @@
-"""Evaluation: closed-set classification tables (:mod:`facetool.eval.classification`) and the
-face-recognition protocols (IJB-B/C, LFW-family verification)."""
+"""Evaluation: closed-set classification tables (:mod:`facetool.eval.classification`), the
+face-recognition protocols (IJB-B/C, LFW-family verification) and cluster scores against labels and the
+thesis's attribute cohorts (:mod:`facetool.eval.clusters`)."""
 
 #: the packs of insightface's verification sets, by command name (here, not in ``verification``, so the
 #: CLI can register one command per set without importing torch)

@@ -6,5 +6,6 @@
 ``abn``       Attention Branch Network: attention + perception cross-entropy
 ``arcface``   ArcFace / CosFace recognition training with LFW-style validation
 ``srrl``      SRRL's connector and losses
+``condface``  CondFace: SwAV's Sinkhorn assignment of routing vectors to prototypes (training comes next)
 ``distill``   distillation: SRRL and the KD / FitNet / AT / RKD / PKT baselines (a package)
 """
