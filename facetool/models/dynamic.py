@@ -175,6 +175,11 @@ def dynamic_layers(model: nn.Module) -> list[_Dynamic]:
 
 
 def set_routing_temperature(model: nn.Module, t: float) -> None:
-    """Set the routing temperature of every dynamic layer of ``model``."""
+    """Set the routing temperature of ``model`` (its own ``set_temperature`` where it has one, e.g. a
+    CondFace model whose blocks share routing networks; else every dynamic layer's)."""
+    own = getattr(model, "set_temperature", None)
+    if callable(own):
+        own(t)
+        return
     for m in dynamic_layers(model):
         m.set_temperature(t)
