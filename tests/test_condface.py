@@ -190,6 +190,14 @@ def test_checkpoint_round_trip(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(back(x), m(x))
+    # a bare state_dict (no facetool config) is recognised as CondFace, not as its IR-ResNet twin
+    for name, kw in (("condface_ir18", {"experts": 3}), ("condface_dc_ir18", {})):
+        m = create_model(name, input_size=64, width=8, embedding_size=16, **kw).eval()
+        torch.save(m.state_dict(), tmp_path / "bare.pt")
+        back = load_model(tmp_path / "bare.pt")
+        assert back.config == m.config
+        with torch.no_grad():
+            assert torch.equal(back(x), m(x))
 
 
 @pytest.mark.parametrize("name", ["condface_dc_ir18", "condface_ir18"])

@@ -26,7 +26,7 @@ from facetool.errors import FacetoolError
 from facetool.models.base import EMBEDDING
 from facetool.models.dynamic import DynamicConv2d, DynamicGroupConv2d, Router, dynamic_layers
 from facetool.models.iresnet import BN_EPS, LAYERS, IResNet
-from facetool.models.registry import register_model
+from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
 
 #: the variants: "dc" (DynamicConv2d) and "dgconv" (DynamicGroupConv2d, x2 channels + 1x1 back)
 VARIANTS = ("dc", "dgconv")
@@ -136,3 +136,28 @@ def _factory(depth: int, variant: str):
 for _d in LAYERS:
     register_model(f"condface_dc_ir{_d}", family="condface")(_factory(_d, "dc"))
     register_model(f"condface_ir{_d}", family="condface")(_factory(_d, "dgconv"))
+
+
+@register_state_dict_matcher
+def match_condface(sd: dict) -> tuple[str, dict] | None:
+    """Recognise a bare CondFace state_dict (``model.state_dict()`` saved without facetool's config):
+    variant, depth, width, experts, groups, embedding and input size from the keys and shapes."""
+    if not all(k in sd for k in ("conv1.weight", "fc.weight", "layer2.0.router.fc1.weight", "layer2.0.conv1.weight")):
+        return None
+    counts = stage_block_counts(sd)
+    depth = next((d for d, lay in LAYERS.items() if tuple(counts) == lay), None)
+    if depth is None:
+        return None
+    variant = "dgconv" if "layer2.0.project.weight" in sd else "dc"
+    groups_m, experts = (int(s) for s in sd["layer2.0.conv1.weight"].shape[:2])
+    width = int(sd["conv1.weight"].shape[0])
+    emb, flat = (int(s) for s in sd["fc.weight"].shape)
+    side = round((flat / (8 * width)) ** 0.5)
+    kwargs: dict = {"embedding_size": emb, "input_size": side * 16}
+    if width != 64:
+        kwargs["width"] = width
+    if experts != 4:
+        kwargs["experts"] = experts
+    if variant == "dgconv" and groups_m != 4:
+        kwargs["groups_m"] = groups_m
+    return f"condface{'_dc' if variant == 'dc' else ''}_ir{depth}", kwargs
