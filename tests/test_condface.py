@@ -226,3 +226,21 @@ def test_onnx_export_with_dynamic_batch(name, tmp_path):
         assert got.shape == (b, 16)
         assert (got - ref).abs().max() / ref.abs().max() < 1e-4
         assert (F.normalize(got) - F.normalize(ref)).abs().max() < 1e-4
+
+
+def test_routing_prior_reads_the_models_routing():
+    """The inversion routing prior takes the (B, D) internal as one vector per image: the mean squared
+    difference to the targets' routing (not a sum over the batch's rows)."""
+    from facetool.explainers.invert.priors import RoutingPrior, reference_internals
+
+    torch.manual_seed(0)
+    m = create_model("condface_dc_ir18", input_size=64, width=8, embedding_size=16).eval()
+    x, other = torch.randn(2, 3, 64, 64), torch.randn(2, 3, 64, 64)
+    target = reference_internals(m, x)["routing"]
+    prior = RoutingPrior(target, 1.0)
+    prior.setup(m)
+    with torch.no_grad():
+        _, same = m(x, return_internals=True)
+        _, diff = m(other, return_internals=True)
+    assert float(prior(x, None, same)) == pytest.approx(0.0, abs=1e-10)
+    assert float(prior(other, None, diff)) == pytest.approx(float(F.mse_loss(diff["routing"], target)), rel=1e-5)
