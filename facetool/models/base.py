@@ -34,7 +34,8 @@ INTERNALS = {
     "gates": "(B, L) hard 0/1 decisions of the L conditional blocks, in conditional_blocks() order "
              "(straight-through in training)",
     "gate_probs": "(B, L) probability of executing each gated block",
-    "routing": "list of (B, K) routing vectors, one per dynamic layer",
+    "routing": "(B, D) routing vectors of the dynamic layers, concatenated in forward order (CondFace: each "
+               "group's slice of n experts sums to 1)",
     "attention": "(B, A, h, w) attention maps in [0, 1]; A = 1 single-task, A = number of attributes multi-task",
     "attention_logits": "(B, C) logits of an attention branch",
     "block_flops": "(L,) FLOPs per image of each gated block when executed",

@@ -137,6 +137,8 @@ def match_iresnet(sd: dict) -> tuple[str, dict] | None:
     embedding size and input size from the keys and shapes."""
     if not all(k in sd for k in ("conv1.weight", "prelu.weight", "fc.weight", "features.running_mean")):
         return None
+    if getattr(sd.get("layer2.0.conv1.weight"), "ndim", 4) != 4:  # dynamic (CondFace) kernels: not ours
+        return None
     counts = stage_block_counts(sd)
     depth = next((d for d, lay in LAYERS.items() if tuple(counts) == lay), None)
     if depth is None:

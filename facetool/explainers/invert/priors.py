@@ -183,20 +183,22 @@ class GatePatternPrior(BasePrior):
 
 class RoutingPrior(BasePrior):
     """For dynamic-convolution (CondFace) models: Σ_layers MSE between the routing vectors
-    (internal ``routing``: list of (B, K)) and those of the target images. Thesis weight 10."""
+    (internal ``routing``: (B, D), or a list of (B, K) per layer) and those of the target images.
+    Thesis weight 10."""
 
     name = "routing"
     needs_internals = True
 
     def __init__(self, targets: Sequence[torch.Tensor], weight: float = 10.0) -> None:
         super().__init__(weight)
-        self.targets = [t.detach() for t in targets]
+        self.targets = [t.detach() for t in ([targets] if isinstance(targets, torch.Tensor) else targets)]
 
     def setup(self, model: nn.Module) -> None:
         require_internal(model, "routing", "routing")
 
     def __call__(self, images, outputs, internals):
         r = internals["routing"]
+        r = [r] if isinstance(r, torch.Tensor) else r
         if len(r) != len(self.targets):
             raise FacetoolError(f"model reports {len(r)} routing vectors, the targets {len(self.targets)}")
         return sum(F.mse_loss(a, b.to(a)) for a, b in zip(r, self.targets))
