@@ -81,6 +81,11 @@ class Method:
         """Per-batch numbers, averaged over the epoch (weighted by batch size)."""
         return {}
 
+    def start_epoch(self, model: nn.Module, epoch: int) -> None:
+        """Called on every rank before the steps of ``epoch`` (0-based), also when a run resumes inside
+        it: per-epoch schedules of the method (e.g. a routing temperature) are set here, from ``epoch``
+        alone, so that a resumed run sets them as the uninterrupted one did."""
+
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """End-of-epoch callback on rank 0 (model in eval mode)."""
         return {}
@@ -517,6 +522,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
             if start and partial:  # resuming inside an epoch: keep its running averages
                 avg.sums, avg.n = dict(partial["sums"]), int(partial["n"])
             partial = None
+            method.start_epoch(_unwrap(model), epoch)
             t0 = epoch_start = time.time()
             for batch in loader:
                 lr = lr_at(cfg, step, steps_per_epoch)

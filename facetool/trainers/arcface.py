@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -125,12 +125,12 @@ def _verify_bin(model: nn.Module, path: Path, pack, batch_size: int, device: tor
     return {f"{path.stem}_acc": float(res["accuracy"]), f"{path.stem}_acc_std": float(res["std"])}
 
 
-def resolve_network(network: str) -> str:
+def resolve_network(network: str, family: str = NETWORK_FAMILY) -> str:
     """The registered recognition backbone ``--network`` names (``r50`` -> ``iresnet50``, ``mbf`` ->
-    ``mobilefacenet``); anything else is a FacetoolError listing the names."""
+    ``mobilefacenet``) of ``family``; anything else is a FacetoolError listing the names."""
     from facetool.models.registry import resolve_model_name
 
-    return resolve_model_name(network, family=NETWORK_FAMILY, option="--network")
+    return resolve_model_name(network, family=family, option="--network")
 
 
 def parse_margins(text: str | None) -> tuple[float, float, float] | None:
@@ -159,9 +159,14 @@ def train_arcface(
     pair_eval: bool = True,
     max_pair_images: int = 2000,
     model_kwargs: dict[str, Any] | None = None,
+    family: str = NETWORK_FAMILY,
+    method_factory: Callable[..., ArcFaceMethod] | None = None,
 ) -> dict[str, float]:
-    """Train ``network`` with a margin head on ``store``'s train split; the test split (if any) is the
-    validation set and gives the pair statistics. Writes the engine outputs plus ``backbone.pth``."""
+    """Train ``network`` (a model of the registry ``family``) with a margin head on ``store``'s train
+    split; the test split (if any) is the validation set and gives the pair statistics. Writes the engine
+    outputs plus ``backbone.pth``. ``method_factory(model, **kw)`` builds the method from the model and
+    :class:`ArcFaceMethod`'s keyword arguments (default: an ArcFaceMethod), so that methods built on it
+    (``trainers.condface``) share this recipe."""
     from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.errors import require_file
@@ -180,7 +185,7 @@ def train_arcface(
     require_file(store, "face store")
     for b in val_bins:
         require_file(b, "verification pack")
-    name = resolve_network(network)
+    name = resolve_network(network, family)
     seed_everything(cfg.seed)  # --seed decides the backbone's and the margin head's initial weights
     try:
         model = create_model(name, embedding_size=embedding_size, input_size=input_size, **(model_kwargs or {}))
@@ -199,8 +204,9 @@ def train_arcface(
     counts = np.bincount(test_ds.labels[idx]) if len(idx) else np.zeros(0, int)
     if pair_eval and (counts > 0).sum() >= 2 and (counts >= 2).any():  # both genuine and impostor pairs
         pair_ds = open_dataset(store, None, size=input_size, indices=idx)
-    method = ArcFaceMethod(train_ds.num_classes, embedding_size, loss, s, margins, pair_ds, val_bins,
-                           eval_batch_size=cfg.batch_size)
+    kw = dict(num_classes=train_ds.num_classes, embedding_size=embedding_size, loss=loss, s=s, margins=margins,
+              pair_ds=pair_ds, val_bins=val_bins, eval_batch_size=cfg.batch_size)
+    method = method_factory(model, **kw) if method_factory is not None else ArcFaceMethod(**kw)
     cfg.extra = {**cfg.extra, "store": str(store), "network": name, "loss": loss}
     result = train(model, method, train_ds, cfg, val_ds)
     if is_main():
