@@ -87,6 +87,8 @@ LIMITS: dict[str, Range] = {
     "--unlabeled-weight": WEIGHT,
     "--mixup": Range(0, 100, note="Beta(A, A); 0 = off"),
     "--labeled-per-identity": Range(1, BIG),
+    "--prototypes": Range(2, 1_000_000, note="clusters"),
+    "--lambda": WEIGHT,
     # data
     "--size": Range(16, 1024, note="pixels"),
     "--identities": Range(1, 1_000_000),

@@ -2,7 +2,7 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.train_classify", "facetool.cli.train_arcface"]
+MODULES = ["facetool.cli.train_classify", "facetool.cli.train_arcface", "facetool.cli.train_condface"]
 
 
 def register(app):
