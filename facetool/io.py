@@ -305,6 +305,25 @@ def torch_save(obj: Any, path: str | Path) -> Path:
     return Path(path)
 
 
+#: the first bytes of an HDF5 file (face stores, feature caches)
+HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
+
+
+def file_head(path: str | Path, n: int = 8) -> bytes:
+    """The first ``n`` bytes of a file (what the format checks below look at)."""
+    with open(path, "rb") as f:
+        return f.read(n)
+
+
+def is_hdf5_head(head: bytes) -> bool:
+    return head.startswith(HDF5_SIGNATURE)
+
+
+def is_torch_head(head: bytes) -> bool:
+    """A torch file: the zip format or a legacy pickle."""
+    return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")
+
+
 def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     """Load a torch file without executing code (``weights_only=True``); errors become one line."""
     import torch
@@ -312,11 +331,10 @@ def torch_load(path: str | Path, what: str = "checkpoint") -> Any:
     p = Path(path)
     if not p.is_file():
         raise FacetoolError(f"{what} not found: {p}")
-    with open(p, "rb") as f:
-        head = f.read(8)
-    if head.startswith(b"\x89HDF"):
+    head = file_head(p)
+    if is_hdf5_head(head):
         raise FacetoolError(f"{what} {p} is an HDF5 file (a face store or feature cache), not a torch checkpoint")
-    if not (head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")):  # zip format or legacy pickle
+    if not is_torch_head(head):
         raise FacetoolError(f"{what} {p} is not a torch checkpoint (nor an ONNX file: give those a .onnx suffix)")
     try:
         return torch.load(p, map_location="cpu", weights_only=True)

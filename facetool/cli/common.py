@@ -45,7 +45,7 @@ def guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
 
         release_claims()
         try:
-            _check_numbers(kwargs)  # options are validated before any work
+            _check_arguments(kwargs)  # options are validated before any work
             with _sigint_remembered() as sigint:
                 result = fn(*args, **kwargs)
             if sigint["seen"]:  # Ctrl-C landed where Python swallows exceptions (a weakref callback, __del__)
@@ -103,7 +103,7 @@ def current_command() -> tuple[str, dict[str, str]]:
     return " ".join(reversed(names)), flags
 
 
-def _check_numbers(kwargs: dict[str, Any]) -> None:
+def _check_arguments(kwargs: dict[str, Any]) -> None:
     """Every numeric option against its declared range and every input path against its declared kind
     (facetool/cli/limits.py): NaN, infinity, absurd values and missing or wrong files never reach the
     command. Numbers first, then paths, in the command's declaration order."""

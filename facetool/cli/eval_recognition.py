@@ -8,26 +8,17 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from facetool.cli.common import arch_option, console, dict_table, err_console, features_option, guarded, records_table
+from facetool.cli.common import (arch_option, checked_device, console, device_option, dict_table, err_console,
+                                 features_option, guarded, records_table)
 
 if TYPE_CHECKING:  # numpy only in annotations here; imported by the commands (fast --help)
     import numpy as np
 
-_DEVICE = typer.Option("auto", "--device", help="auto (cuda when available), cpu, cuda, cuda:N or mps.")
 _WORKERS = typer.Option(-1, help="DataLoader workers decoding and aligning images (-1: up to 4).")
 
 
-def _device(device: str) -> str:
-    from facetool.devices import resolve_device
-
-    return resolve_device(device)
-
-
 def _workers(workers: int) -> int:
-    if workers < -1:
-        from facetool.errors import FacetoolError
-
-        raise FacetoolError(f"--workers must be >= -1 (-1: up to 4, 0: main process), got {workers}")
+    """-1: up to 4 (the range is checked before any work: facetool/cli/limits.py)."""
     return min(4, os.cpu_count() or 1) if workers < 0 else workers
 
 
@@ -119,7 +110,7 @@ def _ijb(prefix: str):
         out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{prefix}); files are "
                                                                 "named after the run: runs/a/model.pt -> a_model_N1D1F1.json."),
         one_to_n: bool = typer.Option(False, "--one-to-n", help="Also run 1:N search (NIST gallery/probe CSVs)."),
-        device: str = _DEVICE,
+        device: str = device_option("auto"),
         workers: int = _WORKERS,
         arch: Optional[str] = arch_option(),
         features: str = features_option(),
@@ -129,7 +120,7 @@ def _ijb(prefix: str):
         from facetool.eval.ijb import evaluate_ijb
         from facetool.io import run_name, write_json
 
-        dev = _device(device)
+        dev = checked_device(device)
         out_dir = out or Path("eval") / prefix
         stem = run_name(model)
         sw = f"N{int(not no_norm)}D{int(not no_det_score)}F{int(not no_flip)}"
@@ -174,7 +165,7 @@ def _verification(name: str):
         batch_size: int = typer.Option(128, "--batch-size", min=1),
         out: Optional[Path] = typer.Option(None, "--out", help=f"Output folder (default eval/{name}); files are "
                                                                 "named after the run: runs/a/model.pt -> a_model.json."),
-        device: str = _DEVICE,
+        device: str = device_option("auto"),
         workers: int = _WORKERS,
         arch: Optional[str] = arch_option(),
         features: str = features_option(),
@@ -191,7 +182,7 @@ def _verification(name: str):
                                  overwrite)
         if (bin is None) == (pairs is None) or (pairs is not None and images is None):
             raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
-        dev, nw = _device(device), _workers(workers)
+        dev, nw = checked_device(device), _workers(workers)
         m = _load(model, arch, features)
         with console.status(f"{name}: extracting embeddings"):
             if bin is not None:

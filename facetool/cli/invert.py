@@ -47,19 +47,8 @@ def invert_cmd(
     judge_features: str = features_option(flag="--judge-features", of="--judge"),
 ) -> None:
     """Invert faces: optimise images whose embeddings match the targets, then score them."""
-    from facetool.errors import FacetoolError
     from facetool.io import guard_output, guard_run_folder, run_name
 
-    for opt, v, lo in (("--limit", limit, 1), ("--iterations", iterations, 1), ("--batch", batch, 1), ("--seed", seed, 0)):
-        if v < lo:
-            raise FacetoolError(f"{opt} must be >= {lo}, got {v}")
-    for opt, v in (("--lr", lr),):
-        if not v > 0:
-            raise FacetoolError(f"{opt} must be > 0, got {v}")
-    for opt, v in (("--bn-weight", bn_weight), ("--tv-l2", tv_l2), ("--tv-l1", tv_l1), ("--l2", l2),
-                   ("--gate-prior", gate_prior), ("--routing-prior", routing_prior)):
-        if not v >= 0:
-            raise FacetoolError(f"{opt} must be >= 0, got {v}")
     inputs = (model, images, embeddings, judge)
     fresh = out is None or not Path(out).exists()  # this run creates the folder (removed again if left empty)
     out = guard_run_folder(out, f"invert-{run_name(model)}", inputs=inputs, overwrite=overwrite, resume=resume)

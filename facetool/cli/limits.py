@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from facetool.errors import FacetoolError
+from facetool.io import file_head, is_hdf5_head, is_torch_head
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,7 @@ LIMITS: dict[str, Range] = {
     # prepare synthetic checks its sizes against the disk itself, with the estimate in the message
     "prepare synthetic --identities": Range(1, BIG),
     "prepare synthetic --per-identity": Range(1, BIG),
+    "prepare synthetic --workers": Range(1, 256, note="rendering threads"),
     "prepare imdb-face --per-identity": Range(0, 10_000_000, note="0 = all"),
     **{f"eval {c} --workers": Range(-1, 256, note="-1 = up to 4, 0 = the main process")
        for c in ("lfw", "cfp-fp", "agedb-30", "calfw", "cplfw", "ijbb", "ijbc")},
@@ -172,7 +174,6 @@ PATHS: dict[str, str] = {
     "--out": OUTPUT, "--json": OUTPUT, "--grid": OUTPUT, "--cache": OUTPUT,
 }
 
-_HDF5 = b"\x89HDF\r\n\x1a\n"
 #: what the missing thing is called in "... not found" (by option; else by kind)
 _NOUN = {"--teacher": "teacher", "--model": "model", "--judge": "judge model", "--from-model": "model",
          "--compare": "model", "--init": "--init checkpoint", "--detector": "detector model",
@@ -193,19 +194,14 @@ def path_kind(command: str, option: str) -> str | None:
     return PATHS.get(f"{command} {option}", PATHS.get(option))
 
 
-def _head(p) -> bytes:
-    with open(p, "rb") as f:
-        return f.read(8)
-
-
 def _looks_like(kind: str, p) -> bool:
-    head = _head(p)
+    head = file_head(p)
     if kind == STORE:
-        return head.startswith(_HDF5)
+        return is_hdf5_head(head)
     if kind == MODEL:
         if str(p).lower().endswith(".onnx"):
-            return len(head) > 0 and not head.startswith(_HDF5)
-        return head.startswith(b"PK\x03\x04") or head.startswith(b"\x80")  # torch zip or legacy pickle
+            return len(head) > 0 and not is_hdf5_head(head)
+        return is_torch_head(head)
     if kind == BIN:
         return head.startswith(b"\x80")  # a pickle
     if kind == STORE_OR_MODEL:
@@ -238,6 +234,6 @@ def check_path(command: str, option: str, value: Any) -> None:
         except OSError as e:
             raise FacetoolError(f"{name} {p}: cannot read it ({e.strerror or e})") from None
         if not ok:
-            if kind in (MODEL, BIN) and _head(p).startswith(_HDF5):
+            if kind in (MODEL, BIN) and is_hdf5_head(file_head(p)):
                 raise FacetoolError(f"{name} {p} is an HDF5 file (a face store or feature cache), not {_WHAT[kind]}")
             raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}: corrupt, or another kind of file")

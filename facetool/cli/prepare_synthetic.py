@@ -35,12 +35,9 @@ def register(prepare_app: typer.Typer) -> None:
         Example: facetool prepare synthetic --identities 20 --per-identity 40 --out data/synthetic.h5
         """
         from facetool.data.synthetic import prepare_synthetic, save_grid
-        from facetool.errors import FacetoolError
         from facetool.io import STORE_SUFFIXES, guard_output
 
         grid = grid if grid is not None else out.with_name(out.name + ".grid.png")
-        if grid.suffix.lower() != ".png":
-            raise FacetoolError(f"--grid must be a .png file, got {grid}")
         guard_output(out, overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
         guard_output(grid, inputs=(out,), overwrite=overwrite, option="--grid", suffix=".png", owner=f"prepare synthetic {out.resolve()}")
         path, s = prepare_synthetic(

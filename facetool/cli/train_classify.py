@@ -172,8 +172,6 @@ def register(app: typer.Typer) -> None:
             ts = parse_target_schedule(target_schedule, L) if target_schedule else default_schedule(L, target)
             return AIGMethod(ts, target_weight)
 
-        if not 0.0 <= target <= 1.0:
-            raise FacetoolError(f"--target must be in [0, 1], got {target}")
         run("aig", store, out, arch, train, factory, input_size=input_size, width=width, gate_hidden=gate_hidden,
             task=task)
 
@@ -206,8 +204,6 @@ def register(app: typer.Typer) -> None:
         feats = [f.strip() for f in feature.split(",") if f.strip()]
         if not feats:
             raise FacetoolError("--feature needs at least one attribute name")
-        if not 0.0 <= target <= 1.0:
-            raise FacetoolError(f"--target must be in [0, 1], got {target}")
         out = _out("iig", _model_name("iig", arch), out, (store, masks), train)
         with FaceStore(store) as s:
             vocab = {f: s.attribute(f)[1] for f in feats}
@@ -251,10 +247,5 @@ def register(app: typer.Typer) -> None:
 
         if mechanism not in MECHANISMS:
             raise FacetoolError(f"unknown --mechanism {mechanism!r}; use one of {', '.join(MECHANISMS)}")
-        if att_channels is not None and att_channels < 0:
-            raise FacetoolError(f"--att-channels must be >= 0 (0 = the number of outputs, as in the paper), "
-                                f"got {att_channels}")
-        if not attention_weight >= 0:
-            raise FacetoolError(f"--attention-weight must be >= 0, got {attention_weight}")
         run("abn", store, out, arch, train, lambda model: ABNMethod(attention_weight), input_size=input_size,
             width=width, task=task, mechanism=mechanism, att_channels=att_channels)

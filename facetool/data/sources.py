@@ -17,18 +17,15 @@ from pathlib import Path
 from typing import Any
 
 from facetool.errors import FacetoolError
+from facetool.io import STORE_SUFFIXES, file_head, is_hdf5_head
 
-#: file name suffixes of face stores
-STORE_SUFFIXES = (".h5", ".hdf5")
 #: what a face source may be, for messages
 ALLOWED = "a facetool face store (.h5, written by `facetool prepare`)"
-_HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
 
 def _is_hdf5(path: Path) -> bool:
     try:
-        with open(path, "rb") as f:
-            return f.read(len(_HDF5_SIGNATURE)) == _HDF5_SIGNATURE
+        return is_hdf5_head(file_head(path))
     except OSError:
         return False
 

@@ -25,8 +25,8 @@ from torch import nn
 from facetool.errors import FacetoolError
 from facetool.models.base import EMBEDDING
 from facetool.models.dynamic import DynamicConv2d, DynamicGroupConv2d, Router, dynamic_layers
-from facetool.models.iresnet import BN_EPS, LAYERS, IResNet
-from facetool.models.registry import register_model, register_state_dict_matcher, stage_block_counts
+from facetool.models.iresnet import BN_EPS, LAYERS, IResNet, ir_geometry
+from facetool.models.registry import register_model, register_state_dict_matcher
 
 #: the variants: "dc" (DynamicConv2d) and "dgconv" (DynamicGroupConv2d, x2 channels + 1x1 back)
 VARIANTS = ("dc", "dgconv")
@@ -144,18 +144,12 @@ def match_condface(sd: dict) -> tuple[str, dict] | None:
     variant, depth, width, experts, groups, embedding and input size from the keys and shapes."""
     if not all(k in sd for k in ("conv1.weight", "fc.weight", "layer2.0.router.fc1.weight", "layer2.0.conv1.weight")):
         return None
-    counts = stage_block_counts(sd)
-    depth = next((d for d, lay in LAYERS.items() if tuple(counts) == lay), None)
-    if depth is None:
+    geometry = ir_geometry(sd)
+    if geometry is None:
         return None
+    depth, kwargs = geometry
     variant = "dgconv" if "layer2.0.project.weight" in sd else "dc"
     groups_m, experts = (int(s) for s in sd["layer2.0.conv1.weight"].shape[:2])
-    width = int(sd["conv1.weight"].shape[0])
-    emb, flat = (int(s) for s in sd["fc.weight"].shape)
-    side = round((flat / (8 * width)) ** 0.5)
-    kwargs: dict = {"embedding_size": emb, "input_size": side * 16}
-    if width != 64:
-        kwargs["width"] = width
     if experts != 4:
         kwargs["experts"] = experts
     if variant == "dgconv" and groups_m != 4:

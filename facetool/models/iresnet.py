@@ -131,14 +131,9 @@ for _d in LAYERS:
 
 
 
-@register_state_dict_matcher
-def match_iresnet(sd: dict) -> tuple[str, dict] | None:
-    """Recognise a bare IR-ResNet state_dict (arcface_torch ``backbone.pth``): depth, width,
-    embedding size and input size from the keys and shapes."""
-    if not all(k in sd for k in ("conv1.weight", "prelu.weight", "fc.weight", "features.running_mean")):
-        return None
-    if getattr(sd.get("layer2.0.conv1.weight"), "ndim", 4) != 4:  # dynamic (CondFace) kernels: not ours
-        return None
+def ir_geometry(sd: dict) -> tuple[int, dict] | None:
+    """Depth and the IR-ResNet keywords (embedding size, input size, width when not 64) that a state_dict
+    of the IR-ResNet layout (plain or CondFace) implies by its keys and shapes; None for another layout."""
     counts = stage_block_counts(sd)
     depth = next((d for d, lay in LAYERS.items() if tuple(counts) == lay), None)
     if depth is None:
@@ -149,5 +144,20 @@ def match_iresnet(sd: dict) -> tuple[str, dict] | None:
     kwargs: dict = {"embedding_size": emb, "input_size": side * 16}
     if width != 64:
         kwargs["width"] = width
+    return depth, kwargs
+
+
+@register_state_dict_matcher
+def match_iresnet(sd: dict) -> tuple[str, dict] | None:
+    """Recognise a bare IR-ResNet state_dict (arcface_torch ``backbone.pth``): depth, width,
+    embedding size and input size from the keys and shapes."""
+    if not all(k in sd for k in ("conv1.weight", "prelu.weight", "fc.weight", "features.running_mean")):
+        return None
+    if getattr(sd.get("layer2.0.conv1.weight"), "ndim", 4) != 4:  # dynamic (CondFace) kernels: not ours
+        return None
+    geometry = ir_geometry(sd)
+    if geometry is None:
+        return None
+    depth, kwargs = geometry
     return f"iresnet{depth}", kwargs
 
