@@ -205,3 +205,28 @@ def test_cli_batch_smaller_than_prototypes_under_sinkhorn_is_a_warning_not_a_ref
                      "--embedding-size", "8", "--epochs", "1", "--max-steps", "2", "--batch-size", "8", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert r.stderr.count("smaller than --prototypes 20") == 1 and (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_condface_recipes_dry_run_and_hold_the_four_rows():
+    """Both CondFace recipes parse (--dry-run) and train BL, DC, AS4 (Sinkhorn) and CondFace (k-means) with one
+    schedule; the thesis one uses the thesis's settings (batch 512, lr 0.1 /10 at 16,20,24,28 of 32, P 300)."""
+    from pathlib import Path
+
+    from facetool.recipe import load_recipe
+
+    root = Path(__file__).resolve().parents[1] / "recipes"
+    for name in ("condface_synthetic", "thesis_condface"):
+        r = run_facetool("recipe", root / f"{name}.toml", "--dry-run")
+        assert r.returncode == 0, r.stderr
+        _, steps = load_recipe(root / f"{name}.toml")
+        lines = [" ".join(s.argv) for s in steps]
+        trains = [s for s in lines if s.startswith("train ")]
+        assert any(s.startswith("train arcface") and "--loss cosface" in s for s in trains)
+        assert any("--variant dc " in s for s in trains)
+        assert any("--clustering sinkhorn" in s and "--variant dgconv" in s for s in trains)
+        assert any("--clustering kmeans" in s and "--variant dgconv" in s for s in trains)
+        if name == "thesis_condface":
+            for s in trains[:4]:
+                assert "--epochs 32 --batch-size 512 --lr 0.1 --schedule step --milestones 16,20,24,28" in s, s
+            assert all("--prototypes 300" in s for s in trains if "--clustering" in s)
+            assert any("--lambda 0.1" in s and "ms1mv3" in s for s in trains)
