@@ -7,6 +7,14 @@ All timings come from this run, on the same layer, weights and batch, interleave
 that load from other processes hits every variant alike (medians reported). The issue's bar: the
 batched layer at least 3x faster than the loop at batch 64.
 
+On a CPU the forward of both forms is compute-bound with the same FLOPs (the loop's per-image call costs
+microseconds against milliseconds of convolution), so the forward ratio stays near 1x there (measured on
+the shared 2-core dev box, 1 thread, 128 ch 14x14 batch 64: DC 0.89x, DGConv 0.83x forward; 8.8x / 2.2x
+forward+backward; the grouped convolution with groups=B runs ~2.5x a plain convolution's time in oneDNN).
+The 3x bar is a GPU bar (one kernel launch instead of B under-filled ones); unfold+bmm and channels-last
+were measured slower or no faster on CPU (0.7x / ~1x of the grouped convolution), so the batched path is
+unchanged.
+
     .venv/bin/python benchmarks/bench_condface.py --batch 64 --channels 128 --size 14 --iters 5
     .venv/bin/python benchmarks/bench_condface.py --layer dgconv --device cuda
 """

@@ -86,6 +86,23 @@ class Method:
         it: per-epoch schedules of the method (e.g. a routing temperature) are set here, from ``epoch``
         alone, so that a resumed run sets them as the uninterrupted one did."""
 
+    def on_epoch_end(self, ctx: "EpochEnd") -> None:
+        """Called on every rank after the last step of epoch ``ctx.epoch`` (0-based), before validation,
+        :meth:`evaluate` and the epoch's checkpoint, exactly once per epoch (a run interrupted before
+        it finished is resumed by calling it again): work over the whole epoch that all ranks do together
+        (e.g. k-means over the routing vectors the epoch saw, its sums all-reduced). Its state reaches
+        the checkpoint through :meth:`modules`' buffers or :meth:`resume_state`."""
+
+    def resume_state(self) -> dict[str, Any]:
+        """This rank's method state that is not in a module (e.g. a memory bank filled during the epoch),
+        as a dict of tensors and plain values: the engine gathers it from every rank into ``last.pt``,
+        so that a run resumed inside an epoch continues as the uninterrupted one."""
+        return {}
+
+    def load_resume_state(self, states: list[dict[str, Any]], rank: int, world: int) -> None:
+        """Restore :meth:`resume_state` on resume: ``states`` holds every rank's of the run that wrote it
+        (in rank order; their number may differ from ``world``), ``rank`` of ``world`` is this process."""
+
     def evaluate(self, model: nn.Module, epoch: int) -> dict[str, float]:
         """End-of-epoch callback on rank 0 (model in eval mode)."""
         return {}
@@ -111,6 +128,20 @@ class Method:
         if gflops is not None:
             out["exec_gflops"] = gflops
         return out
+
+
+@dataclass
+class EpochEnd:
+    """What :meth:`Method.on_epoch_end` gets: the (unwrapped) model in training mode, the 0-based epoch
+    that just ended, the device, this process's ``rank`` of ``world`` and the run's seed (for
+    randomness that must not touch the training RNG stream, so that resumed runs draw the same)."""
+
+    model: nn.Module
+    epoch: int
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    seed: int = 0
 
 
 @dataclass
@@ -420,6 +451,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                          seed=cfg.seed + dd.rank)
 
     step, history, partial = 0, [], None
+    ended = 0  # epochs whose Method.on_epoch_end has run
     avg = _Averager()
     epoch_start = time.time()
     torch.manual_seed(cfg.seed * 1000 + dd.rank)
@@ -442,6 +474,9 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                 shard_opt.load_state_dict(shard_state["optimizer"])
         rng = st["rng"][dd.rank] if dd.rank < len(st["rng"]) else st["rng"][0]
         _set_rng_state(rng, device)
+        ended = int(st.get("epochs_ended", step // steps_per_epoch))
+        if st.get("method_state"):
+            method.load_resume_state(list(st["method_state"]), dd.rank, dd.world)
 
     train_model: nn.Module = model
     if dd.world > 1:
@@ -463,12 +498,18 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
             gathered: list[Any] = [None] * dd.world
             dist.all_gather_object(gathered, {k: v.cpu() for k, v in rng[0].items()})
             rng = gathered
+        mine = {k: (v.detach().cpu() if isinstance(v, Tensor) else v) for k, v in method.resume_state().items()}
+        method_state: list[Any] = [mine]
+        if dd.world > 1:
+            method_state = [None] * dd.world
+            dist.all_gather_object(method_state, mine)
         if dd.main:
             state = {"format": "facetool-resume", "model": _unwrap(model).state_dict(), "heads": heads.state_dict(),
                      "optimizer": opt.state_dict(), "scaler": scaler.state_dict(), "step": step,
                      "steps_per_epoch": steps_per_epoch, "history": history, "rng": rng, "method": method.name,
                      # the running averages of the current epoch (also at its end: its row may be pending)
                      "partial": {"sums": avg.sums, "n": avg.n, "seconds": time.time() - epoch_start},
+                     "epochs_ended": ended, "method_state": method_state if any(method_state) else [],
                      "model_config": dict(getattr(_unwrap(model), "config", {}))}
             if len(shards):
                 state["sharded"] = {"world": dd.world, "modules": list(shards)}
@@ -478,6 +519,13 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
     stop_at = min(total_steps, cfg.max_steps) if cfg.max_steps is not None else total_steps
     log = _Logger(cfg.verbose and dd.main, total_steps, method.log_keys())
     final: dict[str, float] = dict(history[-1]) if history else {}
+
+    def end_epoch(epoch: int) -> None:
+        """The method's end-of-epoch work, on every rank, once per epoch."""
+        nonlocal ended
+        if ended <= epoch:
+            method.on_epoch_end(EpochEnd(_unwrap(model), epoch, device, dd.rank, dd.world, cfg.seed))
+            ended = epoch + 1
 
     def finish_epoch(epoch: int, avg: _Averager, seconds: float) -> None:
         """The epoch's row: train averages, validation, the method's evaluation; appended to history."""
@@ -507,6 +555,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
             done = _Averager()
             if partial:
                 done.sums, done.n = dict(partial["sums"]), int(partial["n"])
+            end_epoch(step // steps_per_epoch - 1)
             finish_epoch(step // steps_per_epoch - 1, done, float((partial or {}).get("seconds", 0.0)))
             avg, partial = done, None
             save_state()
@@ -562,6 +611,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                     break
             epoch_done = step % steps_per_epoch == 0
             if epoch_done:
+                end_epoch(epoch)
                 finish_epoch(epoch, avg, time.time() - t0)
             save_state()
             if dd.main and epoch_done:
@@ -650,4 +700,4 @@ class _Logger:
             self.progress.stop()
 
 
-__all__ = ["Method", "TrainConfig", "train", "validate", "lr_at", "seed_everything", "EpochSampler", "SCHEDULES"]
+__all__ = ["Method", "EpochEnd", "TrainConfig", "train", "validate", "lr_at", "seed_everything", "EpochSampler", "SCHEDULES"]

@@ -191,4 +191,4 @@ def test_recipes_keep_their_training_mechanics():
                 assert params["grad_clip"] == 5.0, (recipe.name, step.name)
             if recipe.name == "quickstart.toml":
                 assert params["grad_clip"] == 0.0 and params["workers"] == 0, step.name
-    assert arcface_steps == 5  # thesis_recognition (4) and thesis_distillation (1)
+    assert arcface_steps == 8  # thesis_recognition (4), thesis_distillation (1), condface_synthetic (1), thesis_condface (2)

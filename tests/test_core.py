@@ -184,7 +184,7 @@ def test_shipped_recipes_put_every_output_under_out(tmp_path):
     """W4: --set out=DIR moves every path the synthetic recipes write (their stores too)."""
     from pathlib import Path
 
-    for name in ("quickstart", "abn_synthetic", "distill_synthetic", "relevance_generalisation"):
+    for name in ("quickstart", "abn_synthetic", "distill_synthetic", "relevance_generalisation", "condface_synthetic"):
         _, steps = load_recipe(Path(__file__).parents[1] / "recipes" / f"{name}.toml", {"out": str(tmp_path / "o")})
         for s in steps:
             for flag in ("--out", "--store", "--json"):

@@ -294,3 +294,68 @@ def test_epoch_lines_are_never_wrapped(tmp_path):
     assert r.returncode == 0, r.stderr
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].endswith("val_top1 0.25"), r.stderr
+
+
+class EpochEnds(ClassificationMethod):
+    """Records on_epoch_end calls and counts the training items it saw (resume_state: the count)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ended: list[int] = []
+        self.seen = 0
+        self.rows_at_end: list[int] = []
+
+    def loss(self, model, batch, out, internals):
+        if model.training:
+            self.seen += int(batch["image"].shape[0])
+        return super().loss(model, batch, out, internals)
+
+    def on_epoch_end(self, ctx):
+        assert ctx.model.training and ctx.rank == 0 and ctx.world == 1 and ctx.seed == 7
+        self.ended.append(ctx.epoch)
+        self.rows_at_end.append(self.seen)
+        self.seen = 0
+
+    def resume_state(self):
+        return {"seen": torch.tensor(self.seen)}
+
+    def load_resume_state(self, states, rank, world):
+        assert (rank, world) == (0, 1) and len(states) == 1
+        self.seen = int(states[0]["seen"])
+
+
+def test_on_epoch_end_runs_once_per_epoch_and_resume_state_survives_an_interruption(tmp_path):
+    """on_epoch_end: after each epoch's last step (before validation), once, also across a resume; the
+    method's resume_state written at step 4 (inside epoch 2) is handed back, so the epoch's count is whole."""
+    ds = ToyFaces()
+    m = EpochEnds()
+    train(_model(), m, ds, _cfg(tmp_path / "a", seed=7))
+    assert m.ended == [0, 1] and m.rows_at_end == [24, 24]
+    part = EpochEnds()
+    train(_model(), part, ds, _cfg(tmp_path / "b", seed=7, max_steps=4))
+    assert part.ended == [0] and part.seen == 8
+    resumed = EpochEnds()  # fresh: the count comes from last.pt
+    train(_model(), resumed, ds, _cfg(tmp_path / "b", seed=7, resume=True))
+    assert resumed.ended == [1] and resumed.rows_at_end == [24]
+
+
+class InterruptedEpochEnd(EpochEnds):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fired = False
+
+    def on_epoch_end(self, ctx):
+        if not self.fired:
+            self.fired = True
+            raise KeyboardInterrupt
+        super().on_epoch_end(ctx)
+
+
+def test_ctrl_c_in_on_epoch_end_runs_it_again_on_resume(tmp_path):
+    ds = ToyFaces()
+    m = InterruptedEpochEnd()
+    with pytest.raises(KeyboardInterrupt):
+        train(_model(), m, ds, _cfg(tmp_path / "b", seed=7))
+    fresh = EpochEnds()
+    train(_model(), fresh, ds, _cfg(tmp_path / "b", seed=7, resume=True))
+    assert fresh.ended == [0, 1] and fresh.rows_at_end == [24, 24]

@@ -30,7 +30,10 @@ def register(app: typer.Typer) -> None:
         routing_temperature: str = typer.Option("", "--routing-temperature", help="START:END routing softmax "
                                                 "temperature, linear per epoch (DyConv: 30:1; default: 1 throughout)."),
         clustering: str = typer.Option("none", "--clustering", help="none | sinkhorn (trainable prototypes, SwAV "
-                                                                    "targets) on the routing vectors."),
+                                                                    "targets) | kmeans (DeepCluster-v2: k-means after "
+                                                                    "each epoch, centroids = frozen classifier of the "
+                                                                    "next; epoch 1 trains L_fr alone; CondFace) on the "
+                                                                    "routing vectors."),
         prototypes: int = typer.Option(300, "--prototypes", help="Number of prototypes P (thesis: 300)."),
         cluster_head: str = typer.Option("mlp", "--cluster-head", help="identity | linear | mlp: the head on the "
                                                                        "routing vector before the prototypes."),
@@ -40,7 +43,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Train a CondFace model: L = CosFace + lambda * L_cls on the routing vectors (thesis Eq. 5.6).
 
-        Example: facetool train condface --store vgg.h5 --variant dgconv --clustering sinkhorn --prototypes 300
+        Example: facetool train condface --store vgg.h5 --variant dgconv --clustering kmeans --prototypes 300
         """
         from facetool.engine import TrainConfig
         from facetool.io import guard_run_folder

@@ -7,7 +7,14 @@
   START:END schedule, DyConv-style) and, with ``clustering="sinkhorn"``, lambda * L_cls (Eqs. 5.5-5.6):
   a cluster head on the routing vector beta, L2-normalised, scored against P trainable L2-normalised
   prototypes; cross-entropy of softmax(scores / 0.1) to the Sinkhorn targets (epsilon 0.05, 3 iterations,
-  float32, no gradient), SwAV with a single view (no swapped prediction).
+  float32, no gradient), SwAV with a single view (no swapped prediction). With ``clustering="kmeans"``
+  (DeepCluster-v2, the thesis's AS5 = CondFace): a per-rank memory bank of the epoch's L2-normalised
+  cluster-head outputs (with their store rows), spherical k-means over all of them at the epoch's end
+  (:func:`spherical_kmeans`, sums all-reduced under DDP), and in the next epoch cross-entropy of
+  (z . centroids) / 0.1 to the item's k-means assignment, the centroids frozen. The first epoch has no
+  centroids yet and trains L_fr alone (it fills the bank: the same cost as a k-means pass before it,
+  without a second loop over the data outside the engine; with a pretrained model the thesis's
+  fine-tuning starts from, its first epoch is that pass).
 * :func:`train_condface`: train arcface's recipe (:func:`~facetool.trainers.arcface.train_arcface`) on a
   CondFace model (``condface_dc_ir*`` / ``condface_ir*``, :mod:`facetool.models.condface`).
 """
@@ -29,10 +36,12 @@ from facetool.trainers.arcface import ArcFaceMethod
 
 #: --variant -> the model name prefix (facetool.models.condface)
 VARIANTS = {"dc": "condface_dc_ir", "dgconv": "condface_ir"}
-CLUSTERINGS = ("none", "sinkhorn")
+CLUSTERINGS = ("none", "sinkhorn", "kmeans")
 CLUSTER_HEADS = ("identity", "linear", "mlp")
 #: SwAV's constants: scores / 0.1 in the cross-entropy, Sinkhorn epsilon 0.05 and 3 iterations
 SCORE_TEMPERATURE, SINKHORN_EPSILON, SINKHORN_ITERATIONS = 0.1, 0.05, 3
+#: DeepCluster-v2's E/M iterations per k-means; the CE target of an item k-means never saw
+KMEANS_ITERATIONS, IGNORE = 10, -100
 
 
 @torch.no_grad()
@@ -78,6 +87,79 @@ def sinkhorn(scores: Any, epsilon: float = 0.05, iterations: int = 3, group: Any
     q *= b  # columns sum to 1: an assignment per sample
     out = q.t().contiguous()
     return out if is_tensor else out.numpy()
+
+
+@torch.no_grad()
+def spherical_kmeans(vectors: torch.Tensor, k: int, iterations: int = KMEANS_ITERATIONS,
+                     generator: torch.Generator | None = None, group: Any = None
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Spherical k-means of DeepCluster-v2 (swav ``cluster_memory``) over every rank's rows.
+
+    ``vectors`` (n, D) are this rank's rows (L2-normalised here). Initial centroids: ``k`` random rows of
+    rank 0 (``generator``; with replacement when rank 0 has fewer than k rows), sent to every rank; then
+    ``iterations`` rounds of assignment to the nearest centroid (largest cosine) and centroid = L2-normalised
+    mean of its rows, the per-centroid sums and counts all-reduced over ``group``, so the result equals
+    one process's k-means on all rows; a centroid that gets no rows keeps its place. Returns the centroids
+    (k, D) float32, this rank's assignments (n,) to the final centroids, and the clusters' sizes (k,)
+    over all ranks. The sums are float64 (the same up to rounding whatever the split)."""
+    from facetool.distributed import rank
+
+    x = F.normalize(vectors.detach().float(), dim=1)
+    n, d = x.shape
+    cent = torch.zeros(k, d, device=x.device)
+    if rank() == 0:
+        if n == 0:
+            raise FacetoolError("k-means: rank 0 has no vectors to start from")
+        pick = torch.randperm(n, generator=generator)[:k] if n >= k else torch.randint(n, (k,), generator=generator)
+        cent = x[pick.to(x.device)].clone()
+    cent = all_reduce(cent, "sum", group)  # a broadcast: the other ranks add zeros
+    assign = torch.zeros(0, dtype=torch.long, device=x.device)
+    for it in range(iterations + 1):
+        assign = (x @ cent.t()).argmax(1)
+        if it == iterations:
+            break
+        sums = torch.zeros(k, d, dtype=torch.float64, device=x.device).index_add_(0, assign, x.double())
+        counts = torch.bincount(assign, minlength=k).double()
+        all_reduce(sums, "sum", group)
+        all_reduce(counts, "sum", group)
+        full = counts > 0  # empty clusters keep their centroid
+        cent[full] = (sums[full] / counts[full, None]).float()
+        cent = F.normalize(cent, dim=1)
+    counts = all_reduce(torch.bincount(assign, minlength=k), "sum", group)
+    return cent, assign, counts
+
+
+class KMeansClassifier(nn.Module):
+    """The frozen classifier of k-means clustering: the centroids (P, D) and every training item's
+    assignment (indexed by store row; ``IGNORE`` where k-means did not see it) as buffers, so that they
+    are saved with the method's modules (``heads.pt``, the resume state) and restored on resume."""
+
+    def __init__(self, prototypes: int, dim: int) -> None:
+        super().__init__()
+        self.register_buffer("centroids", torch.zeros(prototypes, dim))
+        self.register_buffer("assignments", torch.zeros(0, dtype=torch.long))
+
+    @property
+    def ready(self) -> bool:
+        return self.assignments.numel() > 0
+
+    def set(self, centroids: torch.Tensor, assignments: torch.Tensor) -> None:
+        self.centroids = centroids.detach().to(self.centroids)
+        self.assignments = assignments.detach().to(device=self.centroids.device, dtype=torch.long)
+
+    def targets(self, index: torch.Tensor) -> torch.Tensor:
+        """The assignments of store rows ``index``; ``IGNORE`` for a row k-means did not see."""
+        idx = index.to(self.assignments.device).long()
+        inside = idx < self.assignments.numel()
+        out = torch.full_like(idx, IGNORE)
+        out[inside] = self.assignments[idx[inside]]
+        return out
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):  # the assignments' length varies
+        key = prefix + "assignments"
+        if key in state_dict:
+            self.assignments = torch.zeros_like(state_dict[key], device=self.centroids.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 def parse_temperature(text: str | None) -> tuple[float, float] | None:
@@ -134,26 +216,97 @@ class CondFaceMethod(ArcFaceMethod):
         self.temperature, self.epochs, self.routing_dim = temperature, epochs, routing_dim
         self.cluster_head: nn.Module | None = None
         self.prototypes: nn.Linear | None = None
+        self.kmeans: KMeansClassifier | None = None
         if clustering == "sinkhorn":
             self.cluster_head = cluster_head(head, routing_dim)
             self.prototypes = nn.Linear(routing_dim, prototypes, bias=False)
+        elif clustering == "kmeans":
+            self.cluster_head = cluster_head(head, routing_dim)
+            self.kmeans = KMeansClassifier(prototypes, routing_dim)
         self._warned = False
+        self._bank: list[tuple[torch.Tensor, torch.Tensor]] = []  # this rank's (store rows, z) of the epoch
+        self._kmeans_stats: dict[str, float] = {}
 
     def modules(self) -> dict[str, nn.Module]:
         mods = super().modules()
         if self.prototypes is not None:
             mods.update({"cluster_head": self.cluster_head, "prototypes": self.prototypes})
+        if self.kmeans is not None:
+            mods.update({"cluster_head": self.cluster_head, "centroids": self.kmeans})
         return mods
 
     def start_epoch(self, model: nn.Module, epoch: int) -> None:
         if self.temperature is not None:
             model.set_temperature(temperature_at(self.temperature, epoch, self.epochs))
 
-    def scores(self, routing: torch.Tensor) -> torch.Tensor:
-        """Cosines (B, P) of the L2-normalised cluster-head outputs and prototypes, in float32."""
+    def embed(self, routing: torch.Tensor) -> torch.Tensor:
+        """z: the L2-normalised cluster-head output of the routing vectors, in float32."""
         with torch.autocast(routing.device.type, enabled=False):
-            z = F.normalize(self.cluster_head(routing.float()), dim=1)
+            return F.normalize(self.cluster_head(routing.float()), dim=1)
+
+    def scores(self, routing: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        """Cosines (B, P) of the L2-normalised cluster-head outputs and prototypes (k-means: the frozen
+        centroids), in float32."""
+        z = self.embed(routing) if z is None else z
+        with torch.autocast(routing.device.type, enabled=False):
+            if self.kmeans is not None:
+                return z @ self.kmeans.centroids.t()
             return z @ F.normalize(self.prototypes.weight.float(), dim=1).t()
+
+    def kmeans_loss(self, model: nn.Module, batch: dict, routing: torch.Tensor) -> torch.Tensor:
+        """L_cls with k-means pseudo-labels: CE((z . centroids) / 0.1, the item's assignment of the last
+        k-means); 0 (still a graph, so every rank's head gets a gradient under DDP) before the first
+        k-means and for items it did not see. In training, z joins this rank's memory bank."""
+        z = self.embed(routing)
+        if model.training:
+            self._bank.append((batch["index"].detach().reshape(-1).long(), z.detach()))
+        s = self.scores(routing, z)
+        target = self.kmeans.targets(batch["index"]) if self.kmeans.ready else torch.full(
+            (s.shape[0],), IGNORE, dtype=torch.long, device=s.device)
+        valid = target != IGNORE
+        if not bool(valid.any()):
+            return s.sum() * 0.0
+        return F.cross_entropy(s[valid] / SCORE_TEMPERATURE, target[valid].to(s.device))
+
+    def on_epoch_end(self, ctx: Any) -> None:
+        """k-means over the epoch's memory bank (every rank's, sums all-reduced); its centroids and the
+        items' assignments become the frozen classifier of the next epoch. The initial rows are drawn
+        from (seed, epoch), outside the training RNG stream."""
+        if self.kmeans is None:
+            return
+        device = ctx.device
+        idx = torch.cat([i.to(device) for i, _ in self._bank]) if self._bank else torch.zeros(
+            0, dtype=torch.long, device=device)
+        z = torch.cat([v.to(device) for _, v in self._bank]) if self._bank else torch.zeros(
+            0, self.routing_dim, device=device)
+        gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + ctx.epoch)
+        cent, assign, counts = spherical_kmeans(z, self.num_prototypes, KMEANS_ITERATIONS, gen)
+        rows = all_reduce(torch.tensor([int(idx.max()) + 1 if len(idx) else 0], device=device), "max")
+        table = torch.zeros(int(rows), dtype=torch.long, device=device)
+        table.scatter_reduce_(0, idx, assign + 1, "amax")  # an item seen twice (sampler padding): one answer
+        all_reduce(table, "max")
+        self.kmeans.set(cent, torch.where(table > 0, table - 1, torch.full_like(table, IGNORE)))
+        self._bank = []
+        total = float(counts.sum())
+        self._kmeans_stats = {"kmeans_clusters": float((counts > 0).sum()),
+                              "kmeans_largest": float(counts.max()) / max(total, 1.0)}
+
+    def resume_state(self) -> dict[str, Any]:
+        if self.kmeans is None or not self._bank:
+            return {}
+        return {"bank_index": torch.cat([i for i, _ in self._bank]).cpu(),
+                "bank_z": torch.cat([v for _, v in self._bank]).cpu()}
+
+    def load_resume_state(self, states: list[dict[str, Any]], rank: int, world: int) -> None:
+        """Each rank its own bank; with another number of processes rank 0 takes all rows (k-means sums
+        over ranks, so where the rows are does not matter)."""
+        if self.kmeans is None:
+            return
+        mine = [states[rank]] if len(states) == world else (states if rank == 0 else [])
+        self._bank = [(st["bank_index"], st["bank_z"]) for st in mine if st and "bank_index" in st]
+
+    def evaluate(self, model, epoch):
+        return {**super().evaluate(model, epoch), **self._kmeans_stats}
 
     def cluster_loss(self, routing: torch.Tensor) -> torch.Tensor:
         """L_cls (Eq. 5.5): cross-entropy of softmax(scores / 0.1) to the Sinkhorn assignments of the batch."""
@@ -174,11 +327,13 @@ class CondFaceMethod(ArcFaceMethod):
         terms = super().loss(model, batch, out, internals)
         if self.prototypes is not None:
             terms["cls"] = self.lam * self.cluster_loss(internals["routing"])
+        elif self.kmeans is not None:
+            terms["cls"] = self.lam * self.kmeans_loss(model, batch, internals["routing"])
         return terms
 
     def metrics(self, batch, out, internals):
         row = super().metrics(batch, out, internals)
-        if self.prototypes is not None:
+        if self.prototypes is not None or (self.kmeans is not None and self.kmeans.ready):
             with torch.no_grad():
                 used = self.scores(internals["routing"]).argmax(1).unique().numel()
             row["protos_used"] = float(used)  # distinct prototypes the batch's argmax picks (collapse -> 1)
@@ -239,4 +394,4 @@ def train_condface(store: str | Path, cfg: Any, *, variant: str = "dgconv", netw
                          method_factory=make, **arcface)
 
 
-__all__ = ["sinkhorn", "CondFaceMethod", "train_condface", "parse_temperature", "temperature_at"]
+__all__ = ["sinkhorn", "spherical_kmeans", "KMeansClassifier", "CondFaceMethod", "train_condface", "parse_temperature", "temperature_at"]
