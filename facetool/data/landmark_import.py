@@ -144,6 +144,9 @@ def prepare_landmarks(
     from facetool.prepare import build_store
     from facetool.store import Record
 
+    list_file = Path(list_file) if list_file is not None else None
+    out = guard_output(out, inputs=(root, list_file), overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
+    guard_report(out, overwrite, inputs=(root, list_file))
     if fmt not in FORMATS:
         raise FacetoolError(f"unknown --format {fmt!r}; use one of {', '.join(FORMATS)}")
     if identities not in IDENTITY_MODES:
@@ -153,9 +156,6 @@ def prepare_landmarks(
     root = require_dir(root, "--root")
     if fmt == "wflw" and list_file is None:
         raise FacetoolError("--format wflw needs --list (a list_98pt_rect_attr_*.txt file; --root is WFLW_images)")
-    list_file = Path(list_file) if list_file is not None else None
-    out = guard_output(out, inputs=(root, list_file), overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
-    guard_report(out, overwrite, inputs=(root, list_file))
     items = plan_300w(root, list_file) if fmt == "300w" else plan_wflw(root, list_file)  # type: ignore[arg-type]
 
     def identity_of(it: _Item) -> str:
