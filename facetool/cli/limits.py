@@ -135,6 +135,8 @@ LIMITS: dict[str, Range] = {
     "--routing-prior": WEIGHT,
     # recipes
     "--from-step": Range(1, 100_000),
+    # prepare landmarks (FAN-Face, issue 19)
+    "prepare landmarks --margin": Range(0, 4, note="a fraction of the landmarks' box"),
 }
 
 
@@ -171,6 +173,7 @@ PATHS: dict[str, str] = {
     "--bin": BIN, "--val-bin": BIN,
     "--images": FOLDER, "--root": FOLDER, "--run": FOLDER, "prepare folder root": FOLDER,
     "info path": STORE_OR_MODEL,
+    "prepare landmarks --list": FILE,  # FAN-Face (issue 19)
     "--out": OUTPUT, "--json": OUTPUT, "--grid": OUTPUT, "--cache": OUTPUT,
 }
 
