@@ -246,3 +246,19 @@ def test_prepare_rec_info_and_train(source, tmp_path):
                      "--batch-size", 4, "--max-steps", 2, "--epochs", 1, "--out", tmp_path / "run")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "run" / "model.pt").is_file()
+
+
+def test_path_kinds_and_raw_store_commands(source, tmp_path):
+    """The CLI's light magic check is the reader's; a command that reads raw store arrays refuses a pack
+    with a pointer to `prepare rec` (one line), and training --store options declare the pack kind."""
+    from facetool.cli.limits import REC_MAGIC, STORE_OR_REC, path_kind
+    from facetool.data import face_source
+
+    assert REC_MAGIC == MAGIC_BYTES
+    assert path_kind("train arcface", "--store") == STORE_OR_REC == path_kind("distill kd", "--store")
+    assert path_kind("eval classify", "--store") == "store"
+    write_ranges_pack(source, tmp_path / "train.rec")
+    with pytest.raises(FacetoolError, match="prepare rec") as e:
+        face_source(tmp_path / "train.rec")
+    assert "\n" not in str(e.value)
+    assert face_source(tmp_path / "train.rec", rec=True) == tmp_path / "train.rec"
