@@ -192,7 +192,8 @@ def test_bad_input_matrix(valid, tmp_path, monkeypatch, capsys):
                     variants.append(("a text file with the expected suffix", text))
             others = {k for q, _, k, pos in paths if k != kind and (q.required or pos)}
             for k in sorted(others):
-                if not (kind in (STORE_OR_MODEL, STORE_OR_FOLDER, STORE_OR_REC) and k in (STORE, MODEL, FOLDER)) and \
+                if not (kind in (STORE_OR_MODEL, STORE_OR_FOLDER, STORE_OR_REC)
+                        and k in (STORE, MODEL, FOLDER, STORE_OR_REC)) and \
                         not (kind in (STORE, STORE_OR_REC) and k in (STORE_OR_FOLDER, STORE, STORE_OR_REC)) and \
                         kind != FILE and k != FILE:
                     variants.append((f"the command's {k} input", valid[k]))

@@ -179,8 +179,7 @@ PATHS: dict[str, str] = {
 # -- scale-out: RecordIO packs (.rec with its .idx) ------------------------------------------------------------
 REC, STORE_OR_REC = "rec", "store-or-rec"
 #: the commands whose --store opens model inputs through facetool.data.open_dataset (a pack is read directly)
-REC_STORE_COMMANDS = ("train resnet", "train aig", "train abn", "train arcface", "train condface",
-                      *(f"distill {m}" for m in ("srrl", "kd", "fitnet", "at", "rkd", "pkt", "none")))
+REC_STORE_COMMANDS = ("train resnet", "train aig", "train abn", "train arcface", "train condface", "distill")
 PATHS.update({"prepare rec --rec": REC, "info path": STORE_OR_MODEL,
               **{f"{c} --store": STORE_OR_REC for c in REC_STORE_COMMANDS}})
 
@@ -251,6 +250,9 @@ def check_path(command: str, option: str, value: Any) -> None:
         except OSError as e:
             raise FacetoolError(f"{name} {p}: cannot read it ({e.strerror or e})") from None
         if not ok:
+            if kind in (STORE, STORE_OR_FOLDER) and file_head(p)[:4] == REC_MAGIC:
+                raise FacetoolError(f"{name} {p} is a RecordIO pack; this command reads a face store: convert it "
+                                    "with `facetool prepare rec --rec PACK --out STORE.h5`")
             if kind in (MODEL, BIN) and is_hdf5_head(file_head(p)):
                 raise FacetoolError(f"{name} {p} is an HDF5 file (a face store or feature cache), not {_WHAT[kind]}")
             raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}: corrupt, or another kind of file")

@@ -192,7 +192,8 @@ class RecordPack:
             known = np.isin(self.keys, keys)
             if not known.all():
                 k = int(self.keys[np.argmin(known)])
-                raise FacetoolError(f"{self.idx}: image record {k} (of an identity range in record 0) is not in the index")
+                raise FacetoolError(f"{self.idx}: image record {k} (in an identity range of record 0) is not in "
+                                    "the index")
         else:
             self.identity_ranges = None
             self.keys = np.asarray(sorted(self._offset), np.int64)
@@ -230,8 +231,8 @@ class RecordPack:
             raise FacetoolError(f"{self.rec} record {key}: truncated at byte {pos} (file ends at {self.size})")
         magic, lrec = struct.unpack("<II", head)
         if magic != MAGIC:
-            raise FacetoolError(f"{self.rec} record {key}: bad magic 0x{magic:08x} at byte {pos} (expected 0x{MAGIC:08x}):"
-                                " corrupt pack or index")
+            raise FacetoolError(f"{self.rec} record {key}: bad magic 0x{magic:08x} at byte {pos} "
+                                f"(expected 0x{MAGIC:08x}): corrupt pack or index")
         n, cflag = lrec & LEN_MASK, lrec >> 29
         data = f.read(n)
         if len(data) < n:
