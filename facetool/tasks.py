@@ -148,6 +148,14 @@ def resolve_task(spec: str, store: str | Path, split: str = "train") -> Task:
     spec = (spec or "identity").strip()
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
+    if Path(store).suffix.lower() not in (".h5", ".hdf5"):  # scale-out: a RecordIO pack holds identities only
+        from facetool.data.recordio import RecordPack, is_rec_path
+
+        if is_rec_path(store):
+            if kind == "identity" and not arg:
+                return Task("identity", ["identity"], [RecordPack(store).num_classes], [])
+            raise FacetoolError(f"RecordIO pack {store} holds identities only: --task {spec} needs attributes "
+                                "(a face store with them)")
     with FaceStore(store) as s:
         if kind == "identity" and not arg:
             return Task("identity", ["identity"], [s.num_classes], [])

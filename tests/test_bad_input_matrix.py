@@ -27,11 +27,12 @@ from cli_walk import is_flag as _is_flag
 from cli_walk import long_flag as _flag
 from cli_walk import root_command as _root
 from cli_walk import walk_commands
-from facetool.cli.limits import (BIN, FILE, FOLDER, MODEL, OUTPUT, STORE, STORE_OR_FOLDER, STORE_OR_MODEL, limit_for,
-                                 path_kind)
+from facetool.cli.limits import (BIN, FILE, FOLDER, MODEL, OUTPUT, REC, STORE, STORE_OR_FOLDER, STORE_OR_MODEL,
+                                 STORE_OR_REC, limit_for, path_kind)
 
 NUMBERS = {"nan": "nan", "inf": "inf", "minus one": "-1", "zero": "0", "absurd": "1000000000000"}
-SUFFIX = {STORE: ".h5", MODEL: ".pt", BIN: ".bin", FILE: ".csv", STORE_OR_FOLDER: ".h5", STORE_OR_MODEL: ".h5"}
+SUFFIX = {STORE: ".h5", MODEL: ".pt", BIN: ".bin", FILE: ".csv", STORE_OR_FOLDER: ".h5", STORE_OR_MODEL: ".h5",
+          REC: ".rec", STORE_OR_REC: ".h5"}
 
 
 
@@ -76,8 +77,11 @@ def valid(tmp_path_factory):
     text.write_text("identity,gender\nsynth_0000,female\n")
     binf = d / "pack.bin"
     binf.write_bytes(pickle.dumps(([], []), protocol=2))
+    from facetool.data.recordio import IRHeader, pack, write_rec
+
+    rec = write_rec(d / "pack" / "train.rec", [(0, pack(IRHeader(0, 0.0), b"not an image"))])
     return {STORE: store, MODEL: model, FOLDER: folder, FILE: text, BIN: binf, STORE_OR_FOLDER: store,
-            STORE_OR_MODEL: store}
+            STORE_OR_MODEL: store, REC: rec, STORE_OR_REC: store}
 
 
 def _plan(command: str, cmd, valid: dict, outs: Path):
@@ -188,8 +192,10 @@ def test_bad_input_matrix(valid, tmp_path, monkeypatch, capsys):
                     variants.append(("a text file with the expected suffix", text))
             others = {k for q, _, k, pos in paths if k != kind and (q.required or pos)}
             for k in sorted(others):
-                if not (kind in (STORE_OR_MODEL, STORE_OR_FOLDER) and k in (STORE, MODEL, FOLDER)) and \
-                        not (kind == STORE and k == STORE_OR_FOLDER) and kind != FILE and k != FILE:
+                if not (kind in (STORE_OR_MODEL, STORE_OR_FOLDER, STORE_OR_REC)
+                        and k in (STORE, MODEL, FOLDER, STORE_OR_REC)) and \
+                        not (kind in (STORE, STORE_OR_REC) and k in (STORE_OR_FOLDER, STORE, STORE_OR_REC)) and \
+                        kind != FILE and k != FILE:
                     variants.append((f"the command's {k} input", valid[k]))
             for label, value in variants:
                 if value is None:

@@ -16,12 +16,26 @@ def register(app: typer.Typer) -> None:
     @app.command("info")
     @guarded
     def info(
-        path: Path = typer.Argument(..., help="A face store (.h5), a checkpoint (.pt/.pth) or an ONNX model."),
+        path: Path = typer.Argument(..., help="A face store (.h5), a RecordIO pack (.rec), a checkpoint (.pt/.pth) "
+                                   "or an ONNX model."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
         arch: Optional[str] = arch_option(of="PATH"),
     ) -> None:
-        """Show what a face store or a model file holds."""
+        """Show what a face store, a RecordIO pack or a model file holds."""
         require_file(path)
+        from facetool.data.recordio import is_rec_path
+
+        if path.suffix.lower() not in (".h5", ".hdf5", ".pt", ".pth", ".onnx") and is_rec_path(path):
+            from facetool.data.recordio import RecordPack
+
+            pk = RecordPack(path)
+            summary = pk.summary()
+            pk.close()
+            if as_json:
+                typer.echo(json.dumps(summary, indent=2))
+            else:
+                console.print(dict_table(f"RecordIO pack {path.name}", summary))
+            return
         if path.suffix.lower() in (".h5", ".hdf5"):
             from facetool.store import FaceStore
 

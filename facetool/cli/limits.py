@@ -20,6 +20,8 @@ from typing import Any
 from facetool.errors import FacetoolError
 from facetool.io import file_head, is_hdf5_head, is_torch_head
 
+REC_MAGIC = b"\x0a\x23\xd7\xce"  # facetool.data.recordio.MAGIC_BYTES (not imported: --help stays light)
+
 
 @dataclass(frozen=True)
 class Range:
@@ -177,6 +179,13 @@ PATHS: dict[str, str] = {
     "--out": OUTPUT, "--json": OUTPUT, "--grid": OUTPUT, "--cache": OUTPUT,
 }
 
+# -- scale-out: RecordIO packs (.rec with its .idx) ------------------------------------------------------------
+REC, STORE_OR_REC = "rec", "store-or-rec"
+#: the commands whose --store opens model inputs through facetool.data.open_dataset (a pack is read directly)
+REC_STORE_COMMANDS = ("train resnet", "train aig", "train abn", "train arcface", "train condface", "distill")
+PATHS.update({"prepare rec --rec": REC, "info path": STORE_OR_MODEL,
+              **{f"{c} --store": STORE_OR_REC for c in REC_STORE_COMMANDS}})
+
 #: what the missing thing is called in "... not found" (by option; else by kind)
 _NOUN = {"--teacher": "teacher", "--model": "model", "--judge": "judge model", "--from-model": "model",
          "--compare": "model", "--init": "--init checkpoint", "--detector": "detector model",
@@ -184,12 +193,15 @@ _NOUN = {"--teacher": "teacher", "--model": "model", "--judge": "judge model", "
          "--root": "dataset folder", "ROOT": "dataset folder", "--run": "run folder", "--images": "images",
          "--bin": "verification pack", "--val-bin": "verification pack", "--pairs": "pairs file", "--csv": "CSV file",
          "CSV": "annotation CSV", "--fairface": "FairFace CSV", "--dictionary": "dictionary CSV", "--masks": "masks file",
-         "--embeddings": "embeddings file", "--teacher-head": "teacher head", "PATH": "file"}
+         "--embeddings": "embeddings file", "--teacher-head": "teacher head", "PATH": "file",
+         "--rec": "RecordIO pack"}
 _WHAT = {STORE: "a face store (HDF5, written by facetool prepare)",
          MODEL: "a model file (a facetool checkpoint, a PyTorch state_dict or an .onnx file)",
          BIN: "an insightface .bin verification pack", FILE: "a file", FOLDER: "a folder",
          STORE_OR_FOLDER: "a face store (HDF5) or a folder of images",
-         STORE_OR_MODEL: "a face store (HDF5) or a model file"}
+         STORE_OR_MODEL: "a face store (HDF5), a RecordIO pack (.rec) or a model file",
+         REC: "a RecordIO pack (.rec, with its .idx beside it)",
+         STORE_OR_REC: "a face store (HDF5, written by facetool prepare) or a RecordIO pack (.rec with its .idx)"}
 
 
 def path_kind(command: str, option: str) -> str | None:
@@ -207,8 +219,12 @@ def _looks_like(kind: str, p) -> bool:
         return is_torch_head(head)
     if kind == BIN:
         return head.startswith(b"\x80")  # a pickle
+    if kind == REC:
+        return head[:4] == REC_MAGIC
+    if kind == STORE_OR_REC:
+        return _looks_like(STORE, p) or _looks_like(REC, p)
     if kind == STORE_OR_MODEL:
-        return _looks_like(STORE, p) or _looks_like(MODEL, p)
+        return _looks_like(STORE, p) or _looks_like(REC, p) or _looks_like(MODEL, p)
     return True
 
 
@@ -237,6 +253,9 @@ def check_path(command: str, option: str, value: Any) -> None:
         except OSError as e:
             raise FacetoolError(f"{name} {p}: cannot read it ({e.strerror or e})") from None
         if not ok:
+            if kind in (STORE, STORE_OR_FOLDER) and file_head(p)[:4] == REC_MAGIC:
+                raise FacetoolError(f"{name} {p} is a RecordIO pack; this command reads a face store: convert it "
+                                    "with `facetool prepare rec --rec PACK --out STORE.h5`")
             if kind in (MODEL, BIN) and is_hdf5_head(file_head(p)):
                 raise FacetoolError(f"{name} {p} is an HDF5 file (a face store or feature cache), not {_WHAT[kind]}")
             raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}: corrupt, or another kind of file")

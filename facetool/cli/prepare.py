@@ -5,6 +5,8 @@ from facetool.cli.hub import make_group
 MODULES = ["facetool.cli.prepare_synthetic", "facetool.cli.prepare_datasets", "facetool.cli.prepare_celeba"]
 # FAN-Face landmarks (issue 19)
 MODULES += ["facetool.cli.prepare_landmarks"]
+# scale-out: RecordIO packs
+MODULES += ["facetool.cli.prepare_rec"]
 
 
 def register(app):

@@ -1,4 +1,4 @@
-"""PyTorch dataset over a face store. The HDF5 file is opened lazily in each worker."""
+"""PyTorch datasets over a face store and over a RecordIO pack. Files are opened lazily in each worker."""
 
 from __future__ import annotations
 
@@ -76,6 +76,77 @@ class FaceDataset(Dataset):
         d = dict(self.__dict__)
         d["_f"] = None  # never pickle an open HDF5 handle into a worker
         return d
+
+
+#: share of each identity's images in the test split of a RecordIO pack read directly (``--store X.rec``):
+#: ``prepare``'s default ``--test-fraction``, so a pack and ``prepare rec``'s store of it split alike
+REC_TEST_FRACTION = 0.2
+
+
+class RecDataset(Dataset):
+    """:class:`FaceDataset`'s items and attributes over a RecordIO pack (:mod:`facetool.data.recordio`).
+
+    Rows (``index``, ``indices``, ``labels``) are positions in the pack's image list (record 0's identity
+    ranges in order, or every key of a shuffled pack); labels are the identity ordinals (record 0) or the
+    headers' labels. The split is per identity and deterministic (:func:`~facetool.data.recordio.split_per_identity`
+    with ``test_fraction``). Images are decoded (JPEG/PNG, RGB) in the worker that reads them; the pack
+    reopens its file in each worker process. Packs hold no attributes."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        split: str | None = "train",
+        *,
+        flip: bool = False,
+        attributes: Sequence[str] = (),
+        size: int | None = None,
+        indices: Sequence[int] | None = None,
+        test_fraction: float = REC_TEST_FRACTION,
+    ) -> None:
+        from facetool.data.recordio import RecordPack, split_per_identity
+        from facetool.errors import FacetoolError
+
+        if attributes:
+            raise FacetoolError(f"RecordIO pack {path} holds identities only, no attributes "
+                                f"({', '.join(attributes)}); prepare a face store with them")
+        if split not in (None, "train", "test"):
+            raise FacetoolError(f"unknown split {split!r}; use train, test or all")
+        self.path = str(path)
+        self.pack = RecordPack(path)
+        self.labels = self.pack.labels
+        self.num_classes = self.pack.num_classes
+        self.image_size = self.pack.image_size
+        self.identities = [str(i) for i in range(self.num_classes)]
+        if indices is not None:
+            self.indices = np.asarray(indices, np.int64)
+        elif split is None:
+            self.indices = np.arange(len(self.labels), dtype=np.int64)
+        else:
+            sp = split_per_identity(self.labels, test_fraction)
+            self.indices = np.flatnonzero(sp == (1 if split == "test" else 0)).astype(np.int64)
+        self.attr_codes = None
+        self.attr_values: dict = {}
+        self.flip = flip
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def raw(self, row: int) -> np.ndarray:
+        """The (H, W, 3) uint8 RGB image of pack row ``row``."""
+        return self.pack.image(int(self.pack.keys[row]))
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        row = int(self.indices[i])
+        img = torch.from_numpy(self.raw(row)).permute(2, 0, 1).float()
+        if self.flip and torch.rand(()) < 0.5:
+            img = img.flip(-1)
+        img = (img - MEAN) / STD
+        if self.size is not None and img.shape[-1] != self.size:
+            img = torch.nn.functional.interpolate(
+                img[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
+            )[0]
+        return {"image": img, "label": torch.tensor(int(self.labels[row])), "index": torch.tensor(row)}
 
 
 def make_loader(

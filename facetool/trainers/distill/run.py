@@ -79,13 +79,12 @@ def distill(
     from facetool.io import guard_output, write_json
     from facetool.models import create_model
     from facetool.models.heads import create_head
-    from facetool.store import FaceStore
 
     weights = resolve_weights(kind, alpha, beta, gamma)
     cfg.validate()
-    store = face_source(require_file(store, "face store"))
-    with FaceStore(store) as s:
-        num_classes, store_size = s.num_classes, int(s.image_size[0])
+    store = face_source(require_file(store, "face store"), rec=True)
+    probe = open_dataset(store, None, indices=[])  # a face store or a RecordIO pack
+    num_classes, store_size = probe.num_classes, int(probe.image_size[0])
     if teacher_arch is not None and teacher is None:
         raise FacetoolError("--teacher-arch names the architecture of --teacher; give --teacher too")
     if teacher is None and kind != "none":
