@@ -212,3 +212,51 @@ def test_bad_cluster_counts_are_one_line_and_exit_2(trained, store, tmp_path, cl
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--clusters" in lines[0] and msg in lines[0], r.stderr
     assert not (tmp_path / "o").exists()
+
+
+# -- invert --routing-prior (thesis Table 5.3) ---------------------------------------------------------
+def test_invert_routing_prior_compares_with_and_without(trained, store, tmp_path):
+    """`invert --routing-prior` on the CondFace model `train condface` wrote: the same faces are inverted
+    without and with the prior, and metrics.json + the table compare SSIM, judge cosine and pair accuracy.
+    (--no-bn-prior: a 2-step model's eval-mode activations reach 1e22, the BN prior overflows.)"""
+    cf, bl = trained
+    out = tmp_path / "inv"
+    r = run_facetool("invert", "--model", cf, "--images", store, "--limit", 4, "--batch", 4, "--iterations", 3,
+                     "--routing-prior", 10, "--judge", bl, "--pairs", "--no-bn-prior", "--out", out, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "routing prior (thesis Table 5.3)" in r.stdout and "with routing prior 10" in r.stdout
+    met = json.loads((out / "metrics.json").read_text())
+    cmp = met["routing_prior_comparison"]
+    assert cmp["weight"] == 10.0
+    for side in ("without", "with"):
+        assert cmp[side]["images"] == 4
+        assert all(np.isfinite(cmp[side][k]) for k in ("ssim", "cosine_model", "cosine_judge", "pair_accuracy"))
+    assert cmp["with"]["ssim"] == met["ssim"] and cmp["with"]["pair_accuracy"] == met["pair_accuracy"]
+    # the prior is a term of the second inversion only
+    assert "routing" in cmp["with"]["final_loss"] and "routing" not in cmp["without"]["final_loss"]
+    assert cmp["with"]["final_loss"] == met["final_loss"] and set(cmp["without"]["final_loss"]) == {"id", "tv_l2", "l2", "total"}
+    assert not list((out / "state").rglob("state-*.pt"))  # both runs' resume states are cleaned up
+
+
+def test_invert_routing_prior_without_routing_is_refused_before_any_work(trained, store, tmp_path, cli, monkeypatch):
+    import facetool.explainers.invert as inv
+
+    def no_work(*a, **k):
+        raise AssertionError("read the faces before refusing --routing-prior")
+
+    monkeypatch.setattr(inv, "load_inputs", no_work)
+    out = tmp_path / "inv"
+    r = cli("invert", "--model", trained[1], "--images", store, "--routing-prior", 1, "--out", out)
+    assert r.exit_code == 2 and "--routing-prior needs a model with routing vectors" in r.output, r.output
+    assert not (out / "metrics.json").exists()
+    monkeypatch.undo()
+    # a CondFace model, but embeddings only: no target routing vectors
+    import h5py
+
+    emb = tmp_path / "e.h5"
+    with h5py.File(emb, "w") as f:
+        f["embeddings"] = np.random.default_rng(0).normal(size=(2, 8)).astype(np.float32)
+    r = run_facetool("invert", "--model", trained[0], "--embeddings", emb, "--routing-prior", 1, "--out",
+                     tmp_path / "e", cwd=tmp_path)
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--routing-prior needs --images" in lines[0], r.stderr
