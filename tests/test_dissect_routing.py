@@ -173,6 +173,18 @@ def test_own_classifier_assignments_are_the_argmax_cosine(tmp_path):
     with torch.no_grad():
         want = (F.normalize(head(beta), dim=1) @ F.normalize(protos.weight, dim=1).t()).argmax(1).numpy()
     assert label == "sinkhorn, P=5" and np.array_equal(got, want)
+    # k-means (train condface --clustering kmeans): frozen L2-normalised centroids in heads.pt["centroids"]
+    cent = F.normalize(torch.randn(7, 24), dim=1)
+    torch_save({"cluster_head": head.state_dict(), "centroids": {"centroids": cent, "assignments": torch.zeros(3).long()}},
+               tmp_path / "heads.pt")
+    model.meta = {"clustering": "kmeans", "cluster_head": "linear"}
+    label, got = own_assignments(tmp_path / "model.pt", model, beta.numpy())
+    with torch.no_grad():
+        want = (F.normalize(head(beta), dim=1) @ cent.t()).argmax(1).numpy()
+    assert label == "kmeans, P=7" and np.array_equal(got, want)
+    torch_save({"centroids": {"centroids": torch.zeros(7, 24)}}, tmp_path / "heads.pt")  # never fitted
+    notes: list[str] = []
+    assert own_assignments(tmp_path / "model.pt", model, beta.numpy(), notes) is None and "never fitted" in notes[0]
     model.meta = {"clustering": "none"}
     assert own_assignments(tmp_path / "model.pt", model, beta.numpy()) is None
     model.meta = {"clustering": "kmeans"}

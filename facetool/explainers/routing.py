@@ -8,10 +8,10 @@
 * :func:`kmeans`: offline k-means with a fixed seed (k-means++ start, Lloyd iterations; ``spherical``
   clusters L2-normalised vectors by cosine, as DeepCluster-v2; empty clusters keep their centroid).
 * :func:`own_assignments`: a model trained with clustering (``train condface --clustering``) also
-  assigns each vector to its own classifier: ``heads.pt`` beside the checkpoint holds
-  ``prototypes`` (or ``centroids``) ``{"weight": (P, D')}`` and, optionally, the ``cluster_head``
-  (meta ``cluster_head``: identity, linear or mlp) that maps beta to D'; assignment = argmax of the
-  cosines (SwAV's scores; k-means centroids read the same way).
+  assigns each vector to its own classifier: ``heads.pt`` beside the checkpoint holds the Sinkhorn
+  ``prototypes`` ``{"weight": (P, D')}`` or the k-means ``centroids`` ``{"centroids": (P, D'), ...}``
+  and, optionally, the ``cluster_head`` (meta ``cluster_head``: identity, linear or mlp) that maps beta
+  to D'; assignment = argmax of the cosines (the scores both methods train with).
 * :func:`store_targets`: the targets each clustering is scored against -- the thesis's cohort code
   (age x gender x race x pitch bin x yaw bin, :mod:`facetool.eval.clusters`) over the parts the store
   has (a store without pose uses age x gender x race, and says so) and each part alone.
@@ -175,9 +175,11 @@ def kmeans(x: Any, k: int, *, seed: int = 0, spherical: bool = True, iterations:
     return labels.cpu().numpy().astype(np.int64)
 
 
-def own_assignments(model_path: str | Path, model: nn.Module, vectors: np.ndarray) -> tuple[str, np.ndarray] | None:
+def own_assignments(model_path: str | Path, model: nn.Module, vectors: np.ndarray,
+                    notes: list[str] | None = None) -> tuple[str, np.ndarray] | None:
     """``(label, assignments)`` of a model trained with clustering to its own classifier (``heads.pt``
-    beside the checkpoint, read as the module docstring says), or None for a model trained without one.
+    beside the checkpoint, read as the module docstring says), or None for a model trained without one
+    (or whose k-means centroids were never fitted: all zero after a first epoch; said in ``notes``).
     A model whose meta names a clustering but whose heads file is missing or has no prototypes is a
     one-line error (the row would be silently missing otherwise)."""
     meta = getattr(model, "meta", {}) or {}
@@ -190,10 +192,15 @@ def own_assignments(model_path: str | Path, model: nn.Module, vectors: np.ndarra
                             "classifier) is missing")
     heads = torch_load(heads_path, "heads file")
     key = next((k for k in ("prototypes", "centroids") if isinstance(heads, dict) and k in heads), None)
-    weight = heads[key].get("weight") if key and isinstance(heads[key], dict) else None
+    sd = heads[key] if key and isinstance(heads[key], dict) else {}
+    weight = sd.get("weight", sd.get("centroids"))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-        raise FacetoolError(f"{heads_path} has no prototypes/centroids weight (P, D); found: "
+        raise FacetoolError(f"{heads_path} has no prototypes/centroids (P, D); found: "
                             f"{', '.join(map(str, heads)) if isinstance(heads, dict) else type(heads).__name__}")
+    if not bool(weight.abs().sum() > 0):
+        if notes is not None:
+            notes.append(f"{model_path}: its {clustering} {key} were never fitted (all zero), no own-classifier row")
+        return None
     v = torch.as_tensor(vectors, dtype=torch.float32)
     head: nn.Module = nn.Identity()
     kind = meta.get("cluster_head")
@@ -462,7 +469,7 @@ def dissect_routing(
             if progress:
                 progress(f"k-means {k} of {name}")
             clusterings.append((f"k-means {k}", kmeans(vec, k, seed=seed, spherical=spherical)))
-        own = own_assignments(p, model, vec) if has_routing(model) else None
+        own = own_assignments(p, model, vec, notes) if has_routing(model) else None
         if own is not None:
             clusterings.append((f"own ({own[0]})", own[1]))
         for method, labels in clusterings:
