@@ -34,7 +34,8 @@ def invert_cmd(
     tv_l1: float = typer.Option(0.0, "--tv-l1"),
     l2: float = typer.Option(1e-4, "--l2"),
     gate_prior: float = typer.Option(0.0, "--gate-prior", help="Weight of the AIG gate-pattern prior."),
-    routing_prior: float = typer.Option(0.0, "--routing-prior", help="Weight of the routing prior (thesis: 10)."),
+    routing_prior: float = typer.Option(0.0, "--routing-prior", help="Weight of the routing prior (CondFace models, "
+                                        "thesis: 10); > 0 also inverts without it and compares (Table 5.3)."),
     multires: bool = typer.Option(False, "--multires", help="First half of the steps at half resolution."),
     judge: Path = typer.Option(None, "--judge", help="Second model to judge identity (cosine, --pairs)."),
     pairs: bool = typer.Option(False, "--pairs", help="Verification accuracy of inverted vs real pairs."),
@@ -46,7 +47,9 @@ def invert_cmd(
     judge_arch: str = arch_option("--judge-arch", of="--judge"),
     judge_features: str = features_option(flag="--judge-features", of="--judge"),
 ) -> None:
-    """Invert faces: optimise images whose embeddings match the targets, then score them."""
+    """Invert faces: optimise images whose embeddings match the targets, then score them. With
+    --routing-prior W (a CondFace model) the faces are inverted twice, without and with W x the distance of
+    their routing vectors to the target faces', and the metrics of both are compared (thesis Table 5.3)."""
     from facetool.io import guard_output, guard_run_folder, run_name
 
     inputs = (model, images, embeddings, judge)
@@ -75,18 +78,24 @@ def _interrupted_message(out: Path, state_dir: Path, fresh: bool, written: list[
     (an empty folder this run made is then removed)."""
     import contextlib
 
-    states = sorted(state_dir.glob("state-*.pt")) if state_dir.is_dir() else []
+    states = sorted(state_dir.rglob("state-*.pt")) if state_dir.is_dir() else []
     files = f"wrote {', '.join(written)}" if written else "wrote none of inverted.h5, grid.png, metrics.json"
     if states:
         return (f"interrupted; kept the resume state of {len(states)} batch(es) in {state_dir} and {files}: rerun "
                 f"the same command with --resume --out {out} to continue")
     if not written:
-        for d in (state_dir, out if fresh else None):  # only folders this run created, and only when empty
+        for d in (state_dir / NO_PRIOR, state_dir, out if fresh else None):  # only folders this run created, when empty
             with contextlib.suppress(OSError):
                 if d is not None and d.is_dir() and not any(d.iterdir()):
                     d.rmdir()
         return "interrupted before the first resume state was saved; nothing was kept (rerun the command to start over)"
     return f"interrupted; {files}; no resume state is left"
+
+
+#: the state folder (under OUT/state) of the comparison inversion without the routing prior
+NO_PRIOR = "no-routing-prior"
+#: what the routing-prior comparison reports (thesis Table 5.3: SSIM, judge cosine, pair accuracy)
+COMPARED = ("ssim", "cosine_model", "cosine_judge", "pair_accuracy")
 
 
 def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | None, split: str, limit: int,
@@ -105,7 +114,7 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
     from facetool.models import load_model
 
     if state_dir.exists() and not resume:
-        for f in state_dir.glob("state-*.pt"):
+        for f in state_dir.rglob("state-*.pt"):
             f.unlink()
     cfg = inv.InversionConfig(iterations=iterations, lr=lr, batch=batch, id_loss=id_loss,
                               w_bn=0.0 if no_bn_prior else bn_weight, w_tv_l2=tv_l2, w_tv_l1=tv_l1, w_l2=l2,
@@ -113,11 +122,17 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
     from facetool.models.features import EMBEDDING_FEATURES, select_features
 
     net = select_features(load_model(model, name=arch), features)
+    if routing_prior > 0 and "routing" not in getattr(net, "internal_names", ()):  # before any work
+        names = ", ".join(getattr(net, "internal_names", ())) or "nothing"
+        raise FacetoolError(f"--routing-prior needs a model with routing vectors (a CondFace model); "
+                            f"{getattr(net, 'name', model)} reports: {names}")
     size = int(getattr(net, "config", {}).get("input_size", 112))
     cfg.size = size
     data = inv.load_inputs(images, embeddings, split=None if split == "all" else split, limit=limit, size=size)
     if pairs and data.store is None:
         raise FacetoolError("--pairs needs --images STORE.h5 (real images of the same identities)")
+    if routing_prior > 0 and data.images is None:
+        raise FacetoolError("--routing-prior needs --images: the routing vectors of the target faces")
     real = normalize(data.images) if data.images is not None else None
     targets = torch.from_numpy(data.embeddings) if data.embeddings is not None else inv.embed(net, real)
     judge_net = None
@@ -138,21 +153,38 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
             txt = " ".join(f"{a}={b:.3g}" for a, b in terms.items())
             prog.update(task, completed=step, batch=f"batch {k + 1}/{n}", terms=txt)
 
-    t0 = time.perf_counter()
-    diverged = None
-    with prog:
+    def run(weight: float, states: Path):
+        """(result, inputs it covers, divergence or None) of one inversion with routing prior ``weight``."""
         try:
-            res = inv.invert_batches(net, targets, cfg, target_images=real, gate_weight=gate_prior,
-                                     routing_weight=routing_prior, state_dir=state_dir, progress=on_step)
+            r, bad = inv.invert_batches(net, targets, cfg, target_images=real, gate_weight=gate_prior,
+                                        routing_weight=weight, state_dir=states, progress=on_step), None
         except inv.InversionDiverged as e:
-            res, diverged = e.result, e
+            r, bad = e.result, e
+        keep = slice(0, len(r.images))
+        covered = inv.InversionInputs(
+            data.images[keep] if data.images is not None else None, None, data.labels[keep], data.identities,
+            data.sources[keep], data.split[keep], data.store, data.rows[keep] if data.rows is not None else None)
+        return r, covered, bad
+
+    t0 = time.perf_counter()
+    comparison = None
+    with prog:
+        if routing_prior > 0:  # the same inversion without the prior first: Table 5.3's comparison
+            res0, done0, bad0 = run(0.0, state_dir / NO_PRIOR)
+            m0 = inv.evaluate_inversion(res0, done0, net, judge_net, pairs and bad0 is None, seed)
+            comparison = {"weight": routing_prior,
+                          "without": {k: m0[k] for k in ("images", *COMPARED) if k in m0}
+                          | {"final_loss": {k: v[-1] for k, v in res0.history.items() if v}}}
+            if bad0 is not None:
+                comparison["without"]["diverged"] = str(bad0)
+        res, done, diverged = run(routing_prior, state_dir)
     seconds = time.perf_counter() - t0
     n = len(res.images)
-    keep = slice(0, n)
-    done = inv.InversionInputs(
-        data.images[keep] if data.images is not None else None, None, data.labels[keep], data.identities,
-        data.sources[keep], data.split[keep], data.store, data.rows[keep] if data.rows is not None else None)
     metrics = inv.evaluate_inversion(res, done, net, judge_net, pairs and diverged is None, seed)
+    if comparison is not None:
+        comparison["with"] = ({k: metrics[k] for k in ("images", *COMPARED) if k in metrics}
+                              | {"final_loss": {k: v[-1] for k, v in res.history.items() if v}})
+        metrics["routing_prior_comparison"] = comparison
     metrics |= {"model": str(model), "features": features, "judge": str(judge) if judge else None, "seconds": round(seconds, 2),
                 "config": {k: v for k, v in vars(cfg).items()}, "final_loss": {k: v[-1] for k, v in res.history.items() if v}}
     if diverged is not None:
@@ -182,10 +214,17 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
     write_json(out / "metrics.json", metrics)
     written.append("metrics.json")
     if diverged is None:
-        for f in state_dir.glob("state-*.pt"):
+        for f in state_dir.rglob("state-*.pt"):
             f.unlink()
     rows = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and k not in ("model", "judge")}
     console.print(dict_table(f"inversion of {n} faces ({cfg.iterations} iterations)", rows, "metric"))
+    if comparison is not None:
+        from facetool.cli.common import records_table
+
+        recs = [{"metric": k, "without": comparison["without"].get(k, float("nan")),
+                 f"with routing prior {routing_prior:g}": comparison["with"].get(k, float("nan"))}
+                for k in COMPARED if k in comparison["with"] or k in comparison["without"]]
+        console.print(records_table("routing prior (thesis Table 5.3): the same faces without and with it", recs))
     console.print(f"wrote {out / 'inverted.h5'}, {out / 'grid.png'}, {out / 'metrics.json'}")
     if diverged is not None:
         raise diverged

@@ -135,6 +135,8 @@ LIMITS: dict[str, Range] = {
     "--l2": WEIGHT,
     "--gate-prior": WEIGHT,
     "--routing-prior": WEIGHT,
+    # dissect routing (CondFace, Table 5.1)
+    "dissect routing --max-images": Range(2, BIG, note="images clustered"),
     # recipes
     "--from-step": Range(1, 100_000),
     # prepare landmarks (FAN-Face, issue 19)
