@@ -182,3 +182,50 @@ def test_torchscript_archive_loads_without_running_its_code(tmp_path):
         z.writestr("evil/constants.pkl", pickle.dumps(()))
     with pytest.raises(FacetoolError, match="refused global builtins.print"):
         load_model(bad)
+
+
+IDENTITY_CROP = (torch.tensor([[128.0, 128.0]]), torch.tensor([1.28]))  # h = 200 * 1.28 = 256: the 256 crop itself
+
+
+def _one_hot(col: int, row: int, size: int = 64) -> torch.Tensor:
+    hm = torch.zeros(1, 1, size, size)
+    hm[0, 0, row, col] = 1.0
+    return hm
+
+
+def test_heatmap_decoding_known_answers():
+    """(col+1, row+1) - 0.5 = (10.5, 20.5), x 4 = (42, 82); a larger right neighbour: x 10.75 -> 43; larger
+    left: 10.25 -> 41; larger below: y 20.75 -> 83; on the border (col 0) no shift: 0.5 x 4 = 2."""
+    from facetool import heatmaps_to_landmarks
+
+    assert heatmaps_to_landmarks(_one_hot(10, 20), *IDENTITY_CROP).tolist() == [[[42.0, 82.0]]]
+    assert heatmaps_to_landmarks(_one_hot(10, 20)).tolist() == [[[42.0, 82.0]]]
+    right = _one_hot(10, 20)
+    right[0, 0, 20, 11] = 0.5
+    assert heatmaps_to_landmarks(right, *IDENTITY_CROP).tolist() == [[[43.0, 82.0]]]
+    left = _one_hot(10, 20)
+    left[0, 0, 20, 9] = 0.5
+    below = _one_hot(10, 20)
+    below[0, 0, 21, 10] = 0.5
+    assert heatmaps_to_landmarks(left).tolist() == [[[41.0, 82.0]]]
+    assert heatmaps_to_landmarks(below).tolist() == [[[42.0, 83.0]]]
+    edge = _one_hot(0, 20)
+    edge[0, 0, 20, 1] = 0.5  # ignored on the border
+    assert heatmaps_to_landmarks(edge).tolist() == [[[2.0, 82.0]]]
+
+
+def test_heatmap_decoding_is_batched_and_maps_back_through_the_crop():
+    """center (100, 50), scale 2 (h = 400): x = 400 (10.5/64 - 0.5) + 100 = -34.375 -> -34 (toward zero),
+    y = 400 (20.5/64 - 0.5) + 50 = -21.875 -> -21; each batch item with its own crop."""
+    from facetool.models.fan import heatmaps_to_landmarks
+
+    hm = torch.zeros(2, 3, 64, 64)
+    hm[:, :, 20, 10] = 1.0
+    hm[1, 2, 20, 10], hm[1, 2, 40, 30] = 0.0, 1.0
+    # float64: 1.28 in float32 is 1.27999997, h = 255.99999, and 161.99999 truncates to 161 (as in the public code)
+    center, scale = torch.tensor([[100.0, 50.0], [128.0, 128.0]]), torch.tensor([2.0, 1.28], dtype=torch.float64)
+    pts = heatmaps_to_landmarks(hm, center, scale)
+    assert pts.shape == (2, 3, 2)
+    assert pts[0].tolist() == [[-34.0, -21.0]] * 3
+    assert pts[1].tolist() == [[42.0, 82.0], [42.0, 82.0], [122.0, 162.0]]
+    assert heatmaps_to_landmarks(hm, center, scale, truncate=False)[0, 0].tolist() == [-34.375, -21.875]

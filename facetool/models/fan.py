@@ -279,3 +279,53 @@ def match_fan(sd: dict) -> tuple[str, dict[str, Any]] | None:
     if getattr(head, "ndim", 0) != 4:
         return None
     return fan_name(n), {"num_landmarks": int(head.shape[0])}
+
+
+def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:
+    """Heatmap-grid coordinates (B, L, 2) of (B, L, H, W) heatmaps, as face-alignment's ``get_preds_fromhm``:
+    the argmax (first one on ties), as 1-based (col + 1, row + 1), moved 0.25 towards the larger neighbour
+    in x and in y (the sign of the neighbour difference; only when 0 < col < W-1 and 0 < row < H-1), minus 0.5.
+    Times ``S / W`` (4 for the FAN) gives the point in the input crop."""
+    if heatmaps.ndim != 4:
+        raise FacetoolError(f"heatmaps must be (B, L, H, W), not {tuple(heatmaps.shape)}")
+    b, n, h, w = heatmaps.shape
+    flat = heatmaps.detach().reshape(b, n, h * w)
+    idx = flat.argmax(-1)
+    col, row = idx % w, idx // w
+    preds = torch.stack((col + 1, row + 1), -1).to(torch.float32)
+    inside = (col > 0) & (col < w - 1) & (row > 0) & (row < h - 1)
+    c, r = col.clamp(1, w - 2), row.clamp(1, h - 2)
+
+    def at(rr: torch.Tensor, cc: torch.Tensor) -> torch.Tensor:
+        return flat.gather(-1, (rr * w + cc).unsqueeze(-1)).squeeze(-1)
+
+    dx = torch.sign(at(r, c + 1) - at(r, c - 1))
+    dy = torch.sign(at(r + 1, c) - at(r - 1, c))
+    preds += 0.25 * torch.stack((dx, dy), -1).to(torch.float32) * inside.unsqueeze(-1)
+    return preds - 0.5
+
+
+def heatmaps_to_landmarks(heatmaps: torch.Tensor, center: torch.Tensor | None = None,
+                          scale: torch.Tensor | float | None = None, *, truncate: bool = True) -> torch.Tensor:
+    """Landmarks (B, L, 2) in image coordinates from FAN heatmaps (B, L, H, W), exactly as the public
+    decoding: :func:`decode_heatmaps`, then the inverse of the crop transform at the heatmap resolution r,
+    ``t = [[r/h, 0, r(0.5 - c_x/h)], [0, r/h, r(0.5 - c_y/h)]]`` with ``h = 200 * scale``, i.e.
+    ``x = h (p_x / r - 0.5) + c_x``; cast to whole numbers toward zero as the public code does (``truncate``;
+    False keeps the fraction). ``center`` (B, 2) (or (2,)), ``scale`` (B,) (or a number): the crop of the
+    public code (centre of the box, y moved up 0.12 of its height; scale (w + h) / 195). Without them the
+    points are in the FAN's input crop (heatmap coordinates x 4 for the FAN, no truncation)."""
+    preds = decode_heatmaps(heatmaps)
+    b, _, hh, w = heatmaps.shape
+    if center is None and scale is None:
+        return preds * 4.0
+    if center is None or scale is None:
+        raise FacetoolError("heatmaps_to_landmarks needs both center and scale (or neither)")
+    center = torch.as_tensor(center, dtype=torch.float64).reshape(-1, 2).expand(b, 2)
+    scale = torch.as_tensor(scale, dtype=torch.float64).reshape(-1).expand(b)
+    if hh != w:
+        raise FacetoolError(f"heatmaps must be square to map back through the crop, not {hh}x{w}")
+    h = (200.0 * scale).reshape(b, 1, 1)
+    pts = h * (preds.to(torch.float64) / w - 0.5) + center.reshape(b, 1, 2)
+    if truncate:
+        pts = torch.trunc(pts)
+    return pts.to(torch.float32)
