@@ -14,6 +14,11 @@ Layout (all per-image arrays have length N, per-identity arrays length M)::
     /identity_attributes/<name> int16 (M,)       per-identity codes, same conventions
     /part_masks             uint16 (N, H, W)     optional; bit p set where part ``parts[p]`` is
     /meta/<name>            float32(N, ...)      optional per-image numbers (e.g. pose yaw/pitch/roll)
+    /landmark_sets/<conv>/points  float32(N, L, 2)  optional dense landmarks of a convention of
+                                                 :mod:`facetool.data.landmarks` (``ibug68``: L = 68, ``wflw98``:
+                                                 98) in crop pixel coordinates (0-based; NaN: unknown); attrs
+                                                 ``convention``, ``num_points``
+    /landmark_sets/<conv>/visible bool   (N, L)  whether each point is visible (not occluded / self-occluded)
 
 Root attributes: ``format`` = "facetool-store", ``format_version``, ``source``, ``tool_version``,
 ``created``, ``image_size`` (H, W), ``preprocessing`` (JSON), ``template`` (JSON), ``complete``.
@@ -71,6 +76,7 @@ class Record:
     attributes: dict[str, int] | None = None  # name -> code
     part_mask: np.ndarray | None = None  # (H, W) uint16 bitmask
     meta: dict[str, Sequence[float] | float] | None = None
+    landmark_sets: dict[str, tuple[np.ndarray, np.ndarray]] | None = None  # conv -> (points (L, 2), visible (L,))
 
 
 class StoreWriter:
@@ -90,6 +96,7 @@ class StoreWriter:
         identity_attributes: dict[str, tuple[Sequence[str], Sequence[int]]] | None = None,
         parts: Sequence[str] | None = None,
         meta_shapes: dict[str, tuple[int, ...]] | None = None,
+        landmark_sets: dict[str, int] | None = None,
         source: str = "",
         preprocessing: dict | None = None,
         template: Any = None,
@@ -104,14 +111,15 @@ class StoreWriter:
         self.attribute_values = {k: list(v) for k, v in (attribute_values or {}).items()}
         self.parts = list(parts) if parts else []
         self.meta_shapes = {k: tuple(v) for k, v in (meta_shapes or {}).items()}
+        self.landmark_sets = {str(k): int(v) for k, v in (landmark_sets or {}).items()}  # convention -> L
         self.flush_every = flush_every
         self._buf: list[Record] = []
         self.preprocessing = preprocessing or {}
-        settings = json.dumps(
-            {"preprocessing": self.preprocessing, "image_size": self.image_size, "identities": len(identities)},
-            sort_keys=True,
-            default=str,
-        )
+        settings_d: dict[str, Any] = {"preprocessing": self.preprocessing, "image_size": self.image_size,
+                                      "identities": len(identities)}
+        if self.landmark_sets:  # only then, so that the settings of stores without them stay as they were
+            settings_d["landmark_sets"] = self.landmark_sets
+        settings = json.dumps(settings_d, sort_keys=True, default=str)
         self.resumed = False
         if resume and self.tmp.exists():
             try:
@@ -178,12 +186,21 @@ class StoreWriter:
         gm = f.create_group("meta")
         for name, shape in self.meta_shapes.items():
             gm.create_dataset(name, (0, *shape), np.float32, maxshape=(None, *shape))
+        if self.landmark_sets:
+            gl = f.create_group("landmark_sets")
+            for conv, L in self.landmark_sets.items():
+                g = gl.create_group(conv)
+                g.attrs.update(convention=conv, num_points=L)
+                g.create_dataset("points", (0, L, 2), np.float32, maxshape=(None, L, 2), chunks=(1024, L, 2))
+                g.create_dataset("visible", (0, L), bool, maxshape=(None, L), chunks=(1024, L))
 
     # -- state for resume ---------------------------------------------------------------
     def _row_datasets(self) -> list[str]:
         names = ["images", "labels", "split", "source", "bbox", "landmarks"]
         names += [f"attributes/{k}" for k in self.f["attributes"]]
         names += [f"meta/{k}" for k in self.f["meta"]]
+        for conv in self.f.get("landmark_sets", {}):
+            names += [f"landmark_sets/{conv}/points", f"landmark_sets/{conv}/visible"]
         if "part_masks" in self.f:
             names.append("part_masks")
         return names
@@ -203,6 +220,13 @@ class StoreWriter:
     def append(self, rec: Record) -> None:
         if rec.image.shape != (*self.image_size, 3) or rec.image.dtype != np.uint8:
             raise ValueError(f"image must be uint8 {(*self.image_size, 3)}, got {rec.image.dtype} {rec.image.shape}")
+        for conv, (pts, vis) in (rec.landmark_sets or {}).items():
+            L = self.landmark_sets.get(conv)
+            if L is None:
+                raise ValueError(f"landmark set {conv!r} was not declared (declared: {sorted(self.landmark_sets)})")
+            if np.shape(pts) != (L, 2) or np.shape(vis) != (L,):
+                raise ValueError(f"landmark set {conv!r} needs points ({L}, 2) and visible ({L},), "
+                                 f"got {np.shape(pts)} and {np.shape(vis)}")
         self._buf.append(rec)
 
     def checkpoint(self, cursor: int, counters: dict[str, int] | None = None, force: bool = False) -> None:
@@ -242,6 +266,13 @@ class StoreWriter:
                     ],
                     np.float32,
                 )
+            for conv, L in self.landmark_sets.items():
+                got = [(r.landmark_sets or {}).get(conv) for r in self._buf]
+                f[f"landmark_sets/{conv}/points"][n0:n1] = np.stack(
+                    [np.asarray(g[0], np.float32) if g is not None else np.full((L, 2), np.nan, np.float32)
+                     for g in got])
+                f[f"landmark_sets/{conv}/visible"][n0:n1] = np.stack(
+                    [np.asarray(g[1], bool) if g is not None else np.zeros(L, bool) for g in got])
             if "part_masks" in f:
                 H, W = self.image_size
                 zero = np.zeros((H, W), np.uint16)
@@ -380,6 +411,13 @@ class FaceStore:
                 if not isinstance(d, h5py.Dataset) or d.ndim < 1 or d.shape[0] != rows:
                     raise FacetoolError(f"{where}: '{group}/{name}' must have one row per {what} ({rows}), "
                                         f"got shape {getattr(d, 'shape', None)}")
+        for conv, g in (f["landmark_sets"].items() if "landmark_sets" in f else ()):
+            pts = g.get("points") if isinstance(g, h5py.Group) else None
+            vis = g.get("visible") if isinstance(g, h5py.Group) else None
+            ok = isinstance(pts, h5py.Dataset) and isinstance(vis, h5py.Dataset) and pts.ndim == 3
+            if not ok or pts.shape != (n, pts.shape[1], 2) or vis.shape != (n, pts.shape[1]):
+                raise FacetoolError(f"{where}: landmark set {conv!r} must hold 'points' (N, L, 2) and 'visible' "
+                                    f"(N, L) with one row per image ({n})")
         self.identities  # noqa: B018 - reading the names checks their storage
         first: dict[str, tuple[int, int]] = {}
         count: dict[str, int] = {"labels": 0, "split": 0}
@@ -443,6 +481,44 @@ class FaceStore:
     @property
     def landmarks(self) -> np.ndarray:
         return self.f["landmarks"][:]
+
+    @property
+    def landmark_conventions(self) -> list[str]:
+        """Names of the dense landmark sets this store holds (e.g. ``["ibug68"]``); the 5 alignment points
+        (:attr:`landmarks`) are always there and are not one of them."""
+        return sorted(self.f["landmark_sets"]) if "landmark_sets" in self.f else []
+
+    def landmark_set(self, convention: str | None = None,
+                     idx: Sequence[int] | np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+        """``(points (N, L, 2) float32, visible (N, L) bool, convention)`` of one dense landmark set (rows
+        ``idx``, default all). ``None`` takes the only set there is; a store without the asked set is a
+        one-line error naming what it has and how to get landmarks."""
+        have = self.landmark_conventions
+        how = ("`facetool prepare synthetic` stores iBUG 68-point landmarks for every image; "
+               "`facetool prepare landmarks --format 300w|wflw` imports annotated ones")
+        if convention is None:
+            if len(have) != 1:
+                if not have:
+                    raise FacetoolError(f"store {self.path.name} has no dense landmarks (only the 5 alignment "
+                                        f"points); {how}")
+                raise FacetoolError(f"store {self.path.name} has several landmark sets ({', '.join(have)}); "
+                                    "name the convention")
+            convention = have[0]
+        if convention not in have:
+            raise FacetoolError(f"store {self.path.name} has no {convention} landmarks (has: "
+                                f"{', '.join(have) or 'only the 5 alignment points'}); {how}")
+        g = self.f[f"landmark_sets/{convention}"]
+        if idx is None:
+            return g["points"][:], g["visible"][:].astype(bool), convention
+        idx = np.asarray(idx, np.int64)
+        order = np.argsort(idx, kind="stable")
+        pts = np.empty((len(idx), *g["points"].shape[1:]), np.float32)
+        vis = np.empty((len(idx), g["visible"].shape[1]), bool)
+        if len(idx):
+            uniq, inv = np.unique(idx[order], return_inverse=True)
+            pts[order] = g["points"][uniq][inv]
+            vis[order] = g["visible"][uniq][inv]
+        return pts, vis, convention
 
     @property
     def bboxes(self) -> np.ndarray:
@@ -563,6 +639,13 @@ class FaceStore:
             "attributes": {},
             "parts": self.parts,
         }
+        if self.landmark_conventions:
+            s["landmark_sets"] = {}
+            for conv in self.landmark_conventions:
+                g = self.f[f"landmark_sets/{conv}"]
+                vis = g["visible"][:]
+                s["landmark_sets"][conv] = {"points": int(g["points"].shape[1]),
+                                            "visible": round(float(vis.mean()), 4) if vis.size else 0.0}
         for name in sorted(set(self.attribute_names("image")) | set(self.attribute_names("identity"))):
             codes, vals = self.attribute(name)
             s["attributes"][name] = {v: int((codes == i).sum()) for i, v in enumerate(vals)} | {

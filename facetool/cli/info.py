@@ -31,7 +31,13 @@ def register(app: typer.Typer) -> None:
                 typer.echo(json.dumps(summary, indent=2))
                 return
             attrs = summary.pop("attributes")
+            landmark_sets = summary.pop("landmark_sets", {})
             console.print(dict_table(f"face store {path.name}", {k: v for k, v in summary.items()}))
+            if landmark_sets:
+                rows = {conv: f"{d['points']} points, {100 * d['visible']:.1f}% visible"
+                        for conv, d in landmark_sets.items()}
+                console.print(dict_table("landmark sets (besides the 5 alignment points)", rows, "convention",
+                                         "landmarks"))
             for name, counts in attrs.items():
                 console.print(dict_table(f"attribute {name}", counts, "value", "images"))
             return
