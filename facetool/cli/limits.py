@@ -135,6 +135,10 @@ LIMITS: dict[str, Range] = {
     "--routing-prior": WEIGHT,
     # recipes
     "--from-step": Range(1, 100_000),
+    # FAN (train fan, eval landmarks)
+    "--stacks": Range(1, 4, note="hourglasses"),
+    "--sigma": Range(0, 64, lo_open=True, note="heatmap cells"),
+    "eval landmarks --images": Range(0, 1000, note="faces in the overlay grid; 0 = none"),
 }
 
 

@@ -121,6 +121,14 @@ class FAN(FaceModel):
 
     def __init__(self, num_stacks: int = 4, num_landmarks: int = 68, input_size: int = 256) -> None:
         super().__init__()
+        self.check_arguments(num_stacks, num_landmarks, input_size)
+        self.num_stacks, self.num_landmarks, self.input_size = num_stacks, num_landmarks, input_size
+        self.heatmap_size = input_size // 4
+        self._build()
+
+    @staticmethod
+    def check_arguments(num_stacks: int, num_landmarks: int, input_size: int) -> None:
+        """One-line errors for arguments no FAN can have (also checked by commands before any work)."""
         if isinstance(num_stacks, bool) or not isinstance(num_stacks, int) or not 1 <= num_stacks <= MAX_STACKS:
             raise FacetoolError(f"FAN: --stacks must be a whole number from 1 to {MAX_STACKS}, not {num_stacks!r}")
         if isinstance(num_landmarks, bool) or not isinstance(num_landmarks, int) or num_landmarks < 1:
@@ -128,8 +136,9 @@ class FAN(FaceModel):
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 64 or input_size % 64:
             raise FacetoolError(f"FAN: --input-size must be a multiple of 64 (the stem halves twice and the "
                                 f"hourglass four times), not {input_size!r}")
-        self.num_stacks, self.num_landmarks, self.input_size = num_stacks, num_landmarks, input_size
-        self.heatmap_size = input_size // 4
+
+    def _build(self) -> None:
+        num_stacks, num_landmarks = self.num_stacks, self.num_landmarks
         self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
         self.bn1 = nn.BatchNorm2d(64)
         self.conv2 = ConvBlock(64, 128)
