@@ -277,15 +277,16 @@ def test_a_size_that_cannot_fit_is_refused_before_anything_is_written(tmp_path, 
     r = run_facetool("prepare", "synthetic", "--identities", "2", "--per-identity", "100000000", "--out", out,
                      timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("error: ") and r.stderr.count("\n") == 1, r.stderr
-    assert "--identities 2 x --per-identity 100000000 = 200,000,000 images" in r.stderr and "12.6 TB" in r.stderr
+    assert "--identities 2 x --per-identity 100000000 = 200,000,000 images" in r.stderr and "12.7 TB" in r.stderr
     assert "Traceback" not in r.stderr and not (tmp_path / "o").exists()
     # within the image limit but not within the free space of the output's folder
     assert syn.estimate_bytes(100, 100, 112) == 10_000 * (112 * 112 * 5 + 128) + (1 << 20)
+    assert syn.estimate_bytes(100, 100, 112, 68) == 10_000 * (112 * 112 * 5 + 128 + 9 * 68) + (1 << 20)
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(1 << 40, 1 << 39, 10_000_000))
     r = cli("prepare", "synthetic", "--identities", "100", "--per-identity", "100", "--out", out)
     assert r.exit_code == 2 and r.output.count("\n") == 1, r.output
-    assert "(about 629.5 MB) does not fit: only 10.0 MB free in" in r.output and str(tmp_path) in r.output
+    assert "(about 635.6 MB) does not fit: only 10.0 MB free in" in r.output and str(tmp_path) in r.output
     assert not (tmp_path / "o").exists()
     with pytest.raises(FacetoolError, match="more than 1,000,000 identities"):
         prepare_synthetic(out, identities=1_000_001, per_identity=1)

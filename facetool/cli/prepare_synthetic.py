@@ -24,11 +24,15 @@ def register(prepare_app: typer.Typer) -> None:
         bias: Optional[str] = typer.Option(None, "--bias", help=BIAS_HELP),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Example grid PNG (default: <out>.grid.png)."),
         workers: int = typer.Option(1, "--workers", min=1, help="Rendering threads."),
+        landmarks: bool = typer.Option(True, "--landmarks/--no-landmarks",
+                                       help="Store the iBUG 68-point landmarks of every image (with visibility) "
+                                            "beside the 5 alignment points; the images are the same either way."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
     ) -> None:
         """Render synthetic faces: identities with gender/skin/eye colour/facial hair/age/group
-        attributes, 5 landmarks, part masks and pose; optionally a planted accessory bias. Writes the store, a
+        attributes, 5 alignment landmarks and iBUG 68-point landmarks, part masks and pose; optionally a planted
+        accessory bias. Writes the store, a
         report beside it (data/x.h5 -> data/x.json) and an example grid; a size that cannot fit (over 10 M images,
         1 M identities, or the free disk) is refused with its estimate before anything is written.
 
@@ -43,6 +47,7 @@ def register(prepare_app: typer.Typer) -> None:
         path, s = prepare_synthetic(
             out, identities=identities, per_identity=per_identity, size=size, seed=seed,
             test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers,
+            landmarks=landmarks,
         )
         rows: list[tuple[str, object]] = [
             ("images", s["images"]), ("identities", s["identities"]), ("train", s["train"]), ("test", s["test"]),
@@ -51,6 +56,8 @@ def register(prepare_app: typer.Typer) -> None:
         for name, counts in s["attributes"].items():
             rows.append((name, ", ".join(f"{k} {v}" for k, v in counts.items() if k != "unknown" or v)))
         rows.append(("parts", ", ".join(s["parts"])))
+        for conv, d in s.get("landmark_sets", {}).items():
+            rows.append(("landmarks", f"{conv}: {d['points']} points, {100 * d['visible']:.1f}% visible"))
         console.print(dict_table(f"synthetic store {path}", rows))
         png = save_grid(path, grid)
         console.print(f"example grid: {png}")

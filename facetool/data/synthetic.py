@@ -530,6 +530,94 @@ def draw_face(p: IdentityParams, v: View, size: int, rng: np.random.Generator) -
     return image, landmarks, mask
 
 
+def _outline_at(p: IdentityParams, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_outline`'s curve at parameters ``t`` (the same formula, any angles)."""
+    c, s = np.cos(t), np.sin(t)
+    lower = s > 0
+    ex = np.where(lower, 2.0 / p.jaw_n, 1.0)
+    x = p.face_w * np.sign(c) * np.abs(c) ** ex
+    y = p.face_h * np.sign(s) * np.abs(s) ** ex
+    return np.where(lower, x * (1.0 - p.chin_taper * s**2), x), y
+
+
+#: The part-mask bits a point of each iBUG 68 group must touch (within a pixel) to count as visible.
+_GROUP_PARTS = {"jaw": ("skin", "beard", "cheeks"), "brows": ("brows",), "nose": ("nose",), "eyes": ("eyes",),
+                "lips": ("mouth",)}
+
+
+def dense_landmarks(p: IdentityParams, v: View, size: int,
+                    mask: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The iBUG 68 landmarks of a face :func:`draw_face` renders, from the same geometry and projection
+    (so in the crop's pixel coordinates, exactly where the features are painted): jaw 0-16 on the drawn face
+    outline from the image-left temple (eye height) over the chin; brows 17-26 on the drawn brow lines, outer
+    to inner end; nose bridge 27-30 on the ridge to the tip (30 = the 5-point nose tip), nostrils 31-35; eyes
+    36-47 on the drawn eye ellipses (corners and lids at 60 degree steps, clockwise from the left corner);
+    lips 48-59 on the drawn lip outline (48 / 54 = the 5-point mouth corners), 60-67 the inner lip line (the
+    mouth opening, or the closed lips' line). No randomness: the image does not change.
+
+    ``visible`` (68,) is True where the point is inside the crop and, given the part mask ``mask`` of the
+    same render, a pixel within one pixel of it shows the point's part (jaw: skin/beard; brows, nose, eyes,
+    mouth), i.e. it is not covered by hair, glasses or the frame's edge. Returns (points (68, 2) float32,
+    visible (68,) bool)."""
+    P = _Projector(p, v, size)
+    pts = np.zeros((68, 2))
+    # jaw: the outline from eye height on the image-left side, over the chin, to eye height on the right
+    alpha = math.asin(float(np.clip(-(p.eye_y + 2.0) / p.face_h, 0.0, 0.9)))
+    t = np.linspace(math.pi + alpha, -alpha, 17)
+    pts[0:17] = P(*_outline_at(p, t), surface=False)
+    # brows: 5 of the 9 drawn vertices, outer to inner on the image-left brow, inner to outer on the right
+    d = np.linspace(-p.eye_w * 1.1, p.eye_w * 1.25, 9)[::2]
+    for sgn, sl, order in ((-1, slice(17, 22), slice(None, None, -1)), (1, slice(22, 27), slice(None))):
+        bx = sgn * (p.eye_dx + d)
+        rel = (bx - sgn * p.eye_dx) / p.eye_w
+        by = (p.eye_y - p.brow_gap - 2.5 * v.brow_raise - p.brow_arch * (1 - rel**2) * 0.5
+              + p.brow_slope * rel * p.eye_w)
+        pts[sl] = P(bx, by)[order]
+    # nose: ridge (as drawn: from eye_y + 3 at depth 0 to the tip), tip = the 5-point nose landmark
+    tr = np.array([0.0, 1 / 3, 2 / 3])
+    pts[27:30] = P(np.zeros(3), p.eye_y + 3 + tr * (p.nose_y - p.eye_y - 3), tr * p.nose_depth)
+    pts[30] = P(np.array([0.0]), np.array([p.nose_y]), p.nose_depth)[0]
+    nw = p.nose_w * 0.45
+    pts[31:36] = P(np.array([-nw - 1.6, -nw, 0.0, nw, nw + 1.6]),
+                   np.array([p.nose_y + 0.6, p.nose_y + 1.6, p.nose_y + 1.6, p.nose_y + 1.6, p.nose_y + 0.6]),
+                   np.array([0.7, 0.7, 1.0, 0.7, 0.7]) * p.nose_depth)
+    # eyes: the drawn ellipse at angles 180, 240, 300, 0, 60, 120 degrees (clockwise on screen from the left)
+    eye_h = max(p.eye_h * v.eye_open, 1.3)
+    ang = np.radians([180, 240, 300, 0, 60, 120])
+    for sgn, k in ((-1, 36), (1, 42)):
+        pts[k:k + 6] = P(sgn * p.eye_dx + p.eye_w * np.cos(ang), p.eye_y + eye_h * np.sin(ang))
+    # lips, as drawn (same mouth width, smile lift, opening)
+    mw, my = p.mouth_w * (1 + 0.12 * v.smile), p.mouth_y
+    lift, open_h = 3.0 * v.smile, 5.0 * v.mouth_open
+    xs = np.linspace(-mw, mw, 13)
+    rel = xs / mw
+    corner = -lift * rel**4
+    upper = my - p.lip_h * (1 - rel**2) * (1 - 0.25 * np.cos(rel * 6 * math.pi) * (np.abs(rel) < 0.3)) + corner
+    lower = my + (p.lip_h * 1.2 + open_h) * (1 - rel**2) + corner
+    top = my + corner - 0.2 * open_h * (1 - rel**2)
+    bot = my + corner + open_h * (1 - rel**2)
+    mid = 0.5 * (top + bot)
+    outer = [(0, upper), (2, upper), (4, upper), (6, upper), (8, upper), (10, upper), (12, upper),
+             (10, lower), (8, lower), (6, lower), (4, lower), (2, lower)]
+    inner = [(2, mid), (4, top), (6, top), (8, top), (10, mid), (8, bot), (6, bot), (4, bot)]
+    for k, pairs in ((48, outer), (60, inner)):
+        ix = np.array([i for i, _ in pairs])
+        pts[k:k + len(pairs)] = P(xs[ix], np.array([curve[i] for i, curve in pairs]), 1.5)
+    pts = pts.astype(np.float32)
+    visible = (pts[:, 0] >= 0) & (pts[:, 0] <= size - 1) & (pts[:, 1] >= 0) & (pts[:, 1] <= size - 1)
+    if mask is not None:
+        from facetool.data.landmarks import CONVENTIONS
+
+        for group, idx in CONVENTIONS["ibug68"].groups.items():
+            bits = np.uint16(sum(1 << PARTS.index(q) for q in _GROUP_PARTS[group]))
+            for i in idx:
+                if visible[i]:
+                    x, y = int(round(float(pts[i, 0]))), int(round(float(pts[i, 1])))
+                    win = mask[max(0, y - 1):y + 2, max(0, x - 1):x + 2]
+                    visible[i] = bool((win & bits).any())
+    return pts, visible
+
+
 def render_face(params: IdentityParams, rng: np.random.Generator, size: int = 112, accessory: int = 0):
     """Render one random view of an identity.
 
@@ -604,10 +692,11 @@ MAX_IMAGES = 10_000_000
 MAX_IDENTITIES = 1_000_000
 
 
-def estimate_bytes(identities: int, per_identity: int, size: int) -> int:
+def estimate_bytes(identities: int, per_identity: int, size: int, dense_points: int = 0) -> int:
     """Approximate size of a synthetic store: per image the RGB crop (size² · 3), the part mask (size² · 2, uint16)
-    and about 128 bytes of labels, split, source, box, landmarks and pose; plus ~1 MB of fixed overhead."""
-    return identities * per_identity * (size * size * 5 + 128) + (1 << 20)
+    and about 128 bytes of labels, split, source, box, landmarks and pose, plus 9 bytes per dense landmark
+    (``dense_points``: float32 x, y and a visibility flag); plus ~1 MB of fixed overhead."""
+    return identities * per_identity * (size * size * 5 + 128 + 9 * dense_points) + (1 << 20)
 
 
 def _human(n: float) -> str:
@@ -618,7 +707,8 @@ def _human(n: float) -> str:
     return f"{n:.1f} PB"
 
 
-def check_size(out: str | Path, identities: int, per_identity: int, size: int, resume: bool = False) -> int:
+def check_size(out: str | Path, identities: int, per_identity: int, size: int, resume: bool = False,
+               dense_points: int = 0) -> int:
     """Refuse a store that cannot fit: more than :data:`MAX_IMAGES` images or :data:`MAX_IDENTITIES` identities,
     or an estimated size (:func:`estimate_bytes`) above the free space of the output's folder. Returns the
     estimate. Runs before anything is planned or written."""
@@ -628,7 +718,7 @@ def check_size(out: str | Path, identities: int, per_identity: int, size: int, r
     from facetool.io import partial_path
 
     n = identities * per_identity
-    need = estimate_bytes(identities, per_identity, size)
+    need = estimate_bytes(identities, per_identity, size, dense_points)
     what = (f"--identities {identities} x --per-identity {per_identity} = {n:,} images of {size}x{size} px "
             f"(about {_human(need)})")
     if identities > MAX_IDENTITIES:
@@ -682,9 +772,12 @@ def prepare_synthetic(
     overwrite: bool = False,
     resume: bool = False,
     workers: int = 1,
+    landmarks: bool = True,
 ) -> tuple[Path, dict]:
     """Render a synthetic face store. Returns (path, summary dict of the written store); a report (counts and
-    settings, as the other prepare commands write) goes beside it, ``<out stem>.json``."""
+    settings, as the other prepare commands write) goes beside it, ``<out stem>.json``. ``landmarks`` stores
+    the iBUG 68-point landmark set of every image (:func:`dense_landmarks`; the images are the same either
+    way)."""
     from facetool.data.imdbface import finish_report, guard_report
     from facetool.prepare import build_store
     from facetool.store import FaceStore, Record
@@ -698,7 +791,7 @@ def prepare_synthetic(
     if seed < 0:
         raise FacetoolError(f"--seed must be >= 0, got {seed}")
     spec = parse_bias(bias)
-    check_size(out, identities, per_identity, size, resume=resume)
+    check_size(out, identities, per_identity, size, resume=resume, dense_points=68 if landmarks else 0)
     guard_report(Path(out), overwrite)
     people = make_identities(identities, seed)
     split = split_codes(identities, per_identity, test_fraction, seed)
@@ -714,6 +807,7 @@ def prepare_synthetic(
         acc = int(plan[i, j])
         view = sample_view(rng, acc)
         image, lm, mask = draw_face(p, view, size, rng)
+        dense = {"ibug68": dense_landmarks(p, view, size, mask)} if landmarks else None
         return Record(
             image=image,
             label=i,
@@ -723,6 +817,7 @@ def prepare_synthetic(
             attributes={"accessory": acc} if spec else None,
             part_mask=mask,
             meta={"pose": view.pose, "expression": view.expression},
+            landmark_sets=dense,
         )
 
     preprocessing = {
@@ -747,6 +842,7 @@ def prepare_synthetic(
         source="synthetic",
         preprocessing=preprocessing,
         template=_template(people, size),
+        landmark_sets={"ibug68": 68} if landmarks else None,
     )
     path, counters = build_store(out, items, process, writer_kwargs=writer_kwargs, overwrite=overwrite, resume=resume,
                                  workers=workers, label="synthetic", drop_empty_identities=False)
