@@ -25,6 +25,7 @@ def register(app: typer.Typer) -> None:
         sigma: float = typer.Option(1.5, "--sigma", help="Gaussian sigma of the target heatmaps, in heatmap cells."),
         input_size: int = typer.Option(256, "--input-size", help="FAN input size, a multiple of 64 (store crops are "
                                                                  "resized); heatmaps are a quarter of it."),
+        width: int = typer.Option(256, "--width", help="Hourglass width (the public FAN: 256; smaller trains faster)."),
         convention: Optional[str] = typer.Option(None, "--convention", help="Landmark set of the store (ibug68, "
                                                  "wflw98; default: the only one it has)."),
         init: Optional[Path] = typer.Option(None, "--init", help="Start from a FAN file (public 2DFAN4 layout, "
@@ -46,13 +47,13 @@ def register(app: typer.Typer) -> None:
             from facetool.errors import FacetoolError
 
             raise FacetoolError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
-        FAN.check_arguments(stacks, 68, input_size)
+        FAN.check_arguments(stacks, 68, input_size, width)
         with FaceStore(store) as s:
             s.landmark_set(convention, [])  # a store without the landmarks: one line, before anything is written
         out = guard_run_folder(out, "fan", inputs=(store, *([init] if init else [])), overwrite=train.overwrite,
                                resume=train.resume)
         cfg = TrainConfig.from_options(train, out=out)
         result = train_fan(store, cfg, stacks=stacks, loss=loss, sigma=sigma, input_size=input_size,
-                           convention=convention, init=init)
+                           width=width, convention=convention, init=init)
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         console.print(dict_table(f"train fan ({stacks} stacks, {loss}) -> {out}", shown, "metric"))

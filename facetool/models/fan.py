@@ -114,20 +114,23 @@ class HourGlass(nn.Module):
 
 class FAN(FaceModel):
     """The public face-alignment FAN with ``num_stacks`` hourglasses (1-4), ``num_landmarks`` heatmaps,
-    for square inputs of ``input_size`` px (divisible by 64). See the module docstring."""
+    for square inputs of ``input_size`` px (divisible by 64). ``width`` is the hourglass width (public: 256; the
+    stem is width/4, width/2, width/2, width as 64, 128, 128, 256 there): smaller ones train fast on CPU.
+    See the module docstring."""
 
     output_kind = HEATMAPS
     internal_names = ("h2l", "l2h")
 
-    def __init__(self, num_stacks: int = 4, num_landmarks: int = 68, input_size: int = 256) -> None:
+    def __init__(self, num_stacks: int = 4, num_landmarks: int = 68, input_size: int = 256,
+                 width: int = FEATURES) -> None:
         super().__init__()
-        self.check_arguments(num_stacks, num_landmarks, input_size)
-        self.num_stacks, self.num_landmarks, self.input_size = num_stacks, num_landmarks, input_size
+        self.check_arguments(num_stacks, num_landmarks, input_size, width)
+        self.num_stacks, self.num_landmarks, self.input_size, self.width = num_stacks, num_landmarks, input_size, width
         self.heatmap_size = input_size // 4
         self._build()
 
     @staticmethod
-    def check_arguments(num_stacks: int, num_landmarks: int, input_size: int) -> None:
+    def check_arguments(num_stacks: int, num_landmarks: int, input_size: int, width: int = FEATURES) -> None:
         """One-line errors for arguments no FAN can have (also checked by commands before any work)."""
         if isinstance(num_stacks, bool) or not isinstance(num_stacks, int) or not 1 <= num_stacks <= MAX_STACKS:
             raise FacetoolError(f"FAN: --stacks must be a whole number from 1 to {MAX_STACKS}, not {num_stacks!r}")
@@ -136,23 +139,25 @@ class FAN(FaceModel):
         if isinstance(input_size, bool) or not isinstance(input_size, int) or input_size < 64 or input_size % 64:
             raise FacetoolError(f"FAN: --input-size must be a multiple of 64 (the stem halves twice and the "
                                 f"hourglass four times), not {input_size!r}")
+        if isinstance(width, bool) or not isinstance(width, int) or width < 4 or width % 4:
+            raise FacetoolError(f"FAN: --width must be a positive multiple of 4, not {width!r}")
 
     def _build(self) -> None:
-        num_stacks, num_landmarks = self.num_stacks, self.num_landmarks
-        self.conv1 = nn.Conv2d(3, 64, 7, stride=2, padding=3)
-        self.bn1 = nn.BatchNorm2d(64)
-        self.conv2 = ConvBlock(64, 128)
-        self.conv3 = ConvBlock(128, 128)
-        self.conv4 = ConvBlock(128, FEATURES)
+        num_stacks, num_landmarks, w = self.num_stacks, self.num_landmarks, self.width
+        self.conv1 = nn.Conv2d(3, w // 4, 7, stride=2, padding=3)
+        self.bn1 = nn.BatchNorm2d(w // 4)
+        self.conv2 = ConvBlock(w // 4, w // 2)
+        self.conv3 = ConvBlock(w // 2, w // 2)
+        self.conv4 = ConvBlock(w // 2, w)
         for i in range(num_stacks):
-            self.add_module(f"m{i}", HourGlass(DEPTH, FEATURES))
-            self.add_module(f"top_m_{i}", ConvBlock(FEATURES, FEATURES))
-            self.add_module(f"conv_last{i}", nn.Conv2d(FEATURES, FEATURES, 1))
-            self.add_module(f"bn_end{i}", nn.BatchNorm2d(FEATURES))
-            self.add_module(f"l{i}", nn.Conv2d(FEATURES, num_landmarks, 1))
+            self.add_module(f"m{i}", HourGlass(DEPTH, w))
+            self.add_module(f"top_m_{i}", ConvBlock(w, w))
+            self.add_module(f"conv_last{i}", nn.Conv2d(w, w, 1))
+            self.add_module(f"bn_end{i}", nn.BatchNorm2d(w))
+            self.add_module(f"l{i}", nn.Conv2d(w, num_landmarks, 1))
             if i < num_stacks - 1:
-                self.add_module(f"bl{i}", nn.Conv2d(FEATURES, FEATURES, 1))
-                self.add_module(f"al{i}", nn.Conv2d(num_landmarks, FEATURES, 1))
+                self.add_module(f"bl{i}", nn.Conv2d(w, w, 1))
+                self.add_module(f"al{i}", nn.Conv2d(num_landmarks, w, 1))
         per_stack = tuple(n for i in range(num_stacks) for n in (f"m{i}", f"top_m_{i}", f"bn_end{i}", f"l{i}"))
         self.layer_names = ("conv1", "conv2", "conv3", "conv4", *per_stack)
         self.cam_layer = f"bn_end{num_stacks - 1}"
@@ -246,28 +251,28 @@ def fan_tap(internals: dict, tap: str) -> list[torch.Tensor]:
     return stacks[k - 1]
 
 
-def _fan(num_stacks: int, num_landmarks: int, input_size: int) -> FAN:
-    return FAN(num_stacks=num_stacks, num_landmarks=num_landmarks, input_size=input_size)
+def _fan(num_stacks: int, num_landmarks: int, input_size: int, width: int) -> FAN:
+    return FAN(num_stacks=num_stacks, num_landmarks=num_landmarks, input_size=input_size, width=width)
 
 
 @register_model("fan1", family="fan")
-def fan1(num_landmarks: int = 68, input_size: int = 256) -> FAN:
-    return _fan(1, num_landmarks, input_size)
+def fan1(num_landmarks: int = 68, input_size: int = 256, width: int = FEATURES) -> FAN:
+    return _fan(1, num_landmarks, input_size, width)
 
 
 @register_model("fan2", family="fan")
-def fan2(num_landmarks: int = 68, input_size: int = 256) -> FAN:
-    return _fan(2, num_landmarks, input_size)
+def fan2(num_landmarks: int = 68, input_size: int = 256, width: int = FEATURES) -> FAN:
+    return _fan(2, num_landmarks, input_size, width)
 
 
 @register_model("fan3", family="fan")
-def fan3(num_landmarks: int = 68, input_size: int = 256) -> FAN:
-    return _fan(3, num_landmarks, input_size)
+def fan3(num_landmarks: int = 68, input_size: int = 256, width: int = FEATURES) -> FAN:
+    return _fan(3, num_landmarks, input_size, width)
 
 
 @register_model("fan4", family="fan")
-def fan4(num_landmarks: int = 68, input_size: int = 256) -> FAN:
-    return _fan(4, num_landmarks, input_size)
+def fan4(num_landmarks: int = 68, input_size: int = 256, width: int = FEATURES) -> FAN:
+    return _fan(4, num_landmarks, input_size, width)
 
 
 def fan_name(num_stacks: int) -> str:
@@ -287,7 +292,10 @@ def match_fan(sd: dict) -> tuple[str, dict[str, Any]] | None:
     head = sd.get(f"l{n - 1}.weight")
     if getattr(head, "ndim", 0) != 4:
         return None
-    return fan_name(n), {"num_landmarks": int(head.shape[0])}
+    kw = {"num_landmarks": int(head.shape[0])}
+    if int(head.shape[1]) != FEATURES:
+        kw["width"] = int(head.shape[1])
+    return fan_name(n), kw
 
 
 def decode_heatmaps(heatmaps: torch.Tensor) -> torch.Tensor:

@@ -100,7 +100,8 @@ def _predict_input(model: nn.Module, ds, batch_size: int, device) -> Any:
 
 
 def train_fan(store: str | Path, cfg: TrainConfig, *, stacks: int = 2, loss: str = "l2", sigma: float = 1.5,
-              input_size: int = 256, convention: str | None = None, init: str | Path | None = None) -> dict[str, Any]:
+              input_size: int = 256, width: int = 256, convention: str | None = None,
+              init: str | Path | None = None) -> dict[str, Any]:
     """Train ``fan{stacks}`` on ``store``'s landmarks (train split; the test split validates); writes the
     engine's run folder (``model.pt`` loads with :func:`facetool.load_model`). ``init``: start from a FAN
     file (public layout or facetool checkpoint)."""
@@ -119,9 +120,9 @@ def train_fan(store: str | Path, cfg: TrainConfig, *, stacks: int = 2, loss: str
     points = CONVENTIONS[conv].num_points
     seed_everything(cfg.seed)
     if init is not None:
-        model = load_model(init, name=fan_name(stacks), num_landmarks=points, input_size=input_size)
+        model = load_model(init, name=fan_name(stacks), num_landmarks=points, input_size=input_size, width=width)
     else:
-        model = create_model(fan_name(stacks), num_landmarks=points, input_size=input_size)
+        model = create_model(fan_name(stacks), num_landmarks=points, input_size=input_size, width=width)
     method = FanMethod(loss, sigma, conv, val_ds, batch_size=cfg.batch_size)
     cfg.extra = {**cfg.extra, "store": str(store), "convention": conv}
     return train(model, method, train_ds, cfg)
