@@ -40,8 +40,8 @@ STABILIZER = 1e-6
 
 
 def stab(z: Tensor, eps: float) -> Tensor:
-    """zennit's stabiliser: ``z + eps * sign(z)``, with sign(0) = +1."""
-    return z + eps * ((z == 0.).to(z) + z.sign())
+    """zennit's stabiliser: ``z + eps * sign(z)``, with sign(0) = +1 (the same values, in one pass)."""
+    return torch.where(z >= 0., z + eps, z - eps)
 
 
 # -- the linear map of a layer with given parameters, and its transpose ----------------------------
@@ -126,10 +126,11 @@ class ZPlus(LinearRule):
     def prepare(self, ops, module, x):
         w, b = _params(module)
         z = ops.fwd(x, w, b)
-        wp, wn = w.clamp(min=0.), w.clamp(max=0.)
+        wp = w.clamp(min=0.)
         bp = _zeroed(_clamp(b, min=0.), self.bias_free)
         if bool((x >= 0).all()):
-            return z, (x, None, wp, wn, stab(ops.fwd(x, wp, bp), self.stabilizer))
+            return z, (x, None, wp, None, stab(ops.fwd(x, wp, bp), self.stabilizer))
+        wn = w.clamp(max=0.)
         xp, xn = x.clamp(min=0.), x.clamp(max=0.)
         return z, (xp, xn, wp, wn, stab(ops.fwd(xp, wp, bp) + ops.fwd(xn, wn, None), self.stabilizer))
 
@@ -243,13 +244,22 @@ class Flat(LinearRule):
     def prepare(self, ops, module, x):
         w, b = _params(module)
         z = ops.fwd(x, w, b)
+        if ops.conv is not None and ops.conv[3] == 1:
+            # every output channel of every image sees the same count of ones: one channel of one image
+            one = x.new_ones(1, x.shape[1], *x.shape[2:])
+            kernel = w.new_ones(1, w.shape[1], *w.shape[2:])
+            den = stab(F.conv2d(one, kernel, None, *ops.conv), self.stabilizer)
+            return z, (True, kernel[:, :1], den)
         ones_w = torch.ones_like(w)
-        den = stab(ops.fwd(torch.ones_like(x), ones_w, None), self.stabilizer)
-        return z, (ones_w, den)
+        return z, (False, ones_w, stab(ops.fwd(torch.ones_like(x), ones_w, None), self.stabilizer))
 
     def relevance(self, ops, state, r):
-        ones_w, den = state
-        return ops.vjp(ones_w, r / den)
+        shared, kernel, den = state
+        if shared:  # sum over output channels first, then one single-channel transpose, the same for every input channel
+            g = (r / den).sum(1, keepdim=True)
+            shape = (ops.shape[0], 1, *ops.shape[2:])
+            return torch.nn.grad.conv2d_input(shape, kernel, g, *ops.conv[:3]).expand(ops.shape)
+        return ops.vjp(kernel, r / den)
 
 
 class _RuleFunction(torch.autograd.Function):
@@ -272,35 +282,65 @@ class _RuleFunction(torch.autograd.Function):
 # -- parameter-free rules: stop-gradient form ------------------------------------------------------
 
 
+class _SumFunction(torch.autograd.Function):
+    """Norm on a ``Sum`` over ``dim``: forward the sum, backward ``x * R / stab(sum)`` for every term."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, dim: int, stabilizer: float) -> Tensor:  # type: ignore[override]
+        y = torch.sum(x, dim=dim)
+        ctx.dim, ctx.x, ctx.den = dim, x, stab(y, stabilizer)
+        return y
+
+    @staticmethod
+    def backward(ctx, r: Tensor):  # type: ignore[override]
+        rel = ctx.x * (r / ctx.den).unsqueeze(ctx.dim)
+        ctx.x = ctx.den = None
+        return rel, None, None
+
+
 class Norm:
-    """Norm (residual ``Sum`` modules, average pooling): ``R_in = x * J^T (R / stab(y))``, written as
-    ``sg(y) + f - sg(f)`` with ``f = module(x * sg(x)) / sg(stab(y))``."""
+    """Norm (residual ``Sum`` modules, average pooling): ``R_in = x * J^T (R / stab(y))``. A ``Sum`` as a
+    function with that product; otherwise the stop-gradient form ``sg(y) + f - sg(f)`` with
+    ``f = module(x * sg(x)) / sg(stab(y))``."""
 
     def __init__(self, stabilizer: float = STABILIZER) -> None:
         self.stabilizer = stabilizer
 
     def __call__(self, forward: Callable[[Tensor], Tensor], x: Tensor, module: nn.Module) -> Tensor:
+        from zennit.layer import Sum
+
+        if type(module) is Sum:
+            return _SumFunction.apply(x, module.dim, self.stabilizer)
         y = forward(x)
         den = stab(y, self.stabilizer).detach()
         f = forward(x * x.detach()) / den
         return y.detach() + (f - f.detach())
 
 
+def _plain_activation(module: nn.Module, inner: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The activation without its in-place option (a ReLU as ``torch.relu``; others on a copy)."""
+    if type(module) is nn.ReLU:
+        return torch.relu
+    if getattr(module, "inplace", False):
+        return lambda x: inner(x.clone())
+    return inner
+
+
 class _PassFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor], inplace: bool) -> Tensor:  # type: ignore[override]
-        return forward(x.clone() if inplace else x)  # an in-place activation must not change its input here
+    def forward(ctx, x: Tensor, forward: Callable[[Tensor], Tensor]) -> Tensor:  # type: ignore[override]
+        return forward(x)
 
     @staticmethod
     def backward(ctx, r: Tensor):  # type: ignore[override]
-        return r, None, None
+        return r, None
 
 
 class Pass:
     """Pass (activations, merged BatchNorms): the module's output, the relevance passed on unchanged."""
 
     def __call__(self, forward: Callable[[Tensor], Tensor], x: Tensor, module: nn.Module) -> Tensor:
-        return _PassFunction.apply(x, forward, bool(getattr(module, "inplace", False)))
+        return _PassFunction.apply(x, _plain_activation(module, forward))
 
 
 # -- composites: which rule on which module (zennit's layer maps) ----------------------------------

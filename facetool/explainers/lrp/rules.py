@@ -97,4 +97,4 @@ def lrp(model: nn.Module, x: Tensor, attr_output: Callable[[Tensor], Tensor], me
     with lrp_context(model, method, x, bias_free, epsilon, engine):
         out = model(x)
         rel, = torch.autograd.grad(out, x, grad_outputs=attr_output(out.detach()).to(out.dtype))
-    return rel.detach(), out.detach()
+    return rel.detach().contiguous(), out.detach()
