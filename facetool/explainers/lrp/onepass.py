@@ -346,27 +346,26 @@ class Pass:
 # -- composites: which rule on which module (zennit's layer maps) ----------------------------------
 
 
-def layer_maps(method: str, x: Tensor, bias_free: bool = False, epsilon: float = 1e-6,
-               stabilizer: float = STABILIZER) -> tuple[list, list]:
-    """``(first_map, layer_map)`` of zennit's composite for ``method``: lists of (module types, rule);
-    the first module (in ``named_modules`` order) matching ``first_map`` takes that rule."""
+def layer_maps(method: str, bounds: tuple[Tensor, Tensor] | None = None, bias_free: bool = False,
+               epsilon: float = 1e-6, stabilizer: float = STABILIZER) -> tuple[list, list]:
+    """``(first_map, layer_map)`` of zennit's composite for ``method`` (``lrp`` EpsilonPlusFlat, ``lrp-gamma``
+    EpsilonGammaBox with ``bounds`` = (low, high), ``lrp-ab`` EpsilonAlpha2Beta1, ``lrp-epsilon``): lists of
+    (module types, rule); the first module (in ``named_modules`` order) matching ``first_map`` takes that rule."""
     from zennit.layer import Sum
     from zennit.types import Activation, AvgPool, BatchNorm, Convolution, Linear
 
-    from facetool.explainers.lrp.rules import LRP_METHODS, input_bounds
-
-    if method not in LRP_METHODS:
-        raise FacetoolError(f"unknown LRP method {method!r}; use one of {', '.join(LRP_METHODS)}")
     base = [(Activation, Pass()), (Sum, Norm(stabilizer)), (AvgPool, Norm(stabilizer)), (BatchNorm, Pass())]
     linear = (nn.Linear, Epsilon(epsilon, bias_free))
     if method == "lrp":
         return [(Linear, Flat(stabilizer))], base + [(Convolution, ZPlus(stabilizer, bias_free)), linear]
     if method == "lrp-gamma":
-        low, high = input_bounds(x)
+        low, high = bounds
         return ([(Convolution, ZBox(low, high, stabilizer, bias_free))],
                 base + [(Convolution, Gamma(0.25, stabilizer, bias_free)), linear])
     if method == "lrp-ab":
         return [], base + [(Convolution, AlphaBeta(2., 1., stabilizer, bias_free)), linear]
+    if method != "lrp-epsilon":
+        raise FacetoolError(f"unknown LRP method {method!r}")
     return [], base + [((Convolution, nn.Linear), Epsilon(epsilon, bias_free))]
 
 

@@ -71,7 +71,9 @@ def lrp_context(model: nn.Module, method: str, x: Tensor, bias_free: bool = Fals
         raise FacetoolError(f"unknown LRP engine {engine!r}; use one of {', '.join(ENGINES)}")
     from facetool.explainers.lrp.onepass import layer_maps, rules_attached
 
-    first_map, layer_map = layer_maps(method, x, bias_free, epsilon)
+    if method not in LRP_METHODS:
+        raise FacetoolError(f"unknown LRP method {method!r}; use one of {', '.join(LRP_METHODS)}")
+    first_map, layer_map = layer_maps(method, input_bounds(x) if method == "lrp-gamma" else None, bias_free, epsilon)
     canon = canonizers_for(model)
     with eval_mode(model):
         handles: list = []
