@@ -1,4 +1,5 @@
-"""Layer-wise relevance propagation (LRP) for every facetool architecture, through zennit.
+"""Layer-wise relevance propagation (LRP) for every facetool architecture, with zennit's rules computed in
+one forward and one backward (:mod:`facetool.explainers.lrp.onepass`; zennit's hooks are the reference).
 
 zennit applies its rules to *modules*; its own canonizers only know torchvision's ResNet blocks and
 merge a BatchNorm only when it directly follows a linear layer. The canonizers here bring each
@@ -17,6 +18,7 @@ One module per model family, each registering its canonizers for its model class
 ``parts``          the building blocks (pair merges, attribute canonizers, ``Sum``, BN as an affine map)
 ``registry``       the registry, :func:`check_canonizable`, :func:`canonizers_for`
 ``rules``          the composites and :func:`lrp`
+``onepass``        the rules as layer forwards whose products are the rules' redistributions (no hooks)
 
 A new architecture is one new module here (or in the user's code) with one registration. A model (or
 a sub-module type) no registration handles is refused with an error naming the type

@@ -89,7 +89,7 @@ def _head_linear(model: nn.Module) -> nn.Linear:
 
 def _forward_head(self, features: Tensor) -> Tensor:
     x = self.dropout(torch.flatten(features, 1))
-    return self.canonizer_head(x.float())
+    return self.canonizer_head(x.to(torch.promote_types(x.dtype, torch.float32)))  # float32 at least, as the model
 
 
 def _attrs(name: str, module: nn.Module) -> dict | None:

@@ -1,5 +1,7 @@
-"""The LRP rules (zennit composites) and the attribution itself, with the canonizers of the model's
-family (:mod:`facetool.explainers.lrp.registry`) attached only inside :func:`lrp_context`."""
+"""The LRP rules (zennit's composites) and the attribution itself, with the canonizers of the model's
+family (:mod:`facetool.explainers.lrp.registry`) attached only inside :func:`lrp_context`. The rules run
+in one forward and one backward (:mod:`facetool.explainers.lrp.onepass`); the zennit composites stay as
+the reference (``engine="zennit"``)."""
 
 from __future__ import annotations
 
@@ -45,28 +47,56 @@ def make_composite(method: str, model: nn.Module, x: Tensor, bias_free: bool = F
     return composites.LayerMapComposite(layer_map=layer_map, canonizers=canon)
 
 
+ENGINES = ("onepass", "zennit")
+
+
 @contextlib.contextmanager
 def lrp_context(model: nn.Module, method: str, x: Tensor, bias_free: bool = False,
-                epsilon: float = 1e-6) -> Iterator[nn.Module]:
-    """Canonizers and rule hooks attached to ``model`` inside the block (eval mode), removed after."""
-    composite = make_composite(method, model, x, bias_free, epsilon)
+                epsilon: float = 1e-6, engine: str = "onepass") -> Iterator[nn.Module]:
+    """Canonizers and rules attached to ``model`` inside the block (eval mode), removed after.
+
+    ``engine="onepass"`` (default): the rules as temporary layer forwards whose products are the rules'
+    redistributions (:mod:`facetool.explainers.lrp.onepass`: one forward, one ordinary backward);
+    ``"zennit"``: zennit's composite with its per-layer backward hooks (the reference)."""
+    if engine == "zennit":
+        composite = make_composite(method, model, x, bias_free, epsilon)
+        with eval_mode(model):
+            composite.register(model)
+            try:
+                yield model
+            finally:
+                composite.remove()
+        return
+    if engine != "onepass":
+        raise FacetoolError(f"unknown LRP engine {engine!r}; use one of {', '.join(ENGINES)}")
+    from facetool.explainers.lrp.onepass import layer_maps, rules_attached
+
+    if method not in LRP_METHODS:
+        raise FacetoolError(f"unknown LRP method {method!r}; use one of {', '.join(LRP_METHODS)}")
+    first_map, layer_map = layer_maps(method, input_bounds(x) if method == "lrp-gamma" else None, bias_free, epsilon)
+    canon = canonizers_for(model)
     with eval_mode(model):
-        composite.register(model)
+        handles: list = []
         try:
-            yield model
+            for canonizer in canon:
+                handles += canonizer.apply(model)
+            with rules_attached(model, first_map, layer_map):
+                yield model
         finally:
-            composite.remove()
+            for handle in handles:  # in the order applied, as zennit's Composite.remove
+                handle.remove()
 
 
 def lrp(model: nn.Module, x: Tensor, attr_output: Callable[[Tensor], Tensor], method: str = "lrp",
-        bias_free: bool = False, epsilon: float = 1e-6) -> tuple[Tensor, Tensor]:
+        bias_free: bool = False, epsilon: float = 1e-6, engine: str = "onepass") -> tuple[Tensor, Tensor]:
     """Relevance of each input value: ``(relevance (B, C, H, W), model output)``.
 
     ``attr_output(out)`` gives the relevance at the model output (e.g. the one-hot class logit, or the
     embedding's terms of the cosine to a reference); the input relevance sums to its sum (exactly with
-    ``bias_free`` up to the stabilisers)."""
+    ``bias_free`` up to the stabilisers). One forward and one backward (``engine="onepass"``); zennit's
+    hooks with ``engine="zennit"`` give the same maps."""
     x = x.detach().clone().requires_grad_(True)
-    with lrp_context(model, method, x, bias_free, epsilon):
+    with lrp_context(model, method, x, bias_free, epsilon, engine):
         out = model(x)
         rel, = torch.autograd.grad(out, x, grad_outputs=attr_output(out.detach()).to(out.dtype))
-    return rel.detach(), out.detach()
+    return rel.detach().contiguous(), out.detach()
