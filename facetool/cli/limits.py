@@ -135,6 +135,8 @@ LIMITS: dict[str, Range] = {
     "--routing-prior": WEIGHT,
     # recipes
     "--from-step": Range(1, 100_000),
+    # scale-out: PartialFC
+    "--partial-fc": Range(0, 1, lo_open=True, note="PartialFC's sample rate; 1 = every class centre"),
 }
 
 
