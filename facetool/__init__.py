@@ -58,6 +58,8 @@ _LAZY: dict[str, str] = {
     "export_onnx": "facetool.export",
     "invert": "facetool.explainers.invert",
     "InversionConfig": "facetool.explainers.invert",
+    # scale-out: class-sharded margin head
+    "PartialFC": "facetool.models.partial_fc",
 }
 
 __all__ = ["FacetoolError", "__version__", *_LAZY]

@@ -14,7 +14,7 @@ Outputs in ``cfg.out``::
 
     last.pt       resume state (model, method modules, optimizer, scaler, step, RNG, history)
     model.pt      facetool checkpoint of the model (``load_model``), meta = method.meta() + metrics
-    heads.pt      state_dicts of the method's extra modules (only if it has any)
+    heads.pt      state_dicts of the method's extra modules and its merged sharded ones (only if it has any)
     metrics.csv / metrics.jsonl   one row per epoch;  config.json   the TrainConfig
 
 and, for a method with sharded modules, one pair per rank ``r`` written by that rank::
@@ -71,6 +71,13 @@ class Method:
         its own communication), their optimizer state stays on the rank, and every rank saves its
         part (``last.rank{r}.pt``, ``heads.rank{r}.pt``). A run with them resumes only on as many
         processes as wrote it. Names must differ from :meth:`modules`'."""
+        return {}
+
+    def merge_shards(self, parts: list[dict[str, dict[str, Tensor]]]) -> dict[str, dict[str, Tensor]]:
+        """One state_dict per sharded module joined from every rank's (``parts[r]``: rank ``r``'s
+        ``{name: state_dict}``, on the CPU), written by rank 0 into ``heads.pt`` at the end of a run so that
+        the result needs no per-rank file (e.g. PartialFC's class centres as one head). Default: none
+        (then nothing is gathered)."""
         return {}
 
     def loss(self, model: nn.Module, batch: dict, out: Any, internals: dict) -> dict[str, Tensor]:
@@ -628,18 +635,31 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
         raise
     if dd.main and history:
         _write_metrics(out, history)
+    merged = _merge_shards(method, shards, dd) if len(shards) else {}
     if dd.main:
         meta = {"method": method.name, **method.meta(), "metrics": final, "epochs_done": len(history),
                 "train": cfg.to_json()}
         if len(shards):
             meta["sharded"] = {"world": dd.world, "modules": list(shards)}
         save_checkpoint(out / "model.pt", _unwrap(model), meta)
-        if len(heads):
-            torch_save({k: m.state_dict() for k, m in heads.items()}, out / "heads.pt")
+        if len(heads) or merged:
+            torch_save({**{k: m.state_dict() for k, m in heads.items()}, **merged}, out / "heads.pt")
     if len(shards):
         torch_save({k: m.state_dict() for k, m in shards.items()}, _rank_file(out, "heads", dd.rank))
     log.close()
     return final
+
+
+def _merge_shards(method: Method, shards: nn.ModuleDict, dd: Dist) -> dict:
+    """Rank 0: the method's merge of every rank's sharded modules (gathered only if the method merges)."""
+    if type(method).merge_shards is Method.merge_shards:
+        return {}
+    mine = {k: {n: t.detach().cpu() for n, t in m.state_dict().items()} for k, m in shards.items()}
+    parts: list[Any] | None = [mine]
+    if dd.world > 1:
+        parts = [None] * dd.world if dd.main else None
+        dist.gather_object(mine, parts, dst=0)
+    return method.merge_shards(parts) if dd.main and parts is not None else {}
 
 
 def _load_shards(st: dict, shards: nn.ModuleDict, out: Path, dd: Dist) -> dict:

@@ -31,6 +31,7 @@ def register(app: typer.Typer) -> None:
         scale: float = typer.Option(64.0, "--scale", help="Logit scale s."),
         margins: str = typer.Option("", "--margins", help="Combined margin m1,m2,m3 (overrides --loss defaults)."),
         val_bin: list[Path] = typer.Option([], "--val-bin", help="Verification pack(s) (.bin) checked every epoch."),
+        partial_fc: Optional[float] = typer.Option(None, "--partial-fc", help="PartialFC: split the head's classes over the torchrun processes and sample this share of each rank's centres per step (all positives kept; 1 = all)."),
         train: TrainOptions = None,
     ) -> None:
         """Train a recognition backbone (arcface_torch recipe) through the facetool engine.
@@ -53,6 +54,7 @@ def register(app: typer.Typer) -> None:
         cfg = TrainConfig.from_options(train, out=out)
         result = train_arcface(store, cfg, network=name, loss=loss, embedding_size=embedding_size,
                                input_size=input_size, s=scale, margins=parse_margins(margins), val_bins=val_bin,
-                               model_kwargs={"width": width} if name.startswith("iresnet") and width != 64 else None)
+                               model_kwargs={"width": width} if name.startswith("iresnet") and width != 64 else None,
+                               partial_fc=partial_fc)
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         console.print(dict_table(f"train arcface ({name}, {loss}) -> {out}", shown, "metric"))

@@ -68,27 +68,51 @@ class ArcFaceMethod(Method):
 
     def __init__(self, num_classes: int, embedding_size: int, loss: str = "arcface", s: float = 64.0,
                  margins: tuple[float, float, float] | None = None, pair_ds=None, val_bins: Sequence[str | Path] = (),
-                 eval_batch_size: int = 128) -> None:
+                 eval_batch_size: int = 128, partial_fc: float | None = None) -> None:
         if loss not in LOSSES:
             raise FacetoolError(f"unknown loss {loss!r}; choose one of {', '.join(LOSSES)}")
         self.loss_name = loss
         self.margins = tuple(margins) if margins is not None else MARGINS.get(loss)
         self.s = s
         self.num_classes = num_classes
-        self.head = create_head("combined" if margins is not None and loss != "softmax" else loss,
-                                embedding_size, num_classes, s, margins)
+        self.partial_fc = partial_fc
+        if partial_fc is not None:  # the class centres split over the ranks (facetool.models.partial_fc)
+            from facetool.models.partial_fc import PartialFC
+
+            if self.margins is None:
+                raise FacetoolError("--partial-fc needs a margin head: --loss arcface or cosface (not softmax)")
+            self.head = PartialFC(embedding_size, num_classes, partial_fc, self.margins, s)
+        else:
+            self.head = create_head("combined" if margins is not None and loss != "softmax" else loss,
+                                    embedding_size, num_classes, s, margins)
         self.pair_ds = pair_ds
         self.val_bins = [Path(b) for b in val_bins]
         self._packs: dict[Path, Any] = {}
         self.eval_batch_size = eval_batch_size
 
     def modules(self) -> dict[str, nn.Module]:
-        return {"head": self.head}
+        return {} if self.partial_fc is not None else {"head": self.head}
+
+    def sharded_modules(self) -> dict[str, nn.Module]:
+        """With PartialFC the head holds this rank's classes: its own optimizer state, saved per rank."""
+        return {"head": self.head} if self.partial_fc is not None else {}
+
+    def merge_shards(self, parts):
+        """heads.pt gets one head of all classes, as a MarginHead's state_dict (``weight`` (C, D))."""
+        if self.partial_fc is None:
+            return {}
+        from facetool.models.partial_fc import PartialFC
+
+        return {"head": PartialFC.merge([p["head"] for p in parts])}
 
     def loss(self, model, batch, out, internals):
+        if self.partial_fc is not None:  # the loss itself (distributed cross-entropy over every rank's batch)
+            return {"ce": self.head(out, batch["label"])}
         return {"ce": F.cross_entropy(self.head(out, batch["label"]), batch["label"])}
 
     def metrics(self, batch, out, internals):
+        if self.partial_fc is not None:  # top-1 over the whole batch among the centres the step used
+            return {"top1": self.head.last_top1}
         with torch.no_grad():
             pred = self.head.cosine(out).argmax(1)
         return {"top1": float((pred == batch["label"]).float().mean())}
@@ -112,7 +136,7 @@ class ArcFaceMethod(Method):
 
     def meta(self) -> dict:
         return {"loss": self.loss_name, "margins": list(self.margins) if self.margins else None, "s": self.s,
-                "num_classes": self.num_classes}
+                "num_classes": self.num_classes, **({"partial_fc": self.partial_fc} if self.partial_fc else {})}
 
 
 def _verify_bin(model: nn.Module, path: Path, pack, batch_size: int, device: torch.device) -> dict[str, float]:
@@ -161,10 +185,13 @@ def train_arcface(
     model_kwargs: dict[str, Any] | None = None,
     family: str = NETWORK_FAMILY,
     method_factory: Callable[..., ArcFaceMethod] | None = None,
+    partial_fc: float | None = None,
 ) -> dict[str, float]:
     """Train ``network`` (a model of the registry ``family``) with a margin head on ``store``'s train
     split; the test split (if any) is the validation set and gives the pair statistics. Writes the engine
-    outputs plus ``backbone.pth``. ``method_factory(model, **kw)`` builds the method from the model and
+    outputs plus ``backbone.pth``. ``partial_fc``: the head's classes split over the ranks and sampled at this
+    rate (:class:`facetool.models.partial_fc.PartialFC`; per-rank head files, one merged ``heads.pt``).
+    ``method_factory(model, **kw)`` builds the method from the model and
     :class:`ArcFaceMethod`'s keyword arguments (default: an ArcFaceMethod), so that methods built on it
     (``trainers.condface``) share this recipe."""
     from facetool.data.sources import open_dataset
@@ -206,6 +233,8 @@ def train_arcface(
         pair_ds = open_dataset(store, None, size=input_size, indices=idx)
     kw = dict(num_classes=train_ds.num_classes, embedding_size=embedding_size, loss=loss, s=s, margins=margins,
               pair_ds=pair_ds, val_bins=val_bins, eval_batch_size=cfg.batch_size)
+    if partial_fc is not None:  # PartialFC at this sample rate (only then passed: method factories need not know it)
+        kw["partial_fc"] = partial_fc
     method = method_factory(model, **kw) if method_factory is not None else ArcFaceMethod(**kw)
     cfg.extra = {**cfg.extra, "store": str(store), "network": name, "loss": loss}
     result = train(model, method, train_ds, cfg, val_ds)
