@@ -24,6 +24,8 @@ def register(prepare_app: typer.Typer) -> None:
         bias: Optional[str] = typer.Option(None, "--bias", help=BIAS_HELP),
         grid: Optional[Path] = typer.Option(None, "--grid", help="Example grid PNG (default: <out>.grid.png)."),
         workers: int = typer.Option(1, "--workers", min=1, help="Rendering threads."),
+        pose: str = typer.Option("default", "--pose", help="Head-pose range: default (|yaw| <= 40, |pitch| <= 25) | "
+                                 "wide (yaw sd 40 up to 75, pitch sd 30 up to 55: the cohort code's pose bins vary)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
     ) -> None:
@@ -42,7 +44,7 @@ def register(prepare_app: typer.Typer) -> None:
         guard_output(grid, inputs=(out,), overwrite=overwrite, option="--grid", suffix=".png", owner=f"prepare synthetic {out.resolve()}")
         path, s = prepare_synthetic(
             out, identities=identities, per_identity=per_identity, size=size, seed=seed,
-            test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers,
+            test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers, pose=pose,
         )
         rows: list[tuple[str, object]] = [
             ("images", s["images"]), ("identities", s["identities"]), ("train", s["train"]), ("test", s["test"]),
