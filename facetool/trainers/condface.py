@@ -405,8 +405,7 @@ def _dgconv_from_bl(block: nn.Module, bl: dict, prefix: str) -> dict[str, torch.
     of c. conv2's output slot i of group g stands for the BL output channel o = (g*q + i) mod cout when g is
     even and o = (g*q + i + cout/2) mod cout when odd (so every (c, o) pair of the BL kernel has a path),
     with (cout/q) * W2[o, the group's mid channels]; the 1x1 projection averages the slots of each o."""
-    conv1, conv2 = block.conv1, block.conv2
-    m, n, q, cin_g = conv1.weight.shape[:4]
+    m, n, q, cin_g = block.conv1.weight.shape[:4]
     cout = block.bn3.num_features
     w1, w2 = bl[prefix + "conv1.weight"], bl[prefix + "conv2.weight"]
     r = m * q // cout
