@@ -309,3 +309,25 @@ def test_prepare_synthetic_writes_its_report_like_the_other_prepare_commands(tmp
     r = cli(*argv[:-1], tmp_path / "t.h5")
     assert r.exit_code == 2 and "t.json" in r.output and "--overwrite" in r.output
     assert (tmp_path / "t.json").read_text() == "mine" and not (tmp_path / "t.h5").exists()
+
+
+def test_pose_wide_varies_the_cohort_pose_bins_and_default_images_are_unchanged(tmp_path):
+    """--pose default renders today's images bit for bit (the hash of main's generator before --pose existed);
+    --pose wide draws the same random numbers, so only yaw and pitch change, and both leave the cohort code's
+    middle bin (|angle| <= 30) often (wide: about 45 % of yaws, 30 % of pitches; default: never for pitch)."""
+    import hashlib
+
+    a, _ = prepare_synthetic(tmp_path / "a.h5", identities=2, per_identity=3, size=32, seed=3)
+    with FaceStore(a) as s:
+        assert hashlib.sha256(s.images().tobytes()).hexdigest() == (
+            "a96c798d7107181c6d746dad3d95b79d11196c2a8f173e640235736a101d95d7")
+    d, _ = prepare_synthetic(tmp_path / "d.h5", identities=4, per_identity=25, size=32, seed=0)
+    w, _ = prepare_synthetic(tmp_path / "w.h5", identities=4, per_identity=25, size=32, seed=0, pose="wide")
+    with FaceStore(d) as sd, FaceStore(w) as sw:
+        pd, pw = sd.meta("pose"), sw.meta("pose")
+        assert sw.metadata["preprocessing"]["pose_range"] == "wide" and "pose_range" not in sd.metadata["preprocessing"]
+    np.testing.assert_array_equal(pd[:, 2], pw[:, 2])  # roll: the same draws
+    assert np.abs(pd[:, 1]).max() <= 25 and (np.abs(pw[:, 1]) > 30).mean() > 0.15
+    assert (np.abs(pd[:, 0]) > 30).mean() < 0.15 < 0.3 < (np.abs(pw[:, 0]) > 30).mean()
+    with pytest.raises(FacetoolError, match="--pose must be one of default, wide"):
+        prepare_synthetic(tmp_path / "x.h5", identities=1, per_identity=1, size=32, pose="side")

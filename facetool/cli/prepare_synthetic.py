@@ -27,6 +27,8 @@ def register(prepare_app: typer.Typer) -> None:
         landmarks: bool = typer.Option(True, "--landmarks/--no-landmarks",
                                        help="Store the iBUG 68-point landmarks of every image (with visibility) "
                                             "beside the 5 alignment points; the images are the same either way."),
+        pose: str = typer.Option("default", "--pose", help="Head-pose range: default (|yaw| <= 40, |pitch| <= 25) | "
+                                 "wide (yaw sd 40 up to 75, pitch sd 30 up to 55: the cohort code's pose bins vary)."),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output."),
         resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run (same options)."),
     ) -> None:
@@ -46,7 +48,7 @@ def register(prepare_app: typer.Typer) -> None:
         guard_output(grid, inputs=(out,), overwrite=overwrite, option="--grid", suffix=".png", owner=f"prepare synthetic {out.resolve()}")
         path, s = prepare_synthetic(
             out, identities=identities, per_identity=per_identity, size=size, seed=seed,
-            test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers,
+            test_fraction=test_fraction, bias=bias, overwrite=overwrite, resume=resume, workers=workers, pose=pose,
             landmarks=landmarks,
         )
         rows: list[tuple[str, object]] = [

@@ -38,6 +38,11 @@ def register(app: typer.Typer) -> None:
         cluster_head: str = typer.Option("mlp", "--cluster-head", help="identity | linear | mlp: the head on the "
                                                                        "routing vector before the prototypes."),
         lam: float = typer.Option(1.0, "--lambda", help="Weight of the clustering loss L_cls (thesis: 1)."),
+        init: Optional[Path] = typer.Option(None, "--init", help="Start from this checkpoint: a CondFace model of the "
+                                            "same architecture (weights copied, fresh training state) or a BL "
+                                            "IR-ResNet of the same depth and width (experts from its kernels: DC "
+                                            "exactly the BL, DGConv an approximation). The thesis starts "
+                                            "clustering runs from the pretrained model."),
         val_bin: list[Path] = typer.Option([], "--val-bin", help="Verification pack(s) (.bin) checked every epoch."),
         train: TrainOptions = None,
     ) -> None:
@@ -51,12 +56,12 @@ def register(app: typer.Typer) -> None:
 
         condface_network(variant, network)  # bad names before anything is written
         temperature = parse_temperature(routing_temperature)
-        out = guard_run_folder(out, f"condface-{variant}", inputs=(store, *val_bin), overwrite=train.overwrite,
-                               resume=train.resume)
+        inputs = (store, *val_bin, *([init] if init is not None else []))
+        out = guard_run_folder(out, f"condface-{variant}", inputs=inputs, overwrite=train.overwrite, resume=train.resume)
         cfg = TrainConfig.from_options(train, out=out)
         result = train_condface(store, cfg, variant=variant, network=network, clustering=clustering,
                                 prototypes=prototypes, head=cluster_head, lam=lam, temperature=temperature, loss=loss,
                                 width=width, embedding_size=embedding_size, input_size=input_size, s=scale,
-                                val_bins=val_bin)
+                                val_bins=val_bin, init=init)
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         console.print(dict_table(f"train condface ({variant}, {clustering}) -> {out}", shown, "metric"))

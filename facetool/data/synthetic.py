@@ -199,14 +199,23 @@ def sample_identity(rng: np.random.Generator, attributes: dict[str, int]) -> Ide
     )
 
 
-def sample_view(rng: np.random.Generator, accessory: int = 0) -> View:
-    """Draw one image's pose, expression, lighting, framing, background and degradations."""
+#: ``--pose``: (yaw sd, yaw limit, pitch sd, pitch limit) in degrees. "default" is the generator's own
+#: range (|pitch| <= 25, so the cohort code's pitch bin is always 2 and |yaw| > 30 is rare); "wide" draws
+#: the same normal deviates scaled up, so that about 45 % of the images have |yaw| > 30 and 30 % |pitch| > 30.
+POSE_RANGES: dict[str, tuple[float, float, float, float]] = {"default": (16.0, 40.0, 9.0, 25.0),
+                                                            "wide": (40.0, 75.0, 30.0, 55.0)}
+
+
+def sample_view(rng: np.random.Generator, accessory: int = 0, pose: str = "default") -> View:
+    """Draw one image's pose, expression, lighting, framing, background and degradations (``pose``: a key
+    of :data:`POSE_RANGES`; every range consumes the same random numbers, so only yaw and pitch change)."""
     u = rng.uniform
     clip = lambda x, m: float(np.clip(x, -m, m))  # noqa: E731
+    yaw_sd, yaw_max, pitch_sd, pitch_max = POSE_RANGES[pose]
     blink = u() < 0.1
     return View(
-        yaw=clip(rng.normal(0, 16), 40),
-        pitch=clip(rng.normal(0, 9), 25),
+        yaw=clip(rng.normal(0, yaw_sd), yaw_max),
+        pitch=clip(rng.normal(0, pitch_sd), pitch_max),
         roll=clip(rng.normal(0, 8), 22),
         scale=u(0.88, 1.1),
         tx=u(-5, 5),
@@ -773,11 +782,12 @@ def prepare_synthetic(
     resume: bool = False,
     workers: int = 1,
     landmarks: bool = True,
+    pose: str = "default",
 ) -> tuple[Path, dict]:
     """Render a synthetic face store. Returns (path, summary dict of the written store); a report (counts and
     settings, as the other prepare commands write) goes beside it, ``<out stem>.json``. ``landmarks`` stores
     the iBUG 68-point landmark set of every image (:func:`dense_landmarks`; the images are the same either
-    way)."""
+    way). ``pose="wide"`` widens yaw and pitch (:data:`POSE_RANGES`) so that the cohort code's pose bins vary."""
     from facetool.data.imdbface import finish_report, guard_report
     from facetool.prepare import build_store
     from facetool.store import FaceStore, Record
@@ -790,6 +800,8 @@ def prepare_synthetic(
         raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     if seed < 0:
         raise FacetoolError(f"--seed must be >= 0, got {seed}")
+    if pose not in POSE_RANGES:
+        raise FacetoolError(f"--pose must be one of {', '.join(POSE_RANGES)}, got {pose!r}")
     spec = parse_bias(bias)
     check_size(out, identities, per_identity, size, resume=resume, dense_points=68 if landmarks else 0)
     guard_report(Path(out), overwrite)
@@ -805,7 +817,7 @@ def prepare_synthetic(
         p = people[i]
         rng = np.random.default_rng([seed, 2, i, j])
         acc = int(plan[i, j])
-        view = sample_view(rng, acc)
+        view = sample_view(rng, acc, pose)
         image, lm, mask = draw_face(p, view, size, rng)
         dense = {"ibug68": dense_landmarks(p, view, size, mask)} if landmarks else None
         return Record(
@@ -832,6 +844,8 @@ def prepare_synthetic(
         "expression": ["smile", "mouth_open", "brow_raise", "eye_open"],
         "pose": ["yaw", "pitch", "roll"],
     }
+    if pose != "default":  # the default store's report stays as it was
+        preprocessing["pose_range"] = pose
     writer_kwargs = dict(
         image_size=(size, size),
         identities=[identity_name(i) for i in range(identities)],

@@ -366,12 +366,143 @@ def condface_network(variant: str, network: str) -> str:
     return f"{VARIANTS[variant]}{depth}"
 
 
+def _geometry(sd: dict) -> tuple[str, dict] | None:
+    """(kind, facts) of an IR-ResNet-layout state_dict: kind "dc" / "dgconv" (CondFace) or "bl" (plain
+    IR-ResNet); facts depth, width, embedding and input size (and CondFace's groups and experts)."""
+    from facetool.models.iresnet import ir_geometry
+
+    if not all(k in sd for k in ("conv1.weight", "fc.weight")):
+        return None
+    geometry = ir_geometry(sd)
+    if geometry is None:
+        return None
+    depth, kw = geometry
+    facts = {"depth": depth, "width": int(kw.get("width", 64)), "embedding_size": int(kw["embedding_size"]),
+             "input_size": int(kw["input_size"])}
+    if "layer2.0.router.fc1.weight" in sd:
+        kind = "dgconv" if "layer2.0.project.weight" in sd else "dc"
+        m, n = (int(v) for v in sd["layer2.0.conv1.weight"].shape[:2])
+        facts.update(groups_m=m, experts=n)
+        return kind, facts
+    if getattr(sd.get("layer2.0.conv1.weight"), "ndim", 0) == 4:
+        return "bl", facts
+    return None
+
+
+def _fits(kind: str, facts: dict) -> str:
+    """The options that build a model this checkpoint initialises."""
+    variant = "" if kind == "bl" else f"--variant {kind} "
+    return (f"{variant}--network r{facts['depth']} --width {facts['width']} --embedding-size "
+            f"{facts['embedding_size']} --input-size {facts['input_size']}")
+
+
+def _dgconv_from_bl(block: nn.Module, bl: dict, prefix: str) -> dict[str, torch.Tensor]:
+    """A DGConv block's tensors from the BL block ``prefix`` (not exact: see :func:`init_condface`).
+
+    Mid slot j of group g (q = 2*cout/m slots per group) stands for the BL mid channel c = (g*q + j) mod cout,
+    which r = m*q/cout = 2 groups carry; its experts are all (m/r) * W1[c, input group g] (the BL kernel's
+    input-channel group slice, scaled so that the r slices estimate the full sum), its bn2 and prelu those
+    of c. conv2's output slot i of group g stands for the BL output channel o = (g*q + i) mod cout when g is
+    even and o = (g*q + i + cout/2) mod cout when odd (so every (c, o) pair of the BL kernel has a path),
+    with (cout/q) * W2[o, the group's mid channels]; the 1x1 projection averages the slots of each o."""
+    m, n, q, cin_g = block.conv1.weight.shape[:4]
+    cout = block.bn3.num_features
+    w1, w2 = bl[prefix + "conv1.weight"], bl[prefix + "conv2.weight"]
+    r = m * q // cout
+    mid = [[(g * q + j) % cout for j in range(q)] for g in range(m)]
+    outs = [[(g * q + i + (cout // 2 if g % 2 else 0)) % cout for i in range(q)] for g in range(m)]
+    k1 = torch.zeros(m, q, cin_g, *w1.shape[2:])
+    k2 = torch.zeros(m, q, q, *w2.shape[2:])
+    project = torch.zeros(cout, 2 * cout, 1, 1)
+    for g in range(m):
+        k1[g] = w1[mid[g], g * cin_g:(g + 1) * cin_g] * (m / r)
+        k2[g] = w2[outs[g]][:, mid[g]] * (cout / q)
+        for i, o in enumerate(outs[g]):
+            project[o, g * q + i] = 1.0
+    project /= project.sum(1, keepdim=True).clamp(min=1)
+    order = [c for g in range(m) for c in mid[g]]
+    out = {prefix + "conv1.weight": k1[:, None].expand(m, n, *k1.shape[1:]).clone(),
+           prefix + "conv2.weight": k2[:, None].expand(m, n, *k2.shape[1:]).clone(),
+           prefix + "project.weight": project}
+    for name in ("weight", "bias", "running_mean", "running_var"):
+        out[prefix + "bn2." + name] = bl[prefix + "bn2." + name][order].clone()
+    out[prefix + "prelu.weight"] = bl[prefix + "prelu.weight"][order].clone()
+    return out
+
+
+def init_condface(model: nn.Module, path: str | Path, notes: list[str] | None = None) -> str:
+    """``--init``: initialise a CondFace ``model`` from checkpoint ``path``; returns what it was ("condface"
+    or "bl").
+
+    * A CondFace checkpoint of the same architecture (variant, depth, width, experts, groups, embedding
+      and input size): every weight copied (the training state -- margin head, clustering, optimiser --
+      starts fresh).
+    * A BL (plain IR-ResNet) checkpoint of the same depth, width, embedding and input size: the stem,
+      ``layer1``, every block's bn1 / bn3 / shortcut and the head copied; the routing networks keep their
+      fresh initialisation. DC: every expert of a dynamic convolution is the BL kernel, so the model
+      computes the BL function **exactly** whatever the routing (identical experts). DGConv: every expert
+      of input group k is built from the BL kernel's input-channel slice k (all n experts equal: the
+      routing does not change the output at step 0) -- but **not exactly**: a grouped 3x3 -> PReLU ->
+      grouped 3x3 makes the branch a sum of functions of single channel groups, which a dense 3x3 through
+      a PReLU is not (even without the PReLU, a composition of dense 3x3 kernels does not factor through
+      2*cout/m channels per group); :func:`_dgconv_from_bl` gives the construction.
+
+    Anything else (another architecture, depth or width) is a one-line error naming the options that fit."""
+    from facetool.models.checkpoint import read_checkpoint
+
+    sd = read_checkpoint(Path(path))["state_dict"]
+    own = model.state_dict()
+    found, mine = _geometry(sd), _geometry(own)
+    assert mine is not None
+    if found is None:
+        raise FacetoolError(f"--init {path}: not an IR-ResNet or CondFace checkpoint; --init takes a CondFace model "
+                            f"({_fits(*mine)}) or a plain IR-ResNet (BL) of the same depth and width")
+    kind, facts = found
+    same = {k: v for k, v in facts.items() if k in ("depth", "width", "embedding_size", "input_size")}
+    if kind != "bl" and (kind != mine[0] or facts != mine[1]) or kind == "bl" and any(
+            mine[1][k] != v for k, v in same.items()):
+        what = "a BL (IR-ResNet)" if kind == "bl" else f"a CondFace {kind}"
+        extra = "" if kind == "bl" else f" ({facts['groups_m']} groups x {facts['experts']} experts)"
+        raise FacetoolError(f"--init {path}: {what} checkpoint{extra} that fits {_fits(kind, facts)}; this run builds "
+                            f"{_fits(*mine)}")
+    if kind != "bl":
+        model.load_state_dict(sd, strict=True)
+        return "condface"
+    new: dict[str, torch.Tensor] = {}
+    for name, block in model.named_modules():
+        if not hasattr(block, "router") or not hasattr(block, "bn3"):
+            continue
+        p = name + "."
+        if block.variant == "dc":
+            for c in ("conv1", "conv2"):
+                w = getattr(block, c).weight
+                new[p + c + ".weight"] = sd[p + c + ".weight"][None, None].expand_as(w).clone()
+        else:
+            new.update(_dgconv_from_bl(block, sd, p))
+    copied = {k: v for k, v in sd.items() if k in own and own[k].shape == v.shape and k not in new}
+    copied.update(new)
+    left = [k for k in own if k not in copied]
+    if any(".router." not in k for k in left):  # a layout this mapping does not know
+        bad = [k for k in left if ".router." not in k]
+        raise FacetoolError(f"--init {path}: no BL tensor for {', '.join(bad[:3])}" + (" ..." if len(bad) > 3 else ""))
+    model.load_state_dict(copied, strict=False)
+    if notes is not None:
+        notes.append(f"--init {path}: CondFace {model.variant} from a BL IR-ResNet: "
+                     + ("every expert is the BL kernel (the BL function exactly)" if model.variant == "dc" else
+                        "experts from the BL kernels' input-group slices (an approximation of the BL function: "
+                        "grouped convolutions cannot mix the groups before the PReLU)")
+                     + "; the routing networks start fresh")
+    return "bl"
+
+
 def train_condface(store: str | Path, cfg: Any, *, variant: str = "dgconv", network: str = "r18",
                    clustering: str = "none", prototypes: int = 300, head: str = "mlp", lam: float = 1.0,
                    temperature: tuple[float, float] | None = None, loss: str = "cosface", width: int = 64,
-                   **arcface: Any) -> dict[str, float]:
+                   init: str | Path | None = None, **arcface: Any) -> dict[str, float]:
     """Train a CondFace model with :func:`~facetool.trainers.arcface.train_arcface`'s recipe and a
-    :class:`CondFaceMethod`; ``arcface`` are train_arcface's other keyword arguments."""
+    :class:`CondFaceMethod`; ``arcface`` are train_arcface's other keyword arguments. ``init``: a CondFace
+    or BL checkpoint the model starts from (:func:`init_condface`; the thesis's clustering runs start from
+    the pretrained model)."""
     from facetool.trainers.arcface import train_arcface
 
     name = condface_network(variant, network)
@@ -389,9 +520,22 @@ def train_condface(store: str | Path, cfg: Any, *, variant: str = "dgconv", netw
         return CondFaceMethod(routing_dim=routing_dim(model), clustering=clustering, prototypes=prototypes,
                               head=head, lam=lam, temperature=temperature, epochs=cfg.epochs, **kw)
 
-    cfg.extra = {**cfg.extra, "variant": variant, "clustering": clustering}
+    def start_from(model: nn.Module) -> None:
+        from facetool.distributed import is_main
+
+        notes: list[str] = []
+        init_condface(model, init, notes)
+        if cfg.verbose and is_main():
+            from facetool.console import err_console
+
+            for line in notes:
+                err_console.print(f"note: {line}", highlight=False, soft_wrap=True, markup=False)
+
+    cfg.extra = {**cfg.extra, "variant": variant, "clustering": clustering,
+                 **({"init": str(init)} if init is not None else {})}
     return train_arcface(store, cfg, network=name, loss=loss, family="condface", model_kwargs=model_kwargs or None,
-                         method_factory=make, **arcface)
+                         method_factory=make, init_model=start_from if init is not None else None, **arcface)
 
 
-__all__ = ["sinkhorn", "spherical_kmeans", "KMeansClassifier", "CondFaceMethod", "train_condface", "parse_temperature", "temperature_at"]
+__all__ = ["sinkhorn", "spherical_kmeans", "KMeansClassifier", "CondFaceMethod", "train_condface", "parse_temperature",
+           "temperature_at", "init_condface"]
