@@ -48,6 +48,8 @@ _LAZY: dict[str, str] = {
     "cohort_codes": "facetool.eval.clusters",
     # CondFace
     "sinkhorn": "facetool.trainers.condface",
+    # FAN (landmarks)
+    "heatmaps_to_landmarks": "facetool.models.fan",
     # cost, export, explanation
     "count_flops": "facetool.flops",
     "count_params": "facetool.flops",

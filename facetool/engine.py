@@ -255,6 +255,13 @@ def seed_everything(seed: int) -> None:
 
 
 # -- the loop -------------------------------------------------------------------------------------
+def _detached(out: Any) -> Any:
+    """The model's output without its graph: a tensor, or a list / tuple of them (the FAN's stacks)."""
+    if isinstance(out, (list, tuple)):
+        return type(out)(_detached(o) for o in out)
+    return out.detach() if isinstance(out, Tensor) else out
+
+
 def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device, non_blocking=True) if isinstance(v, Tensor) else v) for k, v in batch.items()}
 
@@ -604,7 +611,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                 step += 1
                 vals = {k: float(v.detach()) for k, v in terms.items()}
                 vals["loss"] = sum(vals.values())
-                vals.update(method.metrics(batch, out_.detach(), internals))
+                vals.update(method.metrics(batch, _detached(out_), internals))
                 avg.add(vals, batch["image"].shape[0])
                 log.step(step, epoch, vals, lr, cfg.log_every)
                 if step >= stop_at:

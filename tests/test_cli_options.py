@@ -17,6 +17,7 @@ from facetool.errors import FacetoolError
 #: every command that trains (a command with --epochs must be one of these)
 TRAINING_COMMANDS = [("train", "resnet"), ("train", "aig"), ("train", "iig"), ("train", "abn"), ("train", "arcface"),
                      ("train", "condface"),
+                     ("train", "fan"),
                      ("distill",)]
 #: the training options (flags as typed); only the first five may differ in default between commands
 PER_METHOD = ["--epochs", "--batch-size", "--lr", "--schedule", "--milestones"]

@@ -2,7 +2,8 @@
 
 from facetool.cli.hub import make_group
 
-MODULES = ["facetool.cli.eval_classify", "facetool.cli.eval_recognition"]
+MODULES = ["facetool.cli.eval_classify", "facetool.cli.eval_recognition",
+           "facetool.cli.eval_landmarks"]
 
 
 def register(app):

@@ -139,6 +139,10 @@ LIMITS: dict[str, Range] = {
     "--from-step": Range(1, 100_000),
     # prepare landmarks (FAN-Face, issue 19)
     "prepare landmarks --margin": Range(0, 4, note="a fraction of the landmarks' box"),
+    # FAN (train fan, eval landmarks)
+    "--stacks": Range(1, 4, note="hourglasses"),
+    "--sigma": Range(0, 64, lo_open=True, note="heatmap cells"),
+    "eval landmarks --images": Range(0, 1000, note="faces in the overlay grid; 0 = none"),
 }
 
 

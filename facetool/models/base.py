@@ -39,12 +39,17 @@ INTERNALS = {
     "attention": "(B, A, h, w) attention maps in [0, 1]; A = 1 single-task, A = number of attributes multi-task",
     "attention_logits": "(B, C) logits of an attention branch",
     "block_flops": "(L,) FLOPs per image of each gated block when executed",
+    # FAN (models/fan.py): per stack i, a list of 256-channel maps of hourglass i+1
+    "h2l": "per stack: the hourglass's high-to-low half [b1_4, b2_4, b2_3, b2_2, b2_1] at S/4 .. S/64 px (FAN)",
+    "l2h": "per stack: the hourglass's low-to-high half [b3_1, b3_2, b3_3, b3_4, output] at S/64 .. S/4 px (FAN)",
 }
 
 
 #: the values of ``model.output_kind``: class logits, or a face embedding
 CLASSIFICATION, EMBEDDING = "classification", "embedding"
-OUTPUT_KINDS = (CLASSIFICATION, EMBEDDING)
+#: a landmark model (FAN): ``forward`` returns the list of every stack's heatmaps, not one tensor
+HEATMAPS = "heatmaps"
+OUTPUT_KINDS = (CLASSIFICATION, EMBEDDING, HEATMAPS)
 
 
 _TASK_DEPRECATED = ("model.task is deprecated after facetool 0.2.1 (easy to confuse with `train --task`); "

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from facetool.errors import FacetoolError
-from facetool.io import torch_load, torch_save
+from facetool.io import file_head, torch_load, torch_save
 from facetool.models.registry import STATE_DICT_MATCHERS, create_model, list_models, match_state_dict, model_family
 
 FORMAT = "facetool-checkpoint"
@@ -98,9 +98,17 @@ def _check_state_dict(sd: Any, path: Path) -> None:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """The checkpoint in ``path``, validated: a facetool checkpoint has a dict ``config`` naming its
     architecture (a string ``name``), a non-empty ``state_dict`` of named, finite tensors and a dict (or
-    no) ``meta``; a bare state_dict has finite tensors. Anything else is a one-line error naming the file
+    no) ``meta``; a bare state_dict has finite tensors; a TorchScript archive gives its tensors as a bare
+    state_dict (:mod:`facetool.models.torchscript`, its code never runs). Anything else is a one-line error naming the file
     and what is wrong in it."""
     p = Path(path)
+    if p.is_file() and file_head(p).startswith(b"PK\x03\x04"):
+        from facetool.models.torchscript import is_torchscript_archive, torchscript_state_dict
+
+        if is_torchscript_archive(p):  # its tensors only, read without running its code
+            sd = torchscript_state_dict(p)
+            _check_state_dict(sd, p)
+            return {"format": "torchscript", "state_dict": sd, "config": None, "meta": {}}
     obj = torch_load(p)
     if isinstance(obj, dict) and obj.get("format") == FORMAT:
         if "state_dict" not in obj:
@@ -203,7 +211,11 @@ def load_model(path: str | Path, *, name: str | None = None, option: str = "--ar
                                 f"{_as_config_words(str(e))}") from None
     else:
         model = create_model(mname, **cfg)
-    load_state_dict_checked(model, ck["state_dict"], str(p))
+    sd = ck["state_dict"]
+    adapt = getattr(model, "adapt_state_dict", None)
+    if callable(adapt):  # e.g. FAN: files without num_batches_tracked, the first stacks of a deeper FAN
+        sd = adapt(sd)
+    load_state_dict_checked(model, sd, str(p))
     model.meta = ck.get("meta") or {}
     task = task or model.meta.get("task")  # 0.2.1 wrote a second copy into the meta; only it may be there
     if task:
