@@ -161,12 +161,14 @@ def train_arcface(
     model_kwargs: dict[str, Any] | None = None,
     family: str = NETWORK_FAMILY,
     method_factory: Callable[..., ArcFaceMethod] | None = None,
+    prepare_model: Callable[[nn.Module], None] | None = None,
 ) -> dict[str, float]:
     """Train ``network`` (a model of the registry ``family``) with a margin head on ``store``'s train
     split; the test split (if any) is the validation set and gives the pair statistics. Writes the engine
     outputs plus ``backbone.pth``. ``method_factory(model, **kw)`` builds the method from the model and
     :class:`ArcFaceMethod`'s keyword arguments (default: an ArcFaceMethod), so that methods built on it
-    (``trainers.condface``) share this recipe."""
+    (``trainers.condface``) share this recipe. ``prepare_model(model)`` runs once the model is built (FAN-Face
+    loads its frozen FAN there)."""
     from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.errors import require_file
@@ -192,6 +194,8 @@ def train_arcface(
     except TypeError as e:  # a registry model that is not a recognition backbone
         raise FacetoolError(f"network {network!r} cannot be built as a recognition backbone ({e}); "
                             "use r18/r34/r50/r100/r200/mbf") from None
+    if prepare_model is not None:
+        prepare_model(model)
     if getattr(model, "output_kind", None) != "embedding":
         raise FacetoolError(f"network {network!r} is not an embedding model; use r18/r34/r50/r100/r200/mbf")
     train_ds = open_dataset(store, "train", size=input_size)
