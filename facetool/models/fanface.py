@@ -168,6 +168,11 @@ class FanFace(FaceModel):
             per = [1] * 4 if self.mode == "1-1" else depth
             self.integrations = nn.ModuleList(
                 nn.ModuleList(Integration(self.integration, c_l, w, gamma) for _ in range(n)) for w, n in zip(widths, per))
+            if self.mode == "1-m":
+                for k in range(1, 5):
+                    stage = _IntegratedStage(*getattr(self.frn, f"layer{k}"))
+                    object.__setattr__(stage, "integrations", self.integrations[k - 1])  # not registered twice
+                    setattr(self.frn, f"layer{k}", stage)
         if self.multitask:
             self.heatmap_head = nn.Conv2d(widths[-1], P, 1)
 
@@ -208,10 +213,14 @@ class FanFace(FaceModel):
             if self.input_heatmaps == "h2+":
                 y = torch.cat((y, _resize(h, y.shape[-2:])), 1)
             stage = getattr(frn, f"layer{k + 1}")
-            for j, block in enumerate(stage):
-                y = block(y)
-                if self.integration != "none" and self.mode == "1-m":
-                    y = self.integrations[k][j](taps[k], y)
+            if isinstance(stage, _IntegratedStage):  # 1-m: integration after every block, inside the stage
+                object.__setattr__(stage, "tap", taps[k])
+                try:
+                    y = stage(y)
+                finally:
+                    object.__setattr__(stage, "tap", None)
+            else:
+                y = stage(y)  # the stage module itself runs, so hooks on the named stages see its output
             if self.integration != "none" and self.mode == "1-1":
                 y = self.integrations[k][0](taps[k], y)
         if internals is not None and h is not None:
@@ -228,6 +237,16 @@ class FanFace(FaceModel):
         if self.integration == "none":
             return []
         return [float(m.gamma.detach()) for stage in self.integrations for m in stage]
+
+
+class _IntegratedStage(nn.Sequential):
+    """A stage's blocks (the same keys as the IR-ResNet's ``nn.Sequential``) with a 1-M integration after each;
+    the integration layers are owned by :class:`FanFace` (``integrations``) and the tap is set per forward."""
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        for block, integration in zip(self, self.integrations):
+            y = integration(self.tap, block(y))
+        return y
 
 
 def _resize(t: torch.Tensor, size) -> torch.Tensor:
