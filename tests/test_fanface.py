@@ -244,7 +244,8 @@ def test_fanface_bl_h2l2_learns_to_verify(tmp_path):
     """FAN-Face (BL h2l-2, 1-1) trained with ArcFace on the synthetic set reaches a held-out verification ROC AUC
     far above chance (0.5). The FAN is a random-init 2-stack FAN (width 16, 64 px; frozen, as always): training
     one first would triple the test's time, and the integration path is the same. Averaged over 2 seeds.
-    Measured (mean AUC over 2 seeds): base 0 -> MEASURED0; base 100 -> MEASURED100; base 200 -> MEASURED200.
+    Measured AUCs (2 seeds each): base 0 -> 0.857, 0.846 (mean 0.851); base 100 -> 0.913, 0.917 (0.915);
+    base 200 -> 0.909, 0.925 (0.917).
     Threshold 0.75."""
     from facetool.data.synthetic import prepare_synthetic
     from facetool.engine import TrainConfig
