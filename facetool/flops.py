@@ -121,9 +121,34 @@ def count_params(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
 
+@torch.no_grad()
+def part_flops(model: nn.Module, part: str, input_size: int | None = None) -> int:
+    """FLOPs per image of the sub-module ``part`` (e.g. FAN-Face's frozen ``fan``), counted on the input it
+    receives in a dense forward of ``model``."""
+    module = model.get_submodule(part)
+    size = _input_size(model, input_size)
+    seen: list = []
+    hook = module.register_forward_pre_hook(lambda m, a: seen.append(a))
+    was = model.training
+    model.eval()
+    try:
+        with forced_decisions(model, 1.0):
+            model(_probe(model, size, 1))
+    finally:
+        hook.remove()
+        model.train(was)
+    return sum(_count(module, *a) for a in seen)
+
+
 def flops_summary(model: nn.Module, input_size: int | None = None) -> dict[str, float]:
-    """Dense GFLOPs, conditional ("gated") share and parameters (M) of a model, for tables."""
+    """Dense GFLOPs, conditional ("gated") share and parameters (M) of a model, for tables. A model with
+    ``frozen_parts`` (FAN-Face's FAN) also gets ``<part>_gflops`` / ``<part>_params_m`` for each: the totals
+    include them, so "without the part" is the difference."""
     dense = count_flops(model, input_size)
     block = gated_block_flops(model, input_size)
-    return {"gflops": dense / 1e9, "gated_gflops": float(block.sum()) / 1e9, "params_m": count_params(model) / 1e6,
-            "gated_blocks": int(block.numel())}
+    out = {"gflops": dense / 1e9, "gated_gflops": float(block.sum()) / 1e9, "params_m": count_params(model) / 1e6,
+           "gated_blocks": int(block.numel())}
+    for part in getattr(model, "frozen_parts", ()):
+        out[f"{part}_gflops"] = part_flops(model, part, input_size) / 1e9
+        out[f"{part}_params_m"] = count_params(model.get_submodule(part)) / 1e6
+    return out

@@ -18,6 +18,7 @@ from facetool.errors import FacetoolError
 TRAINING_COMMANDS = [("train", "resnet"), ("train", "aig"), ("train", "iig"), ("train", "abn"), ("train", "arcface"),
                      ("train", "condface"),
                      ("train", "fan"),
+                     ("train", "fanface"),
                      ("distill",)]
 #: the training options (flags as typed); only the first five may differ in default between commands
 PER_METHOD = ["--epochs", "--batch-size", "--lr", "--schedule", "--milestones"]

@@ -267,3 +267,7 @@ def check_path(command: str, option: str, value: Any) -> None:
             if kind in (MODEL, BIN) and is_hdf5_head(file_head(p)):
                 raise FacetoolError(f"{name} {p} is an HDF5 file (a face store or feature cache), not {_WHAT[kind]}")
             raise FacetoolError(f"{name} {p} is not {_WHAT[kind]}: corrupt, or another kind of file")
+
+# -- FAN-Face (train fanface): the frozen FAN file; the store may be a RecordIO pack (train arcface's data path)
+PATHS.update({"--fan": MODEL, "train fanface --store": STORE_OR_REC})
+_NOUN["--fan"] = "FAN file"

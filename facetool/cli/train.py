@@ -3,7 +3,8 @@
 from facetool.cli.hub import make_group
 
 MODULES = ["facetool.cli.train_classify", "facetool.cli.train_arcface", "facetool.cli.train_condface",
-           "facetool.cli.train_fan"]
+           "facetool.cli.train_fan",
+           "facetool.cli.train_fanface"]
 
 
 def register(app):

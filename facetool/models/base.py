@@ -42,6 +42,9 @@ INTERNALS = {
     # FAN (models/fan.py): per stack i, a list of 256-channel maps of hourglass i+1
     "h2l": "per stack: the hourglass's high-to-low half [b1_4, b2_4, b2_3, b2_2, b2_1] at S/4 .. S/64 px (FAN)",
     "l2h": "per stack: the hourglass's low-to-high half [b3_1, b3_2, b3_3, b3_4, output] at S/64 .. S/4 px (FAN)",
+    # FAN-Face (models/fanface.py)
+    "fan_heatmaps": "(B, P, h, w) the frozen FAN's hourglass-2 heatmaps of the P points FAN-Face uses (51 of iBUG 68)",
+    "heatmap_pred": "(B, P, h, w) the multi-task baseline's heatmaps predicted after the last stage (FAN-Face)",
 }
 
 

@@ -186,7 +186,7 @@ def train_arcface(
     family: str = NETWORK_FAMILY,
     method_factory: Callable[..., ArcFaceMethod] | None = None,
     partial_fc: float | None = None,
-    init_model: Callable[[nn.Module], Any] | None = None,
+    prepare_model: Callable[[nn.Module], Any] | None = None,
 ) -> dict[str, float]:
     """Train ``network`` (a model of the registry ``family``) with a margin head on ``store``'s train
     split; the test split (if any) is the validation set and gives the pair statistics. Writes the engine
@@ -194,7 +194,8 @@ def train_arcface(
     rate (:class:`facetool.models.partial_fc.PartialFC`; per-rank head files, one merged ``heads.pt``).
     ``method_factory(model, **kw)`` builds the method from the model and
     :class:`ArcFaceMethod`'s keyword arguments (default: an ArcFaceMethod), so that methods built on it
-    (``trainers.condface``) share this recipe. ``init_model(model)`` initialises the built model (``--init``)."""
+    (``trainers.condface``) share this recipe. ``prepare_model(model)`` runs once, right after the model is built
+    and before anything reads it: ``--init`` weights (CondFace) or the frozen FAN (FAN-Face) go in there."""
     from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.errors import require_file
@@ -220,10 +221,10 @@ def train_arcface(
     except TypeError as e:  # a registry model that is not a recognition backbone
         raise FacetoolError(f"network {network!r} cannot be built as a recognition backbone ({e}); "
                             "use r18/r34/r50/r100/r200/mbf") from None
+    if prepare_model is not None:
+        prepare_model(model)
     if getattr(model, "output_kind", None) != "embedding":
         raise FacetoolError(f"network {network!r} is not an embedding model; use r18/r34/r50/r100/r200/mbf")
-    if init_model is not None:
-        init_model(model)
     train_ds = open_dataset(store, "train", size=input_size)
     test_ds = open_dataset(store, "test", size=input_size)
     val_ds = test_ds if len(test_ds) else None

@@ -534,7 +534,7 @@ def train_condface(store: str | Path, cfg: Any, *, variant: str = "dgconv", netw
     cfg.extra = {**cfg.extra, "variant": variant, "clustering": clustering,
                  **({"init": str(init)} if init is not None else {})}
     return train_arcface(store, cfg, network=name, loss=loss, family="condface", model_kwargs=model_kwargs or None,
-                         method_factory=make, init_model=start_from if init is not None else None, **arcface)
+                         method_factory=make, prepare_model=start_from if init is not None else None, **arcface)
 
 
 __all__ = ["sinkhorn", "spherical_kmeans", "KMeansClassifier", "CondFaceMethod", "train_condface", "parse_temperature",
