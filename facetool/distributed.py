@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, TypeVar
 
@@ -72,6 +73,21 @@ def teardown(d: Dist) -> None:
     """Destroy the process group if :func:`setup` created it."""
     if d.initialised_here and _initialised():
         dist.destroy_process_group()
+
+
+@contextmanager
+def job() -> Iterator[Dist]:
+    """:func:`setup` ... :func:`teardown` around a sharded command (one process outside ``torchrun``)."""
+    d = setup()
+    try:
+        yield d
+    finally:
+        teardown(d)
+
+
+def sharded() -> bool:
+    """True when a process group of more than one process exists (a sharded job's work is split)."""
+    return _initialised() and dist.get_world_size() > 1
 
 
 def rank() -> int:
@@ -190,6 +206,16 @@ def _dedupe(parts: list[tuple[np.ndarray, list[Any]]], n: int) -> list[Any]:
     return out
 
 
+def sharded_batches(n: int, batch_size: int, *, start: int = 0, contiguous: bool = False,
+                    pad: bool = True) -> list[np.ndarray]:
+    """This rank's batches (index arrays) of ``range(start, n)``, in the order :func:`map_sharded` hands
+    them to its function (so a caller can build one DataLoader over them)."""
+    count = max(0, math.ceil((n - start) / batch_size))
+    r, w = (dist.get_rank(), dist.get_world_size()) if _initialised() else (0, 1)
+    return [np.arange(start + u * batch_size, min(start + (u + 1) * batch_size, n), dtype=np.int64)
+            for u in shard_indices(count, r, w, contiguous=contiguous, pad=pad).tolist()]
+
+
 def map_sharded(n: int, fn: Callable[[np.ndarray], T], *, batch_size: int = 1, start: int = 0,
                 contiguous: bool = False, pad: bool = True, to_all: bool = False,
                 on_result: Callable[[int, T], None] | None = None) -> list[T] | None:
@@ -277,4 +303,4 @@ class EpochSampler(Sampler[int]):
 
 __all__ = ["Dist", "setup", "teardown", "rank", "world_size", "is_main", "on_main", "barrier", "all_reduce",
            "all_gather_object", "gather_rows", "EpochSampler",
-           "shard_indices", "map_sharded", "concat_results"]
+           "shard_indices", "sharded_batches", "map_sharded", "concat_results", "job", "sharded"]
