@@ -90,7 +90,45 @@ def test_eval_lfw_bin_two_processes_equal_one(embedder, tmp_path):
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("eval", "lfw", *common, "--out", tmp_path / "o2", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("lfw verification") == 1  # rank 0 alone reports
     a, b = _result(tmp_path / "o1"), _result(tmp_path / "o2")
     for r in (a, b):
         r.pop("roc_png")
     assert a == b and a["pairs"] == 12
+
+
+@pytest.fixture(scope="module")
+def small_store(tmp_path_factory) -> Path:
+    """20 synthetic 64-px faces with part masks and attributes (4 identities x 5)."""
+    from facetool.data.synthetic import prepare_synthetic
+
+    out = tmp_path_factory.mktemp("shard_store") / "s.h5"
+    prepare_synthetic(out, identities=4, per_identity=5, size=64, seed=3)
+    return out
+
+
+def _without_timing(x):
+    if isinstance(x, dict):
+        return {k: _without_timing(v) for k, v in x.items() if k not in ("timing", "device")}
+    if isinstance(x, list):
+        return [_without_timing(v) for v in x]
+    return x
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core machine
+def test_dissect_units_two_processes_equal_one(small_store, tmp_path):
+    """20 images, batch 6 (4 batches, 2 per rank): the IoU pass split over 2 ranks and merged on rank 0 gives
+    the same tally.csv (bytes) and dissection.json (timings aside) as one process."""
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18", num_classes=2, input_size=64, width=8).eval())
+    common = ["--model", model, "--store", small_store, "--layers", "layer2,layer3", "--quantile", "0.05",
+              "--batch-size", "6", "--device", "cpu"]
+    one = run_facetool("dissect", "units", *common, "--out", tmp_path / "d1", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("dissect", "units", *common, "--out", tmp_path / "d2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    assert (tmp_path / "d1" / "tally.csv").read_bytes() == (tmp_path / "d2" / "tally.csv").read_bytes()
+    a, b = (json.loads((tmp_path / d / "dissection.json").read_text()) for d in ("d1", "d2"))
+    assert _without_timing(a) == _without_timing(b)
+    assert sum(c["units"] for c in a["counts"]["r18"].values()) == 16 + 32
