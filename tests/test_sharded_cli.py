@@ -132,3 +132,31 @@ def test_dissect_units_two_processes_equal_one(small_store, tmp_path):
     a, b = (json.loads((tmp_path / d / "dissection.json").read_text()) for d in ("d1", "d2"))
     assert _without_timing(a) == _without_timing(b)
     assert sum(c["units"] for c in a["counts"]["r18"].values()) == 16 + 32
+
+
+@pytest.mark.slow  # ~30 s on the shared 2-core machine
+def test_prepare_folder_two_processes_equal_one(tmp_path):
+    """A folder of 5 identities x 4 aligned images (one unreadable file, a counted skip): 2 ranks each process
+    10 items, rank 0 writes them in order; images, labels, names, split and counters equal one process's store."""
+    import cv2
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "faces"
+    for c in range(5):
+        (root / f"id{c}").mkdir(parents=True)
+        for k in range(4):
+            cv2.imwrite(str(root / f"id{c}" / f"{k}.png"), rng.integers(0, 255, (40, 40, 3), dtype=np.uint8))
+    (root / "id2" / "3.png").write_bytes(b"not an image")
+    common = ["prepare", "folder", root, "--aligned", "--size", "32", "--min-images", "1"]
+    one = run_facetool(*common, "--out", tmp_path / "a.h5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*common, "--out", tmp_path / "b.h5", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _h5(tmp_path / "a.h5"), _h5(tmp_path / "b.h5")
+    assert a.keys() == b.keys() and len(a["images"]) == 19
+    for k in a:
+        assert np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f"), k
+    import h5py
+
+    with h5py.File(tmp_path / "a.h5") as fa, h5py.File(tmp_path / "b.h5") as fb:
+        assert fa.attrs["counters"] == fb.attrs["counters"] and "1" in str(fa.attrs["counters"])
