@@ -62,7 +62,9 @@ def register(group: typer.Typer) -> None:
         if cmp and len(cmp) != 2:
             raise FacetoolError(f"--compare needs exactly two checkpoints (suspect, reference), got {len(cmp)}")
         models = cmp or ([model] if model is not None else [])
-        with console.status("dissecting units") as status:
+        from facetool import distributed as fd
+
+        with fd.job(), console.status("dissecting units") as status:  # under torchrun: split over the ranks
             def progress(stage, done, total):
                 status.update(f"{stage}: {min(done, total)}/{total} images")
 
@@ -70,6 +72,8 @@ def register(group: typer.Typer) -> None:
                                     split=split, limit=limit, quantile=quantile, iou_threshold=iou_threshold,
                                     batch_size=batch_size, device=device, top_images=top_images, max_units=max_units,
                                     overwrite=overwrite, compare=bool(cmp), progress=progress, arch=arch)
+        if res is None:  # another rank's share, merged and written by rank 0
+            return
         d = res["dictionary"]
         console.print(f"dictionary: {d['images']} images, {d['concepts']} local concepts, global groups: "
                       f"{', '.join(d['groups']) or 'none'}"

@@ -116,6 +116,7 @@ def _ijb(prefix: str):
         features: str = features_option(),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace result files this command did not write."),
     ) -> None:
+        from facetool import distributed as fd
         from facetool.eval.embed import check_cache
         from facetool.eval.ijb import evaluate_ijb
         from facetool.io import run_name, write_json
@@ -130,10 +131,12 @@ def _ijb(prefix: str):
             check_cache(cache, inputs=(root, model, js, png))
         workers = _workers(workers)
         m = _load(model, arch, features)
-        with _Progress(f"{prefix} features") as prog:
+        with fd.job(), _Progress(f"{prefix} features") as prog:  # under torchrun: extraction split over the ranks
             res = evaluate_ijb(m, root, prefix=prefix, model_path=model, batch_size=batch_size, norm=not no_norm,
                                det_score=not no_det_score, flip=not no_flip, device=dev,
-                               workers=workers, cache=cache, one_to_n=one_to_n, progress=prog)
+                               workers=workers, cache=cache, one_to_n=one_to_n, progress=prog, sharded=True)
+        if res is None:  # another rank's share, merged and written by rank 0
+            return
         fpr, tpr = res.pop("roc")
         res["model"] = str(model)
         _roc_png(png, fpr, tpr, f"{title} 1:1 {stem} ({sw})")
@@ -171,6 +174,7 @@ def _verification(name: str):
         features: str = features_option(),
         overwrite: bool = typer.Option(False, "--overwrite", help="Replace result files this command did not write."),
     ) -> None:
+        from facetool import distributed as fd
         from facetool.errors import FacetoolError
         from facetool.eval import verification as V
         from facetool.eval.roc import roc
@@ -184,11 +188,14 @@ def _verification(name: str):
             raise FacetoolError("give either --bin PACK.bin or --pairs pairs.txt --images FOLDER")
         dev, nw = checked_device(device), _workers(workers)
         m = _load(model, arch, features)
-        with console.status(f"{name}: extracting embeddings"):
+        with fd.job(), console.status(f"{name}: extracting embeddings"):  # under torchrun: split over the ranks
             if bin is not None:
-                res = V.verify_bin(m, bin, batch_size, dev, nw)
+                res = V.verify_bin(m, bin, batch_size, dev, nw, sharded=True)
             else:
-                res = V.verify_pairs(m, pairs, images, aligned=aligned, batch_size=batch_size, device=dev, workers=nw)
+                res = V.verify_pairs(m, pairs, images, aligned=aligned, batch_size=batch_size, device=dev, workers=nw,
+                                     sharded=True)
+        if res is None:  # another rank's share, merged and reported by rank 0
+            return
         dist, issame = res.pop("distances"), res.pop("issame")
         res.update(set=name, model=str(model))
         fpr, tpr, _ = roc(issame, -dist)

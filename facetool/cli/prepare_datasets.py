@@ -36,13 +36,18 @@ def register(prepare_app: typer.Typer) -> None:
         resume: bool = typer.Option(False, help="Continue an interrupted run."),
     ) -> None:
         """IMDb-Face (distributed CSV + downloaded images) -> face store, as ConvNet-IIG prepared it."""
+        from facetool import distributed as fd
         from facetool.data.imdbface import prepare_imdbface, report_path
 
-        path, rep = prepare_imdbface(
-            csv, root, out, min_images=min_images, per_identity=per_identity or None, size=size, align=align,
-            test_fraction=test_fraction, seed=seed, detector_model=detector, workers=workers,
-            overwrite=overwrite, resume=resume,
-        )
+        with fd.job():  # under torchrun: the identities split over the ranks, rank 0 writes
+            got = prepare_imdbface(
+                csv, root, out, min_images=min_images, per_identity=per_identity or None, size=size, align=align,
+                test_fraction=test_fraction, seed=seed, detector_model=detector, workers=workers,
+                overwrite=overwrite, resume=resume,
+            )
+        if got is None:
+            return
+        path, rep = got
         _show("IMDb-Face", rep, report_path(path))
 
     @prepare_app.command("folder")
@@ -73,9 +78,15 @@ def register(prepare_app: typer.Typer) -> None:
         from facetool.data.folder import prepare_folder
         from facetool.data.imdbface import report_path
 
-        path, rep = prepare_folder(
-            root, out, aligned=aligned, size=size, min_images=min_images, per_identity=per_identity or None,
-            test_fraction=test_fraction, seed=seed, detector_model=detector, det_size=det_size or None,
-            score=score, workers=workers, overwrite=overwrite, resume=resume,
-        )
+        from facetool import distributed as fd
+
+        with fd.job():  # under torchrun: the images split over the ranks, rank 0 writes
+            got = prepare_folder(
+                root, out, aligned=aligned, size=size, min_images=min_images, per_identity=per_identity or None,
+                test_fraction=test_fraction, seed=seed, detector_model=detector, det_size=det_size or None,
+                score=score, workers=workers, overwrite=overwrite, resume=resume,
+            )
+        if got is None:
+            return
+        path, rep = got
         _show(f"folder {root.name}", rep, report_path(path))

@@ -170,7 +170,7 @@ def prepare_folder(
     row = _Processor(root, size, detector)
     pool = ThreadPoolExecutor(workers) if per_identity and workers > 1 else None
     try:
-        path, final = build_store(
+        built = build_store(
             out,
             items,
             _Identity(row, min_images=min_images, per_identity=per_identity, test_fraction=test_fraction, seed=seed,
@@ -189,4 +189,7 @@ def prepare_folder(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if built is None:  # another torchrun rank: rank 0 writes the store and the report
+        return None
+    path, final = built
     return path, finish_report(path, final, settings)

@@ -305,7 +305,7 @@ def prepare_imdbface(
         preprocessing["detector"] = detector.source
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
-        path, final = build_store(
+        built = build_store(
             out,
             items,
             _Identity(_Processor(root, size, align, detector), min_images=min_images, per_identity=per_identity,
@@ -324,4 +324,7 @@ def prepare_imdbface(
     finally:
         if pool is not None:
             pool.shutdown(cancel_futures=True)
+    if built is None:  # another torchrun rank: rank 0 writes the store and the report
+        return None
+    path, final = built
     return path, finish_report(path, final, {**settings, "rows": len(df)})

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facetool import distributed as fd
 from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
 from facetool.io import atomic_path, note_kept, partial_path, sha256_file
@@ -166,6 +167,7 @@ def extract(
     *,
     start: int = 0,
     on_batch: Callable[[int, np.ndarray, np.ndarray | None], None] | None = None,
+    sharded: bool = False,
 ) -> tuple[np.ndarray, np.ndarray | None] | None:
     """Features of ``images[start:]`` (a dataset of uint8 (H, W, 3) RGB crops) and of their flips.
 
@@ -173,6 +175,10 @@ def extract(
     classifier is refused (select its pooled feature with :func:`facetool.models.features.select_features`).
     ``device`` is checked first (:func:`facetool.devices.resolve_device`). Returns ``(features, flip_features or None)`` as float32 (N, D) arrays, or, with ``on_batch``,
     streams ``on_batch(row, feats, flip_feats)`` per batch and returns None (bounded memory).
+
+    ``sharded`` (under ``torchrun``): the batches (the same ones one process makes, so the same numbers) are
+    split over the ranks (:func:`facetool.distributed.map_sharded`) and merged in index order on rank 0,
+    which gets the features (``on_batch`` once, with all rows); the other ranks get None.
     """
     from facetool.data.transforms import normalize
 
@@ -182,6 +188,8 @@ def extract(
     was_training = isinstance(model, torch.nn.Module) and model.training
     if was_training:
         model.eval()  # e.g. called from a training callback: restored below
+    if sharded and fd.sharded():
+        return _extract_sharded(images, call, batch_size, flip, device, workers, start, on_batch, model, was_training)
     idx = range(start, len(images))
     loader = DataLoader(torch.utils.data.Subset(images, idx), batch_size=batch_size, shuffle=False,
                         num_workers=workers, pin_memory=device.startswith("cuda"),
@@ -203,10 +211,7 @@ def extract(
                         flips.append(ff)
                 row += len(batch)
         except FacetoolError as e:  # one raised in a worker arrives as "Caught ... <traceback>": keep its line
-            msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
-            if len(msg) > 1 and msg[0].startswith("Caught ") and "FacetoolError: " in msg[-1]:
-                raise FacetoolError(msg[-1].split("FacetoolError: ", 1)[1]) from None
-            raise
+            raise _worker_error(e) from None
         finally:
             if was_training:
                 model.train()
@@ -215,6 +220,50 @@ def extract(
     if not feats:
         raise FacetoolError("no images to extract features from")
     return np.concatenate(feats), (np.concatenate(flips) if flip else None)
+
+
+def _worker_error(e: FacetoolError) -> FacetoolError:
+    """A FacetoolError raised in a loader worker arrives as "Caught ... <traceback>": keep its line."""
+    msg = [ln for ln in str(e).strip().splitlines() if ln.strip()]
+    if len(msg) > 1 and msg[0].startswith("Caught ") and "FacetoolError: " in msg[-1]:
+        return FacetoolError(msg[-1].split("FacetoolError: ", 1)[1])
+    return e
+
+
+def _extract_sharded(images: Dataset, call: Callable[[torch.Tensor], np.ndarray], batch_size: int, flip: bool,
+                     device: str, workers: int, start: int,
+                     on_batch: Callable[[int, np.ndarray, np.ndarray | None], None] | None, model: Any,
+                     was_training: bool) -> tuple[np.ndarray, np.ndarray | None] | None:
+    """:func:`extract` with this rank's batches only, merged in index order on rank 0."""
+    from facetool.data.transforms import normalize
+
+    n = len(images)
+    mine = fd.sharded_batches(n, batch_size, start=start)
+    loader = DataLoader(images, batch_sampler=[b.tolist() for b in mine], num_workers=workers,
+                        pin_memory=device.startswith("cuda"), persistent_workers=False)
+    batches = iter(loader)
+
+    def one(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        x = normalize(next(batches).to(device, non_blocking=True))
+        return call(x), (call(x.flip(-1)) if flip else None)
+
+    with torch.inference_mode():
+        try:
+            res = fd.map_sharded(n, one, batch_size=batch_size, start=start)
+        except FacetoolError as e:
+            raise _worker_error(e) from None
+        finally:
+            if was_training:
+                model.train()
+    if res is None:
+        return None
+    if not res:
+        raise FacetoolError("no images to extract features from")
+    feats, flips = fd.concat_results(res)
+    if on_batch is not None:
+        on_batch(start, feats, flips)
+        return None
+    return feats, flips
 
 
 def model_fingerprint(model: Any, path: str | Path | None = None) -> str:
@@ -291,17 +340,21 @@ class FeatureCache:
 
     def extract(self, key: str, model: Any, images: Dataset, *, flip: bool = True, batch_size: int = 256,
                 device: str = "cpu", workers: int = 0, progress: Callable[[int], None] | None = None,
-                chunk_rows: int = 4096) -> tuple[np.ndarray, np.ndarray | None, int]:
+                chunk_rows: int = 4096, sharded: bool = False) -> tuple[np.ndarray, np.ndarray | None, int] | None:
         """Cached features if present, else extract (resuming ``<cache>.partial``) and store them.
 
-        Returns ``(features, flip_features, images_extracted_now)``.
+        Returns ``(features, flip_features, images_extracted_now)``. ``sharded`` (under ``torchrun``): the
+        extraction is split over the ranks and rank 0 alone writes the cache (the other ranks get None).
         """
         hit = self.get(key, flip)
+        split = sharded and fd.sharded()
         if hit is not None:
             if progress:
                 progress(len(hit[0]))
-            return hit[0], hit[1], 0
+            return None if split and not fd.is_main() else (hit[0], hit[1], 0)
         n = len(images)
+        if split:
+            return self._extract_sharded(key, model, images, flip, batch_size, device, workers, progress)
         f = self._open_partial(key, flip, n)
         done = int(f.attrs["rows_done"])
         if progress:
@@ -343,6 +396,38 @@ class FeatureCache:
             raise
         feats, flips = f["feats"][()], (f["flip"][()] if flip else None)
         f.close()
+        self._commit(key)
+        return feats, flips, n - done
+
+    def _extract_sharded(self, key: str, model: Any, images: Dataset, flip: bool, batch_size: int, device: str,
+                         workers: int, progress: Callable[[int], None] | None
+                         ) -> tuple[np.ndarray, np.ndarray | None, int] | None:
+        """Every rank extracts its batches after the rows rank 0's ``<cache>.partial`` already holds; rank 0
+        writes them and commits the entry."""
+        n = len(images)
+        f = self._open_partial(key, flip, n) if fd.is_main() else None
+        done = fd.all_gather_object(int(f.attrs["rows_done"]) if f is not None else 0)[0]
+        got: list[tuple[np.ndarray, np.ndarray | None]] = []
+        try:
+            extract(model, images, batch_size, flip, device, workers, start=done,
+                    on_batch=lambda row, fs, ff: got.append((fs, ff)), sharded=True)
+            if f is None:
+                return None
+            fs, ff = got[0] if got else (None, None)
+            if fs is not None:
+                if "feats" not in f:
+                    for name in ("feats", "flip") if flip else ("feats",):
+                        f.create_dataset(name, (n, fs.shape[1]), "float32", chunks=(min(n, 1024), fs.shape[1]))
+                f["feats"][done:] = fs
+                if flip:
+                    f["flip"][done:] = ff
+                f.attrs["rows_done"] = n
+            feats, flips = f["feats"][()], (f["flip"][()] if flip else None)
+        finally:
+            if f is not None:
+                f.close()
+        if progress:
+            progress(n)
         self._commit(key)
         return feats, flips, n - done
 

@@ -325,11 +325,14 @@ def evaluate_ijb(
     cache: str | Path | None = None,
     one_to_n: bool = False,
     progress: Callable[[int, int], None] | None = None,
-) -> dict[str, Any]:
+    sharded: bool = False,
+) -> dict[str, Any] | None:
     """Run the IJB 1:1 (and optionally 1:N) protocol. ``progress(done, total)`` reports extraction.
 
     The model gets the aligned 112-px crops resized to its own input size (``input_size`` in the
-    results). Returns the results dict; ``"roc"`` holds the (fpr, tpr) arrays (not JSON)."""
+    results). Returns the results dict; ``"roc"`` holds the (fpr, tpr) arrays (not JSON). ``sharded``
+    (under ``torchrun``): extraction is split over the ranks, the cache written and the metrics computed
+    on rank 0, which alone gets the results (None elsewhere)."""
     require_embedder(model)
     meta = read_meta(root, prefix)
     images = ImageFiles([str(meta.image_dir / n) for n in meta.files], meta.landmarks, size=CROP_SIZE)
@@ -339,10 +342,16 @@ def evaluate_ijb(
     if cache is not None:
         key = cache_key(model_fingerprint(model, model_path),
                         dataset_fingerprint(meta.root, meta.files, meta.landmarks), preprocessing(size))
-        feats, flips, extracted = FeatureCache(cache).extract(key, model, images, flip=flip, batch_size=batch_size,
-                                                              device=device, workers=workers, progress=report)
+        got = FeatureCache(cache).extract(key, model, images, flip=flip, batch_size=batch_size, device=device,
+                                          workers=workers, progress=report, sharded=sharded)
+        if got is None:
+            return None
+        feats, flips, extracted = got
     else:
-        feats, flips = extract(model, images, batch_size, flip, device, workers)
+        feats_flips = extract(model, images, batch_size, flip, device, workers, sharded=sharded)
+        if feats_flips is None:
+            return None
+        feats, flips = feats_flips
         extracted = n
         if report:
             report(n)

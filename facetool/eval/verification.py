@@ -135,19 +135,26 @@ def kfold_accuracy(dist: np.ndarray, issame: np.ndarray, folds: int = 10,
 
 
 def embeddings(model: Any, images: Dataset, batch_size: int = 128, device: str = "cpu",
-               workers: int = 0) -> tuple[np.ndarray, float]:
-    """L2norm(f(x) + f(flip x)) for every image, and XNorm (mean norm of f(x))."""
-    f, ff = extract(model, images, batch_size, True, device, workers)
+               workers: int = 0, sharded: bool = False) -> tuple[np.ndarray, float] | None:
+    """L2norm(f(x) + f(flip x)) for every image, and XNorm (mean norm of f(x)). ``sharded``: extraction split
+    over the ``torchrun`` ranks, the result on rank 0 only (None elsewhere)."""
+    got = extract(model, images, batch_size, True, device, workers, sharded=sharded)
+    if got is None:
+        return None
+    f, ff = got
     xnorm = float(np.linalg.norm(f, axis=1).mean())
     e = f.astype(np.float64) + ff
     return e / np.linalg.norm(e, axis=1, keepdims=True).clip(1e-12), xnorm
 
 
 def evaluate_pairs(model: Any, images: Dataset, issame: np.ndarray, *, folds: int = 10, batch_size: int = 128,
-                   device: str = "cpu", workers: int = 0) -> dict[str, Any]:
+                   device: str = "cpu", workers: int = 0, sharded: bool = False) -> dict[str, Any] | None:
     """Verification accuracy of ``model`` on image pairs (images 2i, 2i+1 form pair i); the crops are
-    resized to the model's own input size (``input_size`` in the results)."""
-    emb, xnorm = embeddings(model, images, batch_size, device, workers)
+    resized to the model's own input size (``input_size`` in the results). ``sharded``: see :func:`embeddings`."""
+    got = embeddings(model, images, batch_size, device, workers, sharded=sharded)
+    if got is None:
+        return None
+    emb, xnorm = got
     dist = ((emb[0::2] - emb[1::2]) ** 2).sum(1)
     res = kfold_accuracy(dist, issame, folds)
     crop = int(getattr(images, "size", 112))
@@ -158,24 +165,31 @@ def evaluate_pairs(model: Any, images: Dataset, issame: np.ndarray, *, folds: in
 
 
 def verify_bin(model: Any, bin_path: str | Path, batch_size: int = 128, device: str | None = None,
-               workers: int = 0) -> dict[str, Any]:
-    """Accuracy (mean, std over 10 folds), best threshold and XNorm of ``model`` on a ``.bin`` pack."""
+               workers: int = 0, sharded: bool = False) -> dict[str, Any] | None:
+    """Accuracy (mean, std over 10 folds), best threshold and XNorm of ``model`` on a ``.bin`` pack
+    (``sharded``: extraction split over the ``torchrun`` ranks, results on rank 0, None elsewhere)."""
     require_embedder(model)
     images, issame = load_bin(bin_path)
     device = device or _default_device(model)
-    res = evaluate_pairs(model, images, issame, batch_size=batch_size, device=device, workers=workers)
+    res = evaluate_pairs(model, images, issame, batch_size=batch_size, device=device, workers=workers, sharded=sharded)
+    if res is None:
+        return None
     res["source"] = str(bin_path)
     return res
 
 
 def verify_pairs(model: Any, pairs: str | Path, images: str | Path, *, aligned: bool = False, batch_size: int = 128,
-                 device: str | None = None, workers: int = 0) -> dict[str, Any]:
-    """LFW ``pairs.txt`` protocol; images are detected and aligned unless ``aligned``."""
+                 device: str | None = None, workers: int = 0, sharded: bool = False) -> dict[str, Any] | None:
+    """LFW ``pairs.txt`` protocol; images are detected and aligned unless ``aligned`` (``sharded``: as
+    :func:`verify_bin`)."""
     require_embedder(model)
     files, issame, folds = read_pairs(pairs, images)
     ds = ImageFiles(files, detect=not aligned)
     device = device or _default_device(model)
-    res = evaluate_pairs(model, ds, issame, folds=folds, batch_size=batch_size, device=device, workers=workers)
+    res = evaluate_pairs(model, ds, issame, folds=folds, batch_size=batch_size, device=device, workers=workers,
+                         sharded=sharded)
+    if res is None:
+        return None
     res["source"] = str(pairs)
     return res
 

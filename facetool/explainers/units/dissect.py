@@ -50,6 +50,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from facetool import distributed as fd
 from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
 from facetool.explainers.placement import upsample_maps
@@ -386,8 +387,12 @@ def dissect_units(
     mem_elements: int = 1 << 23,
     progress=None,
     predictions: bool = True,
-) -> Dissection:
-    """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory)."""
+) -> Dissection | None:
+    """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory).
+
+    Under ``torchrun`` every rank computes the thresholds (pass 1, a streaming sketch that depends on the
+    batch order) and its share of pass 2's batches; rank 0 merges them and gets the Dissection (the other
+    ranks None), the one one process gets."""
     import h5py
 
     if not 0.0 < quantile < 0.5:
@@ -465,8 +470,11 @@ def dissect_units(
             scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
         P = H * W
         carry_all = np.zeros((N, K), bool)
+        # under torchrun pass 2 is split over the ranks (its sums are integer counts: exact in any order)
+        mine = fd.sharded_batches(N, batch_size, pad=False) if fd.sharded() else None
+        batches = dictionary.batches(batch_size) if mine is None else (dictionary.batch(r) for r in mine)
         with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
-            for bi, b in enumerate(dictionary.batches(batch_size)):
+            for bi, b in enumerate(batches):
                 model(_model_input(b.images, in_size, dev))
                 B = len(b.rows)
                 cm = torch.from_numpy(b.masks.reshape(B, K, P)).to(dev, torch.float32)  # (B, K, P)
@@ -492,6 +500,12 @@ def dissect_units(
                         mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()
                 if progress:
                     progress("IoU", (bi + 1) * batch_size, N)
+        if mine is not None:
+            own = np.concatenate(mine) if mine else np.zeros(0, np.int64)
+            if not _merge_pass2(own, layers, scratch, inter, mcar, carea, topk, carry_all):
+                scratch.close()
+                tmp.cleanup()
+                return None
         timing["pass2_s"] = time.perf_counter() - t1
         dictionary.carry = carry_all
         # ---- stage 1-3 from the accumulated sums and the scratch file
@@ -522,6 +536,36 @@ def dissect_units(
     summary["groups"] += [{"name": g.name, "values": g.values, "predicted": True,
                            "images": {v: int((g.codes == i).sum()) for i, v in enumerate(g.values)}} for g in pred_groups]
     return Dissection(results, summary, settings, timing, notes)
+
+
+def _merge_pass2(own: np.ndarray, layers: Sequence[str], scratch, inter: dict, mcar: dict, carea: torch.Tensor,
+                 topk: dict, carry_all: np.ndarray) -> bool:
+    """Pass 2 of a sharded dissection brought together on rank 0 (``own``: the dictionary rows this rank
+    did): the IoU sums all-reduced (integer counts), the per-image maxima/minima and carried concepts
+    gathered in row order, the top images re-ranked over every rank's candidates. True on rank 0."""
+    for t in [*inter.values(), *mcar.values(), carea]:
+        fd.all_reduce(t)
+    n = len(carry_all)
+    carry = fd.gather_rows(carry_all[own], own, total=n)
+    parts = fd.all_gather_object({name: (topk[name].val, topk[name].row) for name in layers})
+    rows, own = {}, np.sort(own)
+    for name in layers:
+        for kind in ("max", "min"):
+            ds = scratch[f"{name}/{kind}"]
+            mine = ds[own] if len(own) else np.zeros((0, ds.shape[1]), ds.dtype)
+            rows[name, kind] = fd.gather_rows(mine, own, total=n)
+    if not fd.is_main():
+        return False
+    carry_all[:] = carry
+    for (name, kind), r in rows.items():
+        scratch[f"{name}/{kind}"][:] = r
+    for name in layers:
+        k = topk[name].k
+        v = torch.cat([p[name][0] for p in parts], 1)
+        r = torch.cat([p[name][1] for p in parts], 1)
+        top = v.topk(min(k, v.shape[1]), dim=1)
+        topk[name].val, topk[name].row = top.values, r.gather(1, top.indices)
+    return True
 
 
 def _read_block(ds, u0: int, u1: int) -> np.ndarray:

@@ -217,11 +217,12 @@ def dissect_to_folder(
     compare: bool = False,
     progress=None,
     arch: str | None = None,
-) -> dict:
+) -> dict | None:
     """Dissect one model (or, with ``compare``, two: biased then clean) and write ``report.html``,
     ``tally.csv``, ``dissection.json`` (and ``compare.csv``) to ``out``. Returns a summary dict
     (``notes``: (model, note) pairs saying what was dropped and why). ``arch``: the architecture of
-    model files that record none (``--arch``)."""
+    model files that record none (``--arch``). Under ``torchrun`` the activation passes are split over the
+    ranks and rank 0 writes (the other ranks get None)."""
     import pandas as pd
 
     from facetool.devices import resolve_device
@@ -258,9 +259,13 @@ def dissect_to_folder(
     try:
         results: dict[str, Dissection] = {}
         for name, model in loaded.items():
-            results[name] = dissect_units(model, dictionary, layer_names, quantile=quantile, iou_threshold=iou_threshold,
-                                          batch_size=batch_size, device=device, top_images=top_images,
-                                          progress=progress)
+            res = dissect_units(model, dictionary, layer_names, quantile=quantile, iou_threshold=iou_threshold,
+                                batch_size=batch_size, device=device, top_images=top_images, progress=progress)
+            if res is None:  # another torchrun rank's share: rank 0 merges and writes
+                continue
+            results[name] = res
+        if not results:
+            return None
         names = list(results)
         rows = compare_dissections(results[names[0]], results[names[1]], (names[0], names[1])) if compare else None
         out.mkdir(parents=True, exist_ok=True)
