@@ -162,3 +162,10 @@ def test_condface_with_an_unknown_module_is_refused():
     with pytest.raises(FacetoolError, match="GELU"):
         check_canonizable(m)
     assert isinstance(m.layer3[0], DynamicBlock)
+
+
+def test_zennit_engine_is_refused_on_condface_with_one_line():
+    """zennit's hooks fail on a kernel set per forward (an AttributeError inside zennit before): a FacetoolError."""
+    m = _model("condface_dc_ir18")
+    with pytest.raises(FacetoolError, match="zennit's hooks cannot explain a CondFace model"):
+        lrp(m, torch.randn(1, 3, 32, 32), _explained, "lrp", engine="zennit")

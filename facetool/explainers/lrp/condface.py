@@ -17,7 +17,8 @@ routing vectors are in ``internals["routing"]`` and ``facetool dissect routing``
 forward, applied to the input viewed as (1, B*C, H, W) with ``groups = B*g`` -- the layer's own batched form.
 So the one-pass rules (:mod:`facetool.explainers.lrp.onepass`) apply to it unchanged (epsilon, z+, flat,
 gamma, alpha-beta, z^B: element-wise on the per-sample kernel and bias), and their backward is the transposed
-grouped convolution over the batch (``conv2d_input`` with ``groups = B*g``): no loop over samples.
+grouped convolution over the batch (``conv2d_input`` with ``groups = B*g``): no loop over samples. zennit's
+hooks cannot run such a layer (``engine="zennit"`` is refused); the reference is the static copy.
 
 The merges are IR-ResNet's (:mod:`facetool.explainers.lrp.iresnet`), done per sample at each forward:
 ``bn1`` right-merged into ``conv1``'s kernel with ``bn2`` on the left (its border correction is linear in the
@@ -151,7 +152,7 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
 
 
 @register_canonizer(CondFaceIResNet, name="condface", label="CondFace",
-                    containers=(IBasicBlock, DynamicBlock, DynamicConv2d, DynamicGroupConv2d, Router))
+                    containers=(IBasicBlock, DynamicBlock, DynamicConv2d, DynamicGroupConv2d, Router), zennit=False)
 def condface_canonizers(model: nn.Module) -> list:
     # like IR-ResNet's: the temporary convs and border maps from the unmerged parameters first, then the merges
     return [attribute_canonizer(_attrs), pair_merge_canonizer(_pairs)]
