@@ -15,6 +15,7 @@ One module per model family, each registering its canonizers for its model class
 ``resnet``         facetool ResNet and ConvNet-AIG (gates held at the executed decisions), torchvision ResNet
 ``iresnet``        IR-ResNet (pre-BN blocks: right-merges into temporary convs/linears, border correction)
 ``mobilefacenet``  MobileFaceNet
+``condface``       CondFace (routing held; each image's aggregated kernel as one grouped conv over the batch)
 ``parts``          the building blocks (pair merges, attribute canonizers, ``Sum``, BN as an affine map)
 ``registry``       the registry, :func:`check_canonizable`, :func:`canonizers_for`
 ``rules``          the composites and :func:`lrp`

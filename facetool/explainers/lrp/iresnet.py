@@ -6,6 +6,10 @@ output, not its input, so the border difference of the shift is added back as a 
 relevance). The head's ``bn2`` (BN2d before the flatten) is merged to the right into ``fc`` and the
 ``features`` BN1d to the left (a temporary Linear); ``conv2``/``bn3``, the stem and the projections are
 ordinary merges; residual sums are ``Sum`` modules; PReLU is an activation (pass rule).
+
+A block may have grouped 3x3 convolutions and a 1x1 ``project`` convolution between ``conv2`` and ``bn3``
+(then ``project``/``bn3`` is the merged pair): the static form of a CondFace DGConv block, which
+:mod:`facetool.explainers.lrp.condface` canonizes with per-sample kernels.
 """
 
 from __future__ import annotations
@@ -17,6 +21,24 @@ from torch import Tensor, nn
 from facetool.explainers.lrp.parts import attribute_canonizer, bn_scale_shift, new_sum, pair_merge_canonizer
 from facetool.explainers.lrp.registry import register_canonizer
 from facetool.models.iresnet import IBasicBlock, IResNet
+
+
+def interior_shift(weight: Tensor, shift: Tensor, groups: int = 1) -> Tensor:
+    """What a conv adds to each output channel for a constant per-channel ``shift`` of its input, away from
+    the borders: ``sum W * shift`` over each output channel's input channels (its group's). ``weight`` is
+    (..., out, in/groups, k, k) (leading dimensions, e.g. per-sample kernels, are kept)."""
+    out, cg = weight.shape[-4], weight.shape[-3]
+    w = weight.reshape(*weight.shape[:-4], groups, out // groups, cg, *weight.shape[-2:])
+    s = shift.reshape(groups, 1, cg, 1, 1).to(weight)
+    return (w * s).sum((-3, -2, -1)).reshape(*weight.shape[:-4], out)
+
+
+def scale_inputs(weight: Tensor, scale: Tensor, groups: int = 1) -> Tensor:
+    """``weight`` (..., out, in/groups, k, k) with each input channel multiplied by ``scale`` (in,): a
+    per-channel scaling of the conv's input moved into the kernel."""
+    out, cg = weight.shape[-4], weight.shape[-3]
+    w = weight.reshape(*weight.shape[:-4], groups, out // groups, cg, *weight.shape[-2:])
+    return (w * scale.reshape(groups, 1, cg, 1, 1).to(weight)).reshape(weight.shape)
 
 
 class _BorderShift(nn.Module):
@@ -33,7 +55,7 @@ class _BorderShift(nn.Module):
         self._cache: dict = {}
 
     def interior(self) -> Tensor:
-        return (self.weight * self.shift.view(1, -1, 1, 1)).sum((1, 2, 3)) if self.groups == 1 else None
+        return interior_shift(self.weight, self.shift, self.groups)
 
     def forward(self, x: Tensor) -> Tensor:
         key = (tuple(x.shape[2:]), x.dtype, x.device)
@@ -54,7 +76,7 @@ def _merged_conv1(block: nn.Module) -> tuple[nn.Conv2d, _BorderShift]:
                        conv.dilation, conv.groups, bias=True).to(conv.weight)
     border = _BorderShift(conv, b1, a2)
     with torch.no_grad():
-        w = conv.weight * a1.view(1, -1, 1, 1)
+        w = scale_inputs(conv.weight, a1, conv.groups)
         merged.weight.copy_(w * a2.view(-1, 1, 1, 1))
         bias = border.interior() + (conv.bias if conv.bias is not None else 0.0)
         merged.bias.copy_(bias * a2 + b2)
@@ -65,7 +87,9 @@ def _merged_conv1(block: nn.Module) -> tuple[nn.Conv2d, _BorderShift]:
 def _block_forward(self, x: Tensor) -> Tensor:
     identity = x if self.downsample is None else self.downsample(x)
     out = self.canonizer_conv1(x) + self.canonizer_border(x)
-    out = self.bn3(self.conv2(self.prelu(out)))
+    out = self.conv2(self.prelu(out))
+    project = getattr(self, "project", None)
+    out = self.bn3(out if project is None else project(out))
     return self.canonizer_sum(torch.stack([identity, out], dim=-1))
 
 
@@ -106,7 +130,8 @@ def _pairs(model: nn.Module) -> list[tuple[nn.Module, nn.Module]]:
     pairs = [(model.conv1, model.bn1)]
     for m in model.modules():
         if isinstance(m, IBasicBlock):
-            pairs.append((m.conv2, m.bn3))
+            project = getattr(m, "project", None)
+            pairs.append((m.conv2 if project is None else project, m.bn3))
             if m.downsample is not None:
                 pairs.append((m.downsample[0], m.downsample[1]))
     return pairs

@@ -28,7 +28,9 @@ def zennit_modules():
 
 
 def pair_merge_canonizer(pairs_fn: Callable[[nn.Module], list[tuple[nn.Module, nn.Module]]]):
-    """A zennit MergeBatchNorm over explicit (linear, batchnorm) pairs found by ``pairs_fn``."""
+    """A zennit MergeBatchNorm over explicit (linear, batchnorm) pairs found by ``pairs_fn``. A pair
+    ``(None, batchnorm)`` only turns the BN into what zennit leaves of a merged one (for a linear layer
+    the caller merges itself, e.g. per-sample kernels: :mod:`facetool.explainers.lrp.condface`)."""
     canonizers, _ = zennit_modules()
 
     class PairMergeBatchNorm(canonizers.MergeBatchNorm):
@@ -36,7 +38,7 @@ def pair_merge_canonizer(pairs_fn: Callable[[nn.Module], list[tuple[nn.Module, n
             instances = []
             for lin, bn in pairs_fn(root_module):
                 inst = PairMergeBatchNorm()
-                inst.register((lin,), bn)
+                inst.register(() if lin is None else (lin,), bn)
                 instances.append(inst)
             return instances
 

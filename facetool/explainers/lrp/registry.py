@@ -24,13 +24,15 @@ from facetool.explainers.lrp.parts import LEAVES
 class Canonization:
     """How LRP brings models of class ``cls`` (and its subclasses) into canonical form: ``canonizers(model)``
     gives the zennit canonizers (applied in that order); ``containers`` are the module types the model may
-    contain besides :data:`LEAVES` (the class itself and ``nn.Sequential`` always)."""
+    contain besides :data:`LEAVES` (the class itself and ``nn.Sequential`` always); ``zennit``: whether zennit's
+    hooks can run the canonized model too (``engine="zennit"``; not where a layer's kernel is set per forward)."""
 
     cls: type
     name: str
     label: str
     canonizers: Callable[[nn.Module], list]
     containers: tuple[type, ...]
+    zennit: bool = True
 
 
 #: model class -> its :class:`Canonization`, in registration order
@@ -49,18 +51,18 @@ def _discover() -> None:
 
 
 def register_canonizer(cls: type, *, name: str | None = None, label: str | None = None,
-                       containers: tuple[type, ...] = ()) -> Callable:
+                       containers: tuple[type, ...] = (), zennit: bool = True) -> Callable:
     """Decorator: ``fn(model) -> [zennit canonizers]`` canonizes models of class ``cls`` and its
     subclasses. ``name`` is what :func:`check_canonizable` returns (default: the class name in lower
     case), ``label`` how error messages name the family, ``containers`` the sub-module types the
-    canonizers handle. One registration per class."""
+    canonizers handle, ``zennit=False`` where only the one-pass engine runs them. One registration per class."""
     _discover()  # the built-in families first, so a duplicate is seen whatever the import order
 
     def deco(fn: Callable[[nn.Module], list]) -> Callable[[nn.Module], list]:
         if cls in CANONIZERS:
             raise ValueError(f"{cls.__qualname__} already has an LRP canonizer ({CANONIZERS[cls].canonizers.__module__})")
         CANONIZERS[cls] = Canonization(cls, name or cls.__name__.lower(), label or cls.__name__, fn,
-                                       (cls, *containers, nn.Sequential))
+                                       (cls, *containers, nn.Sequential), zennit)
         return fn
 
     return deco

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from facetool.errors import FacetoolError
-from facetool.explainers.lrp.registry import canonizers_for
+from facetool.explainers.lrp.registry import canonization_of, canonizers_for
 from facetool.hooks import eval_mode
 
 LRP_METHODS = ("lrp", "lrp-gamma", "lrp-ab", "lrp-epsilon")
@@ -59,6 +59,9 @@ def lrp_context(model: nn.Module, method: str, x: Tensor, bias_free: bool = Fals
     redistributions (:mod:`facetool.explainers.lrp.onepass`: one forward, one ordinary backward);
     ``"zennit"``: zennit's composite with its per-layer backward hooks (the reference)."""
     if engine == "zennit":
+        if not canonization_of(model).zennit:
+            raise FacetoolError(f"zennit's hooks cannot explain a {canonization_of(model).label} model (its kernels are set "
+                                "per forward); use the one-pass engine")
         composite = make_composite(method, model, x, bias_free, epsilon)
         with eval_mode(model):
             composite.register(model)
