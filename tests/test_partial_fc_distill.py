@@ -84,3 +84,27 @@ def test_distill_partial_fc_refusals_are_one_line(tiny_store, tmp_path, extra, m
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and message in lines[0], r.stderr
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def test_condface_method_takes_partial_fc_as_arcfaces_sharded_head():
+    """CondFace trains with the ArcFace method's margin head: --partial-fc makes it the sharded PartialFC head (the
+    clustering modules stay replicated) and its loss is the distributed cross-entropy."""
+    from facetool.trainers.condface import CondFaceMethod
+
+    m = CondFaceMethod(5, 8, routing_dim=6, clustering="sinkhorn", prototypes=3, partial_fc=0.5)
+    assert isinstance(m.head, PartialFC) and m.sharded_modules() == {"head": m.head}
+    assert "head" not in m.modules() and {"cluster_head", "prototypes"} <= set(m.modules())
+    assert m.meta()["partial_fc"] == 0.5 and m.head.num_sample == 2
+
+
+def test_train_condface_partial_fc_subprocess_writes_the_merged_head(tiny_store, tmp_path):
+    run = tmp_path / "cf"
+    r = run_facetool("train", "condface", "--store", tiny_store, "--out", run, "--variant", "dgconv", "--width", "4",
+                     "--input-size", "32", "--embedding-size", "8", "--batch-size", "4", "--epochs", "1", "--no-amp",
+                     "--partial-fc", "0.5", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(run / "model.pt", weights_only=True)
+    assert ck["meta"]["partial_fc"] == 0.5 and ck["meta"]["sharded"] == {"world": 1, "modules": ["head"]}
+    merged = torch.load(run / "heads.pt", weights_only=True)["head"]["weight"]
+    assert torch.equal(merged, torch.load(run / "heads.rank0.pt", weights_only=True)["head"]["weight"])
+    assert merged.shape == (5, 8)
