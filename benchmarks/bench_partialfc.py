@@ -7,10 +7,14 @@ kernel's peak counter VmHWM is reset there), builds the head and its SGD optimiz
 weight decay), runs one warm-up and ``--steps`` timed steps on random embeddings (B per rank), and reports
 ``VmHWM - base`` (what the head cost at its peak) and the median step time. The full head is what
 ``train arcface`` does without ``--partial-fc``: every rank holds all C centres and all-reduces their
-gradient; PartialFC holds ceil(C / W) and gathers the embeddings. Beside each measurement the memory
-formula of REFERENCE.md (:func:`facetool.models.partial_fc.memory_estimate`): centres x3 (weight, gradient,
-momentum) + one fp32 copy of the logits (the full head: C * D * 4 x3 + B * C * 4). Ratios are against
-the full head at the same C, from this run.
+gradient (torch's SGD); PartialFC holds ceil(C / W), gathers the embeddings, and below rate 1 its gradient
+holds only the sampled rows, which the engine's ShardSGD applies as the dense update (so weight + momentum,
+no full-size gradient). Beside each measurement the memory formula of REFERENCE.md
+(:func:`facetool.models.partial_fc.memory_estimate`): centres x3 (weight, gradient, momentum; x2 + the
+sampled rows below rate 1) + one fp32 copy of the logits (the full head: C * D * 4 x3 + B * C * 4). Ratios
+are against the full head at the same C, from this run. The default batch is 32 per rank (insightface
+trains with 128 per GPU, which favours PartialFC further since the full head's B x C logits dominate it;
+``--batch 128`` at 10^6 classes needs ~7 GB for the two processes).
 
     .venv/bin/python benchmarks/bench_partialfc.py                                   # 10^5 at D 512, 10^6 at D 64
     .venv/bin/python benchmarks/bench_partialfc.py --classes 100000 --embedding 512 --batch 64
@@ -56,6 +60,7 @@ def _job(rank: int, world: int, root: str, spec: dict) -> None:
     import torch.distributed as dist
     import torch.nn.functional as F
 
+    from facetool.engine import ShardSGD
     from facetool.models.heads import MarginHead
     from facetool.models.partial_fc import PartialFC
 
@@ -67,8 +72,12 @@ def _job(rank: int, world: int, root: str, spec: dict) -> None:
         embs = [torch.randn(b, d, generator=g) for _ in range(spec["steps"] + 1)]
         labels = [torch.randint(0, c, (b,), generator=g) for _ in range(spec["steps"] + 1)]
         def make(classes: int):
-            head = MarginHead(d, classes) if spec["rate"] is None else PartialFC(d, classes, spec["rate"], seed=0)
-            return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            # the optimizers train uses: torch's SGD for a replicated head, ShardSGD for a sharded one
+            if spec["rate"] is None:
+                head = MarginHead(d, classes)
+                return head, torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+            head = PartialFC(d, classes, spec["rate"], seed=0)
+            return head, ShardSGD(head.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
 
         def step(head, opt, e, y) -> torch.Tensor:
             e = e.clone().requires_grad_()

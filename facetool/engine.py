@@ -302,6 +302,78 @@ def _rank_file(out: Path, kind: str, rank: int) -> Path:
 _RANK_FILE = re.compile(r"(last|heads)\.rank(\d+)\.pt")
 
 
+class ShardSGD(torch.optim.SGD):
+    """The sharded modules' optimizer: torch's SGD (momentum, dampening, Nesterov, weight decay; the same
+    ``state_dict``) that also takes **row-sparse** gradients (a sparse COO gradient over dim 0, e.g. PartialFC's
+    sampled centres, :class:`facetool.models.partial_fc.RowGather`). Such a parameter is updated exactly as
+    torch's dense SGD updates it with a gradient that is zero outside the given rows -- weight decay and momentum
+    also move the rows without a gradient, as insightface's dense update does -- the same elementwise operations
+    in the same order, but block by block (:attr:`BLOCK` rows), so that no full-size gradient or temporary ever
+    exists: the shard costs weight + momentum, not weight + gradient + momentum."""
+
+    BLOCK = 8192
+
+    @torch.no_grad()
+    def step(self, closure=None):  # type: ignore[override]
+        sparse = [p for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+        grads = [p.grad for p in sparse]
+        for p in sparse:  # torch's SGD updates the dense ones
+            p.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, g in zip(sparse, grads):
+                p.grad = g
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.is_sparse:
+                    self._row_sparse_step(p, p.grad, group)
+        return loss
+
+    def _row_sparse_step(self, p: Tensor, grad: Tensor, group: dict) -> None:
+        g = grad.coalesce()
+        if g.sparse_dim() != 1 or g.shape != p.shape:
+            raise ValueError(f"ShardSGD takes gradients sparse over rows only, got sparse_dim {g.sparse_dim()} for a "
+                             f"parameter of shape {tuple(p.shape)}")
+        rows, vals = g.indices()[0], g.values().to(p.dtype)
+        wd, momentum, damp = group["weight_decay"], group["momentum"], group["dampening"]
+        lr = float(group["lr"])
+        buf = self.state[p].get("momentum_buffer") if momentum != 0 else None  # torch: no state
+        first = momentum != 0 and buf is None
+        if first:
+            buf = self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+        for a in range(0, p.shape[0], self.BLOCK):
+            b = min(p.shape[0], a + self.BLOCK)
+            lo, hi = (int(v) for v in torch.searchsorted(rows, torch.tensor([a, b], device=rows.device)))
+            d = torch.zeros_like(p[a:b])
+            d.index_copy_(0, rows[lo:hi] - a, vals[lo:hi])
+            if group["maximize"]:
+                d = -d
+            if wd != 0:  # torch's SGD, line by line, on this block
+                d = d.add(p[a:b], alpha=wd)
+            if momentum != 0:
+                blk = buf[a:b]
+                if first:
+                    blk.copy_(d)
+                else:
+                    blk.mul_(momentum).add_(d, alpha=1 - damp)
+                d = d.add(blk, alpha=momentum) if group["nesterov"] else blk
+            p[a:b].add_(d, alpha=-lr)
+
+
+def _grad_values(g: Tensor) -> Tensor:
+    """The stored entries of a gradient: itself, or a sparse gradient's values (coalesced by the step first:
+    :func:`_coalesce_grads`), so that norms, clipping and overflow checks see each entry once."""
+    return g._values() if g.is_sparse else g
+
+
+def _coalesce_grads(params: list[Tensor]) -> None:
+    """Sparse gradients summed over duplicate rows (a gradient accumulated twice repeats them)."""
+    for p in params:
+        if p.grad is not None and p.grad.is_sparse and not p.grad.is_coalesced():
+            p.grad = p.grad.coalesce()
+
+
 def _clip_grad_norm(params: list[Tensor], sharded: list[Tensor], max_norm: float, world: int) -> None:
     """``clip_grad_norm_`` over all parameters, where the sharded ones' squared norms are summed over
     the ranks (the replicated ones are equal on every rank and count once)."""
@@ -313,14 +385,14 @@ def _clip_grad_norm(params: list[Tensor], sharded: list[Tensor], max_norm: float
     dev = (grads or own)[0].device if (grads or own) else torch.device("cpu")
     sq = torch.zeros((), device=dev)
     for g in own:
-        sq += g.detach().float().pow(2).sum()
+        sq += _grad_values(g).detach().float().pow(2).sum()
     if world > 1:
         dist.all_reduce(sq)
     for g in grads:
         sq += g.detach().float().pow(2).sum()
     coef = (max_norm / (sq.sqrt() + 1e-6)).clamp(max=1.0)
     for g in grads + own:
-        g.mul_(coef.to(g.dtype))
+        _grad_values(g).mul_(coef.to(g.dtype))
 
 
 def _agree_on_overflow(sharded: list[Tensor], device: torch.device) -> None:
@@ -329,12 +401,12 @@ def _agree_on_overflow(sharded: list[Tensor], device: torch.device) -> None:
     bad = torch.zeros((), device=device)
     for p in sharded:
         if p.grad is not None:
-            bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+            bad = torch.maximum(bad, (~torch.isfinite(_grad_values(p.grad))).any().float())
     dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     if bad.item():
         for p in sharded:
             if p.grad is not None:
-                p.grad.fill_(float("nan"))
+                _grad_values(p.grad).fill_(float("nan"))
                 break
 
 
@@ -451,8 +523,8 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
     opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     shard_params = [p for p in shards.parameters() if p.requires_grad]
     # this rank's shards: their own optimizer, so that its state is saved per rank
-    shard_opt = torch.optim.SGD(shard_params, lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay) if shard_params else None
+    shard_opt = ShardSGD(shard_params, lr=cfg.lr, momentum=cfg.momentum,
+                         weight_decay=cfg.weight_decay) if shard_params else None
     optimizers = [opt] + ([shard_opt] if shard_opt is not None else [])
     use_amp = cfg.amp and device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
@@ -601,6 +673,7 @@ def _train(model, method, train_ds, cfg, val_ds, out: Path, dd: Dist) -> dict[st
                 for o in optimizers:
                     o.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                _coalesce_grads(shard_params)
                 if dd.world > 1:
                     for p in heads.parameters():  # the model's grads are reduced by DDP, the shards' not at all
                         if p.grad is not None:
@@ -727,4 +800,4 @@ class _Logger:
             self.progress.stop()
 
 
-__all__ = ["Method", "EpochEnd", "TrainConfig", "train", "validate", "lr_at", "seed_everything", "EpochSampler", "SCHEDULES"]
+__all__ = ["Method", "EpochEnd", "TrainConfig", "ShardSGD", "train", "validate", "lr_at", "seed_everything", "EpochSampler", "SCHEDULES"]

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 import facetool
 from facetool.errors import FacetoolError
@@ -45,7 +45,9 @@ def test_shard_split_as_insightface_and_memory_formula():
     # WebFace42M, W = 8, D = 512: 257,489 rows -> 527 MB of weight; B = 128, r = 0.2 -> 211 MB of logits
     m = memory_estimate(2_059_906, 512, 8, 128, 0.2)
     assert m["weight"] == 257_489 * 512 * 4 and round(m["weight"] / 1e6) == 527
-    assert m["state"] == 3 * m["weight"] and round(m["logits"] / 1e6) == 211
+    # below rate 1 the gradient holds only the 51,497 sampled rows: 2 x 527 MB + 105 MB = 1,160 MB
+    assert m["state"] == (2 * 257_489 + 51_497) * 512 * 4 == 1_160_140_800 and round(m["logits"] / 1e6) == 211
+    assert memory_estimate(2_059_906, 512, 8, 128, 1.0)["state"] == 3 * m["weight"]  # dense gradient at rate 1
 
 
 def test_initial_weight_does_not_depend_on_the_number_of_processes():
@@ -79,13 +81,83 @@ def test_sampled_training_loss_is_finite_and_the_eval_loss_uses_every_class():
     emb, labels = torch.randn(8, D, requires_grad=True), torch.randint(0, 1000, (8,))
     loss = pfc(emb, labels)
     loss.backward()
-    rows = pfc.weight.grad.abs().sum(1) > 0
+    rows = pfc.weight.grad.to_dense().abs().sum(1) > 0
     assert torch.isfinite(loss) and int(rows.sum()) == 100 and bool(rows[labels].all())
     pfc.eval()
     full = MarginHead(D, 1000, (1.0, 0.0, 0.4))
     with torch.no_grad():
         full.weight.copy_(pfc.weight)
         assert float(pfc(emb, labels)) == pytest.approx(float(F.cross_entropy(full(emb, labels), labels)), abs=1e-5)
+
+
+def _sgd_steps(sparse: bool, monkeypatch, steps: int = 5) -> tuple[Tensor, list[bool]]:
+    """``steps`` sampled PartialFC steps (rate 0.1 of 1000 centres, momentum 0.9, weight decay 5e-4): the
+    sparse gradient with the engine's ShardSGD, or (``sparse=False``) insightface's dense update -- the
+    gradient of ``weight[index]`` and torch's SGD. The same samples (the generator reseeded per step)."""
+    from facetool.engine import ShardSGD
+    from facetool.models import partial_fc
+
+    if not sparse:
+        monkeypatch.setattr(partial_fc.RowGather, "apply", lambda w, i: w[i])
+    pfc = PartialFC(D, 1000, 0.1, rank=0, world=1, seed=0)
+    kind = ShardSGD if sparse else torch.optim.SGD
+    opt = kind(pfc.parameters(), lr=0.5, momentum=0.9, weight_decay=5e-4)
+    layouts = []
+    for t in range(steps):
+        torch.manual_seed(t)
+        emb, labels = torch.randn(8, D), torch.randint(0, 1000, (8,))
+        opt.zero_grad()
+        pfc(emb, labels).backward()
+        layouts.append(pfc.weight.grad.is_sparse and pfc.weight.grad._nnz() == 100)
+        opt.step()
+    monkeypatch.undo()
+    return pfc.weight.detach().clone(), layouts
+
+
+def test_sampled_gradient_is_sparse_and_shard_sgd_equals_the_dense_update(monkeypatch):
+    """The sampled step's gradient holds only its 100 rows; after 5 steps the weights equal insightface's dense
+    update bit for bit, including rows never sampled (weight decay and momentum move them too)."""
+    sparse, layouts = _sgd_steps(True, monkeypatch)
+    dense, dense_layouts = _sgd_steps(False, monkeypatch)
+    assert all(layouts) and not any(dense_layouts)
+    init = PartialFC(D, 1000, 0.1, rank=0, world=1, seed=0).weight.detach()
+    assert (sparse - init).abs().max() > 1e-3 and bool(((sparse - init).abs().sum(1) > 0).all())
+    assert torch.equal(sparse, dense)
+
+
+@pytest.mark.parametrize("kw", [{}, {"dampening": 0.1}, {"nesterov": True}, {"momentum": 0.0}, {"maximize": True}])
+def test_shard_sgd_on_row_sparse_gradients_equals_torch_sgd_across_blocks(monkeypatch, kw):
+    """ShardSGD works in blocks of rows (BLOCK 7 here: 23 rows = 4 blocks): with a row-sparse gradient it gives
+    torch's SGD on the dense one, every option, three steps (the second and third use the momentum buffer)."""
+    from facetool.engine import ShardSGD
+
+    monkeypatch.setattr(ShardSGD, "BLOCK", 7)
+    opts = {"lr": 0.3, "momentum": 0.9, "weight_decay": 1e-2, **kw}
+    g = torch.Generator().manual_seed(0)
+    w0 = torch.randn(23, 5, generator=g)
+    a, b = nn.Parameter(w0.clone()), nn.Parameter(w0.clone())
+    sa, sb = ShardSGD([a], **opts), torch.optim.SGD([b], **opts)
+    for rows in ([0, 6, 7, 20], [3, 14, 22], [1, 2, 13, 21]):
+        idx = torch.tensor(rows)
+        vals = torch.randn(len(rows), 5, generator=g)
+        a.grad = torch.sparse_coo_tensor(idx[None], vals, a.shape)
+        b.grad = torch.zeros_like(w0).index_copy_(0, idx, vals)
+        sa.step()
+        sb.step()
+    assert torch.equal(a.detach(), b.detach()) and not torch.equal(a.detach(), w0)
+    assert sa.state_dict()["state"].keys() == sb.state_dict()["state"].keys()
+
+
+def test_gradient_clipping_counts_a_sparse_gradient_as_its_dense_one():
+    from facetool.engine import _clip_grad_norm
+
+    w = nn.Parameter(torch.zeros(6, 2))
+    v = nn.Parameter(torch.zeros(3))
+    w.grad = torch.sparse_coo_tensor(torch.tensor([[1, 4]]), torch.tensor([[3.0, 0.0], [0.0, 4.0]]), (6, 2))
+    v.grad = torch.tensor([0.0, 0.0, 12.0])  # total norm sqrt(9 + 16 + 144) = 13
+    _clip_grad_norm([v], [w], 1.3, world=1)
+    assert torch.allclose(w.grad.to_dense()[[1, 4]], torch.tensor([[0.3, 0.0], [0.0, 0.4]]), atol=1e-6)
+    assert torch.allclose(v.grad, torch.tensor([0.0, 0.0, 1.2]), atol=1e-6)
 
 
 def test_public_name_and_bad_arguments():

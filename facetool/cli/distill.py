@@ -32,6 +32,7 @@ def register(app: typer.Typer) -> None:
         teacher_loss: Optional[str] = typer.Option(None, "--teacher-loss", help="arcface | cosface | softmax: the head's kind (default: from the checkpoint, else arcface)."),
         teacher_scale: Optional[float] = typer.Option(None, "--teacher-scale", help="Logit scale s of a margin head (default: from the checkpoint, else 64)."),
         student_loss: Optional[str] = typer.Option(None, "--student-loss", help="Embedding students: their own head (arcface | cosface | softmax; default: the teacher's)."),
+        partial_fc: Optional[float] = typer.Option(None, "--partial-fc", help="Embedding students: PartialFC, their margin head's classes split over the torchrun processes, this share of each rank's centres sampled per step (all positives kept; 1 = all); the student's cross-entropy only (not with KL on its logits)."),
         embedding_size: Optional[int] = typer.Option(None, "--embedding-size", help="Embedding students: dimension (default: the teacher's)."),
         width: Optional[int] = typer.Option(None, "--width", help="Student base width (ResNet / IR-ResNet; default 64)."),
         input_size: Optional[int] = typer.Option(None, "--input-size", help="Student input size (default: the store's; embedding students the teacher's)."),
@@ -82,7 +83,7 @@ def register(app: typer.Typer) -> None:
             temperature=temperature, sr_loss=sr_loss, hint=hint_pair, unlabeled=unlabeled,
             unlabeled_weight=unlabeled_weight, mixup=mixup, transfer=transfer,
             labeled_per_identity=labeled_per_identity,
-            on_config=show_config if main else None, teacher_arch=teacher_arch)
+            on_config=show_config if main else None, teacher_arch=teacher_arch, partial_fc=partial_fc)
         if main:
             show_result(result)
 

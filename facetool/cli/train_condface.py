@@ -44,6 +44,7 @@ def register(app: typer.Typer) -> None:
                                             "exactly the BL, DGConv an approximation). The thesis starts "
                                             "clustering runs from the pretrained model."),
         val_bin: list[Path] = typer.Option([], "--val-bin", help="Verification pack(s) (.bin) checked every epoch."),
+        partial_fc: Optional[float] = typer.Option(None, "--partial-fc", help="PartialFC: split L_fr's margin head over the torchrun processes and sample this share of each rank's centres per step (all positives kept; 1 = all)."),
         train: TrainOptions = None,
     ) -> None:
         """Train a CondFace model: L = CosFace + lambda * L_cls on the routing vectors (thesis Eq. 5.6).
@@ -62,6 +63,7 @@ def register(app: typer.Typer) -> None:
         result = train_condface(store, cfg, variant=variant, network=network, clustering=clustering,
                                 prototypes=prototypes, head=cluster_head, lam=lam, temperature=temperature, loss=loss,
                                 width=width, embedding_size=embedding_size, input_size=input_size, s=scale,
-                                val_bins=val_bin, init=init)
+                                val_bins=val_bin, init=init,
+                                **({"partial_fc": partial_fc} if partial_fc is not None else {}))
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         console.print(dict_table(f"train condface ({variant}, {clustering}) -> {out}", shown, "metric"))

@@ -24,9 +24,12 @@ A step (:meth:`PartialFC.forward`):
    takes ``-log`` of it clamped at 1e-30, which caps a row's loss at 69.1, a cap an untrained ArcFace
    head at s = 64 reaches; the log-space form is the exact cross-entropy of the full head.)
 
-At rate 1 on one process it is the full :class:`MarginHead` (loss and gradients). Memory per rank
-(the reason to use it): centres ``ceil(C / W) * D * 4`` bytes, x3 with gradient and SGD momentum, and
-logits ``W * B * num_sample * 4`` bytes (:func:`memory_estimate`). Works without a process group (one
+At rate 1 on one process it is the full :class:`MarginHead` (loss and gradients). Below rate 1 the sampled
+centres are gathered by :class:`RowGather`, whose gradient holds only their rows (sparse), and only they are
+normalised; the engine's :class:`~facetool.engine.ShardSGD` applies that gradient exactly as dense SGD with
+momentum and weight decay would. Memory per rank (the reason to use it): centres ``ceil(C / W) * D * 4``
+bytes, x2 with SGD momentum (x3 at rate 1, with the dense gradient), the sampled rows' gradient and logits
+``W * B * num_sample * 4`` bytes (:func:`memory_estimate`). Works without a process group (one
 process: no communication). The weight's initial values depend on the seed only, not on ``W``, so a run
 on one process and one on two start from the same head (:meth:`PartialFC.merge` joins the shards).
 """
@@ -70,12 +73,16 @@ def resolve_margin(margin: str | Sequence[float]) -> tuple[float, float, float]:
 
 def memory_estimate(num_classes: int, embedding_size: int, world: int, batch_size: int,
                     sample_rate: float = 1.0) -> dict[str, int]:
-    """Bytes per rank the head needs (REFERENCE, derived): ``weight`` = ceil(C/W) * D * 4, ``state`` = 3 x that
-    (weight, gradient, momentum), ``logits`` = W * B * floor(r * C / W) * 4 (one fp32 copy)."""
+    """Bytes per rank the head needs (REFERENCE's formula, with facetool's sparse gradient): ``weight`` =
+    ceil(C/W) * D * 4; ``state`` = weight, its SGD momentum and its gradient: 3 x weight at rate 1 (a dense
+    gradient), 2 x weight + the sampled rows' gradient floor(r * C / W) * D * 4 below (:class:`RowGather`);
+    ``logits`` = W * B * floor(r * C / W) * 4 (one fp32 copy)."""
     rows = math.ceil(num_classes / world)
     weight = rows * embedding_size * 4
-    logits = world * batch_size * max(1, int(sample_rate * num_classes // world)) * 4
-    return {"weight": weight, "state": 3 * weight, "logits": logits}
+    sampled = max(1, int(sample_rate * num_classes // world))
+    logits = world * batch_size * sampled * 4
+    state = 3 * weight if sample_rate >= 1.0 else 2 * weight + sampled * embedding_size * 4
+    return {"weight": weight, "state": state, "logits": logits}
 
 
 def _world() -> tuple[int, int]:
@@ -147,6 +154,25 @@ class DistCrossEntropy(torch.autograd.Function):
         return out.mul_(grad / prob.shape[0]), None
 
 
+class RowGather(torch.autograd.Function):
+    """``weight[index]`` (``index`` sorted, unique) whose gradient is a sparse COO tensor holding only the
+    gathered rows: a sampled step never materialises a gradient of the whole shard. The engine's
+    :class:`facetool.engine.ShardSGD` applies it as the dense gradient it stands for (weight decay and momentum
+    still move every row)."""
+
+    @staticmethod
+    def forward(ctx, weight: Tensor, index: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(index)
+        ctx.shape = weight.shape
+        return weight.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (index,) = ctx.saved_tensors
+        return torch.sparse_coo_tensor(index[None], grad.contiguous(), ctx.shape, is_coalesced=True,
+                                       check_invariants=False), None
+
+
 class PartialFC(nn.Module):
     """This rank's class centres and the PartialFC loss (module doc). ``margin``: ``"arcface"``,
     ``"cosface"`` (the margins of :data:`facetool.models.heads.MARGINS`) or ``(m1, m2, m3)``; ``s`` the
@@ -180,16 +206,17 @@ class PartialFC(nn.Module):
 
     def _initial_weight(self, seed: int) -> Tensor:
         """Rows ``class_start ...`` of a (C, D) N(0, 0.01) matrix drawn in blocks of INIT_BLOCK rows, block
-        ``b`` from seed ``seed + b``: the same global matrix for any number of processes."""
+        ``b`` from seed ``seed + b``: the same global matrix for any number of processes. Written block by block
+        into the shard (no list of blocks and no concatenated copy: the shard is the only full-size tensor)."""
         lo, hi = self.class_start, self.class_start + self.num_local
-        parts = []
+        weight = torch.empty(self.num_local, self.embedding_size)
         for b in range(lo // INIT_BLOCK, (hi - 1) // INIT_BLOCK + 1):
             g = torch.Generator().manual_seed(seed + b)
             rows = min(INIT_BLOCK, self.num_classes - b * INIT_BLOCK)
-            block = torch.randn(rows, self.embedding_size, generator=g) * 0.01
-            a = max(lo, b * INIT_BLOCK) - b * INIT_BLOCK
-            parts.append(block[a:min(hi, (b + 1) * INIT_BLOCK) - b * INIT_BLOCK])
-        return torch.cat(parts)
+            block = torch.randn(rows, self.embedding_size, generator=g).mul_(0.01)
+            a, z = max(lo, b * INIT_BLOCK), min(hi, (b + 1) * INIT_BLOCK)
+            weight[a - lo:z - lo] = block[a - b * INIT_BLOCK:z - b * INIT_BLOCK]
+        return weight
 
     def sample(self, local: Tensor) -> tuple[Tensor, Tensor]:
         """``(index, labels)``: the sorted rows of this shard a step uses (all positives, random negatives
@@ -223,7 +250,7 @@ class PartialFC(nn.Module):
             weight = self.weight
             if self.training and self.num_sample < self.num_local:
                 index, local = self.sample(local)
-                weight = weight[index]
+                weight = RowGather.apply(weight, index)  # only the sampled rows get a gradient (sparse)
             cos = F.linear(F.normalize(emb_all), F.normalize(weight.float()))
             with torch.no_grad():
                 self.last_top1 = self._top1(cos, local)
@@ -251,4 +278,4 @@ class PartialFC(nn.Module):
                 f"sample_rate={self.sample_rate}, m=({self.m1}, {self.m2}, {self.m3}), s={self.s}")
 
 
-__all__ = ["PartialFC", "AllGather", "DistCrossEntropy", "shard_range", "memory_estimate", "resolve_margin"]
+__all__ = ["PartialFC", "AllGather", "DistCrossEntropy", "RowGather", "shard_range", "memory_estimate", "resolve_margin"]

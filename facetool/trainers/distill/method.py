@@ -148,9 +148,40 @@ class DistillMethod(Method):
             finally:
                 self._s = {}
 
+    @property
+    def partial_fc(self) -> float | None:
+        """The sample rate of a PartialFC student head (its classes split over the ranks), else None."""
+        from facetool.models.partial_fc import PartialFC
+
+        return self.student_head.sample_rate if isinstance(self.student_head, PartialFC) else None
+
+    def sharded_modules(self) -> dict[str, nn.Module]:
+        """A PartialFC student head holds this rank's classes: its own optimizer state, saved per rank."""
+        return {"head": self.student_head} if self.partial_fc is not None else {}
+
+    def merge_shards(self, parts):
+        """heads.pt gets the student's head over all classes, a MarginHead's state_dict (``weight`` (C, D))."""
+        if self.partial_fc is None:
+            return {}
+        from facetool.models.partial_fc import PartialFC
+
+        return {"head": PartialFC.merge([p["head"] for p in parts])}
+
+    def use_merged_head(self, path, device) -> None:
+        """After a PartialFC run (rank 0): the student head becomes the merged one from ``heads.pt``, a plain
+        :class:`~facetool.models.heads.MarginHead` that scores every class (for the diagnostics)."""
+        from facetool.io import torch_load
+        from facetool.models.heads import MarginHead
+
+        pfc = self.student_head
+        head = MarginHead(pfc.embedding_size, pfc.num_classes, (pfc.m1, pfc.m2, pfc.m3), s=pfc.s,
+                          easy_margin=pfc.easy_margin)
+        head.load_state_dict(torch_load(path, "merged head")["head"])
+        self.student_head = head.to(device).eval()
+
     def modules(self) -> dict[str, nn.Module]:
         mods: dict[str, nn.Module] = {}
-        if self.student_head is not None:
+        if self.student_head is not None and self.partial_fc is None:
             mods["head"] = self.student_head
         if self.connector is not None:
             mods["connector"] = self.connector
@@ -172,6 +203,8 @@ class DistillMethod(Method):
     def _ce(self, out: Tensor, labels: Tensor) -> Tensor:
         if self.student_head is None:
             return F.cross_entropy(out.float(), labels)
+        if self.partial_fc is not None:  # the loss itself (distributed cross-entropy over every rank's batch)
+            return self.student_head(out, labels)
         return F.cross_entropy(self.student_head(out, labels), labels)
 
     # the loss -------------------------------------------------------------------------------------
@@ -223,6 +256,8 @@ class DistillMethod(Method):
         return soft_kd_loss(self.student_logits(model(x)), target, self.T)
 
     def metrics(self, batch, out, internals):
+        if self.partial_fc is not None:  # top-1 over the whole batch among the centres the step used
+            return {"top1": self.student_head.last_top1}
         with torch.no_grad():
             logits = self.student_logits(out).float()
             m = topk_accuracy(logits, batch["label"])
@@ -249,4 +284,6 @@ class DistillMethod(Method):
             d.update({"loss": "softmax" if not hasattr(head, "m1") else margin_name(head),
                       "margins": [head.m1, head.m2, head.m3] if hasattr(head, "m1") else None,
                       "s": getattr(head, "s", None)})
+            if self.partial_fc is not None:
+                d["partial_fc"] = self.partial_fc
         return d

@@ -72,8 +72,11 @@ def distill(
     labeled_per_identity: int | None = None,
     on_config: Callable[[dict], None] | None = None,
     teacher_arch: str | None = None,
+    partial_fc: float | None = None,
 ) -> dict[str, Any]:
-    """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict."""
+    """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict.
+    ``partial_fc``: an embedding student's margin head as :class:`facetool.models.partial_fc.PartialFC` at this
+    sample rate (classes split over the torchrun processes; per-rank head files and one merged ``heads.pt``)."""
     from facetool.data.sources import face_source, open_dataset
     from facetool.flops import count_params, flops_summary
     from facetool.io import guard_output, write_json
@@ -113,6 +116,17 @@ def distill(
         raise FacetoolError(f"the teacher's classifier has {t.num_classes} classes but store {store} has {num_classes} "
                             "identities; distil on the identities the teacher was trained on")
     embedding = model_family(name) == EMBEDDING_FAMILY
+    if partial_fc is not None:  # the sharded head has no full logits on a rank: only the cross-entropy may use it
+        if not embedding:
+            raise FacetoolError(f"--partial-fc shards an embedding student's margin head; student {name} is a classifier")
+        needs = [what for what, used in (("KL on the student's logits (--alpha > 0)", weights["alpha"] > 0 and kind != "srrl"),
+                                         ("--unlabeled (KD on the student's logits)", unlabeled is not None)) if used]
+        if needs:
+            raise FacetoolError(f"--partial-fc gives no rank the student's logits over every class, which {needs[0]} "
+                                "needs: use srrl, none, or fitnet | at | rkd | pkt with --alpha 0")
+        if weights["gamma"] <= 0:
+            raise FacetoolError("--partial-fc trains the student's margin head through its cross-entropy: --gamma must "
+                                "be > 0")
     size = int(input_size or ((t.input_size if t is not None and t.is_torch and t.input_size else None) if embedding
                               else None) or store_size)
     if embedding and size % 16:
@@ -169,8 +183,17 @@ def distill(
         else:
             loss = "arcface"
         th = t.head if t is not None else None
-        head = create_head(loss, kw["embedding_size"], num_classes, float(getattr(th, "s", 64.0)),
-                           margins=(th.m1, th.m2, th.m3) if loss == "combined" else None)
+        margins = (th.m1, th.m2, th.m3) if loss == "combined" else None
+        if partial_fc is not None:
+            from facetool.models.heads import MARGINS
+            from facetool.models.partial_fc import PartialFC
+
+            if margins is None and loss not in MARGINS:
+                raise FacetoolError(f"--partial-fc needs a margin head: --student-loss arcface or cosface (not {loss})")
+            head = PartialFC(kw["embedding_size"], num_classes, partial_fc, margins or loss,
+                             float(getattr(th, "s", 64.0)))
+        else:
+            head = create_head(loss, kw["embedding_size"], num_classes, float(getattr(th, "s", 64.0)), margins=margins)
     probe = torch.stack([train_ds[i]["image"] for i in range(min(8, len(train_ds)))])
     method = DistillMethod(kind, t, model, probe=probe, weights=weights, temperature=temperature, sr_loss=sr_loss,
                            student_head=head, hint=hint, unlabeled_weight=unlabeled_weight if u_ds is not None else 0.0,
@@ -196,6 +219,8 @@ def distill(
     if not is_main():
         return result
     device = next(model.parameters()).device
+    if partial_fc is not None:  # the diagnostics score every class: the merged head, a plain margin head
+        method.use_merged_head(out / "heads.pt", device)
     if len(test_ds):
         result["diagnostics"] = diagnostics(t, model, method, test_ds, cfg.batch_size, device, trans)
     model.cpu()
