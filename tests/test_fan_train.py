@@ -40,6 +40,25 @@ def test_gaussian_targets_decode_back_to_the_points(landmark_store):
     assert inside.sum() > 50 and float((dec - pts)[inside].abs().max()) <= 3.0
 
 
+def test_target_peak_scales_the_maps_not_their_decoding(landmark_store):
+    """peak 10: every target map is 10 x the peak-1 map (maximum exactly 10 at a whole-cell point), and it decodes
+    to the same points; train_fan's default is DEFAULT_PEAK = 10 (peak 1 learns all-zero maps,
+    tests/test_fan_learning.py)."""
+    import inspect
+
+    from facetool.data.heatmaps import LandmarkDataset, gaussian_heatmaps
+    from facetool.models.fan import heatmaps_to_landmarks
+    from facetool.trainers.fan import DEFAULT_PEAK, FanMethod, train_fan
+
+    g = gaussian_heatmaps(torch.tensor([[3.0, 5.0]]), 8, 1.0, peak=10.0)
+    assert float(g[0, 5, 3]) == 10.0 and math.isclose(float(g[0, 5, 4]), 10 * math.exp(-0.5), rel_tol=1e-6)
+    one = LandmarkDataset(landmark_store, "train", size=64)[0]["heatmap"]
+    ten = LandmarkDataset(landmark_store, "train", size=64, peak=10.0)[0]["heatmap"]
+    assert torch.allclose(ten, 10 * one) and torch.equal(heatmaps_to_landmarks(ten[None]), heatmaps_to_landmarks(one[None]))
+    assert DEFAULT_PEAK == 10.0 and inspect.signature(train_fan).parameters["peak"].default == DEFAULT_PEAK
+    assert FanMethod().meta()["peak"] == DEFAULT_PEAK
+
+
 def test_flip_mirrors_points_and_swaps_left_and_right(landmark_store):
     """A flipped item: image mirrored, point i = mirror of point perm[i] (outer eye corners 36 <-> 45)."""
     from facetool.data.heatmaps import LandmarkDataset
@@ -91,12 +110,13 @@ def test_landmark_metrics_known_values():
 def test_train_fan_then_eval_landmarks(tmp_path, landmark_store):
     run = tmp_path / "fan"
     r = run_facetool("train", "fan", "--store", landmark_store, "--stacks", "1", "--width", "16", "--input-size", "64",
-                     "--epochs", "1", "--batch-size", "4", "--max-steps", "2", "--loss", "awing", "--out", run)
+                     "--epochs", "1", "--batch-size", "4", "--max-steps", "2", "--loss", "awing", "--peak", "5", "--out", run)
     assert r.returncode == 0, r.stderr
     from facetool.models import load_model
 
     m = load_model(run / "model.pt")
     assert type(m).__name__ == "FAN" and m.num_stacks == 1 and m.width == 16 and m.meta["loss"] == "awing"
+    assert m.meta["peak"] == 5.0
     ev = tmp_path / "eval"
     r = run_facetool("eval", "landmarks", "--model", run / "model.pt", "--store", landmark_store, "--out", ev)
     assert r.returncode == 0, r.stderr

@@ -144,6 +144,7 @@ LIMITS: dict[str, Range] = {
     # FAN (train fan, eval landmarks)
     "--stacks": Range(1, 4, note="hourglasses"),
     "--sigma": Range(0, 64, lo_open=True, note="heatmap cells"),
+    "train fan --peak": Range(0, 1e4, lo_open=True, note="target heatmap maximum"),
     "eval landmarks --images": Range(0, 1000, note="faces in the overlay grid; 0 = none"),
     # scale-out: PartialFC
     "--partial-fc": Range(0, 1, lo_open=True, note="PartialFC's sample rate; 1 = every class centre"),

@@ -23,6 +23,8 @@ def register(app: typer.Typer) -> None:
         stacks: int = typer.Option(2, "--stacks", help="Hourglass stacks, 1-4 (the public FAN: 4; FAN-Face: 2)."),
         loss: str = typer.Option("l2", "--loss", help="Heatmap loss on every stack: l2 | awing (adaptive wing)."),
         sigma: float = typer.Option(1.5, "--sigma", help="Gaussian sigma of the target heatmaps, in heatmap cells."),
+        peak: float = typer.Option(10.0, "--peak", help="Maximum of the Gaussian target heatmaps: > 1 weighs the cells "
+                                   "near the points against the background (peak 1 learns all-zero maps slowly)."),
         input_size: int = typer.Option(256, "--input-size", help="FAN input size, a multiple of 64 (store crops are "
                                                                  "resized); heatmaps are a quarter of it."),
         width: int = typer.Option(256, "--width", help="Hourglass width (the public FAN: 256; smaller trains faster)."),
@@ -54,6 +56,6 @@ def register(app: typer.Typer) -> None:
                                resume=train.resume)
         cfg = TrainConfig.from_options(train, out=out)
         result = train_fan(store, cfg, stacks=stacks, loss=loss, sigma=sigma, input_size=input_size,
-                           width=width, convention=convention, init=init)
+                           width=width, convention=convention, init=init, peak=peak)
         shown = {k: v for k, v in result.items() if isinstance(v, (int, float))}
         console.print(dict_table(f"train fan ({stacks} stacks, {loss}) -> {out}", shown, "metric"))

@@ -30,24 +30,27 @@ def input_to_store(points: np.ndarray | torch.Tensor, crop: int, size: int):
     return points * (crop / size) - 0.5
 
 
-def gaussian_heatmaps(cells: torch.Tensor, size: int, sigma: float) -> torch.Tensor:
-    """(..., L, size, size) maps ``exp(-d^2 / (2 sigma^2))`` peaking (value 1) at ``cells`` (..., L, 2): the
-    (x, y) positions in cell indices (fractional)."""
+def gaussian_heatmaps(cells: torch.Tensor, size: int, sigma: float, peak: float = 1.0) -> torch.Tensor:
+    """(..., L, size, size) maps ``peak exp(-d^2 / (2 sigma^2))`` peaking (value ``peak``) at ``cells`` (..., L, 2):
+    the (x, y) positions in cell indices (fractional)."""
     grid = torch.arange(size, dtype=torch.float32)
     gx = torch.exp(-((grid - cells[..., 0:1]) ** 2) / (2 * sigma**2))  # (..., L, size) along x
     gy = torch.exp(-((grid - cells[..., 1:2]) ** 2) / (2 * sigma**2))
-    return gy.unsqueeze(-1) * gx.unsqueeze(-2)
+    maps = gy.unsqueeze(-1) * gx.unsqueeze(-2)
+    return maps * peak if peak != 1.0 else maps
 
 
 class LandmarkDataset(FaceDataset):
     """Store crops with one dense landmark set, for the FAN. Items: ``image`` (3, S, S) RGB in [0, 1] (the FAN's
     input, resized from the store's crop), ``points`` (L, 2) in input pixels (edge convention), ``visible`` (L,),
-    ``heatmap`` (L, S/4, S/4) Gaussian targets (``sigma`` in heatmap cells), ``label``, ``index``.
+    ``heatmap`` (L, S/4, S/4) Gaussian targets (``sigma`` in heatmap cells, maximum ``peak``), ``label``, ``index``.
+    ``peak`` > 1 weighs the few cells near the points against the many background cells of an L2 loss (see
+    :data:`facetool.trainers.fan.DEFAULT_PEAK`); decoding (an argmax) does not depend on it.
     ``flip``: random horizontal flips, the points mirrored and their indices swapped by the convention's
     flip permutation."""
 
     def __init__(self, path: str | Path, split: str | None = "train", *, size: int = 256, sigma: float = 1.5,
-                 convention: str | None = None, flip: bool = False, indices=None) -> None:
+                 convention: str | None = None, flip: bool = False, indices=None, peak: float = 1.0) -> None:
         from facetool.data.landmarks import CONVENTIONS
         from facetool.store import FaceStore
 
@@ -65,6 +68,7 @@ class LandmarkDataset(FaceDataset):
         self.visible = torch.from_numpy(vis)
         self.perm = torch.tensor(CONVENTIONS[self.convention].flip_permutation)
         self.sigma = float(sigma)
+        self.peak = float(peak)
         self.flip = flip
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
@@ -82,5 +86,5 @@ class LandmarkDataset(FaceDataset):
             visible = visible[self.perm]
         hm = self.size // 4
         item.update(image=image, points=points, visible=visible,
-                    heatmap=gaussian_heatmaps(points / 4.0 - 0.5, hm, self.sigma))
+                    heatmap=gaussian_heatmaps(points / 4.0 - 0.5, hm, self.sigma, self.peak))
         return item

@@ -4,6 +4,10 @@
 Gaussian target heatmaps at the heatmap resolution (:class:`facetool.data.heatmaps.LandmarkDataset`):
 ``l2`` = mean squared error, ``awing`` = the adaptive wing loss (Wang et al., ICCV 2019; alpha 2.1,
 omega 14, epsilon 1, theta 0.5; without its weighted loss map). Flips use the convention's permutation.
+The targets peak at ``peak`` (:data:`DEFAULT_PEAK`): with peak 1 the mean squared error over the L x (S/4)^2
+cells is dominated by the background, and a FAN trained briefly predicts all-zero maps whose argmax lands
+anywhere (measured on 64 px synthetic faces, 120 SGD steps: held-out NME 1.04 at peak 1, 0.17 at peak 10,
+mean shape 0.19). A FAN trained so outputs maps about ``peak`` high; the decoding (an argmax) is unchanged.
 Validation: inter-ocular NME / AUC@0.08 / failure rate of the test split (:mod:`facetool.eval.landmarks`).
 """
 
@@ -20,6 +24,8 @@ from facetool.engine import Method, TrainConfig, seed_everything, train
 from facetool.errors import FacetoolError
 
 LOSSES = ("l2", "awing")
+#: maximum of the Gaussian target heatmaps (``train fan --peak``)
+DEFAULT_PEAK = 10.0
 
 
 def awing_loss(pred: Tensor, target: Tensor, alpha: float = 2.1, omega: float = 14.0, epsilon: float = 1.0,
@@ -47,10 +53,10 @@ class FanMethod(Method):
     name = "fan"
 
     def __init__(self, loss: str = "l2", sigma: float = 1.5, convention: str = "ibug68", val_ds=None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, peak: float = DEFAULT_PEAK) -> None:
         if loss not in LOSSES:
             raise FacetoolError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
-        self.loss_kind, self.sigma, self.convention = loss, float(sigma), convention
+        self.loss_kind, self.sigma, self.convention, self.peak = loss, float(sigma), convention, float(peak)
         self.val_ds, self.batch_size = val_ds, batch_size
 
     def loss(self, model: nn.Module, batch: dict, out: Any, internals: dict) -> dict[str, Tensor]:
@@ -81,7 +87,7 @@ class FanMethod(Method):
         return {f"val_{k}": v for k, v in summarise(errors).items()}
 
     def meta(self) -> dict:
-        return {"loss": self.loss_kind, "sigma": self.sigma, "convention": self.convention}
+        return {"loss": self.loss_kind, "sigma": self.sigma, "peak": self.peak, "convention": self.convention}
 
     def log_keys(self) -> tuple[str, ...]:
         return ("nme", "val_nme", "val_auc", "val_failure")
@@ -101,10 +107,10 @@ def _predict_input(model: nn.Module, ds, batch_size: int, device) -> Any:
 
 def train_fan(store: str | Path, cfg: TrainConfig, *, stacks: int = 2, loss: str = "l2", sigma: float = 1.5,
               input_size: int = 256, width: int = 256, convention: str | None = None,
-              init: str | Path | None = None) -> dict[str, Any]:
+              init: str | Path | None = None, peak: float = DEFAULT_PEAK) -> dict[str, Any]:
     """Train ``fan{stacks}`` on ``store``'s landmarks (train split; the test split validates); writes the
     engine's run folder (``model.pt`` loads with :func:`facetool.load_model`). ``init``: start from a FAN
-    file (public layout or facetool checkpoint)."""
+    file (public layout or facetool checkpoint). ``peak``: the target heatmaps' maximum (:data:`DEFAULT_PEAK`)."""
     from facetool.data.heatmaps import LandmarkDataset
     from facetool.data.landmarks import CONVENTIONS
     from facetool.models import create_model, load_model
@@ -114,15 +120,18 @@ def train_fan(store: str | Path, cfg: TrainConfig, *, stacks: int = 2, loss: str
         raise FacetoolError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
     if not (sigma > 0 and math.isfinite(sigma)):
         raise FacetoolError(f"--sigma must be positive, not {sigma}")
-    train_ds = LandmarkDataset(store, "train", size=input_size, sigma=sigma, convention=convention, flip=cfg.flip)
+    if not (peak > 0 and math.isfinite(peak)):
+        raise FacetoolError(f"--peak must be positive, not {peak}")
+    train_ds = LandmarkDataset(store, "train", size=input_size, sigma=sigma, convention=convention, flip=cfg.flip,
+                               peak=peak)
     conv = train_ds.convention
-    val_ds = LandmarkDataset(store, "test", size=input_size, sigma=sigma, convention=conv)
+    val_ds = LandmarkDataset(store, "test", size=input_size, sigma=sigma, convention=conv, peak=peak)
     points = CONVENTIONS[conv].num_points
     seed_everything(cfg.seed)
     if init is not None:
         model = load_model(init, name=fan_name(stacks), num_landmarks=points, input_size=input_size, width=width)
     else:
         model = create_model(fan_name(stacks), num_landmarks=points, input_size=input_size, width=width)
-    method = FanMethod(loss, sigma, conv, val_ds, batch_size=cfg.batch_size)
+    method = FanMethod(loss, sigma, conv, val_ds, batch_size=cfg.batch_size, peak=peak)
     cfg.extra = {**cfg.extra, "store": str(store), "convention": conv}
     return train(model, method, train_ds, cfg)
