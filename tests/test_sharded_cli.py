@@ -160,3 +160,55 @@ def test_prepare_folder_two_processes_equal_one(tmp_path):
 
     with h5py.File(tmp_path / "a.h5") as fa, h5py.File(tmp_path / "b.h5") as fb:
         assert fa.attrs["counters"] == fb.attrs["counters"] and "1" in str(fa.attrs["counters"])
+
+
+def _same_store(a: Path, b: Path, images: int) -> None:
+    """Two stores hold the same arrays (images, labels, names, split, ...) and the same skip counters."""
+    import h5py
+
+    ha, hb = _h5(a), _h5(b)
+    assert ha.keys() == hb.keys() and len(ha["images"]) == images
+    for k in ha:
+        assert np.array_equal(ha[k], hb[k], equal_nan=ha[k].dtype.kind == "f"), k
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fa.attrs["counters"] == fb.attrs["counters"]
+
+
+@pytest.mark.slow  # ~35 s on the shared 2-core machine
+def test_prepare_rec_two_processes_equal_one(tmp_path):
+    """A shuffled 20-image pack (labels from the headers, 3 multi-part records), 3 identities x at most 4 images
+    drawn (12 items, 6 per rank): rank 0 writes the same store (pixels, labels, split, sources) as one process."""
+    import cv2
+    from test_recordio import IDS, PER, _face, write_shuffled_pack
+
+    root = tmp_path / "faces"
+    for i in range(IDS):
+        (root / f"id{i}").mkdir(parents=True)
+        for k in range(PER):
+            cv2.imwrite(str(root / f"id{i}" / f"{k}.png"), _face(i, k)[:, :, ::-1])
+    write_shuffled_pack(root, tmp_path / "train.rec")
+    common = ["prepare", "rec", "--rec", tmp_path / "train.rec", "--identities", 3, "--per-identity", 4, "--seed", 1]
+    one = run_facetool(*common, "--out", tmp_path / "a.h5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*common, "--out", tmp_path / "b.h5", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _same_store(tmp_path / "a.h5", tmp_path / "b.h5", 12)
+    ra, rb = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert {k: v for k, v in ra.items() if k != "store"} == {k: v for k, v in rb.items() if k != "store"}
+
+
+@pytest.mark.slow  # ~35 s on the shared 2-core machine
+def test_prepare_imdbface_two_processes_equal_one(tmp_path):
+    """The IMDb-Face fixture (21 CSV rows, a corrupt file replaced, unreadable identities dropped after reading):
+    2 ranks give the same store and the same drop counters as one process."""
+    from test_imdbface import make_imdb
+
+    root = tmp_path / "images"
+    make_imdb(root)
+    common = ["prepare", "imdb-face", "--root", root, "--min-images", 3, "--per-identity", 5]
+    one = run_facetool(*common, "--out", tmp_path / "a.h5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*common, "--out", tmp_path / "b.h5", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("unreadable") == one.stdout.count("unreadable") >= 1  # rank 0 alone reports
+    _same_store(tmp_path / "a.h5", tmp_path / "b.h5", 10)
