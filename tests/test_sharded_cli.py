@@ -212,3 +212,30 @@ def test_prepare_imdbface_two_processes_equal_one(tmp_path):
     assert two.returncode == 0, two.stderr[-3000:]
     assert two.stdout.count("unreadable") == one.stdout.count("unreadable") >= 1  # rank 0 alone reports
     _same_store(tmp_path / "a.h5", tmp_path / "b.h5", 10)
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core machine
+def test_dissect_relevance_two_processes_equal_one(small_store, tmp_path):
+    """LRP maps of 14 images in batches of 4 (4 batches, 2 per rank) and 3 x 4 x 14 perturbed forwards in batches
+    of 64 split over the ranks: rank 0 alone writes, and maps.h5 (maps, classes, curves, means), curves.csv,
+    parts.csv and metrics.json (speed and paths aside) equal one process's."""
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18", num_classes=4, input_size=64, width=8).eval())
+    common = ["--model", model, "--store", small_store, "--split", "all", "--limit", "14", "--batch-size", "4",
+              "--steps", "3", "--patch", "8", "--grid", "4", "--target", "predicted", "--device", "cpu"]
+    one = run_facetool("dissect", "relevance", *common, "--out", tmp_path / "r1", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("dissect", "relevance", *common, "--out", tmp_path / "r2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    a, b = _h5(tmp_path / "r1" / "maps.h5"), _h5(tmp_path / "r2" / "maps.h5")
+    assert a.keys() == b.keys() and a["maps"].shape == (14, 64, 64) and "explained_class" in a
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+    assert np.abs(a["maps"]).sum((1, 2)).min() > 0  # real maps, not zeros
+    for name in ("curves.csv", "parts.csv"):
+        assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes(), name
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("r1", "r2"))
+    for m in (ma, mb):
+        for k in ("maps_per_second", "files"):
+            m.pop(k)
+    assert ma == mb and ma["images"] == 14
