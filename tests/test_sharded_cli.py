@@ -223,7 +223,8 @@ def test_dissect_relevance_two_processes_equal_one(small_store, tmp_path):
     model = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18", num_classes=4, input_size=64, width=8).eval())
     common = ["--model", model, "--store", small_store, "--split", "all", "--limit", "14", "--batch-size", "4",
               "--steps", "3", "--patch", "8", "--grid", "4", "--target", "predicted", "--device", "cpu"]
-    one = run_facetool("dissect", "relevance", *common, "--out", tmp_path / "r1", cwd=tmp_path)
+    one = run_facetool("dissect", "relevance", *common, "--out", tmp_path / "r1", cwd=tmp_path,
+                       env={"OMP_NUM_THREADS": "1"})  # one thread, as each torchrun process: the same float sums
     assert one.returncode == 0, one.stderr[-3000:]
     two = torchrun("dissect", "relevance", *common, "--out", tmp_path / "r2", cwd=tmp_path)
     assert two.returncode == 0, two.stderr[-3000:]
@@ -239,3 +240,28 @@ def test_dissect_relevance_two_processes_equal_one(small_store, tmp_path):
         for k in ("maps_per_second", "files"):
             m.pop(k)
     assert ma == mb and ma["images"] == 14
+
+
+@pytest.mark.slow  # ~50 s on the shared 2-core machine
+def test_invert_routing_prior_two_processes_equal_one(small_store, tmp_path):
+    """A CondFace model, 6 faces in batches of 2 (3 batches: 2 on rank 0, 1 on rank 1), inverted without and with
+    the routing prior (both inversions sharded): rank 0 alone writes, and inverted.h5 (pixels) and metrics.json
+    (both inversions' metrics and final losses; the time aside) equal one process's."""
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "cf.pt", create_model("condface_ir18", input_size=64, width=8,
+                                                             embedding_size=16).eval())
+    common = ["--model", model, "--images", small_store, "--split", "all", "--limit", "6", "--batch", "2",
+              "--iterations", "4", "--routing-prior", "10", "--pairs"]
+    # one thread as each torchrun process has: the backward passes' float sums then run in the same order
+    one = run_facetool("invert", *common, "--out", tmp_path / "i1", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("invert", *common, "--out", tmp_path / "i2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    a, b = _h5(tmp_path / "i1" / "inverted.h5"), _h5(tmp_path / "i2" / "inverted.h5")
+    assert a.keys() == b.keys() and len(a["images"]) == 6
+    assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("i1", "i2"))
+    ma.pop("seconds"), mb.pop("seconds")
+    assert ma == mb and ma["images"] == 6 and "pair_accuracy" in ma["routing_prior_comparison"]["without"]
+    assert not list((tmp_path / "i2").rglob("state-*.pt"))  # the resume states are cleaned up as in one process
