@@ -160,3 +160,108 @@ def test_prepare_folder_two_processes_equal_one(tmp_path):
 
     with h5py.File(tmp_path / "a.h5") as fa, h5py.File(tmp_path / "b.h5") as fb:
         assert fa.attrs["counters"] == fb.attrs["counters"] and "1" in str(fa.attrs["counters"])
+
+
+def _same_store(a: Path, b: Path, images: int) -> None:
+    """Two stores hold the same arrays (images, labels, names, split, ...) and the same skip counters."""
+    import h5py
+
+    ha, hb = _h5(a), _h5(b)
+    assert ha.keys() == hb.keys() and len(ha["images"]) == images
+    for k in ha:
+        assert np.array_equal(ha[k], hb[k], equal_nan=ha[k].dtype.kind == "f"), k
+    with h5py.File(a) as fa, h5py.File(b) as fb:
+        assert fa.attrs["counters"] == fb.attrs["counters"]
+
+
+@pytest.mark.slow  # ~35 s on the shared 2-core machine
+def test_prepare_rec_two_processes_equal_one(tmp_path):
+    """A shuffled 20-image pack (labels from the headers, 3 multi-part records), 3 identities x at most 4 images
+    drawn (12 items, 6 per rank): rank 0 writes the same store (pixels, labels, split, sources) as one process."""
+    import cv2
+    from test_recordio import IDS, PER, _face, write_shuffled_pack
+
+    root = tmp_path / "faces"
+    for i in range(IDS):
+        (root / f"id{i}").mkdir(parents=True)
+        for k in range(PER):
+            cv2.imwrite(str(root / f"id{i}" / f"{k}.png"), _face(i, k)[:, :, ::-1])
+    write_shuffled_pack(root, tmp_path / "train.rec")
+    common = ["prepare", "rec", "--rec", tmp_path / "train.rec", "--identities", 3, "--per-identity", 4, "--seed", 1]
+    one = run_facetool(*common, "--out", tmp_path / "a.h5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*common, "--out", tmp_path / "b.h5", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    _same_store(tmp_path / "a.h5", tmp_path / "b.h5", 12)
+    ra, rb = (json.loads((tmp_path / f"{n}.json").read_text()) for n in "ab")
+    assert {k: v for k, v in ra.items() if k != "store"} == {k: v for k, v in rb.items() if k != "store"}
+
+
+@pytest.mark.slow  # ~35 s on the shared 2-core machine
+def test_prepare_imdbface_two_processes_equal_one(tmp_path):
+    """The IMDb-Face fixture (21 CSV rows, a corrupt file replaced, unreadable identities dropped after reading):
+    2 ranks give the same store and the same drop counters as one process."""
+    from test_imdbface import make_imdb
+
+    root = tmp_path / "images"
+    make_imdb(root)
+    common = ["prepare", "imdb-face", "--root", root, "--min-images", 3, "--per-identity", 5]
+    one = run_facetool(*common, "--out", tmp_path / "a.h5", cwd=tmp_path)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun(*common, "--out", tmp_path / "b.h5", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("unreadable") == one.stdout.count("unreadable") >= 1  # rank 0 alone reports
+    _same_store(tmp_path / "a.h5", tmp_path / "b.h5", 10)
+
+
+@pytest.mark.slow  # ~40 s on the shared 2-core machine
+def test_dissect_relevance_two_processes_equal_one(small_store, tmp_path):
+    """LRP maps of 14 images in batches of 4 (4 batches, 2 per rank) and 3 x 4 x 14 perturbed forwards in batches
+    of 64 split over the ranks: rank 0 alone writes, and maps.h5 (maps, classes, curves, means), curves.csv,
+    parts.csv and metrics.json (speed and paths aside) equal one process's."""
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "r18.pt", create_model("resnet18", num_classes=4, input_size=64, width=8).eval())
+    common = ["--model", model, "--store", small_store, "--split", "all", "--limit", "14", "--batch-size", "4",
+              "--steps", "3", "--patch", "8", "--grid", "4", "--target", "predicted", "--device", "cpu"]
+    one = run_facetool("dissect", "relevance", *common, "--out", tmp_path / "r1", cwd=tmp_path,
+                       env={"OMP_NUM_THREADS": "1"})  # one thread, as each torchrun process: the same float sums
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("dissect", "relevance", *common, "--out", tmp_path / "r2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    a, b = _h5(tmp_path / "r1" / "maps.h5"), _h5(tmp_path / "r2" / "maps.h5")
+    assert a.keys() == b.keys() and a["maps"].shape == (14, 64, 64) and "explained_class" in a
+    assert all(np.array_equal(a[k], b[k]) for k in a), [k for k in a if not np.array_equal(a[k], b[k])]
+    assert np.abs(a["maps"]).sum((1, 2)).min() > 0  # real maps, not zeros
+    for name in ("curves.csv", "parts.csv"):
+        assert (tmp_path / "r1" / name).read_bytes() == (tmp_path / "r2" / name).read_bytes(), name
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("r1", "r2"))
+    for m in (ma, mb):
+        for k in ("maps_per_second", "files"):
+            m.pop(k)
+    assert ma == mb and ma["images"] == 14
+
+
+@pytest.mark.slow  # ~50 s on the shared 2-core machine
+def test_invert_routing_prior_two_processes_equal_one(small_store, tmp_path):
+    """A CondFace model, 6 faces in batches of 2 (3 batches: 2 on rank 0, 1 on rank 1), inverted without and with
+    the routing prior (both inversions sharded): rank 0 alone writes, and inverted.h5 (pixels) and metrics.json
+    (both inversions' metrics and final losses; the time aside) equal one process's."""
+    torch.manual_seed(0)
+    model = save_checkpoint(tmp_path / "cf.pt", create_model("condface_ir18", input_size=64, width=8,
+                                                             embedding_size=16).eval())
+    common = ["--model", model, "--images", small_store, "--split", "all", "--limit", "6", "--batch", "2",
+              "--iterations", "4", "--routing-prior", "10", "--pairs"]
+    # one thread as each torchrun process has: the backward passes' float sums then run in the same order
+    one = run_facetool("invert", *common, "--out", tmp_path / "i1", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = torchrun("invert", *common, "--out", tmp_path / "i2", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("wrote ") == 1  # rank 0 alone writes and reports
+    a, b = _h5(tmp_path / "i1" / "inverted.h5"), _h5(tmp_path / "i2" / "inverted.h5")
+    assert a.keys() == b.keys() and len(a["images"]) == 6
+    assert all(np.array_equal(a[k], b[k], equal_nan=a[k].dtype.kind == "f") for k in a)
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("i1", "i2"))
+    ma.pop("seconds"), mb.pop("seconds")
+    assert ma == mb and ma["images"] == 6 and "pair_accuracy" in ma["routing_prior_comparison"]["without"]
+    assert not list((tmp_path / "i2").rglob("state-*.pt"))  # the resume states are cleaned up as in one process

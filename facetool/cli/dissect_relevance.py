@@ -45,11 +45,15 @@ def register(group: typer.Typer) -> None:
         device = checked_device(device)  # every check that needs no file, before any work
         check_options(method=method, target=target, reference=reference, fill=fill, limit=limit,
                       batch_size=batch_size, steps=steps, max_fraction=max_fraction, patch=patch, grid=grid)
-        with console.status(f"explaining {model.name} with {method}"):
+        from facetool import distributed as fd
+
+        with fd.job(), console.status(f"explaining {model.name} with {method}"):  # torchrun: split over the ranks
             res = dissect_relevance(model, store, out, method=method, target=target, reference=reference,
                                     split=split, limit=limit, batch_size=batch_size, steps=steps,
                                     max_fraction=max_fraction, patch=patch, fill=fill, grid=grid, seed=seed,
                                     overwrite=overwrite, arch=arch, device=device)
+        if res is None:  # another rank's share, merged and written by rank 0
+            return
         print_notes(res["notes"])
         console.print(f"{res['method']} on {res['images']} images, target {res['target']} "
                       f"({res['maps_per_second']:.1f} maps/s); perturbation score = {res['score']}")

@@ -50,6 +50,7 @@ def invert_cmd(
     """Invert faces: optimise images whose embeddings match the targets, then score them. With
     --routing-prior W (a CondFace model) the faces are inverted twice, without and with W x the distance of
     their routing vectors to the target faces', and the metrics of both are compared (thesis Table 5.3)."""
+    from facetool import distributed as fd
     from facetool.io import guard_output, guard_run_folder, run_name
 
     inputs = (model, images, embeddings, judge)
@@ -60,12 +61,13 @@ def invert_cmd(
     state_dir = out / "state"
     written: list[str] = []
     try:
-        _invert(model=model, out=out, images=images, embeddings=embeddings, split=split, limit=limit,
-                iterations=iterations, batch=batch, lr=lr, id_loss=id_loss, bn_weight=bn_weight,
-                no_bn_prior=no_bn_prior, tv_l2=tv_l2, tv_l1=tv_l1, l2=l2, gate_prior=gate_prior,
-                routing_prior=routing_prior, multires=multires, judge=judge, pairs=pairs, seed=seed, resume=resume,
-                arch=arch, features=features, judge_arch=judge_arch, judge_features=judge_features,
-                state_dir=state_dir, written=written)
+        with fd.job():  # under torchrun: the batches split over the ranks, rank 0 evaluates and writes
+            _invert(model=model, out=out, images=images, embeddings=embeddings, split=split, limit=limit,
+                    iterations=iterations, batch=batch, lr=lr, id_loss=id_loss, bn_weight=bn_weight,
+                    no_bn_prior=no_bn_prior, tv_l2=tv_l2, tv_l1=tv_l1, l2=l2, gate_prior=gate_prior,
+                    routing_prior=routing_prior, multires=multires, judge=judge, pairs=pairs, seed=seed,
+                    resume=resume, arch=arch, features=features, judge_arch=judge_arch,
+                    judge_features=judge_features, state_dir=state_dir, written=written)
     except KeyboardInterrupt:
         if os.environ.get("FACETOOL_DEBUG"):
             raise
@@ -104,18 +106,22 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
             pairs: bool, seed: int, resume: bool, arch: str | None, features: str, judge_arch: str | None,
             judge_features: str, state_dir: Path, written: list[str]) -> None:
     """The inversion itself, after the options and outputs are checked (``invert_cmd``); appends each
-    result file to ``written`` once it is complete."""
+    result file to ``written`` once it is complete. Under ``torchrun`` every rank inverts its share of the
+    batches (both inversions with ``--routing-prior``) and gets them all back; rank 0 alone evaluates and
+    writes."""
     import torch
 
+    from facetool import distributed as fd
     from facetool.data.transforms import normalize
     from facetool.errors import FacetoolError
     from facetool.io import atomic_path, write_json
     from facetool.explainers import invert as inv
     from facetool.models import load_model
 
-    if state_dir.exists() and not resume:
+    if state_dir.exists() and not resume and fd.is_main():
         for f in state_dir.rglob("state-*.pt"):
             f.unlink()
+    fd.barrier()  # no rank saves a batch's state before the old ones are gone
     cfg = inv.InversionConfig(iterations=iterations, lr=lr, batch=batch, id_loss=id_loss,
                               w_bn=0.0 if no_bn_prior else bn_weight, w_tv_l2=tv_l2, w_tv_l1=tv_l1, w_l2=l2,
                               multires=multires, seed=seed)
@@ -171,7 +177,8 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
     with prog:
         if routing_prior > 0:  # the same inversion without the prior first: Table 5.3's comparison
             res0, done0, bad0 = run(0.0, state_dir / NO_PRIOR)
-            m0 = inv.evaluate_inversion(res0, done0, net, judge_net, pairs and bad0 is None, seed)
+            m0 = (inv.evaluate_inversion(res0, done0, net, judge_net, pairs and bad0 is None, seed)
+                  if fd.is_main() else {})
             comparison = {"weight": routing_prior,
                           "without": {k: m0[k] for k in ("images", *COMPARED) if k in m0}
                           | {"final_loss": {k: v[-1] for k, v in res0.history.items() if v}}}
@@ -179,6 +186,8 @@ def _invert(*, model: Path, out: Path, images: Path | None, embeddings: Path | N
                 comparison["without"]["diverged"] = str(bad0)
         res, done, diverged = run(routing_prior, state_dir)
     seconds = time.perf_counter() - t0
+    if not fd.is_main():  # every rank has the inversions; rank 0 evaluates, writes and reports
+        return
     n = len(res.images)
     metrics = inv.evaluate_inversion(res, done, net, judge_net, pairs and diverged is None, seed)
     if comparison is not None:

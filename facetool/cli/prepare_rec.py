@@ -29,10 +29,15 @@ def register(prepare_app: typer.Typer) -> None:
         resume: bool = typer.Option(False, help="Continue an interrupted run."),
     ) -> None:
         """RecordIO pack (.rec/.idx, insightface's training sets) -> face store, images copied (already aligned)."""
+        from facetool import distributed as fd
         from facetool.cli.prepare_datasets import _show
         from facetool.data.imdbface import report_path
         from facetool.data.rec_prepare import prepare_rec
 
-        path, rep = prepare_rec(rec, out, identities=identities, per_identity=per_identity, size=size,
-                                test_fraction=test_fraction, seed=seed, overwrite=overwrite, resume=resume)
+        with fd.job():  # under torchrun: the records split over the ranks, rank 0 writes
+            got = prepare_rec(rec, out, identities=identities, per_identity=per_identity, size=size,
+                              test_fraction=test_fraction, seed=seed, overwrite=overwrite, resume=resume)
+        if got is None:
+            return
+        path, rep = got
         _show(f"rec {rec.name}", rep, report_path(path))

@@ -59,10 +59,12 @@ def rec_record(pk: RecordPack, item: Item, size: int | None = None) -> Record:
 
 def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = None, per_identity: int | None = None,
                 size: int | None = None, test_fraction: float = 0.2, seed: int = 0, overwrite: bool = False,
-                resume: bool = False, start: int = 0, stop: int | None = None) -> tuple[Path, dict[str, Any]]:
+                resume: bool = False, start: int = 0, stop: int | None = None) -> tuple[Path, dict[str, Any]] | None:
     """Convert ``rec`` (all, or ``identities`` x ``per_identity`` of it) to the face store ``out``; the
     planned items ``start:stop`` only when given. Returns (store path, report dict; the report is also
-    written beside the store)."""
+    written beside the store). Under ``torchrun`` (a process group of several) the items are split over
+    the ranks and rank 0 alone writes the store one process writes (:func:`facetool.prepare.build_store`);
+    the other ranks return None."""
     from facetool.data.imdbface import finish_report, guard_report
     from facetool.prepare import build_store
 
@@ -84,10 +86,13 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
     settings = {"dataset": "rec", "rec": str(pk.rec), "identities": identities, "per_identity": per_identity,
                 "size": size, "test_fraction": test_fraction, "seed": seed, "start": start, "stop": stop,
                 "identity ranges (record 0)": pk.identity_ranges is not None}
-    path, counters = build_store(
+    built = build_store(
         out, items, lambda it: rec_record(pk, it, size),
         writer_kwargs=dict(image_size=(h, w), identities=[str(k) for k in kept], source=f"rec:{pk.rec.name}",
                            preprocessing={k: v for k, v in settings.items() if k != "rec"}),
         overwrite=overwrite, resume=resume, label=f"rec {pk.rec.name}")
     pk.close()
+    if built is None:  # another torchrun rank: rank 0 writes the store and the report
+        return None
+    path, counters = built
     return path, finish_report(path, counters, settings)

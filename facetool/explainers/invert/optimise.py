@@ -304,14 +304,21 @@ def invert_batches(
 
     Model priors (gate pattern, routing) take their targets from ``target_images``' internals.
     Histories of all batches are concatenated; ``steps`` is the per-batch iteration count.
+
+    Under ``torchrun`` (a process group of several) the batches are split over the ranks: each batch is an
+    independent optimisation seeded with ``cfg.seed`` (its BN statistics are its own faces'), so every
+    rank gets back the one-process result (or the same :class:`InversionDiverged`: the batches before
+    the first diverged one and its last good images).
     """
+    from facetool import distributed as fd
+
     if len(targets) == 0:
         raise FacetoolError("nothing to invert: no target embeddings")
     if (gate_weight or routing_weight) and target_images is None:
         raise FacetoolError("the gate/routing priors need the target images (not only embeddings)")
-    imgs, cos, hist, steps = [], [], {}, 0
     n_batches = math.ceil(len(targets) / cfg.batch)
-    for k in range(n_batches):
+
+    def batch(k: int) -> InversionResult:
         sl = slice(k * cfg.batch, (k + 1) * cfg.batch)
         extra: list[Prior] = []
         if gate_weight or routing_weight:
@@ -324,8 +331,27 @@ def invert_batches(
                 extra.append(RoutingPrior(ref["routing"], routing_weight))
         cb = (lambda s, n, v, k=k: progress(k, n_batches, s, v)) if progress else None
         sp = Path(state_dir) / f"state-{k}.pt" if state_dir is not None else None
+        return invert(model, targets[sl], cfg, extra, progress=cb, state_path=sp)
+
+    if fd.sharded():
+        def attempt(idx: np.ndarray) -> tuple[InversionResult, str | None]:
+            try:
+                return batch(int(idx[0])), None
+            except InversionDiverged as e:
+                return e.result, str(e)
+
+        outcomes = fd.map_sharded(n_batches, attempt, to_all=True)
+    else:
+        outcomes = None
+    imgs, cos, hist, steps = [], [], {}, 0
+    for k in range(n_batches):
         try:
-            r = invert(model, targets[sl], cfg, extra, progress=cb, state_path=sp)
+            if outcomes is None:
+                r = batch(k)
+            else:
+                r, err = outcomes[k]
+                if err is not None:
+                    raise InversionDiverged(err, r)
         except InversionDiverged as e:  # return everything finished so far plus the last good batch
             done = torch.cat(imgs + [e.result.images])
             e.result = InversionResult(done, hist or e.result.history, torch.cat(cos + [e.result.final_cosine]), e.result.steps)

@@ -59,9 +59,14 @@ def removal_masks(order: Tensor, counts: Sequence[int], grid: tuple[int, int], p
 
 def perturbation_curves(model: nn.Module, x: Tensor, maps: np.ndarray | Tensor, what: Explained, *,
                         steps: int = 10, max_fraction: float = 0.5, patch: int = 8, fill: str = "mean",
-                        seed: int = 0, batch: int = 64) -> dict:
+                        seed: int = 0, batch: int = 64, sharded: bool = False) -> dict | None:
     """Scores (B, steps + 1) after removing 0 .. ``max_fraction`` of the image in MoRF, LeRF and a
-    random order; returns ``{"fractions", "morf", "lerf", "random", "aopc_*"}``."""
+    random order; returns ``{"fractions", "morf", "lerf", "random", "aopc_*"}``.
+
+    ``sharded`` (under ``torchrun``): the perturbed images' forward batches (the same ``batch``-sized
+    batches as one process) are split over the ranks and gathered in order on rank 0, which gets the
+    one-process result; the other ranks get None."""
+    from facetool import distributed as fd
     from facetool.explainers.lrp import eval_mode
 
     if steps < 1 or not 0.0 < max_fraction <= 1.0:
@@ -87,11 +92,18 @@ def perturbation_curves(model: nn.Module, x: Tensor, maps: np.ndarray | Tensor, 
             masks = removal_masks(order, counts, grid, patch, (H, W))  # (K, B, 1, H, W)
             xs = (x[None] * (1 - masks) + filled[None] * masks).flatten(0, 1)
             whats = [what] * (steps + 1)
-            out = torch.cat([forward(model, xs[i:i + batch]) for i in range(0, len(xs), batch)])
+            if sharded:
+                parts = fd.map_sharded(len(xs), lambda idx: forward(model, xs[int(idx[0]):int(idx[-1]) + 1]),
+                                       batch_size=batch)
+                if parts is None:  # another rank's share, gathered on rank 0
+                    continue
+                out = torch.cat(parts)
+            else:
+                out = torch.cat([forward(model, xs[i:i + batch]) for i in range(0, len(xs), batch)])
             sc = torch.cat([w.score(out[k * B:(k + 1) * B]) for k, w in enumerate(whats)]).view(steps + 1, B).T
             res[name] = sc.numpy()
             res[f"aopc_{name}"] = float((sc[:, :1] - sc).mean().item())
-    return res
+    return res if fd.is_main() or not sharded else None
 
 
 def part_mass(maps: np.ndarray, masks: dict[str, np.ndarray]) -> list[dict]:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from facetool import distributed as fd
 from facetool.errors import FacetoolError
 from facetool.explainers.relevance.inputs import image_file, load_images, select_rows
 from facetool.explainers.relevance.maps import LRP_METHODS, METHODS, cam_notes, explain, normalise
@@ -46,11 +47,13 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
                       limit: int = 64, batch_size: int = 16, steps: int = 10, max_fraction: float = 0.5,
                       patch: int = 8, fill: str = "mean", grid: int = 16, seed: int = 0,
                       attributes: Sequence[str] | None = None, overwrite: bool = False, arch: str | None = None,
-                      device: str | None = "cpu") -> dict:
+                      device: str | None = "cpu") -> dict | None:
     """``facetool dissect relevance``: maps, perturbation validation, part masses, plots, HDF5 + JSON/CSV.
     ``arch``: architecture of a model file that records none; ``device``: where the model runs (cpu by
     default, as before; images, maps and results stay on the CPU). ``notes`` in the result: doubts about
-    the maps (a CAM layer too coarse)."""
+    the maps (a CAM layer too coarse). Under ``torchrun`` (a process group of several) the map batches and
+    the perturbation forwards are split over the ranks; rank 0 merges them in index order, writes every
+    output once and gets the one-process result, the other ranks None."""
     import time
 
     import h5py
@@ -111,22 +114,28 @@ def dissect_relevance(model_path: str | Path, store_path: str | Path, out: str |
                 raise FacetoolError(f"--reference {reference!r}: use self, same-identity, an image file or a pairs .txt")
             refs = embed(model, image_file(rp, size)).expand(len(x), -1)
 
-    maps, whats = [], []
+    def batch_maps(idx: np.ndarray) -> tuple[np.ndarray, Explained]:
+        """Maps of the batch of images ``idx`` (consecutive) and what they explain (without the refs)."""
+        i, j = int(idx[0]), int(idx[-1]) + 1
+        what = resolve(model, x[i:j], tgt, labels[i:j], None if attr_codes is None else attr_codes[i:j],
+                       None if refs is None else refs[i:j])
+        return explain(model, x[i:j], method, what, seed=seed + i), Explained(what.classes, None, what.sl, what.head)
+
+    # under torchrun the batches (one process's) are split over the ranks; every rank gets every map back
+    # and takes its share of the perturbation forwards, rank 0 alone scores and writes
+    sharded = fd.sharded()
     t0 = time.perf_counter()
-    for i in range(0, len(x), batch_size):
-        xb = x[i:i + batch_size]
-        what = resolve(model, xb, tgt, labels[i:i + batch_size],
-                       None if attr_codes is None else attr_codes[i:i + batch_size],
-                       None if refs is None else refs[i:i + batch_size])
-        maps.append(explain(model, xb, method, what, seed=seed + i))
-        whats.append(what)
+    done = fd.map_sharded(len(x), batch_maps, batch_size=batch_size, to_all=True)
     seconds = time.perf_counter() - t0
-    maps_np = np.concatenate(maps)
+    maps_np = np.concatenate([m for m, _ in done])
+    whats = [w for _, w in done]
     what_all = Explained(
         classes=None if whats[0].classes is None else torch.cat([w.classes for w in whats]),
         refs=refs, sl=whats[0].sl, head=whats[0].head)
     curves = perturbation_curves(model, x, maps_np, what_all, steps=steps, max_fraction=max_fraction,
-                                 patch=patch, fill=fill, seed=seed)
+                                 patch=patch, fill=fill, seed=seed, sharded=sharded)
+    if curves is None:  # another rank: rank 0 has the curves and writes every output
+        return None
     curves["score_name"] = "cosine" if tgt.kind == "cosine" else "probability of the explained class"
     parts_rows = part_mass(maps_np, {p: resize_masks(m, size) for p, m in part_masks.items()})
     signed = method in LRP_METHODS
