@@ -559,3 +559,45 @@ def test_cli_device_and_arch_are_checked_before_any_work(painted_store, small_re
     assert r.exit_code == 2 and "resnet18; --arch iresnet34 contradicts it" in r.output and not out.exists()
     r = cli(*args, "--arch", "resnet18", "--device", "cpu", "--quantile", "0.05")
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------ identical to the reference
+def _same_dissection(new, ref) -> None:
+    assert list(new.layers) == list(ref.layers)
+    for name in ref.layers:
+        a, b = new.layers[name], ref.layers[name]
+        assert a.shape == b.shape and np.array_equal(a.iou, b.iou), name  # bit-identical IoU sums
+        assert [u.to_dict() for u in a.units] == [u.to_dict() for u in b.units], name
+    assert new.tally(None) == ref.tally(None)
+    assert new.notes == ref.notes and new.dictionary == ref.dictionary and new.settings == ref.settings
+
+
+@pytest.mark.parametrize("quantile", [0.005, 0.05, 0.2])
+def test_hand_units_dissection_equals_the_reference_implementation(painted_store, quantile):
+    """Tallies, IoUs, probabilities, biases and top images equal the frozen pre-vectorisation code
+    (tests/dissect_reference.py) exactly, at full (64x64) and pooled (16x16) resolution, with a batch
+    size that does not divide the 36 images."""
+    import dissect_reference
+
+    out = []
+    for fn in (dissect_units, dissect_reference.dissect_units):
+        d = load_dictionary(painted_store)
+        out.append(fn(HandUnits(), d, ["full", "pooled"], quantile=quantile, batch_size=7, device="cpu"))
+        d.close()
+    _same_dissection(*out)
+
+
+@pytest.mark.parametrize("quantile,input_size", [(0.005, 64), (0.05, 64), (0.05, 96)])
+def test_resnet_dissection_equals_the_reference_implementation(painted_store, quantile, input_size):
+    """A random ResNet-18 (2 classes: a predicted group too) on layer2..layer4, at the store's size and
+    at another input size (maps resized): identical to the reference code."""
+    import dissect_reference
+
+    torch.manual_seed(1)
+    model = create_model("resnet18", num_classes=2, input_size=input_size, width=8).eval()
+    out = []
+    for fn in (dissect_units, dissect_reference.dissect_units):
+        d = load_dictionary(painted_store)
+        out.append(fn(model, d, ["layer2", "layer3", "layer4"], quantile=quantile, batch_size=16, device="cpu"))
+        d.close()
+    _same_dissection(*out)
