@@ -39,6 +39,7 @@ every unit to an HDF5 scratch file that stage 2/3 read back in blocks of units.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -372,6 +373,115 @@ class _TopK:
         self.val, self.row = top.values, r.gather(1, top.indices)
 
 
+def unit_concept_counts(maps: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
+                        input_size: tuple[int, int] | None = None, *,
+                        mem_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IoU counts of one batch, additive over batches (and over shards of the dictionary).
+
+    ``maps`` (B, U, h, w) unit activations, ``masks`` (B, K, H, W) or (B, K, H*W) boolean concept masks,
+    ``thresholds`` (U,). Each map is upsampled bilinearly onto the (H, W) image (:func:`upsample_maps`,
+    ``input_size`` the model's input) and thresholded (``> threshold``). Returns int64 counts on the maps'
+    device: ``inter`` (U, K) = pixels where unit u is on inside concept k's mask, ``covered`` (U, K) = pixels
+    where u is on in the images carrying k, ``area`` (K,) = pixels of k's masks. IoU(u, k) = inter /
+    (covered + area - inter) over the summed counts.
+
+    Vectorised and exact: a bilinear upsample is a convex combination of the map's cells, so a map whose
+    maximum is below its threshold (by more than the rounding of the interpolation) has no pixel above it
+    and contributes nothing; the remaining (image, unit) maps are upsampled together (the same
+    :func:`upsample_maps` arithmetic as one map at a time, so the same pixels pass) and only their
+    pixels above threshold are looked up in the masks of their image."""
+    B, U = maps.shape[:2]
+    H, W = size
+    P = H * W
+    dev = maps.device
+    masks = masks.reshape(B, -1, P)
+    K = masks.shape[1]
+    inter = torch.zeros(U, K, dtype=torch.int64, device=dev)
+    covered = torch.zeros(U, K, dtype=torch.int64, device=dev)
+    area = masks.sum((0, 2), dtype=torch.int64)
+    if B == 0 or U == 0:
+        return inter, covered, area
+    maps = maps.float()
+    thresholds = thresholds.to(dev, torch.float32)
+    flat = maps.reshape(B, U, -1)
+    top = flat.amax(-1)
+    mag = torch.maximum(flat.abs().amax(-1), thresholds.abs()[None])
+    bi, ui = (top >= thresholds[None] - 1e-5 * mag).nonzero(as_tuple=True)  # the maps that may pass (B, U order)
+    if len(bi) == 0:
+        return inter, covered, area
+    carry = masks.any(-1).to(torch.int64)  # (B, K)
+    table = masks.transpose(1, 2).reshape(B * P, K).to(torch.int32)  # row b*P + p: which masks hold pixel p
+    step = max(1, mem_elements // (4 * P))
+    for s in range(0, len(bi), step):
+        b, u = bi[s:s + step], ui[s:s + step]
+        up = upsample_maps(maps[b, u][None], (H, W), input_size)[0]  # (n, H, W)
+        on = up.reshape(len(b), P) > thresholds[u][:, None]
+        covered.index_add_(0, u, on.sum(1)[:, None] * carry[b])
+        pair, pix = on.nonzero(as_tuple=True)
+        if len(pair):  # int32 per chunk (at most n * P pixels), int64 over chunks
+            inter += torch.zeros(U, K, dtype=torch.int32, device=dev).index_add_(0, u[pair], table[b[pair] * P + pix])
+    return inter, covered, area
+
+
+class _Scratch:
+    """Per-layer scratch on disk: per-image max/min of every unit (HDF5, written in blocks of rows) and,
+    within ``cache_bytes``, the activations themselves (a raw float32 file, one block per batch), so the IoU
+    pass reads them back instead of running the model again. Page cache, not process memory, holds them."""
+
+    def __init__(self, folder: Path, name: str, n: int, shape: tuple[int, int, int], h5, cache: bool,
+                 block_elements: int = 1 << 21) -> None:
+        U = shape[0]
+        self.rows = max(1, min(n, block_elements // max(1, U)))
+        ch = (self.rows, U)
+        self.max = h5.create_dataset(f"{name}/max", (n, U), np.float32, chunks=ch)
+        self.min = h5.create_dataset(f"{name}/min", (n, U), np.float32, chunks=ch)
+        self.buf = np.empty((2, self.rows, U), np.float32)
+        self.r0, self.fill = 0, 0
+        self.shape = shape
+        self.path = folder / f"{name.replace('/', '_')}.f32" if cache else None
+        self.file = open(self.path, "wb") if cache else None
+
+    def add(self, mx: np.ndarray, mn: np.ndarray, maps: torch.Tensor | None) -> None:
+        """Append the next images' maxima/minima (B, U) and maps (B, U, h, w) (rows come in order)."""
+        i = 0
+        while i < len(mx):
+            j = min(len(mx), i + self.rows - self.fill)
+            self.buf[0, self.fill:self.fill + j - i] = mx[i:j]
+            self.buf[1, self.fill:self.fill + j - i] = mn[i:j]
+            self.fill += j - i
+            i = j
+            if self.fill == self.rows:
+                self.flush()
+        if self.file is not None and maps is not None:
+            self.file.write(np.ascontiguousarray(maps.cpu().numpy(), np.float32).tobytes())
+
+    def flush(self) -> None:
+        if self.fill:
+            self.max[self.r0:self.r0 + self.fill] = self.buf[0, :self.fill]
+            self.min[self.r0:self.r0 + self.fill] = self.buf[1, :self.fill]
+            self.r0 += self.fill
+            self.fill = 0
+
+    def finish(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.close()
+            self.file = open(self.path, "rb")
+
+    def maps(self, n: int, device) -> torch.Tensor:
+        """The next ``n`` images' cached maps, in the order they were written."""
+        count = n * int(np.prod(self.shape))
+        a = np.fromfile(self.file, np.float32, count=count)
+        if a.size != count:
+            raise FacetoolError(f"dissection scratch file {self.path} is truncated")
+        return torch.from_numpy(a.reshape(n, *self.shape)).to(device)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def dissect_units(
     model,
     dictionary: FaceDictionary,
@@ -384,10 +494,15 @@ def dissect_units(
     top_images: int = 6,
     scratch_dir: str | Path | None = None,
     mem_elements: int = 1 << 23,
+    cache_bytes: int = 4 << 30,
     progress=None,
     predictions: bool = True,
 ) -> Dissection:
-    """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory)."""
+    """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory).
+
+    Pass 1 runs the model: thresholds, per-image maxima/minima and top images, and the activations to a
+    scratch file when they take at most ``cache_bytes`` on disk; pass 2 reads them back (else runs the
+    model again) with the concept masks and accumulates :func:`unit_concept_counts`."""
     import h5py
 
     if not 0.0 < quantile < 0.5:
@@ -413,16 +528,23 @@ def dissect_units(
     timing: dict[str, float] = {}
     sketches: dict[str, TopQuantile] = {}
     shapes: dict[str, tuple[int, int, int]] = {}
+    scratch: dict[str, _Scratch] = {}
+    topk: dict[str, _TopK] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="dissect_", dir=scratch_dir)
+    h5 = h5py.File(Path(tmp.name) / "maxima.h5", "w")
     try:
-        # ---- pass 1: per-unit thresholds (and the model's predictions, a global group of their own)
+        # ---- pass 1: per-unit thresholds, per-image max/min, top images, activations to the scratch file
+        # (and the model's predictions, a global group of their own)
         heads = prediction_heads(model) if predictions else []
         pred = np.full((len(heads), N), -1, np.int64)
+        cached = False
         with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
             for bi, b in enumerate(dictionary.batches(batch_size, masks=False)):
                 out = model(_model_input(b.images, in_size, dev))
                 if heads and isinstance(out, torch.Tensor) and out.dim() == 2:
                     for h, (_, _, sl) in enumerate(heads):
                         pred[h, b.rows] = out[:, sl].argmax(1).cpu().numpy()
+                B = len(b.rows)
                 for name in layers:
                     a = found[name]
                     if a.dim() != 4:
@@ -430,9 +552,24 @@ def dissect_units(
                     if name not in sketches:
                         sketches[name] = TopQuantile(a.shape[1])
                         shapes[name] = (int(a.shape[1]), int(a.shape[2]), int(a.shape[3]))
-                    sketches[name].update(a.float().transpose(0, 1).reshape(a.shape[1], -1))
+                if bi == 0:
+                    cached = N * sum(4 * int(np.prod(s)) for s in shapes.values()) <= cache_bytes
+                    for name in layers:
+                        scratch[name] = _Scratch(Path(tmp.name), name, N, shapes[name], h5, cached)
+                        topk[name] = _TopK(shapes[name][0], top_images)
+                rows_t = torch.from_numpy(b.rows.astype(np.int64))
+                for name in layers:
+                    a = found[name].float()
+                    U = a.shape[1]
+                    sketches[name].update(a.transpose(0, 1).reshape(U, -1))
+                    flat = a.reshape(B, U, -1)
+                    mx = flat.amax(-1).cpu()
+                    scratch[name].add(mx.numpy(), flat.amin(-1).cpu().numpy(), a if cached else None)
+                    topk[name].update(mx, rows_t)
                 if progress:
                     progress("thresholds", (bi + 1) * batch_size, N)
+        for s in scratch.values():
+            s.finish()
         thr = {n: sketches[n].quantile(quantile).to(dev) for n in layers}
         # a group (stored or predicted) needs at least two values present to contrast
         notes: list[str] = []
@@ -450,62 +587,48 @@ def dissect_units(
                 pred_groups.append(g)
         dictionary.groups.extend(pred_groups)
         timing["pass1_s"] = time.perf_counter() - t0
-        # ---- pass 2: IoU, per-image max/min (scratch), top images
+        # ---- pass 2: IoU counts from the cached activations (or a second forward pass) and the masks
         t1 = time.perf_counter()
-        tmp = tempfile.TemporaryDirectory(prefix="dissect_", dir=scratch_dir)
-        scratch = h5py.File(Path(tmp.name) / "maxima.h5", "w")
-        inter = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
-        mcar = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
-        carea = torch.zeros(K, dtype=torch.float64, device=dev)
-        topk = {n: _TopK(shapes[n][0], top_images) for n in layers}
-        for n in layers:
-            U = shapes[n][0]
-            ch = (max(1, min(N, 256)), U)
-            scratch.create_dataset(f"{n}/max", (N, U), np.float32, chunks=ch)
-            scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
-        P = H * W
+        inter = {n: torch.zeros(shapes[n][0], K, dtype=torch.int64, device=dev) for n in layers}
+        covered = {n: torch.zeros(shapes[n][0], K, dtype=torch.int64, device=dev) for n in layers}
+        area = torch.zeros(K, dtype=torch.int64, device=dev)
         carry_all = np.zeros((N, K), bool)
-        with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
+        out_size = (in_size or H, in_size or W)
+        with torch.no_grad(), (contextlib.nullcontext({}) if cached else
+                               taps(model, layers, detach=True, first=True)) as found:
             for bi, b in enumerate(dictionary.batches(batch_size)):
-                model(_model_input(b.images, in_size, dev))
+                if not cached:
+                    model(_model_input(b.images, in_size, dev))
                 B = len(b.rows)
-                cm = torch.from_numpy(b.masks.reshape(B, K, P)).to(dev, torch.float32)  # (B, K, P)
-                carry = cm.amax(-1)  # (B, K)
-                carry_all[b.rows] = carry.cpu().numpy() > 0
-                carea += cm.sum((0, 2)).double()
-                rows_t = torch.from_numpy(b.rows.astype(np.int64))
-                r0, r1 = int(b.rows[0]), int(b.rows[-1]) + 1
-                for name in layers:
-                    a = found[name].float()
-                    U = a.shape[1]
-                    flat = a.reshape(B, U, -1)
-                    mx, mn = flat.amax(-1), flat.amin(-1)
-                    scratch[f"{name}/max"][r0:r1] = mx.cpu().numpy()
-                    scratch[f"{name}/min"][r0:r1] = mn.cpu().numpy()
-                    topk[name].update(mx.cpu(), rows_t)
-                    step = max(1, min(U, mem_elements // max(1, B * P)))
-                    for u0 in range(0, U, step):
-                        u1 = min(U, u0 + step)
-                        up = upsample_maps(a[:, u0:u1], (H, W), (in_size or H, in_size or W))
-                        m = (up > thr[name][u0:u1, None, None]).reshape(B, u1 - u0, P).float()
-                        inter[name][u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
-                        mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()
+                cm = torch.from_numpy(b.masks.reshape(B, K, H * W)).to(dev)
+                carry_all[b.rows] = b.masks.reshape(B, K, -1).any(-1)
+                for li, name in enumerate(layers):
+                    a = scratch[name].maps(B, dev) if cached else found[name]
+                    i_, c_, a_ = unit_concept_counts(a, cm, thr[name], (H, W), out_size, mem_elements=mem_elements)
+                    inter[name] += i_
+                    covered[name] += c_
+                    if li == 0:
+                        area += a_
                 if progress:
                     progress("IoU", (bi + 1) * batch_size, N)
         timing["pass2_s"] = time.perf_counter() - t1
+        timing["activations_cached"] = cached
         dictionary.carry = carry_all
-        # ---- stage 1-3 from the accumulated sums and the scratch file
+        # ---- stage 1-3 from the accumulated counts and the scratch file
         t2 = time.perf_counter()
         results: dict[str, LayerResult] = {}
         for name in layers:
-            union = mcar[name] + carea[None] - inter[name]
-            iou = torch.where(union > 0, inter[name] / union.clamp(min=1e-12), torch.zeros_like(union)).cpu().numpy()
-            results[name] = _pair_layer(name, iou, scratch[f"{name}/max"], scratch[f"{name}/min"], dictionary,
+            i_ = inter[name].double()
+            union = covered[name].double() + area.double()[None] - i_
+            iou = torch.where(union > 0, i_ / union.clamp(min=1e-12), torch.zeros_like(union)).cpu().numpy()
+            results[name] = _pair_layer(name, iou, scratch[name].max, scratch[name].min, dictionary,
                                         iou_threshold, thr[name].cpu().numpy(), topk[name], shapes[name])
         timing["pairing_s"] = time.perf_counter() - t2
-        scratch.close()
-        tmp.cleanup()
     finally:
+        for s in scratch.values():
+            s.close()
+        h5.close()
+        tmp.cleanup()
         for g in pred_groups:
             dictionary.groups.remove(g)
         if moved:
