@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
-from facetool.explainers.placement import upsample_maps
+from facetool.explainers.placement import upsample_weights
 from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
 from facetool.hooks import taps
 
@@ -373,54 +373,100 @@ class _TopK:
         self.val, self.row = top.values, r.gather(1, top.indices)
 
 
-def unit_concept_counts(maps: torch.Tensor, masks: torch.Tensor, thresholds: torch.Tensor, size: tuple[int, int],
-                        input_size: tuple[int, int] | None = None, *,
+def _interpolation_blocks(weights: torch.Tensor, g: int = 1) -> list[torch.Tensor]:
+    """For each tile of ``g`` map rows (columns) from j = t*g, the output rows (columns) whose interpolation
+    starts in it: they read cells j .. j + g only (:func:`cell_weights` puts 1 - w on a first cell, w < 1 on
+    the next)."""
+    first = (weights > 0).to(torch.int8).argmax(1) // g
+    return [torch.nonzero(first == t).flatten() for t in range(-(-weights.shape[1] // g))]
+
+
+@dataclass
+class BatchMasks:
+    """A batch's concept masks in the form the IoU counts use: every pixel's *pattern* (which of the K masks
+    hold it; a face has a few dozen patterns), built once per batch and shared by all layers."""
+
+    size: tuple[int, int]
+    pattern: torch.Tensor  # (B * H * W,) int64: pattern of pixel p of image b at b * H * W + p
+    members: torch.Tensor  # (patterns, K) float64 0/1
+    carry: torch.Tensor  # (B, K) float64 0/1: image b carries concept k
+    area: torch.Tensor  # (K,) int64: pixels of the concept's masks
+
+    @classmethod
+    def of(cls, masks: torch.Tensor, size: tuple[int, int]) -> "BatchMasks":
+        """From boolean ``masks`` (B, K, H, W) or (B, K, H*W)."""
+        B, K = masks.shape[:2]
+        flat = masks.reshape(B, K, -1).bool()
+        if K <= 62:
+            packed = (flat.to(torch.int64) << torch.arange(K, device=masks.device)[None, :, None]).sum(1)
+            codes, pattern = torch.unique(packed.reshape(-1), return_inverse=True)
+            members = (codes[:, None] >> torch.arange(K, device=masks.device)[None]) & 1
+        else:
+            members, pattern = torch.unique(flat.transpose(1, 2).reshape(-1, K), dim=0, return_inverse=True)
+        return cls(size, pattern.reshape(-1), members.double(), flat.any(-1).double(), flat.sum((0, 2), dtype=torch.int64))
+
+
+def unit_concept_counts(maps: torch.Tensor, masks: torch.Tensor | BatchMasks, thresholds: torch.Tensor,
+                        size: tuple[int, int], input_size: tuple[int, int] | None = None, *,
                         mem_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The IoU counts of one batch, additive over batches (and over shards of the dictionary).
 
-    ``maps`` (B, U, h, w) unit activations, ``masks`` (B, K, H, W) or (B, K, H*W) boolean concept masks,
-    ``thresholds`` (U,). Each map is upsampled bilinearly onto the (H, W) image (:func:`upsample_maps`,
-    ``input_size`` the model's input) and thresholded (``> threshold``). Returns int64 counts on the maps'
-    device: ``inter`` (U, K) = pixels where unit u is on inside concept k's mask, ``covered`` (U, K) = pixels
-    where u is on in the images carrying k, ``area`` (K,) = pixels of k's masks. IoU(u, k) = inter /
-    (covered + area - inter) over the summed counts.
+    ``maps`` (B, U, h, w) unit activations, ``masks`` (B, K, H, W) boolean concept masks (or their
+    :class:`BatchMasks`), ``thresholds`` (U,). Each map is upsampled bilinearly onto the (H, W) image
+    (:func:`upsample_maps`, ``input_size`` the model's input) and thresholded (``> threshold``). Returns int64
+    counts on the maps' device: ``inter`` (U, K) = pixels where unit u is on inside concept k's mask,
+    ``covered`` (U, K) = pixels where u is on in the images carrying k, ``area`` (K,) = pixels of k's masks.
+    IoU(u, k) = inter / (covered + area - inter) over the summed counts.
 
-    Vectorised and exact: a bilinear upsample is a convex combination of the map's cells, so a map whose
-    maximum is below its threshold (by more than the rounding of the interpolation) has no pixel above it
-    and contributes nothing; the remaining (image, unit) maps are upsampled together (the same
-    :func:`upsample_maps` arithmetic as one map at a time, so the same pixels pass) and only their
-    pixels above threshold are looked up in the masks of their image."""
-    B, U = maps.shape[:2]
+    Vectorised and exact: the image is cut into one block of pixels per map cell (j, k), the pixels whose
+    interpolation reads cells j..j+1 x k..k+1 only; a bilinear value is a convex combination of the cells it
+    reads, so a block none of whose cells reaches the threshold (less the rounding of the interpolation) has
+    no pixel above it. Per block position (tiles of blocks on fine maps), the (image, unit) maps that may pass
+    are upsampled together on that block alone (the same einsum as :func:`upsample_maps` on a subset of its
+    rows and columns: the same arithmetic, the same pixels pass); their pixels above threshold are counted per
+    (unit, mask pattern) and per (image, unit), and two small products turn the counts into ``inter`` and
+    ``covered``."""
+    B, U, h, w = maps.shape
     H, W = size
     P = H * W
     dev = maps.device
-    masks = masks.reshape(B, -1, P)
-    K = masks.shape[1]
-    inter = torch.zeros(U, K, dtype=torch.int64, device=dev)
-    covered = torch.zeros(U, K, dtype=torch.int64, device=dev)
-    area = masks.sum((0, 2), dtype=torch.int64)
-    if B == 0 or U == 0:
-        return inter, covered, area
-    maps = maps.float()
-    thresholds = thresholds.to(dev, torch.float32)
-    flat = maps.reshape(B, U, -1)
-    top = flat.amax(-1)
-    mag = torch.maximum(flat.abs().amax(-1), thresholds.abs()[None])
-    bi, ui = (top >= thresholds[None] - 1e-5 * mag).nonzero(as_tuple=True)  # the maps that may pass (B, U order)
-    if len(bi) == 0:
-        return inter, covered, area
-    carry = masks.any(-1).to(torch.int64)  # (B, K)
-    table = masks.transpose(1, 2).reshape(B * P, K).to(torch.int32)  # row b*P + p: which masks hold pixel p
-    step = max(1, mem_elements // (4 * P))
-    for s in range(0, len(bi), step):
-        b, u = bi[s:s + step], ui[s:s + step]
-        up = upsample_maps(maps[b, u][None], (H, W), input_size)[0]  # (n, H, W)
-        on = up.reshape(len(b), P) > thresholds[u][:, None]
-        covered.index_add_(0, u, on.sum(1)[:, None] * carry[b])
-        pair, pix = on.nonzero(as_tuple=True)
-        if len(pair):  # int32 per chunk (at most n * P pixels), int64 over chunks
-            inter += torch.zeros(U, K, dtype=torch.int32, device=dev).index_add_(0, u[pair], table[b[pair] * P + pix])
-    return inter, covered, area
+    bm = masks if isinstance(masks, BatchMasks) else BatchMasks.of(masks.to(dev), size)
+    n_pat = bm.members.shape[0]
+    on_pattern = torch.zeros(U * n_pat, dtype=torch.int64, device=dev)  # pixels on, per (unit, pattern)
+    on_image = torch.zeros(B * U, dtype=torch.int64, device=dev)  # pixels on, per (image, unit)
+    if B and U:
+        maps = maps.float()
+        thresholds = thresholds.to(dev, torch.float32)
+        mag = torch.maximum(maps.abs().reshape(B, U, -1).amax(-1), thresholds.abs()[None])
+        hot = maps >= (thresholds[None] - 1e-5 * mag)[..., None, None]  # cells that may put a pixel above threshold
+        hot[:, :, :-1] |= hot[:, :, 1:].clone()  # block (j, k) reads cells j..j+1, k..k+1
+        hot[..., :-1] |= hot[..., 1:].clone()
+        # blocks grouped in tiles of g x g (at most 8 x 8 tiles: few einsums on fine maps)
+        g = -(-max(h, w) // 8)
+        th, tw = -(-h // g), -(-w // g)
+        hot = F.pad(hot, (0, tw * g - w, 0, th * g - h)).view(B, U, th, g, tw, g).any(5).any(3)
+        wy, wx = upsample_weights((h, w), size, input_size)
+        wy, wx = wy.to(maps), wx.to(maps)
+        rows, cols = _interpolation_blocks(wy, g), _interpolation_blocks(wx, g)
+        for j, k in hot.any(1).any(0).nonzero().tolist():  # tile positions where some map may pass
+            rj, ck = rows[j].to(dev), cols[k].to(dev)
+            if not len(rj) or not len(ck):
+                continue
+            bi, ui = hot[:, :, j, k].nonzero(as_tuple=True)
+            step = max(1, mem_elements // (len(rj) * len(ck)))
+            for s in range(0, len(bi), step):
+                b, u = bi[s:s + step], ui[s:s + step]
+                up = torch.einsum("ij,bajk,lk->bail", wy[rj], maps[b, u][None], wx[ck])[0]  # (n, |rj|, |ck|)
+                pair, ii, ll = (up > thresholds[u][:, None, None]).nonzero(as_tuple=True)
+                if len(pair):
+                    bp, up_ = b[pair], u[pair]
+                    pat = bm.pattern[bp * P + rj[ii] * W + ck[ll]]
+                    on_pattern += torch.bincount(up_ * n_pat + pat, minlength=U * n_pat)
+                    on_image += torch.bincount(bp * U + up_, minlength=B * U)
+    # exact: integer counts far below 2**53
+    inter = (on_pattern.view(U, n_pat).double() @ bm.members).round().long()
+    covered = (on_image.view(B, U).double().T @ bm.carry).round().long()
+    return inter, covered, bm.area
 
 
 class _Scratch:
@@ -600,11 +646,11 @@ def dissect_units(
                 if not cached:
                     model(_model_input(b.images, in_size, dev))
                 B = len(b.rows)
-                cm = torch.from_numpy(b.masks.reshape(B, K, H * W)).to(dev)
+                bm = BatchMasks.of(torch.from_numpy(b.masks).to(dev), (H, W))
                 carry_all[b.rows] = b.masks.reshape(B, K, -1).any(-1)
                 for li, name in enumerate(layers):
                     a = scratch[name].maps(B, dev) if cached else found[name]
-                    i_, c_, a_ = unit_concept_counts(a, cm, thr[name], (H, W), out_size, mem_elements=mem_elements)
+                    i_, c_, a_ = unit_concept_counts(a, bm, thr[name], (H, W), out_size, mem_elements=mem_elements)
                     inter[name] += i_
                     covered[name] += c_
                     if li == 0:
