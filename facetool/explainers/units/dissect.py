@@ -161,14 +161,24 @@ class TopQuantile:
 
 # ----------------------------------------------------------------------------------- pairing maths
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ascending ranks; tied values share the mean of their positions."""
+    """1-based ascending ranks along the first axis (every column of a 2-D array on its own); tied values
+    share the mean of their positions (NaNs tie with each other)."""
     x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    _, start, counts = np.unique(xs, return_index=True, return_counts=True)
-    mean_pos = start + (counts + 1) / 2.0  # mean of 1-based positions start+1 .. start+count
-    r = np.empty(len(x), np.float64)
-    r[order] = np.repeat(mean_pos, counts)
+    if x.ndim == 1:
+        return average_ranks(x[:, None])[:, 0]
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, 0)
+    new = np.ones(x.shape, bool)  # first of a run of equal values
+    new[1:] = (xs[1:] != xs[:-1]) & ~(np.isnan(xs[1:]) & np.isnan(xs[:-1]))
+    pos = np.broadcast_to(np.arange(n)[:, None], x.shape)
+    start = np.maximum.accumulate(np.where(new, pos, 0), axis=0)
+    last = np.ones(x.shape, bool)
+    last[:-1] = new[1:]
+    stop = np.minimum.accumulate(np.where(last, pos, n)[::-1], axis=0)[::-1]
+    counts = stop - start + 1
+    r = np.empty(x.shape, np.float64)
+    np.put_along_axis(r, order, start + (counts + 1) / 2.0, 0)  # mean of 1-based positions start+1 .. start+count
     return r
 
 
@@ -176,10 +186,7 @@ def rank_activation_weights(maxima: np.ndarray, lo: np.ndarray, hi: np.ndarray) 
     """rank_i * s_i for each image (rows) and unit (columns): images ranked ascending by max
     activation, rank = (position+1)/N (tied maxima share their mean rank); s = (max - lo) / (hi - lo) (0 for a constant unit)."""
     maxima = np.asarray(maxima, np.float64)
-    N = maxima.shape[0]
-    rank = np.empty_like(maxima)
-    for j in range(maxima.shape[1]):
-        rank[:, j] = average_ranks(maxima[:, j]) / N
+    rank = average_ranks(maxima) / maxima.shape[0]
     span = np.asarray(hi, np.float64) - np.asarray(lo, np.float64)
     s = np.where(span > 0, (maxima - lo) / np.where(span > 0, span, 1.0), 0.0)
     return rank * s
@@ -209,13 +216,19 @@ def kept(prob: np.ndarray) -> np.ndarray:
 
 def group_probabilities(weights: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
     """HND global stage for one unit and group: ``weights`` (N,) rank*s over the images with a known
-    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values."""
+    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values. With
+    ``weights`` (N, b), the b units at once: P is (k, b), each column as the unit alone would get it."""
     codes = np.asarray(codes)
-    sums = np.bincount(codes, weights=weights, minlength=k)
-    n = np.bincount(codes, minlength=k)
+    weights = np.asarray(weights, np.float64)
+    if weights.ndim == 1:
+        return group_probabilities(weights[:, None], codes, k)[:, 0]
+    sums = np.zeros((k, weights.shape[1]))
+    np.add.at(sums, codes, weights)  # row by row in order, as bincount adds
+    n = np.bincount(codes, minlength=k)[:, None]
     score = np.where(n > 0, sums / np.maximum(n, 1), 0.0)
-    tot = score.sum()
-    return score / tot if tot > 0 else np.zeros(k)
+    # the 1-D sum of each column (numpy sums 8 or more values pairwise)
+    tot = score.sum(0) if k < 8 else np.array([c.sum() for c in np.ascontiguousarray(score.T)])
+    return np.where(tot > 0, score / np.where(tot > 0, tot, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------------- results
@@ -719,21 +732,23 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
         mx = _read_block(ds_max, u0, u1).astype(np.float64)  # (N, b)
         mn = _read_block(ds_min, u0, u1).astype(np.float64)
         lo_all, hi_all = mn.min(0), mx.max(0)
-        # stage 2: local pairing in the best concept's region
-        for j, u in enumerate(range(u0, u1)):
-            ur = units[u]
-            if K == 0 or ur.best_iou < iou_threshold:
-                continue
-            reg = concepts[best[u]].region
+        # stage 2: local pairing in the best concept's region (the block's units of one region ranked at once)
+        local = [j for j in range(u1 - u0) if K and units[u0 + j].best_iou >= iou_threshold]
+        for reg in sorted({concepts[best[u0 + j]].region for j in local}):
+            js = [j for j in local if concepts[best[u0 + j]].region == reg]
             ks = regions[reg]
             rows = region_rows[reg]
-            w = rank_activation_weights(mx[rows, j:j + 1], lo_all[j], hi_all[j])[:, 0]
-            p = concept_probabilities(w, carry[np.ix_(rows, ks)], iou[u, ks])
-            keep = kept(p)
-            ur.kind, ur.region = "local", reg
-            ur.probs = {concepts[k].name: float(p[i]) for i, k in enumerate(ks)}
-            ur.ious = {concepts[k].name: float(iou[u, k]) for k in ks}
-            ur.concepts = [concepts[k].name for i, k in enumerate(ks) if keep[i]]
+            carry_r = carry[np.ix_(rows, ks)]
+            w = rank_activation_weights(mx[rows][:, js], lo_all[js], hi_all[js])
+            for jj, j in enumerate(js):
+                u = u0 + j
+                ur = units[u]
+                p = concept_probabilities(np.ascontiguousarray(w[:, jj]), carry_r, iou[u, ks])
+                keep = kept(p)
+                ur.kind, ur.region = "local", reg
+                ur.probs = {concepts[k].name: float(p[i]) for i, k in enumerate(ks)}
+                ur.ious = {concepts[k].name: float(iou[u, k]) for k in ks}
+                ur.concepts = [concepts[k].name for i, k in enumerate(ks) if keep[i]]
         # stage 3: global groups (every unit)
         for g in dictionary.groups:
             known = np.flatnonzero(g.codes >= 0)
@@ -743,10 +758,10 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
             k = len(g.values)
             lo, hi = mn[known].min(0), mx[known].max(0)
             w = rank_activation_weights(mx[known], lo, hi)  # (n, b)
-            codes = g.codes[known]
+            probs = group_probabilities(w, g.codes[known], k)  # (k, b)
             thr_g = global_threshold(len(present))  # over the values present, not the vocabulary
             for j, u in enumerate(range(u0, u1)):
-                p = group_probabilities(w[:, j], codes, k)
+                p = probs[:, j]
                 units[u].globals[g.name] = {v: float(p[i]) for i, v in enumerate(g.values)}
                 units[u].biased += [f"{g.name}={g.values[i]}" for i in present if p[i] >= thr_g]
     for ur in units:
