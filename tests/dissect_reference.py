@@ -30,7 +30,6 @@ from facetool.explainers.units.dissect import (
     concept_probabilities,
     global_threshold,
     group_note,
-    group_probabilities,
     kept,
     prediction_heads,
     present_values,
@@ -130,6 +129,36 @@ def rank_activation_weights(maxima: np.ndarray, lo: np.ndarray, hi: np.ndarray) 
     s = np.where(span > 0, (maxima - lo) / np.where(span > 0, span, 1.0), 0.0)
     return rank * s
 
+
+
+def group_probabilities(weights: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
+    """HND global stage for one unit and group: ``weights`` (N,) rank*s over the images with a known
+    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values."""
+    codes = np.asarray(codes)
+    sums = np.bincount(codes, weights=weights, minlength=k)
+    n = np.bincount(codes, minlength=k)
+    score = np.where(n > 0, sums / np.maximum(n, 1), 0.0)
+    tot = score.sum()
+    return score / tot if tot > 0 else np.zeros(k)
+
+
+def iou_counts(maps, masks, thresholds, size, input_size=None, mem_elements=1 << 23):
+    """The per-batch IoU sums exactly as the reference ``dissect_units`` accumulates them (inter, covered, area)."""
+    B, U = maps.shape[:2]
+    H, W = size
+    P = H * W
+    cm = masks.reshape(B, -1, P).float()
+    carry = cm.amax(-1)
+    inter = torch.zeros(U, cm.shape[1], dtype=torch.float64)
+    mcar = torch.zeros(U, cm.shape[1], dtype=torch.float64)
+    step = max(1, min(U, mem_elements // max(1, B * P)))
+    for u0 in range(0, U, step):
+        u1 = min(U, u0 + step)
+        up = upsample_maps(maps[:, u0:u1].float(), (H, W), input_size)
+        m = (up > thresholds[u0:u1, None, None]).reshape(B, u1 - u0, P).float()
+        inter[u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
+        mcar[u0:u1] += (m.sum(-1).T @ carry).double()
+    return inter, mcar, cm.sum((0, 2)).double()
 
 
 class _TopK:
