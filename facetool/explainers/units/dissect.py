@@ -139,11 +139,10 @@ class TopQuantile:
                 merged[:, : B // f] = c.view(-1, B // f, f).sum(-1)
             self.counts[sel] = merged
             self.width[sel] = self.width[sel] * f
-        idx = torch.floor((x - self.lo[:, None]) / self.width[:, None])
-        keep = idx >= 0
-        idx = idx.clamp(0, B - 1).long() + (torch.arange(U)[:, None] * B)
-        flat = torch.bincount(idx[keep], minlength=U * B).to(torch.float64)
-        self.counts += flat.view(U, B)
+        # bin of every value, -1 (a column dropped below) for values under the range (and NaN)
+        idx = torch.nan_to_num_(torch.floor_((x - self.lo[:, None]).div_(self.width[:, None])), nan=-1.0)
+        idx = idx.clamp_(-1, B - 1).long().add_(torch.arange(U)[:, None] * (B + 1) + 1)
+        self.counts += torch.bincount(idx.reshape(-1), minlength=U * (B + 1)).view(U, B + 1)[:, 1:]
         self.n += x.shape[1]
 
     def quantile(self, q: float) -> torch.Tensor:
@@ -512,7 +511,7 @@ class _Scratch:
             if self.fill == self.rows:
                 self.flush()
         if self.file is not None and maps is not None:
-            self.file.write(np.ascontiguousarray(maps.cpu().numpy(), np.float32).tobytes())
+            np.ascontiguousarray(maps.cpu().numpy(), np.float32).tofile(self.file)
 
     def flush(self) -> None:
         if self.fill:
@@ -711,7 +710,7 @@ def _read_block(ds, u0: int, u1: int) -> np.ndarray:
 
 
 def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_threshold: float, thr: np.ndarray,
-                topk: _TopK, shape, mem_elements: int = 1 << 24) -> LayerResult:
+                topk: _TopK, shape, mem_elements: int = 1 << 20) -> LayerResult:
     concepts = dictionary.concepts
     carry = dictionary.carry
     U = iou.shape[0]
