@@ -32,9 +32,15 @@ Inference Models using Hierarchical Network Dissection" (see ``shared/REFERENCE.
 **Bias discovery**: a *link* (local concept c, subgroup g=v) is a unit that holds c and is biased
 towards g=v. :func:`compare_dissections` ranks the links whose counts differ between two models.
 
-Memory is bounded in the number of images: pass 1 keeps a (units x 2048) histogram per layer; pass 2
-keeps (units x concepts) IoU sums, a per-unit top-k of images, and writes the per-image max/min of
-every unit to an HDF5 scratch file that stage 2/3 read back in blocks of units.
+Cost and memory. The model runs once: pass 1 keeps a (units x 2048) histogram per layer and a per-unit
+top-k of images, writes the per-image max/min of every unit to an HDF5 scratch file (in blocks of rows)
+and, when they fit ``cache_bytes`` on disk, the activations to a raw scratch file that pass 2 reads back
+instead of running the model again. Pass 2 adds the batch's :func:`unit_concept_counts` ((units x
+concepts) integer tallies, additive, so shards of the dictionary can be summed): only the blocks of pixels
+whose map cells can reach the threshold are upsampled (exactly as :func:`upsample_maps` would), in a few
+tensor ops per block position, on the model's device. Stages 2/3 read the scratch back in blocks of units
+(1M values) and rank all units of a block at once. Memory does not grow with the number of images; the
+results equal the per-unit implementation's bit for bit (``tests/dissect_reference.py``).
 """
 
 from __future__ import annotations
