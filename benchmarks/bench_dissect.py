@@ -5,6 +5,7 @@ tallies).
 
     .venv/bin/python benchmarks/bench_dissect.py             # ResNet-50 width 64, 112 px, layer3+layer4, 512 / 2,048 images
     .venv/bin/python benchmarks/bench_dissect.py --quick     # 64 / 128 images
+    .venv/bin/python benchmarks/bench_dissect.py --memory-only   # forward timed at 512 only (2,048: memory)
     .venv/bin/python benchmarks/bench_dissect.py --sizes 500,2000,8000 --arch resnet18 --layers layer2 --width 16
 
 The issue's bar (ResNet-50 width 64, 112 px, layer3 and layer4): dissection at most 2x the forward pass alone
@@ -27,7 +28,8 @@ import time
 from pathlib import Path
 
 
-def child(store: str, arch: str, layers: list[str], width: int, size: int, batch: int, device: str) -> dict:
+def child(store: str, arch: str, layers: list[str], width: int, size: int, batch: int, device: str,
+          timed: bool = True) -> dict:
     import numpy as np
     import torch
 
@@ -52,12 +54,12 @@ def child(store: str, arch: str, layers: list[str], width: int, size: int, batch
     with torch.no_grad():  # warm-up (allocator, kernels): not timed
         model(normalize(d.store.images(np.arange(min(batch, len(d))))).to(device))
     base_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fwd0 = forward()
+    fwd0 = forward() if timed else float("nan")
     t = time.perf_counter()
     res = dissect_units(model, d, layers, batch_size=batch, device=device)
     full = time.perf_counter() - t
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    fwd1 = forward()
+    fwd1 = forward() if timed else float("nan")
     fwd = (fwd0 + fwd1) / 2
     n = len(d)
     d.close()
@@ -78,11 +80,14 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=112, help="face size in pixels (store and model input)")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--memory-only", action="store_true",
+                    help="time the forward pass at the first size only (the others: dissection time and peak memory)")
+    ap.add_argument("--untimed", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     a = ap.parse_args()
     layers = [x for x in a.layers.split(",") if x]
     if a.child:
-        print(json.dumps(child(a.child, a.arch, layers, a.width, a.size, a.batch, a.device)))
+        print(json.dumps(child(a.child, a.arch, layers, a.width, a.size, a.batch, a.device, not a.untimed)))
         return
     from facetool.data.synthetic import prepare_synthetic
 
@@ -98,7 +103,8 @@ def main() -> None:
             env = dict(os.environ, OMP_NUM_THREADS=threads)
             r = subprocess.run([sys.executable, __file__, "--child", str(store), "--arch", a.arch, "--layers", a.layers,
                                 "--width", str(a.width), "--size", str(a.size), "--batch", str(a.batch),
-                                "--device", a.device], capture_output=True, text=True, env=env)
+                                "--device", a.device] + (["--untimed"] if a.memory_only and rows else []),
+                               capture_output=True, text=True, env=env)
             if r.returncode != 0:
                 sys.exit(r.stderr)
             rows.append(json.loads(r.stdout.strip().splitlines()[-1]))
