@@ -493,7 +493,7 @@ class _Scratch:
     pass reads them back instead of running the model again. Page cache, not process memory, holds them."""
 
     def __init__(self, folder: Path, name: str, n: int, shape: tuple[int, int, int], h5, cache: bool,
-                 block_elements: int = 1 << 21) -> None:
+                 block_elements: int = 1 << 19) -> None:
         U = shape[0]
         self.rows = max(1, min(n, block_elements // max(1, U)))
         ch = (self.rows, U)
@@ -716,7 +716,7 @@ def _read_block(ds, u0: int, u1: int) -> np.ndarray:
 
 
 def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_threshold: float, thr: np.ndarray,
-                topk: _TopK, shape, mem_elements: int = 1 << 20) -> LayerResult:
+                topk: _TopK, shape, mem_elements: int = 1 << 19) -> LayerResult:
     concepts = dictionary.concepts
     carry = dictionary.carry
     U = iou.shape[0]
