@@ -559,3 +559,108 @@ def test_cli_device_and_arch_are_checked_before_any_work(painted_store, small_re
     assert r.exit_code == 2 and "resnet18; --arch iresnet34 contradicts it" in r.output and not out.exists()
     r = cli(*args, "--arch", "resnet18", "--device", "cpu", "--quantile", "0.05")
     assert r.exit_code == 0, r.output
+
+
+# ------------------------------------------------------------------------ identical to the reference
+def _same_dissection(new, ref) -> None:
+    assert list(new.layers) == list(ref.layers)
+    for name in ref.layers:
+        a, b = new.layers[name], ref.layers[name]
+        assert a.shape == b.shape and np.array_equal(a.iou, b.iou), name  # bit-identical IoU sums
+        assert [u.to_dict() for u in a.units] == [u.to_dict() for u in b.units], name
+    assert new.tally(None) == ref.tally(None)
+    assert new.notes == ref.notes and new.dictionary == ref.dictionary and new.settings == ref.settings
+
+
+@pytest.mark.parametrize("quantile", [0.005, 0.05, 0.2])
+def test_hand_units_dissection_equals_the_reference_implementation(painted_store, quantile):
+    """Tallies, IoUs, probabilities, biases and top images equal the frozen pre-vectorisation code
+    (tests/dissect_reference.py) exactly, at full (64x64) and pooled (16x16) resolution, with a batch
+    size that does not divide the 36 images."""
+    import dissect_reference
+
+    out = []
+    for fn in (dissect_units, dissect_reference.dissect_units):
+        d = load_dictionary(painted_store)
+        out.append(fn(HandUnits(), d, ["full", "pooled"], quantile=quantile, batch_size=7, device="cpu"))
+        d.close()
+    _same_dissection(*out)
+
+
+@pytest.mark.parametrize("quantile,input_size", [(0.005, 64), (0.05, 64), (0.05, 96)])
+def test_resnet_dissection_equals_the_reference_implementation(painted_store, quantile, input_size):
+    """A random ResNet-18 (2 classes: a predicted group too) on layer2..layer4, at the store's size and
+    at another input size (maps resized): identical to the reference code."""
+    import dissect_reference
+
+    torch.manual_seed(1)
+    model = create_model("resnet18", num_classes=2, input_size=input_size, width=8).eval()
+    out = []
+    for fn in (dissect_units, dissect_reference.dissect_units):
+        d = load_dictionary(painted_store)
+        out.append(fn(model, d, ["layer2", "layer3", "layer4"], quantile=quantile, batch_size=16, device="cpu"))
+        d.close()
+    _same_dissection(*out)
+
+
+def test_unit_concept_counts_equal_hand_counts_on_a_two_by_two_map():
+    """A 2x2 map with a single 1 at (row 0, col 1), upsampled onto 4x4 (stride 2: rows/cols read cells
+    [0], [0, 1] half-half, [1], [1]) is [[0, .5, 1, 1], [0, .25, .5, .5], 0, 0]; above 0.5: pixels (0, 2),
+    (0, 3). Mask 0 = left half, mask 1 = top row, mask 2 = nothing (image does not carry it)."""
+    from facetool.explainers.units.dissect import unit_concept_counts
+
+    maps = torch.tensor([[[[0.0, 1.0], [0.0, 0.0]]]])
+    masks = torch.zeros(1, 3, 4, 4, dtype=torch.bool)
+    masks[0, 0, :, :2] = True
+    masks[0, 1, 0] = True
+    inter, covered, area = unit_concept_counts(maps, masks, torch.tensor([0.5]), (4, 4))
+    assert inter.tolist() == [[0, 2, 0]] and covered.tolist() == [[2, 2, 0]] and area.tolist() == [8, 4, 0]
+
+
+@pytest.mark.parametrize("h,size,input_size,quantile", [(7, (112, 112), None, 0.005), (4, (112, 112), None, 0.05),
+                                                       (16, (64, 64), None, 0.2), (5, (50, 50), (96, 96), 0.05),
+                                                       (64, (64, 64), None, 0.01)])
+def test_unit_concept_counts_equal_the_reference_sums_and_add_over_shards(h, size, input_size, quantile):
+    """Random maps (ReLU'd, so many ties at 0) and random blob masks, coarse and fine maps, a size the map does
+    not divide, a model input of another size: the counts equal the reference's dense sums exactly, and
+    the counts of two shards of the batch add up to the whole batch's."""
+    import dissect_reference
+    from facetool.explainers.units.dissect import unit_concept_counts
+
+    g = torch.Generator().manual_seed(h)
+    B, U, K = 6, 40, 5
+    maps = torch.relu(torch.randn(B, U, h, h, generator=g))
+    thr = torch.quantile(maps.transpose(0, 1).reshape(U, -1), 1 - quantile, dim=1)
+    yy, xx = torch.meshgrid(torch.arange(size[0]), torch.arange(size[1]), indexing="ij")
+    c = torch.rand(B, K, 2, generator=g) * torch.tensor(size)
+    masks = ((yy - c[..., :1, None]) ** 2 + (xx - c[..., 1:, None]) ** 2) < (size[0] / 5) ** 2  # (B, K, H, W)
+    masks[0, 2] = False
+    inter, covered, area = unit_concept_counts(maps, masks, thr, size, input_size)
+    ri, rc, ra = dissect_reference.iou_counts(maps, masks, thr, size, input_size)
+    assert inter.sum() > 0 and torch.equal(inter.double(), ri) and torch.equal(covered.double(), rc)
+    assert torch.equal(area.double(), ra)
+    halves = [unit_concept_counts(maps[s], masks[s], thr, size, input_size) for s in (slice(0, 2), slice(2, None))]
+    for whole, a, b in zip((inter, covered, area), *halves):
+        assert torch.equal(whole, a + b)
+
+
+def test_vectorised_ranks_and_group_probabilities_equal_the_per_unit_code():
+    """All units at once give bit-identical ranks (ties, NaNs) and group probabilities (2, 4 and 9 values:
+    numpy sums 8 or more values pairwise) to the reference's one unit at a time."""
+    import dissect_reference
+    from facetool.explainers.units.dissect import average_ranks as ranks2
+    from facetool.explainers.units.dissect import group_probabilities as probs2
+
+    rng = np.random.default_rng(0)
+    x = np.round(rng.normal(size=(300, 20)), 1)  # many ties
+    x[5, 3] = x[9, 3] = np.nan
+    r = ranks2(x)
+    for j in range(x.shape[1]):
+        assert np.array_equal(r[:, j], dissect_reference.average_ranks(x[:, j]))
+    w = rng.random((300, 20)) * (rng.random((300, 20)) > 0.3)
+    w[:, 4] = 0.0  # a unit with no score: P = 0
+    for k in (2, 4, 9):
+        codes = rng.integers(0, k, 300)
+        p = probs2(w, codes, k)
+        for j in range(w.shape[1]):
+            assert np.array_equal(p[:, j], dissect_reference.group_probabilities(w[:, j], codes, k)), (k, j)

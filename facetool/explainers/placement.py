@@ -27,17 +27,23 @@ def cell_weights(n_out: int, n_in: int, stride: float, scale: float) -> torch.Te
     return torch.from_numpy(out)
 
 
+def upsample_weights(map_size: tuple[int, int], size: tuple[int, int], input_size: tuple[int, int] | None = None,
+                     stride: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (H, h) row and (W, w) column weights :func:`upsample_maps` resamples an (h, w) map with."""
+    H, W = size
+    Sh, Sw = input_size or size
+    h, w = map_size
+    sy = float(stride) if stride else Sh / h
+    sx = float(stride) if stride else Sw / w
+    return cell_weights(H, h, sy, Sh / H), cell_weights(W, w, sx, Sw / W)
+
+
 def upsample_maps(maps: torch.Tensor, size: tuple[int, int], input_size: tuple[int, int] | None = None,
                   stride: float | None = None) -> torch.Tensor:
     """Maps (B, A, h, w) of a model that saw ``input_size`` (S_h, S_w) pixels (default ``size``), where
     cell (j, k) is centred on input pixel (stride*j, stride*k) ("same"-padded convolutions; default
     stride S/h), bilinearly resampled onto an image of ``size`` (H, W) that was resized to the input
     size (pixel-centre convention); beyond the first/last cell centre the border value is kept."""
-    H, W = size
-    Sh, Sw = input_size or size
-    h, w = maps.shape[-2:]
-    sy = float(stride) if stride else Sh / h
-    sx = float(stride) if stride else Sw / w
-    wy = cell_weights(H, h, sy, Sh / H).to(maps)
-    wx = cell_weights(W, w, sx, Sw / W).to(maps)
+    wy, wx = upsample_weights(tuple(maps.shape[-2:]), size, input_size, stride)
+    wy, wx = wy.to(maps), wx.to(maps)
     return torch.einsum("ij,bajk,lk->bail", wy, maps, wx)

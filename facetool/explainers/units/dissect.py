@@ -32,13 +32,20 @@ Inference Models using Hierarchical Network Dissection" (see ``shared/REFERENCE.
 **Bias discovery**: a *link* (local concept c, subgroup g=v) is a unit that holds c and is biased
 towards g=v. :func:`compare_dissections` ranks the links whose counts differ between two models.
 
-Memory is bounded in the number of images: pass 1 keeps a (units x 2048) histogram per layer; pass 2
-keeps (units x concepts) IoU sums, a per-unit top-k of images, and writes the per-image max/min of
-every unit to an HDF5 scratch file that stage 2/3 read back in blocks of units.
+Cost and memory. The model runs once: pass 1 keeps a (units x 2048) histogram per layer and a per-unit
+top-k of images, writes the per-image max/min of every unit to an HDF5 scratch file (in blocks of rows)
+and, when they fit ``cache_bytes`` on disk, the activations to a raw scratch file that pass 2 reads back
+instead of running the model again. Pass 2 adds the batch's :func:`unit_concept_counts` ((units x
+concepts) integer tallies, additive, so shards of the dictionary can be summed): only the blocks of pixels
+whose map cells can reach the threshold are upsampled (exactly as :func:`upsample_maps` would), in a few
+tensor ops per block position, on the model's device. Stages 2/3 read the scratch back in blocks of units
+(1M values) and rank all units of a block at once. Memory does not grow with the number of images; the
+results equal the per-unit implementation's bit for bit (``tests/dissect_reference.py``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import tempfile
 import time
@@ -53,7 +60,7 @@ import torch.nn.functional as F
 from facetool import distributed as fd
 from facetool.devices import resolve_device
 from facetool.errors import FacetoolError
-from facetool.explainers.placement import upsample_maps
+from facetool.explainers.placement import upsample_weights
 from facetool.explainers.units.dictionary import FaceDictionary, GlobalGroup
 from facetool.hooks import taps
 
@@ -139,11 +146,10 @@ class TopQuantile:
                 merged[:, : B // f] = c.view(-1, B // f, f).sum(-1)
             self.counts[sel] = merged
             self.width[sel] = self.width[sel] * f
-        idx = torch.floor((x - self.lo[:, None]) / self.width[:, None])
-        keep = idx >= 0
-        idx = idx.clamp(0, B - 1).long() + (torch.arange(U)[:, None] * B)
-        flat = torch.bincount(idx[keep], minlength=U * B).to(torch.float64)
-        self.counts += flat.view(U, B)
+        # bin of every value, -1 (a column dropped below) for values under the range (and NaN)
+        idx = torch.nan_to_num_(torch.floor_((x - self.lo[:, None]).div_(self.width[:, None])), nan=-1.0)
+        idx = idx.clamp_(-1, B - 1).long().add_(torch.arange(U)[:, None] * (B + 1) + 1)
+        self.counts += torch.bincount(idx.reshape(-1), minlength=U * (B + 1)).view(U, B + 1)[:, 1:]
         self.n += x.shape[1]
 
     def quantile(self, q: float) -> torch.Tensor:
@@ -161,14 +167,24 @@ class TopQuantile:
 
 # ----------------------------------------------------------------------------------- pairing maths
 def average_ranks(x: np.ndarray) -> np.ndarray:
-    """1-based ascending ranks; tied values share the mean of their positions."""
+    """1-based ascending ranks along the first axis (every column of a 2-D array on its own); tied values
+    share the mean of their positions (NaNs tie with each other)."""
     x = np.asarray(x)
-    order = np.argsort(x, kind="stable")
-    xs = x[order]
-    _, start, counts = np.unique(xs, return_index=True, return_counts=True)
-    mean_pos = start + (counts + 1) / 2.0  # mean of 1-based positions start+1 .. start+count
-    r = np.empty(len(x), np.float64)
-    r[order] = np.repeat(mean_pos, counts)
+    if x.ndim == 1:
+        return average_ranks(x[:, None])[:, 0]
+    n = x.shape[0]
+    order = np.argsort(x, axis=0, kind="stable")
+    xs = np.take_along_axis(x, order, 0)
+    new = np.ones(x.shape, bool)  # first of a run of equal values
+    new[1:] = (xs[1:] != xs[:-1]) & ~(np.isnan(xs[1:]) & np.isnan(xs[:-1]))
+    pos = np.broadcast_to(np.arange(n)[:, None], x.shape)
+    start = np.maximum.accumulate(np.where(new, pos, 0), axis=0)
+    last = np.ones(x.shape, bool)
+    last[:-1] = new[1:]
+    stop = np.minimum.accumulate(np.where(last, pos, n)[::-1], axis=0)[::-1]
+    counts = stop - start + 1
+    r = np.empty(x.shape, np.float64)
+    np.put_along_axis(r, order, start + (counts + 1) / 2.0, 0)  # mean of 1-based positions start+1 .. start+count
     return r
 
 
@@ -176,10 +192,7 @@ def rank_activation_weights(maxima: np.ndarray, lo: np.ndarray, hi: np.ndarray) 
     """rank_i * s_i for each image (rows) and unit (columns): images ranked ascending by max
     activation, rank = (position+1)/N (tied maxima share their mean rank); s = (max - lo) / (hi - lo) (0 for a constant unit)."""
     maxima = np.asarray(maxima, np.float64)
-    N = maxima.shape[0]
-    rank = np.empty_like(maxima)
-    for j in range(maxima.shape[1]):
-        rank[:, j] = average_ranks(maxima[:, j]) / N
+    rank = average_ranks(maxima) / maxima.shape[0]
     span = np.asarray(hi, np.float64) - np.asarray(lo, np.float64)
     s = np.where(span > 0, (maxima - lo) / np.where(span > 0, span, 1.0), 0.0)
     return rank * s
@@ -209,13 +222,19 @@ def kept(prob: np.ndarray) -> np.ndarray:
 
 def group_probabilities(weights: np.ndarray, codes: np.ndarray, k: int) -> np.ndarray:
     """HND global stage for one unit and group: ``weights`` (N,) rank*s over the images with a known
-    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values."""
+    value, ``codes`` (N,) in 0..k-1. P(v) = [sum_{code=v} w / #code=v] normalised over values. With
+    ``weights`` (N, b), the b units at once: P is (k, b), each column as the unit alone would get it."""
     codes = np.asarray(codes)
-    sums = np.bincount(codes, weights=weights, minlength=k)
-    n = np.bincount(codes, minlength=k)
+    weights = np.asarray(weights, np.float64)
+    if weights.ndim == 1:
+        return group_probabilities(weights[:, None], codes, k)[:, 0]
+    sums = np.zeros((k, weights.shape[1]))
+    np.add.at(sums, codes, weights)  # row by row in order, as bincount adds
+    n = np.bincount(codes, minlength=k)[:, None]
     score = np.where(n > 0, sums / np.maximum(n, 1), 0.0)
-    tot = score.sum()
-    return score / tot if tot > 0 else np.zeros(k)
+    # the 1-D sum of each column (numpy sums 8 or more values pairwise)
+    tot = score.sum(0) if k < 8 else np.array([c.sum() for c in np.ascontiguousarray(score.T)])
+    return np.where(tot > 0, score / np.where(tot > 0, tot, 1.0), 0.0)
 
 
 # ----------------------------------------------------------------------------------- results
@@ -373,6 +392,165 @@ class _TopK:
         self.val, self.row = top.values, r.gather(1, top.indices)
 
 
+def _interpolation_blocks(weights: torch.Tensor, g: int = 1) -> list[torch.Tensor]:
+    """For each tile of ``g`` map rows (columns) from j = t*g, the output rows (columns) whose interpolation
+    starts in it: they read cells j .. j + g only (:func:`cell_weights` puts 1 - w on a first cell, w < 1 on
+    the next)."""
+    first = (weights > 0).to(torch.int8).argmax(1) // g
+    return [torch.nonzero(first == t).flatten() for t in range(-(-weights.shape[1] // g))]
+
+
+@dataclass
+class BatchMasks:
+    """A batch's concept masks in the form the IoU counts use: every pixel's *pattern* (which of the K masks
+    hold it; a face has a few dozen patterns), built once per batch and shared by all layers."""
+
+    size: tuple[int, int]
+    pattern: torch.Tensor  # (B * H * W,) int64: pattern of pixel p of image b at b * H * W + p
+    members: torch.Tensor  # (patterns, K) float64 0/1
+    carry: torch.Tensor  # (B, K) float64 0/1: image b carries concept k
+    area: torch.Tensor  # (K,) int64: pixels of the concept's masks
+
+    @classmethod
+    def of(cls, masks: torch.Tensor, size: tuple[int, int]) -> "BatchMasks":
+        """From boolean ``masks`` (B, K, H, W) or (B, K, H*W)."""
+        B, K = masks.shape[:2]
+        flat = masks.reshape(B, K, -1).bool()
+        if K <= 62:
+            packed = (flat.to(torch.int64) << torch.arange(K, device=masks.device)[None, :, None]).sum(1)
+            codes, pattern = torch.unique(packed.reshape(-1), return_inverse=True)
+            members = (codes[:, None] >> torch.arange(K, device=masks.device)[None]) & 1
+        else:
+            members, pattern = torch.unique(flat.transpose(1, 2).reshape(-1, K), dim=0, return_inverse=True)
+        return cls(size, pattern.reshape(-1), members.double(), flat.any(-1).double(), flat.sum((0, 2), dtype=torch.int64))
+
+
+def unit_concept_counts(maps: torch.Tensor, masks: torch.Tensor | BatchMasks, thresholds: torch.Tensor,
+                        size: tuple[int, int], input_size: tuple[int, int] | None = None, *,
+                        mem_elements: int = 1 << 23) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The IoU counts of one batch, additive over batches (and over shards of the dictionary).
+
+    ``maps`` (B, U, h, w) unit activations, ``masks`` (B, K, H, W) boolean concept masks (or their
+    :class:`BatchMasks`), ``thresholds`` (U,). Each map is upsampled bilinearly onto the (H, W) image
+    (:func:`upsample_maps`, ``input_size`` the model's input) and thresholded (``> threshold``). Returns int64
+    counts on the maps' device: ``inter`` (U, K) = pixels where unit u is on inside concept k's mask,
+    ``covered`` (U, K) = pixels where u is on in the images carrying k, ``area`` (K,) = pixels of k's masks.
+    IoU(u, k) = inter / (covered + area - inter) over the summed counts.
+
+    Vectorised and exact: the image is cut into one block of pixels per map cell (j, k), the pixels whose
+    interpolation reads cells j..j+1 x k..k+1 only; a bilinear value is a convex combination of the cells it
+    reads, so a block none of whose cells reaches the threshold (less the rounding of the interpolation) has
+    no pixel above it. Per block position (tiles of blocks on fine maps), the (image, unit) maps that may pass
+    are upsampled together on that block alone (the same einsum as :func:`upsample_maps` on a subset of its
+    rows and columns: the same arithmetic, the same pixels pass); their pixels above threshold are counted per
+    (unit, mask pattern) and per (image, unit), and two small products turn the counts into ``inter`` and
+    ``covered``."""
+    B, U, h, w = maps.shape
+    H, W = size
+    P = H * W
+    dev = maps.device
+    bm = masks if isinstance(masks, BatchMasks) else BatchMasks.of(masks.to(dev), size)
+    n_pat = bm.members.shape[0]
+    on_pattern = torch.zeros(U * n_pat, dtype=torch.int64, device=dev)  # pixels on, per (unit, pattern)
+    on_image = torch.zeros(B * U, dtype=torch.int64, device=dev)  # pixels on, per (image, unit)
+    if B and U:
+        maps = maps.float()
+        thresholds = thresholds.to(dev, torch.float32)
+        mag = torch.maximum(maps.abs().reshape(B, U, -1).amax(-1), thresholds.abs()[None])
+        hot = maps >= (thresholds[None] - 1e-5 * mag)[..., None, None]  # cells that may put a pixel above threshold
+        hot[:, :, :-1] |= hot[:, :, 1:].clone()  # block (j, k) reads cells j..j+1, k..k+1
+        hot[..., :-1] |= hot[..., 1:].clone()
+        # blocks grouped in tiles of g x g (at most 8 x 8 tiles: few einsums on fine maps)
+        g = -(-max(h, w) // 8)
+        th, tw = -(-h // g), -(-w // g)
+        hot = F.pad(hot, (0, tw * g - w, 0, th * g - h)).view(B, U, th, g, tw, g).any(5).any(3)
+        wy, wx = upsample_weights((h, w), size, input_size)
+        wy, wx = wy.to(maps), wx.to(maps)
+        rows, cols = _interpolation_blocks(wy, g), _interpolation_blocks(wx, g)
+        for j, k in hot.any(1).any(0).nonzero().tolist():  # tile positions where some map may pass
+            rj, ck = rows[j].to(dev), cols[k].to(dev)
+            if not len(rj) or not len(ck):
+                continue
+            bi, ui = hot[:, :, j, k].nonzero(as_tuple=True)
+            step = max(1, mem_elements // (len(rj) * len(ck)))
+            for s in range(0, len(bi), step):
+                b, u = bi[s:s + step], ui[s:s + step]
+                up = torch.einsum("ij,bajk,lk->bail", wy[rj], maps[b, u][None], wx[ck])[0]  # (n, |rj|, |ck|)
+                pair, ii, ll = (up > thresholds[u][:, None, None]).nonzero(as_tuple=True)
+                if len(pair):
+                    bp, up_ = b[pair], u[pair]
+                    pat = bm.pattern[bp * P + rj[ii] * W + ck[ll]]
+                    on_pattern += torch.bincount(up_ * n_pat + pat, minlength=U * n_pat)
+                    on_image += torch.bincount(bp * U + up_, minlength=B * U)
+    # exact: integer counts far below 2**53
+    inter = (on_pattern.view(U, n_pat).double() @ bm.members).round().long()
+    covered = (on_image.view(B, U).double().T @ bm.carry).round().long()
+    return inter, covered, bm.area
+
+
+class _Scratch:
+    """Per-layer scratch on disk: per-image max/min of every unit (HDF5, written in blocks of rows) and,
+    within ``cache_bytes``, the activations themselves (a raw float32 file, one block per batch), so the IoU
+    pass reads them back instead of running the model again. Page cache, not process memory, holds them."""
+
+    def __init__(self, folder: Path, name: str, n: int, shape: tuple[int, int, int], h5, cache: bool,
+                 block_elements: int = 1 << 19) -> None:
+        U = shape[0]
+        self.rows = max(1, min(n, block_elements // max(1, U)))
+        ch = (self.rows, U)
+        self.max = h5.create_dataset(f"{name}/max", (n, U), np.float32, chunks=ch)
+        self.min = h5.create_dataset(f"{name}/min", (n, U), np.float32, chunks=ch)
+        self.buf = np.empty((2, self.rows, U), np.float32)
+        self.r0, self.fill = 0, 0
+        self.shape = shape
+        self.path = folder / f"{name.replace('/', '_')}.f32" if cache else None
+        self.file = open(self.path, "wb") if cache else None
+
+    def add(self, mx: np.ndarray, mn: np.ndarray, maps: torch.Tensor | None) -> None:
+        """Append the next images' maxima/minima (B, U) and maps (B, U, h, w) (rows come in order)."""
+        i = 0
+        while i < len(mx):
+            j = min(len(mx), i + self.rows - self.fill)
+            self.buf[0, self.fill:self.fill + j - i] = mx[i:j]
+            self.buf[1, self.fill:self.fill + j - i] = mn[i:j]
+            self.fill += j - i
+            i = j
+            if self.fill == self.rows:
+                self.flush()
+        if self.file is not None and maps is not None:
+            np.ascontiguousarray(maps.cpu().numpy(), np.float32).tofile(self.file)
+
+    def flush(self) -> None:
+        if self.fill:
+            self.max[self.r0:self.r0 + self.fill] = self.buf[0, :self.fill]
+            self.min[self.r0:self.r0 + self.fill] = self.buf[1, :self.fill]
+            self.r0 += self.fill
+            self.fill = 0
+
+    def finish(self) -> None:
+        self.flush()
+        if self.file is not None:
+            self.file.close()
+            self.file = open(self.path, "rb")
+
+    def maps(self, n: int, device) -> torch.Tensor:
+        """The next ``n`` images' cached maps, in the order they were written."""
+        count = n * int(np.prod(self.shape))
+        a = np.fromfile(self.file, np.float32, count=count)
+        if a.size != count:
+            raise FacetoolError(f"dissection scratch file {self.path} is truncated")
+        return torch.from_numpy(a.reshape(n, *self.shape)).to(device)
+
+    def skip(self, n: int) -> None:
+        """Pass over the next ``n`` images' cached maps (another rank counts them)."""
+        self.file.seek(n * int(np.prod(self.shape)) * 4, 1)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
 def dissect_units(
     model,
     dictionary: FaceDictionary,
@@ -385,14 +563,19 @@ def dissect_units(
     top_images: int = 6,
     scratch_dir: str | Path | None = None,
     mem_elements: int = 1 << 23,
+    cache_bytes: int = 4 << 30,
     progress=None,
     predictions: bool = True,
 ) -> Dissection | None:
     """Dissect the units of ``layers`` of ``model`` on ``dictionary`` (two passes, bounded memory).
 
-    Under ``torchrun`` every rank computes the thresholds (pass 1, a streaming sketch that depends on the
-    batch order) and its share of pass 2's batches; rank 0 merges them and gets the Dissection (the other
-    ranks None), the one one process gets."""
+    Pass 1 runs the model: thresholds, per-image maxima/minima and top images, and the activations to a
+    scratch file when they take at most ``cache_bytes`` on disk; pass 2 reads them back (else runs the
+    model again) with the concept masks and accumulates :func:`unit_concept_counts`.
+
+    Under ``torchrun`` every rank runs pass 1 (its streaming quantile sketch depends on the batch order, so
+    the thresholds are the one-process ones) and counts its share of pass 2's batches; the counts are
+    integers, summed over the ranks exactly. Rank 0 gets the Dissection, the other ranks None."""
     import h5py
 
     if not 0.0 < quantile < 0.5:
@@ -418,16 +601,23 @@ def dissect_units(
     timing: dict[str, float] = {}
     sketches: dict[str, TopQuantile] = {}
     shapes: dict[str, tuple[int, int, int]] = {}
+    scratch: dict[str, _Scratch] = {}
+    topk: dict[str, _TopK] = {}
+    tmp = tempfile.TemporaryDirectory(prefix="dissect_", dir=scratch_dir)
+    h5 = h5py.File(Path(tmp.name) / "maxima.h5", "w")
     try:
-        # ---- pass 1: per-unit thresholds (and the model's predictions, a global group of their own)
+        # ---- pass 1: per-unit thresholds, per-image max/min, top images, activations to the scratch file
+        # (and the model's predictions, a global group of their own)
         heads = prediction_heads(model) if predictions else []
         pred = np.full((len(heads), N), -1, np.int64)
+        cached = False
         with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
             for bi, b in enumerate(dictionary.batches(batch_size, masks=False)):
                 out = model(_model_input(b.images, in_size, dev))
                 if heads and isinstance(out, torch.Tensor) and out.dim() == 2:
                     for h, (_, _, sl) in enumerate(heads):
                         pred[h, b.rows] = out[:, sl].argmax(1).cpu().numpy()
+                B = len(b.rows)
                 for name in layers:
                     a = found[name]
                     if a.dim() != 4:
@@ -435,9 +625,24 @@ def dissect_units(
                     if name not in sketches:
                         sketches[name] = TopQuantile(a.shape[1])
                         shapes[name] = (int(a.shape[1]), int(a.shape[2]), int(a.shape[3]))
-                    sketches[name].update(a.float().transpose(0, 1).reshape(a.shape[1], -1))
+                if bi == 0:
+                    cached = N * sum(4 * int(np.prod(s)) for s in shapes.values()) <= cache_bytes
+                    for name in layers:
+                        scratch[name] = _Scratch(Path(tmp.name), name, N, shapes[name], h5, cached)
+                        topk[name] = _TopK(shapes[name][0], top_images)
+                rows_t = torch.from_numpy(b.rows.astype(np.int64))
+                for name in layers:
+                    a = found[name].float()
+                    U = a.shape[1]
+                    sketches[name].update(a.transpose(0, 1).reshape(U, -1))
+                    flat = a.reshape(B, U, -1)
+                    mx = flat.amax(-1).cpu()
+                    scratch[name].add(mx.numpy(), flat.amin(-1).cpu().numpy(), a if cached else None)
+                    topk[name].update(mx, rows_t)
                 if progress:
                     progress("thresholds", (bi + 1) * batch_size, N)
+        for s in scratch.values():
+            s.finish()
         thr = {n: sketches[n].quantile(quantile).to(dev) for n in layers}
         # a group (stored or predicted) needs at least two values present to contrast
         notes: list[str] = []
@@ -455,71 +660,64 @@ def dissect_units(
                 pred_groups.append(g)
         dictionary.groups.extend(pred_groups)
         timing["pass1_s"] = time.perf_counter() - t0
-        # ---- pass 2: IoU, per-image max/min (scratch), top images
+        # ---- pass 2: IoU counts from the cached activations (or a second forward pass) and the masks
         t1 = time.perf_counter()
-        tmp = tempfile.TemporaryDirectory(prefix="dissect_", dir=scratch_dir)
-        scratch = h5py.File(Path(tmp.name) / "maxima.h5", "w")
-        inter = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
-        mcar = {n: torch.zeros(shapes[n][0], K, dtype=torch.float64, device=dev) for n in layers}
-        carea = torch.zeros(K, dtype=torch.float64, device=dev)
-        topk = {n: _TopK(shapes[n][0], top_images) for n in layers}
-        for n in layers:
-            U = shapes[n][0]
-            ch = (max(1, min(N, 256)), U)
-            scratch.create_dataset(f"{n}/max", (N, U), np.float32, chunks=ch)
-            scratch.create_dataset(f"{n}/min", (N, U), np.float32, chunks=ch)
-        P = H * W
+        inter = {n: torch.zeros(shapes[n][0], K, dtype=torch.int64, device=dev) for n in layers}
+        covered = {n: torch.zeros(shapes[n][0], K, dtype=torch.int64, device=dev) for n in layers}
+        area = torch.zeros(K, dtype=torch.int64, device=dev)
         carry_all = np.zeros((N, K), bool)
-        # under torchrun pass 2 is split over the ranks (its sums are integer counts: exact in any order)
-        mine = fd.sharded_batches(N, batch_size, pad=False) if fd.sharded() else None
-        batches = dictionary.batches(batch_size) if mine is None else (dictionary.batch(r) for r in mine)
-        with torch.no_grad(), taps(model, layers, detach=True, first=True) as found:
-            for bi, b in enumerate(batches):
-                model(_model_input(b.images, in_size, dev))
-                B = len(b.rows)
-                cm = torch.from_numpy(b.masks.reshape(B, K, P)).to(dev, torch.float32)  # (B, K, P)
-                carry = cm.amax(-1)  # (B, K)
-                carry_all[b.rows] = carry.cpu().numpy() > 0
-                carea += cm.sum((0, 2)).double()
-                rows_t = torch.from_numpy(b.rows.astype(np.int64))
-                r0, r1 = int(b.rows[0]), int(b.rows[-1]) + 1
-                for name in layers:
-                    a = found[name].float()
-                    U = a.shape[1]
-                    flat = a.reshape(B, U, -1)
-                    mx, mn = flat.amax(-1), flat.amin(-1)
-                    scratch[f"{name}/max"][r0:r1] = mx.cpu().numpy()
-                    scratch[f"{name}/min"][r0:r1] = mn.cpu().numpy()
-                    topk[name].update(mx.cpu(), rows_t)
-                    step = max(1, min(U, mem_elements // max(1, B * P)))
-                    for u0 in range(0, U, step):
-                        u1 = min(U, u0 + step)
-                        up = upsample_maps(a[:, u0:u1], (H, W), (in_size or H, in_size or W))
-                        m = (up > thr[name][u0:u1, None, None]).reshape(B, u1 - u0, P).float()
-                        inter[name][u0:u1] += torch.bmm(m, cm.transpose(1, 2)).sum(0).double()
-                        mcar[name][u0:u1] += (m.sum(-1).T @ carry).double()
+        out_size = (in_size or H, in_size or W)
+        with torch.no_grad(), (contextlib.nullcontext({}) if cached else
+                               taps(model, layers, detach=True, first=True)) as found:
+            mine = {int(r[0]) for r in fd.sharded_batches(N, batch_size, pad=False) if len(r)} \
+                if fd.sharded() else None
+            for bi, start in enumerate(range(0, N, batch_size)):
+                rows = np.arange(start, min(N, start + batch_size))
+                B = len(rows)
+                if mine is not None and start not in mine:  # another rank's batch
+                    if cached:
+                        for name in layers:
+                            scratch[name].skip(B)
+                    continue
+                b = dictionary.batch(rows)
+                if not cached:
+                    model(_model_input(b.images, in_size, dev))
+                bm = BatchMasks.of(torch.from_numpy(b.masks).to(dev), (H, W))
+                carry_all[b.rows] = b.masks.reshape(B, K, -1).any(-1)
+                for li, name in enumerate(layers):
+                    a = scratch[name].maps(B, dev) if cached else found[name]
+                    i_, c_, a_ = unit_concept_counts(a, bm, thr[name], (H, W), out_size, mem_elements=mem_elements)
+                    inter[name] += i_
+                    covered[name] += c_
+                    if li == 0:
+                        area += a_
                 if progress:
                     progress("IoU", (bi + 1) * batch_size, N)
-        if mine is not None:
-            own = np.concatenate(mine) if mine else np.zeros(0, np.int64)
-            if not _merge_pass2(own, layers, scratch, inter, mcar, carea, topk, carry_all):
-                scratch.close()
-                tmp.cleanup()
+        if mine is not None:  # the integer counts and carried concepts of every rank, summed exactly
+            for t in [*inter.values(), *covered.values(), area]:
+                fd.all_reduce(t)
+            carried = torch.from_numpy(carry_all.astype(np.uint8))
+            carry_all = fd.all_reduce(carried, "max").numpy().astype(bool)
+            if not fd.is_main():
                 return None
         timing["pass2_s"] = time.perf_counter() - t1
+        timing["activations_cached"] = cached
         dictionary.carry = carry_all
-        # ---- stage 1-3 from the accumulated sums and the scratch file
+        # ---- stage 1-3 from the accumulated counts and the scratch file
         t2 = time.perf_counter()
         results: dict[str, LayerResult] = {}
         for name in layers:
-            union = mcar[name] + carea[None] - inter[name]
-            iou = torch.where(union > 0, inter[name] / union.clamp(min=1e-12), torch.zeros_like(union)).cpu().numpy()
-            results[name] = _pair_layer(name, iou, scratch[f"{name}/max"], scratch[f"{name}/min"], dictionary,
+            i_ = inter[name].double()
+            union = covered[name].double() + area.double()[None] - i_
+            iou = torch.where(union > 0, i_ / union.clamp(min=1e-12), torch.zeros_like(union)).cpu().numpy()
+            results[name] = _pair_layer(name, iou, scratch[name].max, scratch[name].min, dictionary,
                                         iou_threshold, thr[name].cpu().numpy(), topk[name], shapes[name])
         timing["pairing_s"] = time.perf_counter() - t2
-        scratch.close()
-        tmp.cleanup()
     finally:
+        for s in scratch.values():
+            s.close()
+        h5.close()
+        tmp.cleanup()
         for g in pred_groups:
             dictionary.groups.remove(g)
         if moved:
@@ -538,42 +736,12 @@ def dissect_units(
     return Dissection(results, summary, settings, timing, notes)
 
 
-def _merge_pass2(own: np.ndarray, layers: Sequence[str], scratch, inter: dict, mcar: dict, carea: torch.Tensor,
-                 topk: dict, carry_all: np.ndarray) -> bool:
-    """Pass 2 of a sharded dissection brought together on rank 0 (``own``: the dictionary rows this rank
-    did): the IoU sums all-reduced (integer counts), the per-image maxima/minima and carried concepts
-    gathered in row order, the top images re-ranked over every rank's candidates. True on rank 0."""
-    for t in [*inter.values(), *mcar.values(), carea]:
-        fd.all_reduce(t)
-    n = len(carry_all)
-    carry = fd.gather_rows(carry_all[own], own, total=n)
-    parts = fd.all_gather_object({name: (topk[name].val, topk[name].row) for name in layers})
-    rows, own = {}, np.sort(own)
-    for name in layers:
-        for kind in ("max", "min"):
-            ds = scratch[f"{name}/{kind}"]
-            mine = ds[own] if len(own) else np.zeros((0, ds.shape[1]), ds.dtype)
-            rows[name, kind] = fd.gather_rows(mine, own, total=n)
-    if not fd.is_main():
-        return False
-    carry_all[:] = carry
-    for (name, kind), r in rows.items():
-        scratch[f"{name}/{kind}"][:] = r
-    for name in layers:
-        k = topk[name].k
-        v = torch.cat([p[name][0] for p in parts], 1)
-        r = torch.cat([p[name][1] for p in parts], 1)
-        top = v.topk(min(k, v.shape[1]), dim=1)
-        topk[name].val, topk[name].row = top.values, r.gather(1, top.indices)
-    return True
-
-
 def _read_block(ds, u0: int, u1: int) -> np.ndarray:
     return ds[:, u0:u1]
 
 
 def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_threshold: float, thr: np.ndarray,
-                topk: _TopK, shape, mem_elements: int = 1 << 24) -> LayerResult:
+                topk: _TopK, shape, mem_elements: int = 1 << 19) -> LayerResult:
     concepts = dictionary.concepts
     carry = dictionary.carry
     U = iou.shape[0]
@@ -594,21 +762,23 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
         mx = _read_block(ds_max, u0, u1).astype(np.float64)  # (N, b)
         mn = _read_block(ds_min, u0, u1).astype(np.float64)
         lo_all, hi_all = mn.min(0), mx.max(0)
-        # stage 2: local pairing in the best concept's region
-        for j, u in enumerate(range(u0, u1)):
-            ur = units[u]
-            if K == 0 or ur.best_iou < iou_threshold:
-                continue
-            reg = concepts[best[u]].region
+        # stage 2: local pairing in the best concept's region (the block's units of one region ranked at once)
+        local = [j for j in range(u1 - u0) if K and units[u0 + j].best_iou >= iou_threshold]
+        for reg in sorted({concepts[best[u0 + j]].region for j in local}):
+            js = [j for j in local if concepts[best[u0 + j]].region == reg]
             ks = regions[reg]
             rows = region_rows[reg]
-            w = rank_activation_weights(mx[rows, j:j + 1], lo_all[j], hi_all[j])[:, 0]
-            p = concept_probabilities(w, carry[np.ix_(rows, ks)], iou[u, ks])
-            keep = kept(p)
-            ur.kind, ur.region = "local", reg
-            ur.probs = {concepts[k].name: float(p[i]) for i, k in enumerate(ks)}
-            ur.ious = {concepts[k].name: float(iou[u, k]) for k in ks}
-            ur.concepts = [concepts[k].name for i, k in enumerate(ks) if keep[i]]
+            carry_r = carry[np.ix_(rows, ks)]
+            w = rank_activation_weights(mx[rows][:, js], lo_all[js], hi_all[js])
+            for jj, j in enumerate(js):
+                u = u0 + j
+                ur = units[u]
+                p = concept_probabilities(np.ascontiguousarray(w[:, jj]), carry_r, iou[u, ks])
+                keep = kept(p)
+                ur.kind, ur.region = "local", reg
+                ur.probs = {concepts[k].name: float(p[i]) for i, k in enumerate(ks)}
+                ur.ious = {concepts[k].name: float(iou[u, k]) for k in ks}
+                ur.concepts = [concepts[k].name for i, k in enumerate(ks) if keep[i]]
         # stage 3: global groups (every unit)
         for g in dictionary.groups:
             known = np.flatnonzero(g.codes >= 0)
@@ -618,10 +788,10 @@ def _pair_layer(name, iou, ds_max, ds_min, dictionary: FaceDictionary, iou_thres
             k = len(g.values)
             lo, hi = mn[known].min(0), mx[known].max(0)
             w = rank_activation_weights(mx[known], lo, hi)  # (n, b)
-            codes = g.codes[known]
+            probs = group_probabilities(w, g.codes[known], k)  # (k, b)
             thr_g = global_threshold(len(present))  # over the values present, not the vocabulary
             for j, u in enumerate(range(u0, u1)):
-                p = group_probabilities(w[:, j], codes, k)
+                p = probs[:, j]
                 units[u].globals[g.name] = {v: float(p[i]) for i, v in enumerate(g.values)}
                 units[u].biased += [f"{g.name}={g.values[i]}" for i in present if p[i] >= thr_g]
     for ur in units:
