@@ -3,7 +3,8 @@
 from facetool.cli.hub import make_group
 
 MODULES = ["facetool.cli.dissect_gates", "facetool.cli.dissect_attention", "facetool.cli.dissect_relevance",
-           "facetool.cli.dissect_units"]
+           "facetool.cli.dissect_units",
+           "facetool.cli.dissect_counterfactual"]  # EXPLAIN-CF (issue 21)
 
 
 def register(app):

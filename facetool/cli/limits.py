@@ -139,6 +139,10 @@ LIMITS: dict[str, Range] = {
     "--from-step": Range(1, 100_000),
     # prepare landmarks (FAN-Face, issue 19)
     "prepare landmarks --margin": Range(0, 4, note="a fraction of the landmarks' box"),
+    # dissect counterfactual (issue 21)
+    "dissect counterfactual --pairs": Range(1, 1_000_000, note="faces rendered twice"),
+    "dissect counterfactual --bootstrap": Range(0, 1_000_000, note="0 = no intervals"),
+    "dissect counterfactual --shown": Range(1, 1000),
 }
 
 
