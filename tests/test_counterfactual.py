@@ -130,9 +130,10 @@ def test_command_on_a_trained_checkpoint(planted, tmp_path):
 @pytest.mark.slow
 def test_planted_bias_shows_a_large_counterfactual_effect(gender_bias_models):
     """Putting glasses on 64 held-out faces (the fixture's "dict" store, glasses independent of gender) moves the
-    biased gender classifier's P(male) up by far more than the clean one's. Measured (mean change of
-    P(male), biased / clean, mean over learning_seeds(2)): FACETOOL_TEST_SEED=0 ...; =100 ...; =200 ....
-    Asserted: biased > 0.15, clean |mean| < 0.06, difference > 0.12."""
+    biased gender classifier's P(male) up by far more than the clean one's. Measured (change of P(male) per
+    seed, biased / clean; means): FACETOOL_TEST_SEED=0: 0.713, 0.731 / 0.017, 0.045 (0.722 vs 0.031); =100:
+    0.691, 0.753 / 0.022, 0.032 (0.722 vs 0.027); =200: 0.749, 0.717 / 0.073, -0.017 (0.733 vs 0.028).
+    Asserted: biased mean > 0.4, clean |mean| < 0.15, difference > 0.4."""
     from facetool.explainers.counterfactual import counterfactual
 
     store = gender_bias_models["stores"]["dict"]
@@ -143,4 +144,4 @@ def test_planted_bias_shows_a_large_counterfactual_effect(gender_bias_models):
         eff[name].append(round(next(iter(res["models"].values()))["effect"], 4))
     b, c = np.mean(eff["biased"]), np.mean(eff["clean"])
     print(f"counterfactual change of P(male) per seed {eff}; means {b:.3f} vs {c:.3f}")
-    assert b > 0.15 and abs(c) < 0.06 and b - c > 0.12, eff
+    assert b > 0.4 and abs(c) < 0.15 and b - c > 0.4, eff
