@@ -9,6 +9,17 @@ tables). ``{name}`` placeholders are filled from ``[vars]`` and ``--set name=val
     name = "prepare synthetic faces"
     run = "prepare synthetic --out {store} --identities 16"
 
+A step may name its headline number and its pictures; after the last step ``facetool recipe`` prints one summary
+table of every step's time, headline and pictures (and writes it to the recipe's ``summary`` JSON, if set)::
+
+    [[step]]
+    name = "Table II"
+    run = "eval classify ... --json {out}/table.json"
+    headline = [{ label = "top-1 resnet", file = "{out}/table.json", key = "rows.0.top1" }]
+    pictures = ["{out}/dissect/heatmap.png"]
+
+``key`` is a dotted path into the JSON file (list positions as numbers).
+
 A ``--set`` value is ONE argument, spaces and quotes included (``--set "out=my runs"``), unless the
 recipe's own value of that variable holds several arguments (e.g. a shared list of options): then the
 value given is split like a shell line, as the recipe's own is.
@@ -18,16 +29,62 @@ from __future__ import annotations
 
 import shlex
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from facetool.errors import FacetoolError, require_file
 
 
 @dataclass
+class Headline:
+    """One number a step reports in the recipe's summary: ``key`` (dotted, list positions as numbers) in
+    the JSON ``file`` the step wrote."""
+
+    label: str
+    file: str
+    key: str
+
+
+@dataclass
 class Step:
     name: str
     argv: list[str]
+    headlines: list[Headline] = field(default_factory=list)
+    pictures: list[str] = field(default_factory=list)
+
+
+def read_headline(h: Headline) -> str:
+    """The headline's value as text (numbers to 4 significant digits); ``-`` where the file or key is missing
+    (a step not run yet)."""
+    import json
+
+    try:
+        v = json.loads(Path(h.file).read_text())
+    except (OSError, ValueError):
+        return "-"
+    for part in h.key.split("."):
+        if isinstance(v, list) and part.lstrip("-").isdigit() and -len(v) <= int(part) < len(v):
+            v = v[int(part)]
+        elif isinstance(v, dict) and part in v:
+            v = v[part]
+        else:
+            return "-"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v) if not isinstance(v, (dict, list)) else "-"
+
+
+def summary_rows(steps: list[Step], seconds: dict[int, float]) -> list[dict]:
+    """One row per step that names a headline or pictures or ran now: its number, name, seconds (this run),
+    headline values and pictures (``(missing)`` after a picture the step did not write)."""
+    rows = []
+    for i, s in enumerate(steps, 1):
+        if not (s.headlines or s.pictures or i in seconds):
+            continue
+        rows.append({"step": i, "name": s.name, "seconds": round(seconds[i], 1) if i in seconds else "-",
+                     "headline": "; ".join(f"{h.label} {read_headline(h)}" for h in s.headlines) or "-",
+                     "pictures": " ".join(p if Path(p).exists() else f"{p} (missing)" for p in s.pictures) or "-"})
+    return rows
 
 
 def resume_argv(argv: list[str], options: set[str]) -> list[str]:
@@ -69,6 +126,12 @@ def _resolve_vars(raw: dict[str, str], literal: set[str], path: Path) -> dict[st
 
 
 def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[str, list[Step]]:
+    title, steps, _ = load_recipe_summary(path, overrides)
+    return title, steps
+
+
+def load_recipe_summary(path: str | Path, overrides: dict[str, str] | None = None) -> tuple[str, list[Step], str | None]:
+    """:func:`load_recipe` and the recipe's ``summary`` JSON path (``None`` if it names none)."""
     p = require_file(path, "recipe")
     try:
         doc = tomllib.loads(p.read_text())
@@ -94,10 +157,30 @@ def load_recipe(path: str | Path, overrides: dict[str, str] | None = None) -> tu
             raise FacetoolError(f"recipe {p}: step {i + 1} uses undefined variable {e}") from None
         except (ValueError, IndexError) as e:
             raise FacetoolError(f"recipe {p}: step {i + 1} holds a malformed {{placeholder}}: {e}") from None
-        steps.append(Step(s.get("name", line.split()[0]), shlex.split(line)))
+        steps.append(Step(s.get("name", line.split()[0]), shlex.split(line),
+                          _headlines(s.get("headline", []), vars_, p, i), _texts(s.get("pictures", []), vars_, p, i)))
     if not steps:
         raise FacetoolError(f"recipe {p} has no [[step]]")
-    return str(doc.get("title", p.stem)), steps
+    summary = _texts([doc["summary"]], vars_, p, -1)[0] if "summary" in doc else None
+    return str(doc.get("title", p.stem)), steps, summary
+
+
+def _texts(items, vars_: dict[str, str], p: Path, i: int) -> list[str]:
+    where = "its summary" if i < 0 else f"step {i + 1}"
+    if not isinstance(items, list) or not all(isinstance(t, str) for t in items):
+        raise FacetoolError(f"recipe {p}: {where}: pictures / summary must be text (a list of paths)")
+    try:
+        return [t.format(**vars_) for t in items]
+    except KeyError as e:
+        raise FacetoolError(f"recipe {p}: {where} uses undefined variable {e}") from None
+    except (ValueError, IndexError) as e:
+        raise FacetoolError(f"recipe {p}: {where} holds a malformed {{placeholder}}: {e}") from None
+
+
+def _headlines(items, vars_: dict[str, str], p: Path, i: int) -> list[Headline]:
+    if not isinstance(items, list) or not all(isinstance(h, dict) and {"label", "file", "key"} <= set(h) for h in items):
+        raise FacetoolError(f"recipe {p}: step {i + 1}: headline must be a list of {{ label, file, key }} tables")
+    return [Headline(*_texts([str(h["label"]), str(h["file"]), str(h["key"])], vars_, p, i)) for h in items]
 
 
 def rerun_command(path: str | Path, sets: list[str], step: int, resume: bool = False) -> str:

@@ -216,3 +216,42 @@ def test_ctrl_c_swallowed_in_a_weakref_callback_still_ends_the_command_with_130(
         command()
     assert e.value.exit_code == 130
     assert "interrupted" in capfd.readouterr().err
+
+
+def test_recipe_summary_headlines_and_pictures(tmp_path):
+    """Issue 21: steps name a headline number (a dotted key into a JSON they write) and pictures; the recipe
+    ends with one summary table of every step's seconds, headline and pictures, and writes it to the
+    recipe's summary JSON. A missing file or key reads '-', a missing picture is marked."""
+    import json
+
+    from conftest import run_facetool
+    from facetool.recipe import Headline, load_recipe_summary, read_headline
+
+    data = tmp_path / "r.json"
+    data.write_text(json.dumps({"models": [{"top1": 0.123456}, {"top1": 0.5}], "name": "x"}))
+    assert read_headline(Headline("a", str(data), "models.1.top1")) == "0.5"
+    assert read_headline(Headline("a", str(data), "models.0.top1")) == "0.1235"
+    assert read_headline(Headline("a", str(data), "models.2.top1")) == "-"
+    assert read_headline(Headline("a", str(data), "models")) == "-"
+    assert read_headline(Headline("a", str(tmp_path / "none.json"), "x")) == "-"
+    r = tmp_path / "r.toml"
+    r.write_text('summary = "{out}/summary.json"\n[vars]\nout = "o"\n[[step]]\nrun = "info {out}/s.h5"\n'
+                 'headline = [{ label = "images", file = "{out}/s.json", key = "images" }]\npictures = ["{out}/g.png"]\n')
+    _, steps, summary = load_recipe_summary(r, {"out": str(tmp_path / "o")})
+    assert summary == str(tmp_path / "o" / "summary.json")
+    assert steps[0].headlines == [Headline("images", str(tmp_path / "o" / "s.json"), "images")]
+    assert steps[0].pictures == [str(tmp_path / "o" / "g.png")]
+    r.write_text('[[step]]\nrun = "info x"\nheadline = ["images"]\n')
+    with pytest.raises(FacetoolError, match="headline must be a list of"):
+        load_recipe_summary(r)
+    # the command: a real step, its headline read from the report it wrote, a picture it did not write
+    out = tmp_path / "run"
+    r.write_text(f'summary = "{{out}}/summary.json"\n[vars]\nout = "{out}"\n[[step]]\nname = "prepare"\n'
+                 'run = "prepare synthetic --identities 3 --per-identity 2 --size 32 --out {out}/s.h5"\n'
+                 'headline = [{ label = "images", file = "{out}/s.json", key = "images" }]\n'
+                 'pictures = ["{out}/s.h5", "{out}/nothing.png"]\n')
+    res = run_facetool("recipe", r)
+    assert res.returncode == 0, res.stderr
+    assert "summary:" in res.stdout and "images 6" in res.stdout and "nothing.png (missing)" in res.stdout
+    s = json.loads((out / "summary.json").read_text())
+    assert s["steps"][0]["headline"] == "images 6" and s["steps"][0]["seconds"] > 0

@@ -564,3 +564,46 @@ def test_a_weight_with_no_term_is_refused_not_ignored():
     with pytest.raises(FacetoolError, match="--alpha weighs no term of none"):
         resolve_weights("none", alpha=1.0)
     assert resolve_weights("kd", beta=0.0)["beta"] == 0.0 and resolve_weights("srrl", beta=2.0)["beta"] == 2.0
+
+
+# -- distill srrl --plus kd|at (issue 21: thesis Table 4.8, KD+Ours / AT+Ours) -------------------------------------
+@pytest.mark.parametrize("plus", ["kd", "at"])
+def test_srrl_plus_is_the_sum_of_srrl_and_the_baseline_term(plus):
+    """On a hand-built batch, SRRL+KD (+AT) has exactly SRRL's terms (same connector) plus the baseline's own term
+    at its standard weight: 0.9 x KL(T=4) of the student's logits to the teacher's, or 1000 x the attention loss of
+    the four stages; the baseline's term is computed here by its own function."""
+    from facetool.trainers.distill.losses import at_loss, kd_loss
+
+    teacher, student = _classifier(0), _classifier(1, width=4)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    torch.manual_seed(5)
+    base = DistillMethod("srrl", Teacher(teacher), student, probe=x)
+    both = DistillMethod("srrl", Teacher(teacher), student, probe=x, plus=plus)
+    both.connector.load_state_dict(base.connector.state_dict())
+    t0, t1 = _run_loss(base, student, x, y), _run_loss(both, student, x, y)
+    with torch.no_grad():
+        logits_t = teacher(x)
+    if plus == "kd":
+        extra = 0.9 * kd_loss(student(x), logits_t, 4.0)
+    else:
+        from facetool.hooks import taps
+
+        names = list(student.layer_names)
+        with taps(student, names) as fs, taps(teacher, names) as ft:
+            student(x), teacher(x)
+        extra = 1000.0 * at_loss([fs[n] for n in names], [ft[n] for n in names])
+    assert set(t1) == set(t0) | {f"plus_{plus}"}
+    for k in t0:
+        assert torch.allclose(t1[k], t0[k])
+    assert torch.allclose(t1[f"plus_{plus}"], extra, rtol=1e-5)
+    assert torch.allclose(sum(t1.values()), sum(t0.values()) + extra, rtol=1e-5)
+    assert both.meta()["distill"]["plus"] == plus and both.name == f"distill-srrl+{plus}"
+
+
+def test_plus_only_with_srrl():
+    from facetool.trainers.distill.losses import check_plus
+
+    with pytest.raises(FacetoolError, match="goes with distill srrl"):
+        check_plus("kd", "at")
+    with pytest.raises(FacetoolError, match="unknown --plus"):
+        check_plus("srrl", "fitnet")

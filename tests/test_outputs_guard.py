@@ -33,6 +33,7 @@ OUTPUT_OPTION = re.compile(r"^--(out|output|json|csv|tsv|grid|cache|png|pdf|svg|
 #: options named like outputs that a command reads (say why)
 READ_OPTIONS = {
     ("prepare imdb-face", "--csv"),  # the distributed IMDb-Face.csv
+    ("dissect counterfactual", "--output"),  # which model output is measured: class | attribute | embedding (no path)
 }
 
 

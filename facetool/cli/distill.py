@@ -47,6 +47,8 @@ def register(app: typer.Typer) -> None:
         mixup: float = typer.Option(0.0, "--mixup", help="Mix each labeled image with an unlabeled one, lambda ~ Beta(A, A) (0 = off)."),
         transfer: Optional[Path] = typer.Option(None, "--transfer", help="Another store: linear-probe top-1 of the frozen student (and teacher) features."),
         labeled_per_identity: Optional[int] = typer.Option(None, "--labeled-per-identity", help="Use only the first N training images of each identity."),
+        plus: Optional[str] = typer.Option(None, "--plus", help="SRRL only: add kd (0.9 x KL at T) or at (1000 x AT) to "
+                                           "the SRRL loss, the thesis's Table 4.8 KD+Ours / AT+Ours."),
         train: TrainOptions = None,
     ) -> None:
         """Distil a frozen teacher into a student on the training engine (SRRL or a baseline).
@@ -83,7 +85,8 @@ def register(app: typer.Typer) -> None:
             temperature=temperature, sr_loss=sr_loss, hint=hint_pair, unlabeled=unlabeled,
             unlabeled_weight=unlabeled_weight, mixup=mixup, transfer=transfer,
             labeled_per_identity=labeled_per_identity,
-            on_config=show_config if main else None, teacher_arch=teacher_arch, partial_fc=partial_fc)
+            on_config=show_config if main else None, teacher_arch=teacher_arch, partial_fc=partial_fc,
+            plus=plus)
         if main:
             show_result(result)
 

@@ -148,6 +148,10 @@ LIMITS: dict[str, Range] = {
     "eval landmarks --images": Range(0, 1000, note="faces in the overlay grid; 0 = none"),
     # scale-out: PartialFC
     "--partial-fc": Range(0, 1, lo_open=True, note="PartialFC's sample rate; 1 = every class centre"),
+    # dissect counterfactual (issue 21)
+    "dissect counterfactual --pairs": Range(1, 1_000_000, note="faces rendered twice"),
+    "dissect counterfactual --bootstrap": Range(0, 1_000_000, note="0 = no intervals"),
+    "dissect counterfactual --shown": Range(1, 1000),
 }
 
 

@@ -43,7 +43,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Run a recipe: a list of facetool command lines (the quickstart, the papers' tables)."""
         from facetool.cli import app as root
-        from facetool.recipe import load_recipe, rerun_command, resume_argv
+        from facetool.recipe import load_recipe_summary, rerun_command, resume_argv
 
         overrides = {}
         for s in set_:
@@ -51,7 +51,8 @@ def register(app: typer.Typer) -> None:
                 raise FacetoolError(f"--set needs name=value, got {s!r}")
             k, v = s.split("=", 1)
             overrides[k] = v
-        title, steps = load_recipe(path, overrides)
+        title, steps, summary = load_recipe_summary(path, overrides)
+        seconds: dict[int, float] = {}
         if not 1 <= from_step <= len(steps):
             raise FacetoolError(f"--from-step must be in 1..{len(steps)} (the recipe has {len(steps)} steps), got {from_step}")
         options = _options_of(root)
@@ -82,4 +83,25 @@ def register(app: typer.Typer) -> None:
             if rc:
                 raise FacetoolError(f"recipe stopped at step {i} ({step.name}); fix it and rerun with "
                                     + rerun_command(path, set_, i))
-            console.print(f"[dim]step {i} done in {time.time() - t0:.1f}s[/]")
+            seconds[i] = time.time() - t0
+            console.print(f"[dim]step {i} done in {seconds[i]:.1f}s[/]")
+        if not dry_run:
+            _print_summary(title, steps, seconds, summary)
+
+
+def _print_summary(title: str, steps, seconds: dict[int, float], summary: str | None) -> None:
+    """One table of every step's time, headline number and pictures (and the recipe's summary JSON)."""
+    from facetool.cli.common import records_table
+    from facetool.io import guard_output, write_json
+    from facetool.recipe import summary_rows
+
+    rows = summary_rows(steps, seconds)
+    if not any(s.headlines or s.pictures for s in steps):
+        return
+    total = sum(seconds.values())
+    console.print(records_table(f"summary: {title} ({total:.0f} s for the steps run now)", rows,
+                                ["step", "name", "seconds", "headline", "pictures"]))
+    if summary:
+        guard_output(Path(summary), overwrite=True, option="summary", suffix=".json")
+        write_json(summary, {"title": title, "seconds": round(total, 1), "steps": rows})
+        console.print(f"wrote {summary}")

@@ -23,3 +23,13 @@ def denormalize(x: torch.Tensor) -> np.ndarray:
     """float (N,3,H,W) in [-1, 1] -> uint8 (N,H,W,3) RGB."""
     x = (x.detach().float().cpu() * STD + MEAN).clamp(0, 255).round().to(torch.uint8)
     return x.permute(0, 2, 3, 1).numpy()
+
+
+def model_input(images: np.ndarray, size: int | None = None) -> torch.Tensor:
+    """uint8 (N,H,W,3) RGB crops -> the model's input: :func:`normalize`, then resized to ``size`` (bilinear,
+    antialiased) exactly as :class:`facetool.data.dataset.FaceDataset` serves them (for images rendered or
+    edited in memory that never pass through a store)."""
+    x = normalize(images)
+    if size is not None and x.shape[-1] != size:
+        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return x

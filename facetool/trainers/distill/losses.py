@@ -38,6 +38,21 @@ WEIGHT_MEANING = {
 NEEDS_FEATURES = ("srrl", "fitnet", "at")
 
 
+#: ``distill srrl --plus kd|at`` (thesis Table 4.8, "KD+Ours" / "AT+Ours"): the SRRL loss plus the baseline's own
+#: term at its standard weight (KD: 0.9 x KL at T; AT: 1000 x the attention loss); CE keeps SRRL's weight 1
+PLUS_WEIGHTS: dict[str, float] = {"kd": 0.9, "at": 1000.0}
+
+
+def check_plus(kind: str, plus: str | None) -> None:
+    """``--plus`` adds KD or AT to SRRL only (one-line error otherwise)."""
+    if plus is None:
+        return
+    if kind != "srrl":
+        raise FacetoolError(f"--plus goes with distill srrl (SRRL + KD or AT), not {kind}")
+    if plus not in PLUS_WEIGHTS:
+        raise FacetoolError(f"unknown --plus {plus!r}; use one of {', '.join(PLUS_WEIGHTS)}")
+
+
 RKD_DISTANCE, RKD_ANGLE = 25.0, 50.0
 
 

@@ -31,9 +31,13 @@ class DistillMethod(Method):
     def __init__(self, kind: str, teacher: Teacher | None, student: nn.Module, *, probe: Tensor,
                  weights: dict[str, float] | None = None, temperature: float = 4.0, sr_loss: str = "l2",
                  student_head: nn.Module | None = None, hint: tuple[str, str] | None = None,
-                 unlabeled_weight: float = 0.0, mixup: float = 0.0) -> None:
+                 unlabeled_weight: float = 0.0, mixup: float = 0.0, plus: str | None = None) -> None:
+        from facetool.trainers.distill.losses import PLUS_WEIGHTS, check_plus
+
         self.kind = kind
-        self.name = f"distill-{kind}"
+        check_plus(kind, plus)
+        self.plus, self.plus_weight = plus, (PLUS_WEIGHTS[plus] if plus else 0.0)
+        self.name = f"distill-{kind}" + (f"+{plus}" if plus else "")
         self.weights = weights or resolve_weights(kind)
         if not temperature > 0:
             raise FacetoolError(f"--temperature must be positive, got {temperature}")
@@ -74,7 +78,10 @@ class DistillMethod(Method):
         if kind == "fitnet":
             self.hint = hint or (teacher.layer_names[1], student.layer_names[1])
             teacher.model.get_layer(self.hint[0]), student.get_layer(self.hint[1])  # names checked
-        if kind == "at":
+        if plus == "kd" and not teacher.has_logits:
+            raise FacetoolError(f"--plus kd needs the teacher's classifier, but {teacher.source} is an embedding model "
+                                "without a head; pass --teacher-head")
+        if kind == "at" or plus == "at":
             tl, sl = teacher.layer_names, tuple(student.layer_names)
             if len(tl) != len(sl):
                 raise FacetoolError(f"at pairs stages by position: the teacher has {len(tl)} ({', '.join(tl)}), the "
@@ -227,6 +234,11 @@ class DistillMethod(Method):
                 terms["fm"] = w["alpha"] * fm_loss(h_s, t["h"])
             if self.use_sr:
                 terms["sr"] = w["beta"] * sr_loss(z_s, t["logits"], self.sr_kind)
+            if self.plus == "kd":
+                terms["plus_kd"] = self.plus_weight * kd_loss(self.student_logits(out), t["logits"], self.T)
+            elif self.plus == "at":
+                terms["plus_at"] = self.plus_weight * at_loss([self._s[s] for _, s in self.at_pairs],
+                                                              [t["feats"][n] for n, _ in self.at_pairs])
         elif kind == "fitnet" and w["beta"] > 0:
             f = match_size(self.regressor(self._s[self.hint[1]]), self.hint_size)
             terms["fitnet"] = w["beta"] * hint_loss(f, t["feats"][self.hint[0]])
@@ -269,7 +281,8 @@ class DistillMethod(Method):
         a, b = WEIGHT_MEANING[self.kind]
         d: dict[str, Any] = {
             "distill": {
-                "method": self.kind, "weights": dict(self.weights), "alpha_weighs": a, "beta_weighs": b,
+                "method": self.kind, "plus": self.plus, "plus_weight": self.plus_weight,
+                "weights": dict(self.weights), "alpha_weighs": a, "beta_weighs": b,
                 "temperature": self.T, "sr_loss": self.sr_kind if self.kind == "srrl" else None,
                 "teacher": self.teacher.source if self.teacher else None,
                 "teacher_margin_applied": False,

@@ -73,6 +73,7 @@ def distill(
     on_config: Callable[[dict], None] | None = None,
     teacher_arch: str | None = None,
     partial_fc: float | None = None,
+    plus: str | None = None,
 ) -> dict[str, Any]:
     """Distil ``teacher`` into a new ``student`` on ``store`` with method ``kind``; returns result.json's dict.
     ``partial_fc``: an embedding student's margin head as :class:`facetool.models.partial_fc.PartialFC` at this
@@ -84,6 +85,9 @@ def distill(
     from facetool.models.heads import create_head
 
     weights = resolve_weights(kind, alpha, beta, gamma)
+    from facetool.trainers.distill.losses import check_plus
+
+    check_plus(kind, plus)
     cfg.validate()
     store = face_source(require_file(store, "face store"), rec=True)
     probe = open_dataset(store, None, indices=[])  # a face store or a RecordIO pack
@@ -197,7 +201,7 @@ def distill(
     probe = torch.stack([train_ds[i]["image"] for i in range(min(8, len(train_ds)))])
     method = DistillMethod(kind, t, model, probe=probe, weights=weights, temperature=temperature, sr_loss=sr_loss,
                            student_head=head, hint=hint, unlabeled_weight=unlabeled_weight if u_ds is not None else 0.0,
-                           mixup=mixup)
+                           mixup=mixup, plus=plus)
     notes += method.notes
     cfg.extra = {**cfg.extra, "store": str(store), "teacher": str(Path(teacher).resolve()) if teacher else None,
                  "student": name, "student_kwargs": kw, "unlabeled": str(unlabeled) if unlabeled else None,
@@ -207,6 +211,7 @@ def distill(
                    "alpha weighs": method.meta()["distill"]["alpha_weighs"],
                    "beta weighs": method.meta()["distill"]["beta_weighs"],
                    "temperature": temperature, **({"sr_loss": sr_loss} if kind == "srrl" else {}),
+                   **({"plus": f"{plus} x {method.plus_weight:g}"} if plus else {}),
                    "teacher": str(teacher) if teacher else "-", "student": name, "input size": size,
                    "train images": len(train_ds), **({"unlabeled weight": unlabeled_weight, "mixup": mixup} if u_ds else {}),
                    "notes": list(notes)})
