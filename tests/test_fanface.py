@@ -225,6 +225,62 @@ def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
 
 
+
+def test_eval_ijbc_of_a_fanface_checkpoint(fanface_run, tmp_path):
+    """eval ijbc runs the whole pipeline (frozen FAN included) on the 112 crops resized to the model's 32 px."""
+    from tests.fixtures_ijb import make_ijb
+
+    root, _ = fanface_run
+    ijb = tmp_path / "IJB"
+    make_ijb(ijb, identities=2, templates_per_id=2, seed=0)
+    r = run_facetool("eval", "ijbc", "--root", ijb, "--model", root / "ff" / "model.pt", "--out", tmp_path / "o",
+                     "--workers", "0", "--batch-size", "8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "IJB-C 1:1" in r.stdout and "model input 32 px" in r.stdout
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
+    assert res["images_extracted"] == res["images"] > 0 and res["input_size"] == 32 and res["pairs"] > 0
+    assert all(np.isfinite(v["closest"]) for v in res["tar_at_far"].values())
+
+
+def test_dissect_relevance_of_a_fanface_checkpoint(fanface_run, tmp_path):
+    """Grad-CAM of the embedding's cosine to a same-identity image works on FAN-Face (hooks on its named stages);
+    LRP has no FAN canonizer: one line, exit 2, naming the methods that do work, nothing written."""
+    import h5py
+
+    root, store = fanface_run
+    model = root / "ff" / "model.pt"
+    common = ("--model", model, "--store", store, "--target", "cosine", "--reference", "same-identity", "--split",
+              "all", "--limit", "4")
+    r = run_facetool("dissect", "relevance", *common, "--method", "gradcam", "--out", tmp_path / "rel", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "rel" / "metrics.json").read_text())
+    assert res["method"] == "gradcam" and res["images"] == 4 and np.isfinite(res["aopc_morf"])
+    with h5py.File(tmp_path / "rel" / "maps.h5", "r") as f:
+        arrays = []
+        f.visititems(lambda _, d: arrays.append(d[()]) if isinstance(d, h5py.Dataset) and d.ndim == 3 else None)
+    assert arrays and all(np.isfinite(a).all() for a in arrays) and any(np.abs(a).sum() > 0 for a in arrays)
+    r = run_facetool("dissect", "relevance", *common, "--method", "lrp", "--out", tmp_path / "lrp", cwd=tmp_path)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "FanFace" in err, r.stderr
+    assert all(m in err for m in ("gradcam", "gradcam++", "scorecam")), err
+    assert not (tmp_path / "lrp").exists()
+
+
+def test_eval_classify_refuses_fanface_as_every_embedding_model(fanface_run, tmp_path):
+    """eval classify refuses FAN-Face with the one line it gives an IR-ResNet, pointing to the verification evals."""
+    from facetool.models import create_model, save_checkpoint
+
+    root, store = fanface_run
+    rec = save_checkpoint(tmp_path / "rec.pt", create_model("iresnet18", width=8, embedding_size=16, input_size=32))
+    errs = []
+    for model, name in ((root / "ff" / "model.pt", "fanface"), (rec, "iresnet18")):
+        r = run_facetool("eval", "classify", "--store", store, "--model", model, cwd=tmp_path)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        errs.append(err.replace(name, "MODEL"))
+    assert errs[0] == errs[1] and "is an embedding model" in errs[0] and "eval lfw|ijbb|ijbc" in errs[0], errs
+
+
 def test_train_fanface_refuses_what_is_not_a_usable_fan(fanface_run, tmp_path):
     """A recogniser checkpoint or a 1-stack FAN given as --fan: one line naming the problem, exit 2, no run."""
     from facetool.models import create_model, save_checkpoint
