@@ -185,6 +185,9 @@ def test_train_fanface_writes_one_checkpoint(fanface_run):
     assert all(torch.equal(ck["state_dict"][f"fan.{k}"], v) for k, v in fan.items())  # the FAN is copied, frozen
     rows = [json.loads(x) for x in (root / "ff" / "metrics.jsonl").read_text().splitlines()]
     assert "train_heatmap_l2" in rows[-1] and np.isfinite(rows[-1]["train_heatmap_l2"])
+    res = json.loads((root / "ff" / "result.json").read_text())  # what the recipe's summary table reads
+    assert res["metrics"] == pytest.approx(rows[-1]) and res["model"]["name"] == "fanface"
+    assert 0 < res["fan_gflops"] < res["gflops"] and 0 < res["fan_params_m"] < res["params_m"]
 
 
 def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
@@ -344,3 +347,24 @@ def test_fanface_recipes_dry_run_and_hold_the_ablation_rows():
             assert any(s.argv[:2] == ["train", "fan"] for s in steps)
         else:
             assert all("--batch-size 512" in t and "--milestones 10,18,22" in t for t in trains)
+
+
+def test_fanface_synthetic_recipe_ends_with_one_table_over_its_runs():
+    """Every training step of the ablation recipe names its run's held-out pair AUC and d' (result.json, written
+    by every ArcFace-family run) as the headline of the recipe's summary table, and the recipe names its JSON."""
+    import tomllib
+    from pathlib import Path
+
+    from facetool.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "fanface_synthetic.toml"
+    doc = tomllib.loads(path.read_text())
+    _, steps = load_recipe(path, {"out": "OUT"})
+    assert doc["summary"] == "{out}/summary.json"
+    trains = [(s, raw) for s, raw in zip(steps, doc["step"]) if s.argv[:2] == ["train", "fanface"]]
+    assert len(trains) == 9
+    for s, raw in trains:
+        out = s.argv[s.argv.index("--out") + 1]
+        heads = raw["headline"]
+        assert [h["key"] for h in heads] == ["metrics.pairs_auc", "metrics.pairs_dprime"], raw["name"]
+        assert all(h["file"].format(out="OUT") == f"{out}/result.json" for h in heads), (out, heads)
