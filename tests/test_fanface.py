@@ -185,6 +185,9 @@ def test_train_fanface_writes_one_checkpoint(fanface_run):
     assert all(torch.equal(ck["state_dict"][f"fan.{k}"], v) for k, v in fan.items())  # the FAN is copied, frozen
     rows = [json.loads(x) for x in (root / "ff" / "metrics.jsonl").read_text().splitlines()]
     assert "train_heatmap_l2" in rows[-1] and np.isfinite(rows[-1]["train_heatmap_l2"])
+    res = json.loads((root / "ff" / "result.json").read_text())  # what the recipe's summary table reads
+    assert res["metrics"] == pytest.approx(rows[-1]) and res["model"]["name"] == "fanface"
+    assert 0 < res["fan_gflops"] < res["gflops"] and 0 < res["fan_params_m"] < res["params_m"]
 
 
 def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
@@ -223,6 +226,62 @@ def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
         ref = torch_model(x)
     got = OnnxModel(onnx, providers=["CPUExecutionProvider"])(x)
     assert float((got - ref).abs().max() / ref.abs().max()) < 1e-4
+
+
+
+def test_eval_ijbc_of_a_fanface_checkpoint(fanface_run, tmp_path):
+    """eval ijbc runs the whole pipeline (frozen FAN included) on the 112 crops resized to the model's 32 px."""
+    from tests.fixtures_ijb import make_ijb
+
+    root, _ = fanface_run
+    ijb = tmp_path / "IJB"
+    make_ijb(ijb, identities=2, templates_per_id=2, seed=0)
+    r = run_facetool("eval", "ijbc", "--root", ijb, "--model", root / "ff" / "model.pt", "--out", tmp_path / "o",
+                     "--workers", "0", "--batch-size", "8", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "IJB-C 1:1" in r.stdout and "model input 32 px" in r.stdout
+    res = json.loads(next(q for q in (tmp_path / "o").glob("*.json") if not q.name.startswith(".")).read_text())
+    assert res["images_extracted"] == res["images"] > 0 and res["input_size"] == 32 and res["pairs"] > 0
+    assert all(np.isfinite(v["closest"]) for v in res["tar_at_far"].values())
+
+
+def test_dissect_relevance_of_a_fanface_checkpoint(fanface_run, tmp_path):
+    """Grad-CAM of the embedding's cosine to a same-identity image works on FAN-Face (hooks on its named stages);
+    LRP has no FAN canonizer: one line, exit 2, naming the methods that do work, nothing written."""
+    import h5py
+
+    root, store = fanface_run
+    model = root / "ff" / "model.pt"
+    common = ("--model", model, "--store", store, "--target", "cosine", "--reference", "same-identity", "--split",
+              "all", "--limit", "4")
+    r = run_facetool("dissect", "relevance", *common, "--method", "gradcam", "--out", tmp_path / "rel", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "rel" / "metrics.json").read_text())
+    assert res["method"] == "gradcam" and res["images"] == 4 and np.isfinite(res["aopc_morf"])
+    with h5py.File(tmp_path / "rel" / "maps.h5", "r") as f:
+        arrays = []
+        f.visititems(lambda _, d: arrays.append(d[()]) if isinstance(d, h5py.Dataset) and d.ndim == 3 else None)
+    assert arrays and all(np.isfinite(a).all() for a in arrays) and any(np.abs(a).sum() > 0 for a in arrays)
+    r = run_facetool("dissect", "relevance", *common, "--method", "lrp", "--out", tmp_path / "lrp", cwd=tmp_path)
+    err = r.stderr.strip()
+    assert r.returncode == 2 and len(err.splitlines()) == 1 and "FanFace" in err, r.stderr
+    assert all(m in err for m in ("gradcam", "gradcam++", "scorecam")), err
+    assert not (tmp_path / "lrp").exists()
+
+
+def test_eval_classify_refuses_fanface_as_every_embedding_model(fanface_run, tmp_path):
+    """eval classify refuses FAN-Face with the one line it gives an IR-ResNet, pointing to the verification evals."""
+    from facetool.models import create_model, save_checkpoint
+
+    root, store = fanface_run
+    rec = save_checkpoint(tmp_path / "rec.pt", create_model("iresnet18", width=8, embedding_size=16, input_size=32))
+    errs = []
+    for model, name in ((root / "ff" / "model.pt", "fanface"), (rec, "iresnet18")):
+        r = run_facetool("eval", "classify", "--store", store, "--model", model, cwd=tmp_path)
+        err = r.stderr.strip()
+        assert r.returncode == 2 and len(err.splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+        errs.append(err.replace(name, "MODEL"))
+    assert errs[0] == errs[1] and "is an embedding model" in errs[0] and "eval lfw|ijbb|ijbc" in errs[0], errs
 
 
 def test_train_fanface_refuses_what_is_not_a_usable_fan(fanface_run, tmp_path):
@@ -288,3 +347,24 @@ def test_fanface_recipes_dry_run_and_hold_the_ablation_rows():
             assert any(s.argv[:2] == ["train", "fan"] for s in steps)
         else:
             assert all("--batch-size 512" in t and "--milestones 10,18,22" in t for t in trains)
+
+
+def test_fanface_synthetic_recipe_ends_with_one_table_over_its_runs():
+    """Every training step of the ablation recipe names its run's held-out pair AUC and d' (result.json, written
+    by every ArcFace-family run) as the headline of the recipe's summary table, and the recipe names its JSON."""
+    import tomllib
+    from pathlib import Path
+
+    from facetool.recipe import load_recipe
+
+    path = Path(__file__).resolve().parents[1] / "recipes" / "fanface_synthetic.toml"
+    doc = tomllib.loads(path.read_text())
+    _, steps = load_recipe(path, {"out": "OUT"})
+    assert doc["summary"] == "{out}/summary.json"
+    trains = [(s, raw) for s, raw in zip(steps, doc["step"]) if s.argv[:2] == ["train", "fanface"]]
+    assert len(trains) == 9
+    for s, raw in trains:
+        out = s.argv[s.argv.index("--out") + 1]
+        heads = raw["headline"]
+        assert [h["key"] for h in heads] == ["metrics.pairs_auc", "metrics.pairs_dprime"], raw["name"]
+        assert all(h["file"].format(out="OUT") == f"{out}/result.json" for h in heads), (out, heads)

@@ -67,7 +67,8 @@ def free_blocks(meta: dict | None, num_gates: int) -> tuple[list[int], float] | 
 def check_classifier(model: torch.nn.Module, num_classes: int, source: str | Path = "") -> None:
     """Refuse embedding models and classifiers trained on another number of identities."""
     if getattr(model, "output_kind", "classification") != "classification":
-        raise FacetoolError(f"model {source} is an embedding model; classification needs a classifier")
+        raise FacetoolError(f"model {source} is an embedding model; classification needs a classifier "
+                             "(verify an embedding model with eval lfw|ijbb|ijbc)")
     if not task_of(model).is_identity:
         return
     n = getattr(model, "config", {}).get("num_classes")

@@ -190,8 +190,9 @@ def train_arcface(
 ) -> dict[str, float]:
     """Train ``network`` (a model of the registry ``family``) with a margin head on ``store``'s train
     split; the test split (if any) is the validation set and gives the pair statistics. Writes the engine
-    outputs plus ``backbone.pth``. ``partial_fc``: the head's classes split over the ranks and sampled at this
-    rate (:class:`facetool.models.partial_fc.PartialFC`; per-rank head files, one merged ``heads.pt``).
+    outputs plus ``backbone.pth`` and ``result.json`` (final metrics, GFLOPs, parameters: what a recipe's summary
+    reads). ``partial_fc``: the head's classes split over the ranks and sampled at this rate
+    (:class:`facetool.models.partial_fc.PartialFC`; per-rank head files, one merged ``heads.pt``).
     ``method_factory(model, **kw)`` builds the method from the model and
     :class:`ArcFaceMethod`'s keyword arguments (default: an ArcFaceMethod), so that methods built on it
     (``trainers.condface``) share this recipe. ``prepare_model(model)`` runs once, right after the model is built
@@ -199,7 +200,7 @@ def train_arcface(
     from facetool.data.sources import open_dataset
     from facetool.distributed import is_main
     from facetool.errors import require_file
-    from facetool.io import torch_save
+    from facetool.io import torch_save, write_json
     from facetool.models import create_model
 
     cfg.validate()
@@ -244,4 +245,9 @@ def train_arcface(
     result = train(model, method, train_ds, cfg, val_ds)
     if is_main():
         torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, Path(cfg.out) / "backbone.pth")
+        # result.json as the classification trainers write it: the numbers a recipe's summary table reads
+        model.cpu()
+        write_json(Path(cfg.out) / "result.json", {"store": str(store), "model": dict(model.config),
+                                                   "method": method.name, "metrics": result,
+                                                   **method.summary(model, result)})
     return result

@@ -81,7 +81,7 @@ def canonization_of(model: nn.Module) -> Canonization:
         if cls in CANONIZERS:
             return CANONIZERS[cls]
     raise FacetoolError(f"LRP cannot canonize a {type(model).__name__} model (facetool canonizes {_family_list()}); "
-                        "use --method gradcam for it")
+                        "use --method gradcam, gradcam++ or scorecam for it")
 
 
 def check_canonizable(model: nn.Module) -> str:
