@@ -79,3 +79,76 @@ def test_create_head_kinds():
     assert (af.m1, af.m2, af.m3) == (1.0, 0.5, 0.0)
     with pytest.raises(FacetoolError, match="unknown loss"):
         create_head("sphereface", 8, 5)
+
+
+def _chain_margin(cos, labels, m1=1.0, m2=0.5, m3=0.0, s=64.0, easy_margin=False):
+    """combined_margin as it was written before it became one autograd Function (clamp, clone, index_put, * s):
+    the reference its values and gradients must equal bit for bit."""
+    cos = cos.float().clamp(-1 + 1e-7, 1 - 1e-7)
+    rows = torch.nonzero(labels >= 0, as_tuple=True)[0]
+    if rows.numel() == 0:
+        return cos * s
+    target = cos[rows, labels[rows]]
+    if m1 == 1.0 and m2 == 0.0:
+        new = target - m3
+    else:
+        theta = torch.acos(target)
+        new = torch.cos(m1 * theta + m2) - m3
+        if easy_margin:
+            new = torch.where(target > 0, new, target)
+        else:
+            new = torch.where(m1 * theta + m2 <= math.pi, new, target - m3 - m2 * math.sin(m2))
+    out = cos.clone()
+    out[rows, labels[rows]] = new.to(out.dtype)
+    return out * s
+
+
+@pytest.mark.parametrize("margins, easy", [((1.0, 0.5, 0.0), False), ((1.0, 0.5, 0.0), True),
+                                           ((1.0, 0.0, 0.4), False), ((0.9, 0.4, 0.15), False),
+                                           ((1.2, 0.3, 0.1), True)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fused_margin_equals_the_autograd_chain_bit_for_bit(margins, easy, dtype):
+    """Random cosines over the whole range and past it (clamped entries, exact +-1, the threshold branch
+    theta + m2 > pi, easy margin's cos <= 0), rows without a target (-1) and a batch with none."""
+    g = torch.Generator().manual_seed(0)
+    cos = torch.rand(64, 37, generator=g, dtype=torch.float64).mul(2.2).sub(1.1).to(dtype)
+    cos[0, :3] = torch.tensor([1.0, -1.0, 1 - 1e-7], dtype=torch.float64).to(dtype)
+    labels = torch.randint(0, 37, (64,), generator=g)
+    labels[0] = 0
+    labels[1] = 1
+    cos[1, 1] = -0.999  # a target at theta near pi
+    labels[5::7] = -1
+    upstream = torch.randn(64, 37, generator=g)
+    for lab in (labels, torch.full_like(labels, -1)):
+        a, b = cos.clone().requires_grad_(), cos.clone().requires_grad_()
+        fused = combined_margin(a, lab, *margins, s=30.0, easy_margin=easy)
+        ref = _chain_margin(b, lab, *margins, s=30.0, easy_margin=easy)
+        assert fused.dtype == ref.dtype == torch.float32 and torch.equal(fused, ref)
+        (fused * upstream).sum().backward()
+        (ref * upstream).sum().backward()
+        assert a.grad.dtype == dtype and torch.equal(a.grad, b.grad)
+        assert (a.grad == 0).any() and (a.grad != 0).sum() > 0.85 * a.numel()  # 9% clamped: no gradient
+
+
+def test_fused_margin_keeps_no_logit_sized_tensor_for_backward():
+    """The chain kept the input cosines alive for clamp's backward (and four (B, C) tensors at its peak); the
+    fused margin saves only the targets (plus a 1-byte mask where something was clamped)."""
+    import weakref
+
+    cos = (torch.rand(256, 1000) * 1.8 - 0.9).requires_grad_()
+    labels = torch.randint(0, 1000, (256,))
+    saved: list[int] = []
+
+    def pack(t):
+        saved.append(t.numel() * t.element_size())
+        return t
+
+    x = cos * 1.0  # an intermediate, like F.linear's output
+    ref = weakref.ref(x)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits = combined_margin(x, labels)
+    del x
+    assert ref() is None  # the cosines are freed once the logits exist
+    assert sum(saved) < 0.01 * 256 * 1000 * 4, saved
+    logits.sum().backward()
+    assert torch.isfinite(cos.grad).all()

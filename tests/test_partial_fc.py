@@ -220,3 +220,31 @@ def test_two_gloo_processes_train_the_same_head_and_backbone_as_one(tmp_path):
     assert torch.allclose(merged["weight"], head["weight"], atol=1e-5, rtol=0)
     for k in bb:
         assert torch.allclose(parts[0]["backbone"][k], bb[k], atol=1e-5, rtol=0), k
+
+
+def test_the_cosines_are_freed_before_the_cross_entropy(monkeypatch):
+    """Logit-sized tensors alive at once in a step: the cosines go once the margin logits exist (the margin
+    saves no copy of them), so the distributed cross-entropy's probabilities are the second copy, not the third."""
+    import weakref
+
+    from facetool.models import partial_fc as pfc_module
+
+    refs: list = []
+    alive: list[bool] = []
+    linear, apply = F.linear, pfc_module.DistCrossEntropy.apply
+
+    def tracked_linear(*a):
+        out = linear(*a)
+        refs.append(weakref.ref(out))
+        return out
+
+    def checked_apply(*a):
+        alive.append(refs[-1]() is not None)
+        return apply(*a)
+
+    monkeypatch.setattr(pfc_module.F, "linear", tracked_linear)
+    monkeypatch.setattr(pfc_module.DistCrossEntropy, "apply", checked_apply)
+    head = PartialFC(D, 200, 0.5, seed=0)
+    emb = torch.randn(12, D, requires_grad=True)
+    head(emb, torch.randint(0, 200, (12,))).backward()
+    assert alive == [False] and emb.grad is not None

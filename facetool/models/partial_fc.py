@@ -255,6 +255,7 @@ class PartialFC(nn.Module):
             with torch.no_grad():
                 self.last_top1 = self._top1(cos, local)
             logits = combined_margin(cos, local, self.m1, self.m2, self.m3, self.s, self.easy_margin)
+            del cos  # nothing keeps the cosines now: freed before the cross-entropy's probabilities exist
             return DistCrossEntropy.apply(logits, local)
 
     @staticmethod
