@@ -175,8 +175,11 @@ def _plan(tmp: Path, cmd, name: str):
             else:
                 path.parent.mkdir(parents=True, exist_ok=True)
                 head = {"store": b"\x89HDF\r\n\x1a\n", "store-or-folder": b"\x89HDF\r\n\x1a\n",
-                        "store-or-model": b"\x89HDF\r\n\x1a\n", "model": b"PK\x03\x04", "bin": b"\x80\x02"}
+                        "store-or-model": b"\x89HDF\r\n\x1a\n", "model": b"PK\x03\x04", "bin": b"\x80\x02",
+                        "store-or-rec": b"\x89HDF\r\n\x1a\n", "rec": b"\x0a\x23\xd7\xce"}
                 path.write_bytes(head.get(kind, b"") + f"placeholder input for {p.name}\n".encode() * 8)
+                if kind == "rec":  # a pack is its .rec and the .idx beside it
+                    path.with_suffix(".idx").write_text("0\t0\n")
             inputs[opt or p.name] = path
             base += [opt, str(path)] if opt else [str(path)]
         elif p.required:

@@ -50,10 +50,10 @@ def register(app: typer.Typer) -> None:
 
             raise FacetoolError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
         FAN.check_arguments(stacks, 68, input_size, width)
-        with FaceStore(store) as s:
-            s.landmark_set(convention, [])  # a store without the landmarks: one line, before anything is written
         out = guard_run_folder(out, "fan", inputs=(store, *([init] if init else [])), overwrite=train.overwrite,
                                resume=train.resume)
+        with FaceStore(store) as s:
+            s.landmark_set(convention, [])  # a store without the landmarks: one line, before anything is written
         cfg = TrainConfig.from_options(train, out=out)
         result = train_fan(store, cfg, stacks=stacks, loss=loss, sigma=sigma, input_size=input_size,
                            width=width, convention=convention, init=init, peak=peak)

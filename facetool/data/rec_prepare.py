@@ -73,10 +73,11 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
             raise FacetoolError(f"{name} must be >= 1, got {v}")
     if not 0.0 <= test_fraction < 1.0:
         raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-    pk = RecordPack(rec)
-    inputs = (pk.rec, pk.idx)
+    rec = Path(rec)
+    inputs = (rec, rec.with_suffix(".idx"))  # the output is checked before the pack is read
     out = guard_output(out, inputs=inputs, overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=inputs)
+    pk = RecordPack(rec)
     kept, items = plan_rec(pk, identities=identities, per_identity=per_identity, test_fraction=test_fraction,
                            seed=seed)
     items = items[start:stop]
