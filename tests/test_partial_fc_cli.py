@@ -97,3 +97,30 @@ def test_partial_fc_needs_a_margin_head(tiny_store, tmp_path):
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "--partial-fc" in lines[0], r.stderr
     assert not (tmp_path / "run" / "model.pt").exists()
+
+
+def _pack_from_store(store: Path, rec: Path) -> Path:
+    """A RecordIO pack (PNG payloads, labels in the headers, no record 0) of every image of ``store``."""
+    from facetool.data.recordio import IRHeader, pack, write_rec
+    from facetool.store import FaceStore
+
+    with FaceStore(store) as s:
+        labels, images = np.asarray(s.labels), s.images()
+        classes = s.num_classes
+    recs = [(k, pack(IRHeader(0, float(labels[k]), k), cv2.imencode(".png", cv2.cvtColor(im, cv2.COLOR_RGB2BGR))[1]
+                     .tobytes())) for k, im in enumerate(images)]
+    return write_rec(rec, recs, num_classes=classes, image_size=images.shape[1:3])
+
+
+@pytest.mark.slow  # two torchrun processes: ~15-30 s on this machine
+def test_train_arcface_on_a_pack_with_partial_fc_under_torchrun(tiny_store, tmp_path):
+    """The issue's command: `train arcface --store X.rec --partial-fc 0.1` under torchrun (2 gloo processes)."""
+    rec = _pack_from_store(tiny_store, tmp_path / "train.rec")
+    run = tmp_path / "run"
+    r = _torchrun("train", "arcface", "--store", rec, "--out", run, "--partial-fc", "0.1", "--epochs", "1", *TINY)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ck = torch.load(run / "model.pt", weights_only=True)
+    assert ck["meta"]["partial_fc"] == 0.1 and ck["meta"]["sharded"] == {"world": 2, "modules": ["head"]}
+    shards = [torch.load(run / f"heads.rank{r}.pt", weights_only=True)["head"]["weight"] for r in range(2)]
+    merged = torch.load(run / "heads.pt", weights_only=True)["head"]["weight"]
+    assert merged.shape[0] == ck["meta"]["num_classes"] == 5 and torch.equal(merged, torch.cat(shards))
