@@ -279,3 +279,59 @@ def test_train_resnet_and_distill_on_a_pack(source, tmp_path):
         r = run_facetool(*argv)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
         assert "RecordIO pack" in r.stderr
+
+
+# -- --val-fraction (the held-out share of a pack read directly) ------------------------------------------------
+def test_val_fraction_splits_a_pack_per_identity_and_a_store_keeps_its_own(source, tmp_path):
+    """open_dataset(pack, val_fraction=f): round(5·f) of each identity's 5 images are test (0.4 -> 2, the
+    default 0.2 -> 1, 0 -> none), the same split on every call and equal to `prepare rec --test-fraction f`'s;
+    a face store refuses another value than the default in one line pointing to prepare --test-fraction."""
+    from facetool.data import open_dataset
+    from facetool.data.sources import VAL_FRACTION, input_paths
+    from facetool.store import FaceStore
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    for f, per in ((0.4, 2), (None, 1), (0.0, 0)):
+        te, tr = open_dataset(rec, "test", val_fraction=f), open_dataset(rec, "train", val_fraction=f)
+        assert np.array_equal(np.bincount(te.labels[te.indices], minlength=IDS), [per] * IDS), f
+        assert sorted(te.indices.tolist() + tr.indices.tolist()) == list(range(IDS * PER))
+        assert np.array_equal(te.indices, open_dataset(rec, "test", val_fraction=f).indices)
+    assert VAL_FRACTION == 0.2
+    r = run_facetool("prepare", "rec", "--rec", rec, "--out", tmp_path / "s.h5", "--test-fraction", 0.4)
+    assert r.returncode == 0, r.stderr
+    with FaceStore(tmp_path / "s.h5") as s:
+        split = s.f["split"][:]
+    assert np.array_equal(np.flatnonzero(split == 1), open_dataset(rec, "test", val_fraction=0.4).indices)
+    assert len(open_dataset(tmp_path / "s.h5", "test", val_fraction=0.2)) == 2 * IDS  # the default: its own split
+    with pytest.raises(FacetoolError, match=r"--val-fraction 0.3 .*fixed at prepare time.*--test-fraction 0.3") as e:
+        open_dataset(tmp_path / "s.h5", "train", val_fraction=0.3)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FacetoolError, match=r"--val-fraction must be in \[0, 1\)"):
+        open_dataset(rec, "train", val_fraction=1.0)
+    assert input_paths(tmp_path / "s.h5") == (tmp_path / "s.h5",)
+    assert input_paths(rec) == (rec, rec.with_suffix(".idx"), rec.parent / "property")
+
+
+def test_val_fraction_option_trains_on_the_pack_split(source, tmp_path):
+    """`train resnet --store X.rec --val-fraction 0.4`: 12 of the 20 images train (3 steps of 4 in one epoch,
+    the default 0.2 would give 16 images, 4 steps) and config.json records it; the same option on a face store
+    is one line, exit 2, pointing to prepare --test-fraction."""
+    import json
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    small = ["--arch", "resnet18", "--width", 4, "--input-size", 32, "--batch-size", 4, "--epochs", 1]
+    r = run_facetool("train", "resnet", "--store", rec, *small, "--val-fraction", 0.4, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["metrics"]["step"] == 3
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["val_fraction"] == 0.4
+    from facetool.data.rec_prepare import prepare_rec
+
+    prepare_rec(rec, tmp_path / "s.h5")
+    r = run_facetool("train", "resnet", "--store", tmp_path / "s.h5", *small, "--val-fraction", 0.4,
+                     "--out", tmp_path / "r2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--val-fraction" in lines[0] and "--test-fraction" in lines[0], \
+        r.stderr
+    assert not (tmp_path / "r2").exists()

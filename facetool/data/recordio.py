@@ -43,6 +43,10 @@ IR_FORMAT = "<IfQQ"
 IR_SIZE = struct.calcsize(IR_FORMAT)  # 24
 LEN_MASK = (1 << 29) - 1
 REC_SUFFIX = ".rec"
+#: share of each identity's images held out (the test/validation split) of a pack read directly: ``prepare``'s
+#: default ``--test-fraction``, so a pack and ``prepare rec``'s store of it split alike (``--val-fraction``'s
+#: default; a face store carries its own split, fixed at prepare time)
+VAL_FRACTION = 0.2
 
 
 @dataclass(frozen=True)
