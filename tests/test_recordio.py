@@ -335,3 +335,22 @@ def test_val_fraction_option_trains_on_the_pack_split(source, tmp_path):
     assert r.returncode == 2 and len(lines) == 1 and "--val-fraction" in lines[0] and "--test-fraction" in lines[0], \
         r.stderr
     assert not (tmp_path / "r2").exists()
+
+
+def test_run_folder_over_a_packs_index_or_property_is_refused_as_an_input(source, tmp_path):
+    """Every file of a pack given as --store (.rec, .idx, property) is an input of the command: an --out that
+    names one of them is refused as an input even with --overwrite (one line, exit 2), and nothing changes."""
+    from facetool.data.sources import input_paths
+    from facetool.io import guard_output
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    before = {p: p.read_bytes() for p in input_paths(rec)}
+    for p in (rec.with_suffix(".idx"), rec.parent / "property"):
+        with pytest.raises(FacetoolError, match="also an input"):
+            guard_output(p, inputs=input_paths(rec), overwrite=True, is_dir=True, resumable=True)
+    for argv in (["train", "resnet", "--arch", "resnet18"], ["train", "arcface", "--network", "r18"]):
+        r = run_facetool(*argv, "--store", rec, "--out", rec.with_suffix(".idx"), "--overwrite")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "also an input" in lines[0], r.stderr
+    assert {p: p.read_bytes() for p in input_paths(rec)} == before

@@ -39,9 +39,12 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _out(kind: str, name: str, out: Optional[Path], inputs: tuple, train: TrainOptions) -> Path:
-    """The run folder: --out, or runs/<kind>-<backbone>-<n> (the next free n); guarded before anything runs."""
+    """The run folder: --out, or runs/<kind>-<backbone>-<n> (the next free n); guarded before anything runs.
+    ``inputs[0]`` is the face source: every file of a pack (``.rec``, ``.idx``, ``property``) is an input."""
+    from facetool.data.sources import input_paths
     from facetool.io import guard_run_folder
 
+    inputs = (*input_paths(inputs[0]), *inputs[1:])
     arch = name.removeprefix(FAMILIES[kind][1])
     return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=train.overwrite, resume=train.resume)
 

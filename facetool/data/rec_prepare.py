@@ -66,6 +66,7 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
     the ranks and rank 0 alone writes the store one process writes (:func:`facetool.prepare.build_store`);
     the other ranks return None."""
     from facetool.data.imdbface import finish_report, guard_report
+    from facetool.data.sources import input_paths
     from facetool.prepare import build_store
 
     for name, v in (("--identities", identities), ("--per-identity", per_identity), ("--size", size)):
@@ -74,7 +75,7 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
     if not 0.0 <= test_fraction < 1.0:
         raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
     pk = RecordPack(rec)
-    inputs = (pk.rec, pk.idx)
+    inputs = input_paths(pk.rec)  # .rec, .idx and property
     out = guard_output(out, inputs=inputs, overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=inputs)
     kept, items = plan_rec(pk, identities=identities, per_identity=per_identity, test_fraction=test_fraction,

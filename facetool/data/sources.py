@@ -68,10 +68,12 @@ def is_pack(path: str | Path) -> bool:
     return p.suffix.lower() not in STORE_SUFFIXES and is_rec_path(p)
 
 
-def input_paths(path: str | Path) -> tuple[Path, ...]:
+def input_paths(path: str | Path | None) -> tuple[Path, ...]:
     """Every file the face source ``path`` reads: a store itself; a pack's ``.rec``, its ``.idx`` and its
-    ``property`` (where present). Commands pass these to ``guard_output`` / ``guard_run_folder`` as inputs,
-    so an output never replaces or sits over any of them."""
+    ``property`` (where present); nothing for None. Commands pass these to ``guard_output`` /
+    ``guard_run_folder`` as inputs, so an output never replaces or sits over any of them."""
+    if path is None or str(path) == "":
+        return ()
     p = Path(path)
     if not is_pack(p):
         return (p,)
