@@ -208,7 +208,9 @@ def register(app: typer.Typer) -> None:
         if not feats:
             raise FacetoolError("--feature needs at least one attribute name")
         out = _out("iig", _model_name("iig", arch), out, (store, masks), train)
-        with FaceStore(store) as s:
+        from facetool.data.sources import face_source
+
+        with FaceStore(face_source(store)) as s:  # a pack (no attributes): one line pointing to prepare rec
             vocab = {f: s.attribute(f)[1] for f in feats}
         given = load_masks(masks) if masks is not None else None
         if given is not None and set(given) != set(feats):
