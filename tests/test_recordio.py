@@ -354,3 +354,47 @@ def test_run_folder_over_a_packs_index_or_property_is_refused_as_an_input(source
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and len(lines) == 1 and "also an input" in lines[0], r.stderr
     assert {p: p.read_bytes() for p in input_paths(rec)} == before
+
+
+# -- opening a big pack: headers only, vectorised ------------------------------------------------------------
+def test_shuffled_pack_open_reads_headers_not_payloads(source, tmp_path, monkeypatch):
+    """Opening a shuffled pack takes every label from the records' first 40 bytes (one vectorised gather):
+    whole payloads are read only for the last record (truncation check), record 0 (a range record?) and the
+    multi-part records (their header may be split); the labels equal the per-record headers'. Before: every record was read whole."""
+    items, perm = write_shuffled_pack(source, tmp_path / "s.rec")
+    calls = []
+    real = RecordPack.read
+    monkeypatch.setattr(RecordPack, "read", lambda self, key: calls.append(key) or real(self, key))
+    pk = RecordPack(tmp_path / "s.rec")
+    assert len(calls) <= 2 + pk.count_multipart() == 9 < len(items)  # + record 0 (is it a range record?)
+    ref = [h.label[0] if isinstance(h.label, tuple) else h.label for h in map(pk.header, pk.keys.tolist())]
+    assert pk.labels.tolist() == ref == [items[j][0] for j in perm.tolist()]
+    flag, lab, second = pk.scan_headers(pk.keys)
+    assert flag.tolist() == [0 if k % 2 == 0 else 2 for k in range(len(items))]
+    assert np.all(second[1::2] == 0.5) and np.isnan(second[0::2]).all()
+
+
+def test_index_parsed_alike_fast_and_line_by_line(source, tmp_path):
+    """A regular index (key<TAB>offset lines, parsed in one numpy call) and the same index with CRLF line ends,
+    a blank line and space separators (the line parser) give the same records; a later line of a repeated key
+    wins; a label that is no identity number in a shuffled pack is one line naming the record."""
+    from facetool.data.recordio import read_idx
+
+    write_shuffled_pack(source, tmp_path / "s.rec")
+    idx = tmp_path / "s.idx"
+    size = (tmp_path / "s.rec").stat().st_size
+    keys, offs = read_idx(idx, size, "s.rec")
+    lines = idx.read_text().splitlines()
+    idx.write_bytes(("\r\n".join(ln.replace("\t", "  ") for ln in lines[:5]) + "\r\n\r\n" +
+                     "\n".join(lines[5:]) + "\n").encode())
+    k2, o2 = read_idx(idx, size, "s.rec")
+    assert np.array_equal(keys, k2) and np.array_equal(offs, o2) and len(keys) == IDS * PER
+    idx.write_text("\n".join(lines + [f"3\t{offs[4]}"]) + "\n")  # key 3 again, at record 4's offset
+    pk = RecordPack(tmp_path / "s.rec")
+    assert len(pk.keys) == IDS * PER and pk.read(3) == pk.read(4)
+    idx.write_text("\n".join(lines) + "\n")
+    recs = [(k, pack(IRHeader(0, float(k % IDS) if k != 5 else float("nan"), k), b"x")) for k in range(10)]
+    write_rec(tmp_path / "n.rec", recs)
+    with pytest.raises(FacetoolError, match=r"n.rec record 5: label nan is not an identity number") as e:
+        RecordPack(tmp_path / "n.rec")
+    assert "\n" not in str(e.value)
