@@ -398,3 +398,26 @@ def test_index_parsed_alike_fast_and_line_by_line(source, tmp_path):
     with pytest.raises(FacetoolError, match=r"n.rec record 5: label nan is not an identity number") as e:
         RecordPack(tmp_path / "n.rec")
     assert "\n" not in str(e.value)
+
+
+def test_jpeg_payloads_decode_as_opencv_decodes_them_in_rgb(tmp_path):
+    """JPEG payloads (what MS1M/Glint packs hold; lossy, so compared with the decoder rather than the source):
+    the pack's image and the dataset's raw row equal cv2.imdecode of the payload converted BGR -> RGB, for a
+    whole record and for one split in parts (a COM segment holding the magic at payload offset 32)."""
+    from facetool.data import open_dataset
+
+    jpgs = []
+    for i in range(3):
+        ok, buf = cv2.imencode(".jpg", _face(i, i + 1)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 75])
+        jpgs.append(buf.tobytes())
+    com = b"\xff\xfe" + struct.pack(">H", 2 + 10) + b"xx" + MAGIC_BYTES + b"face"  # 24 + 6 + 2 = offset 32
+    jpgs.append(jpgs[0][:2] + com + jpgs[0][2:])
+    write_rec(tmp_path / "j.rec", [(k, pack(IRHeader(0, float(k % 2), k), data)) for k, data in enumerate(jpgs)])
+    pk = RecordPack(tmp_path / "j.rec")
+    assert pk.count_multipart() == 1 and pk.read(3)[24:] == jpgs[3]
+    ds = open_dataset(tmp_path / "j.rec", None)
+    for k, data in enumerate(jpgs):
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        assert not np.array_equal(want, want[:, :, ::-1])  # the channel order is visible
+        assert np.array_equal(pk.image(k), want) and np.array_equal(ds.raw(k), want)
+    assert np.array_equal(pk.image(3), pk.image(0))  # the comment does not change the pixels
