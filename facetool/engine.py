@@ -173,6 +173,7 @@ class TrainConfig:
     max_steps: int | None = None  # stop after this many optimizer steps in total (tests, smoke runs)
     flip: bool = True  # random horizontal flips of training images (if the dataset supports it)
     val_every: int = 1  # validate every N epochs (and always after the last one)
+    val_fraction: float = 0.2  # held-out share per identity of a RecordIO pack (facetool.data.sources.VAL_FRACTION)
     verbose: bool = True
     extra: dict = field(default_factory=dict)  # free JSON-able notes stored in config.json
 
@@ -199,6 +200,8 @@ class TrainConfig:
             raise FacetoolError(f"--workers must be >= 0 (0 = load in the main process), got {self.workers}")
         if self.val_every < 1:
             raise FacetoolError(f"--val-every must be >= 1, got {self.val_every}")
+        if not (math.isfinite(self.val_fraction) and 0.0 <= self.val_fraction < 1.0):
+            raise FacetoolError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.max_steps is not None and self.max_steps < 1:
             raise FacetoolError(f"--max-steps must be >= 1 (0 = all epochs), got {self.max_steps}")
 
@@ -231,7 +234,8 @@ class TrainConfig:
                   warmup_epochs=opts.warmup_epochs, amp=opts.amp, seed=opts.seed, workers=opts.workers,
                   grad_clip=opts.grad_clip or None, resume=opts.resume, overwrite=opts.overwrite,
                   log_every=opts.log_every, max_steps=opts.max_steps or None, flip=opts.flip,
-                  val_every=opts.val_every, extra=dict(extra or {}))
+                  val_every=opts.val_every, val_fraction=getattr(opts, "val_fraction", 0.2),
+                  extra=dict(extra or {}))
         cfg.validate()
         return cfg
 

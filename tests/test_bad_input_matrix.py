@@ -278,3 +278,30 @@ def test_malicious_pickles_are_refused_in_every_model_head_init_resume_and_bin_s
         failures.append(f"train resnet --resume: exit {rc}: {out.strip()[:200]}")
     assert not marker.exists(), "a pickle ran code"
     assert slots >= 30 and not failures, f"{len(failures)} of {slots} slots:\n" + "\n".join(failures)
+
+
+# -- RecordIO packs given to a store-only option (REC-2) ------------------------------------------------------
+def test_a_pack_given_where_a_face_store_is_read_points_to_prepare_rec(valid, tmp_path, monkeypatch, capsys):
+    """Every input option declared a face store (or store-or-folder) only, `train iig --store` among them
+    (it reads the store's attributes), refuses a RecordIO pack in one line (exit 2) that names the option and
+    says how to convert it (`facetool prepare rec`); nothing is written."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FACETOOL_STORE", raising=False)
+    monkeypatch.setenv("COLUMNS", "100000")
+    root = _root()
+    outs = tmp_path / "outs"
+    failures, walked = [], set()
+    for path, cmd in walk_commands(root):
+        command = " ".join(path)
+        base, _, paths = _plan(command, cmd, valid, outs)
+        for p, flag, kind, positional in paths:
+            if kind not in (STORE, STORE_OR_FOLDER):
+                continue
+            walked.add((command, flag))
+            argv = [*path, *_replace(base, flag, positional, str(valid[kind]), str(valid[REC]))]
+            rc, out = _invoke(root, capsys, argv)
+            lines = out.strip().splitlines()
+            if rc != 2 or len(lines) != 1 or "prepare rec" not in lines[0] or flag not in lines[0] or outs.exists():
+                failures.append(f"facetool {command} {flag}: exit {rc}: {out.strip()[:200]}")
+    assert ("train iig", "--store") in walked and path_kind("train iig", "--store") == STORE and len(walked) > 10
+    assert not failures, "\n".join(failures)

@@ -23,7 +23,8 @@ TRAINING_COMMANDS = [("train", "resnet"), ("train", "aig"), ("train", "iig"), ("
 #: the training options (flags as typed); only the first five may differ in default between commands
 PER_METHOD = ["--epochs", "--batch-size", "--lr", "--schedule", "--milestones"]
 MECHANICS = ["--lr-gamma", "--momentum", "--weight-decay", "--warmup-epochs", "--grad-clip", "--amp", "--flip",
-             "--workers", "--seed", "--val-every", "--log-every", "--max-steps", "--resume", "--overwrite"]
+             "--workers", "--seed", "--val-every", "--val-fraction", "--log-every", "--max-steps", "--resume",
+             "--overwrite"]
 
 
 def _commands() -> dict[tuple[str, ...], object]:

@@ -229,3 +229,52 @@ def test_heatmap_decoding_is_batched_and_maps_back_through_the_crop():
     assert pts[0].tolist() == [[-34.0, -21.0]] * 3
     assert pts[1].tolist() == [[42.0, 82.0], [42.0, 82.0], [122.0, 162.0]]
     assert heatmaps_to_landmarks(hm, center, scale, truncate=False)[0, 0].tolist() == [-34.375, -21.875]
+
+
+# -- a FAN where an embedding model belongs; an absurd recorded landmark count (REC-2) -------------------------
+def test_a_fan_is_refused_by_embedding_commands_in_one_line(tmp_path):
+    """A FAN (output_kind heatmaps) is no face embedding whatever --features says: select_features and
+    require_embedder (eval lfw|ijbc, invert, export) and dissect routing refuse it in one line naming
+    --model and what the command takes, before anything is written (it used to pass as an embedding model:
+    export failed inside the ONNX export, dissect routing clustered hourglass features)."""
+    from conftest import run_facetool
+    from facetool.data.synthetic import prepare_synthetic
+    from facetool.errors import FacetoolError
+    from facetool.models import create_model, save_checkpoint
+    from facetool.models.features import require_embedder, select_features
+
+    fan = create_model("fan1", width=8, input_size=64)
+    for features in ("embedding", "penultimate", "logits"):
+        with pytest.raises(FacetoolError, match="landmark model \\(FAN\\)"):
+            select_features(fan, features)
+    with pytest.raises(FacetoolError, match="face-recognition model"):
+        require_embedder(fan)
+    path = save_checkpoint(tmp_path / "fan.pt", fan)
+    prepare_synthetic(tmp_path / "s.h5", identities=3, per_identity=2, size=64, seed=0)
+    for argv in (["export", "--model", path, "--out", tmp_path / "o" / "fan.onnx"],
+                 ["dissect", "routing", "--model", path, "--store", tmp_path / "s.h5", "--clusters", 2,
+                  "--split", "all", "--out", tmp_path / "o"],
+                 ["invert", "--model", path, "--images", tmp_path / "s.h5", "--limit", 1, "--out", tmp_path / "o"]):
+        r = run_facetool(*argv)
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "--model" in lines[0] and "landmark model" in lines[0], \
+            r.stderr
+        assert not (tmp_path / "o").exists()
+
+
+def test_an_absurd_num_landmarks_in_a_checkpoint_is_damage(tmp_path):
+    """num_landmarks is bounded like the other size arguments: 10^6 recorded heatmaps is a one-line 'damaged'
+    error before the model is built (it used to build 10^6-channel convolutions, then report a shape mismatch)."""
+    import torch
+
+    from facetool.errors import FacetoolError
+    from facetool.models import create_model, load_model, save_checkpoint
+
+    path = save_checkpoint(tmp_path / "fan.pt", create_model("fan1", width=8, input_size=64))
+    ck = torch.load(path, weights_only=True)
+    assert ck["config"].get("num_landmarks", 68) == 68  # recorded when not the default (wflw98: 98)
+    ck["config"]["num_landmarks"] = 10**6
+    torch.save(ck, path)
+    with pytest.raises(FacetoolError, match=r"damaged: its config has num_landmarks 1000000 \(a whole number from 1 "
+                                            r"to 1024"):
+        load_model(path)

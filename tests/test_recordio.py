@@ -279,3 +279,145 @@ def test_train_resnet_and_distill_on_a_pack(source, tmp_path):
         r = run_facetool(*argv)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
         assert "RecordIO pack" in r.stderr
+
+
+# -- --val-fraction (the held-out share of a pack read directly) ------------------------------------------------
+def test_val_fraction_splits_a_pack_per_identity_and_a_store_keeps_its_own(source, tmp_path):
+    """open_dataset(pack, val_fraction=f): round(5·f) of each identity's 5 images are test (0.4 -> 2, the
+    default 0.2 -> 1, 0 -> none), the same split on every call and equal to `prepare rec --test-fraction f`'s;
+    a face store refuses another value than the default in one line pointing to prepare --test-fraction."""
+    from facetool.data import open_dataset
+    from facetool.data.sources import VAL_FRACTION, input_paths
+    from facetool.store import FaceStore
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    for f, per in ((0.4, 2), (None, 1), (0.0, 0)):
+        te, tr = open_dataset(rec, "test", val_fraction=f), open_dataset(rec, "train", val_fraction=f)
+        assert np.array_equal(np.bincount(te.labels[te.indices], minlength=IDS), [per] * IDS), f
+        assert sorted(te.indices.tolist() + tr.indices.tolist()) == list(range(IDS * PER))
+        assert np.array_equal(te.indices, open_dataset(rec, "test", val_fraction=f).indices)
+    assert VAL_FRACTION == 0.2
+    r = run_facetool("prepare", "rec", "--rec", rec, "--out", tmp_path / "s.h5", "--test-fraction", 0.4)
+    assert r.returncode == 0, r.stderr
+    with FaceStore(tmp_path / "s.h5") as s:
+        split = s.f["split"][:]
+    assert np.array_equal(np.flatnonzero(split == 1), open_dataset(rec, "test", val_fraction=0.4).indices)
+    assert len(open_dataset(tmp_path / "s.h5", "test", val_fraction=0.2)) == 2 * IDS  # the default: its own split
+    with pytest.raises(FacetoolError, match=r"--val-fraction 0.3 .*fixed at prepare time.*--test-fraction 0.3") as e:
+        open_dataset(tmp_path / "s.h5", "train", val_fraction=0.3)
+    assert "\n" not in str(e.value)
+    with pytest.raises(FacetoolError, match=r"--val-fraction must be in \[0, 1\)"):
+        open_dataset(rec, "train", val_fraction=1.0)
+    assert input_paths(tmp_path / "s.h5") == (tmp_path / "s.h5",)
+    assert input_paths(rec) == (rec, rec.with_suffix(".idx"), rec.parent / "property")
+
+
+def test_val_fraction_option_trains_on_the_pack_split(source, tmp_path):
+    """`train resnet --store X.rec --val-fraction 0.4`: 12 of the 20 images train (3 steps of 4 in one epoch,
+    the default 0.2 would give 16 images, 4 steps) and config.json records it; the same option on a face store
+    is one line, exit 2, pointing to prepare --test-fraction."""
+    import json
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    small = ["--arch", "resnet18", "--width", 4, "--input-size", 32, "--batch-size", 4, "--epochs", 1]
+    r = run_facetool("train", "resnet", "--store", rec, *small, "--val-fraction", 0.4, "--out", tmp_path / "r")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["metrics"]["step"] == 3
+    assert json.loads((tmp_path / "r" / "config.json").read_text())["train"]["val_fraction"] == 0.4
+    from facetool.data.rec_prepare import prepare_rec
+
+    prepare_rec(rec, tmp_path / "s.h5")
+    r = run_facetool("train", "resnet", "--store", tmp_path / "s.h5", *small, "--val-fraction", 0.4,
+                     "--out", tmp_path / "r2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "--val-fraction" in lines[0] and "--test-fraction" in lines[0], \
+        r.stderr
+    assert not (tmp_path / "r2").exists()
+
+
+def test_run_folder_over_a_packs_index_or_property_is_refused_as_an_input(source, tmp_path):
+    """Every file of a pack given as --store (.rec, .idx, property) is an input of the command: an --out that
+    names one of them is refused as an input even with --overwrite (one line, exit 2), and nothing changes."""
+    from facetool.data.sources import input_paths
+    from facetool.io import guard_output
+
+    rec = tmp_path / "pack" / "train.rec"
+    write_ranges_pack(source, rec)
+    before = {p: p.read_bytes() for p in input_paths(rec)}
+    for p in (rec.with_suffix(".idx"), rec.parent / "property"):
+        with pytest.raises(FacetoolError, match="also an input"):
+            guard_output(p, inputs=input_paths(rec), overwrite=True, is_dir=True, resumable=True)
+    for argv in (["train", "resnet", "--arch", "resnet18"], ["train", "arcface", "--network", "r18"]):
+        r = run_facetool(*argv, "--store", rec, "--out", rec.with_suffix(".idx"), "--overwrite")
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode == 2 and len(lines) == 1 and "also an input" in lines[0], r.stderr
+    assert {p: p.read_bytes() for p in input_paths(rec)} == before
+
+
+# -- opening a big pack: headers only, vectorised ------------------------------------------------------------
+def test_shuffled_pack_open_reads_headers_not_payloads(source, tmp_path, monkeypatch):
+    """Opening a shuffled pack takes every label from the records' first 40 bytes (one vectorised gather):
+    whole payloads are read only for the last record (truncation check), record 0 (a range record?) and the
+    multi-part records (their header may be split); the labels equal the per-record headers'. Before: every record was read whole."""
+    items, perm = write_shuffled_pack(source, tmp_path / "s.rec")
+    calls = []
+    real = RecordPack.read
+    monkeypatch.setattr(RecordPack, "read", lambda self, key: calls.append(key) or real(self, key))
+    pk = RecordPack(tmp_path / "s.rec")
+    assert len(calls) <= 2 + pk.count_multipart() == 9 < len(items)  # + record 0 (is it a range record?)
+    ref = [h.label[0] if isinstance(h.label, tuple) else h.label for h in map(pk.header, pk.keys.tolist())]
+    assert pk.labels.tolist() == ref == [items[j][0] for j in perm.tolist()]
+    flag, lab, second = pk.scan_headers(pk.keys)
+    assert flag.tolist() == [0 if k % 2 == 0 else 2 for k in range(len(items))]
+    assert np.all(second[1::2] == 0.5) and np.isnan(second[0::2]).all()
+
+
+def test_index_parsed_alike_fast_and_line_by_line(source, tmp_path):
+    """A regular index (key<TAB>offset lines, parsed in one numpy call) and the same index with CRLF line ends,
+    a blank line and space separators (the line parser) give the same records; a later line of a repeated key
+    wins; a label that is no identity number in a shuffled pack is one line naming the record."""
+    from facetool.data.recordio import read_idx
+
+    write_shuffled_pack(source, tmp_path / "s.rec")
+    idx = tmp_path / "s.idx"
+    size = (tmp_path / "s.rec").stat().st_size
+    keys, offs = read_idx(idx, size, "s.rec")
+    lines = idx.read_text().splitlines()
+    idx.write_bytes(("\r\n".join(ln.replace("\t", "  ") for ln in lines[:5]) + "\r\n\r\n" +
+                     "\n".join(lines[5:]) + "\n").encode())
+    k2, o2 = read_idx(idx, size, "s.rec")
+    assert np.array_equal(keys, k2) and np.array_equal(offs, o2) and len(keys) == IDS * PER
+    idx.write_text("\n".join(lines + [f"3\t{offs[4]}"]) + "\n")  # key 3 again, at record 4's offset
+    pk = RecordPack(tmp_path / "s.rec")
+    assert len(pk.keys) == IDS * PER and pk.read(3) == pk.read(4)
+    idx.write_text("\n".join(lines) + "\n")
+    recs = [(k, pack(IRHeader(0, float(k % IDS) if k != 5 else float("nan"), k), b"x")) for k in range(10)]
+    write_rec(tmp_path / "n.rec", recs)
+    with pytest.raises(FacetoolError, match=r"n.rec record 5: label nan is not an identity number") as e:
+        RecordPack(tmp_path / "n.rec")
+    assert "\n" not in str(e.value)
+
+
+def test_jpeg_payloads_decode_as_opencv_decodes_them_in_rgb(tmp_path):
+    """JPEG payloads (what MS1M/Glint packs hold; lossy, so compared with the decoder rather than the source):
+    the pack's image and the dataset's raw row equal cv2.imdecode of the payload converted BGR -> RGB, for a
+    whole record and for one split in parts (a COM segment holding the magic at payload offset 32)."""
+    from facetool.data import open_dataset
+
+    jpgs = []
+    for i in range(3):
+        ok, buf = cv2.imencode(".jpg", _face(i, i + 1)[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 75])
+        jpgs.append(buf.tobytes())
+    com = b"\xff\xfe" + struct.pack(">H", 2 + 10) + b"xx" + MAGIC_BYTES + b"face"  # 24 + 6 + 2 = offset 32
+    jpgs.append(jpgs[0][:2] + com + jpgs[0][2:])
+    write_rec(tmp_path / "j.rec", [(k, pack(IRHeader(0, float(k % 2), k), data)) for k, data in enumerate(jpgs)])
+    pk = RecordPack(tmp_path / "j.rec")
+    assert pk.count_multipart() == 1 and pk.read(3)[24:] == jpgs[3]
+    ds = open_dataset(tmp_path / "j.rec", None)
+    for k, data in enumerate(jpgs):
+        want = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)[:, :, ::-1]
+        assert not np.array_equal(want, want[:, :, ::-1])  # the channel order is visible
+        assert np.array_equal(pk.image(k), want) and np.array_equal(ds.raw(k), want)
+    assert np.array_equal(pk.image(3), pk.image(0))  # the comment does not change the pixels

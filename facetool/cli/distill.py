@@ -60,10 +60,11 @@ def register(app: typer.Typer) -> None:
         from facetool.trainers.distill import METHODS
         from facetool.trainers.distill import distill
 
+        from facetool.data.sources import input_paths
         from facetool.io import guard_output
 
         # the run folder is checked before anything else (the library checks it again with the teacher)
-        guard_output(out, inputs=(store, teacher, unlabeled, transfer, *(teacher_head or ())),
+        guard_output(out, inputs=(*input_paths(store), teacher, unlabeled, transfer, *(teacher_head or ())),
                      overwrite=train.overwrite or train.resume, is_dir=True)
         m = method.lower()
         if m not in METHODS:

@@ -68,6 +68,7 @@ LIMITS: dict[str, Range] = {
     "--workers": Range(0, 256, note="0 = load in the main process"),
     "--seed": Range(0, 2**32 - 1),
     "--val-every": Range(1, 100_000),
+    "--val-fraction": Range(0, 1, hi_open=True, note="held-out share of each identity of a RecordIO pack"),
     "--log-every": Range(0, BIG, note="0 = never"),
     "--max-steps": Range(0, BIG, note="0 = all epochs"),
     # models

@@ -39,6 +39,7 @@ class TrainOptions:
     workers: int = 0
     seed: int = 0
     val_every: int = 1
+    val_fraction: float = 0.2  # facetool.data.sources.VAL_FRACTION (not imported: --help stays light)
     log_every: int = 50
     max_steps: int = 0
     resume: bool = False
@@ -82,6 +83,9 @@ OPTIONS: tuple[Spec, ...] = (
     Spec("seed", int, _D.seed, ("--seed",), "Seed of the model init, data order and augmentation."),
     Spec("val_every", int, _D.val_every, ("--val-every",), "Validate every N epochs (and always after the "
          "last one)."),
+    Spec("val_fraction", float, _D.val_fraction, ("--val-fraction",), "Share of each identity's images held out for "
+         "validation when --store is a RecordIO pack (a per-identity split, the same on every run and rank; a face "
+         "store keeps the split it was prepared with: set it there with prepare --test-fraction)."),
     Spec("log_every", int, _D.log_every, ("--log-every",), "Print a progress line every N steps when the output "
          "is not a terminal (a terminal gets a progress bar; 0 = never)."),
     Spec("max_steps", int, _D.max_steps, ("--max-steps",), "Stop after this many optimizer steps in total "

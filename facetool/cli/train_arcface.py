@@ -43,11 +43,12 @@ def register(app: typer.Typer) -> None:
         """
         from facetool.engine import TrainConfig
         from facetool.errors import FacetoolError
+        from facetool.data.sources import input_paths
         from facetool.io import guard_run_folder
         from facetool.trainers.arcface import parse_margins, resolve_network, train_arcface
 
         name = resolve_network(network)
-        out = guard_run_folder(out, f"arcface-{network}", inputs=(store, *val_bin), overwrite=train.overwrite,
+        out = guard_run_folder(out, f"arcface-{network}", inputs=(*input_paths(store), *val_bin), overwrite=train.overwrite,
                                resume=train.resume)
         if width != 64 and not name.startswith("iresnet"):
             raise FacetoolError(f"--width applies to IR-ResNets only, not {name}")

@@ -39,9 +39,12 @@ def _int_list(text: str, option: str) -> list[int]:
 
 
 def _out(kind: str, name: str, out: Optional[Path], inputs: tuple, train: TrainOptions) -> Path:
-    """The run folder: --out, or runs/<kind>-<backbone>-<n> (the next free n); guarded before anything runs."""
+    """The run folder: --out, or runs/<kind>-<backbone>-<n> (the next free n); guarded before anything runs.
+    ``inputs[0]`` is the face source: every file of a pack (``.rec``, ``.idx``, ``property``) is an input."""
+    from facetool.data.sources import input_paths
     from facetool.io import guard_run_folder
 
+    inputs = (*input_paths(inputs[0]), *inputs[1:])
     arch = name.removeprefix(FAMILIES[kind][1])
     return guard_run_folder(out, f"{kind}-{arch}", inputs=inputs, overwrite=train.overwrite, resume=train.resume)
 
@@ -205,7 +208,9 @@ def register(app: typer.Typer) -> None:
         if not feats:
             raise FacetoolError("--feature needs at least one attribute name")
         out = _out("iig", _model_name("iig", arch), out, (store, masks), train)
-        with FaceStore(store) as s:
+        from facetool.data.sources import face_source
+
+        with FaceStore(face_source(store)) as s:  # a pack (no attributes): one line pointing to prepare rec
             vocab = {f: s.attribute(f)[1] for f in feats}
         given = load_masks(masks) if masks is not None else None
         if given is not None and set(given) != set(feats):

@@ -52,12 +52,13 @@ def register(app: typer.Typer) -> None:
         Example: facetool train condface --store vgg.h5 --variant dgconv --clustering kmeans --prototypes 300
         """
         from facetool.engine import TrainConfig
+        from facetool.data.sources import input_paths
         from facetool.io import guard_run_folder
         from facetool.trainers.condface import condface_network, parse_temperature, train_condface
 
         condface_network(variant, network)  # bad names before anything is written
         temperature = parse_temperature(routing_temperature)
-        inputs = (store, *val_bin, *([init] if init is not None else []))
+        inputs = (*input_paths(store), *val_bin, *([init] if init is not None else []))
         out = guard_run_folder(out, f"condface-{variant}", inputs=inputs, overwrite=train.overwrite, resume=train.resume)
         cfg = TrainConfig.from_options(train, out=out)
         result = train_condface(store, cfg, variant=variant, network=network, clustering=clustering,

@@ -49,6 +49,7 @@ def register(app: typer.Typer) -> None:
         Example: facetool train fanface --store vgg.h5 --fan runs/fan/model.pt --network r34 --integration bl --taps h2l-2 --out runs/ff
         """
         from facetool.engine import TrainConfig
+        from facetool.data.sources import input_paths
         from facetool.io import guard_run_folder
         from facetool.models.fanface import INPUT_HEATMAPS, INTEGRATIONS, MODES, TAPS, _choice
         from facetool.trainers.fanface import load_fan, train_fanface
@@ -56,7 +57,7 @@ def register(app: typer.Typer) -> None:
         choices = {o: _choice(v, a, o) for v, a, o in (
             (input_heatmaps, INPUT_HEATMAPS, "--input-heatmaps"), (integration, INTEGRATIONS, "--integration"),
             (taps, TAPS, "--taps"), (mode, MODES, "--mode"))}
-        out = guard_run_folder(out, f"fanface-{network}", inputs=(store, fan), overwrite=train.overwrite,
+        out = guard_run_folder(out, f"fanface-{network}", inputs=(*input_paths(store), fan), overwrite=train.overwrite,
                                resume=train.resume)
         load_fan(fan)  # a wrong file: one line before the run starts
         cfg = TrainConfig.from_options(train, out=out)

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from facetool.data.recordio import VAL_FRACTION
 from facetool.data.transforms import MEAN, STD
 from facetool.store import FaceStore
 
@@ -78,9 +79,10 @@ class FaceDataset(Dataset):
         return d
 
 
-#: share of each identity's images in the test split of a RecordIO pack read directly (``--store X.rec``):
-#: ``prepare``'s default ``--test-fraction``, so a pack and ``prepare rec``'s store of it split alike
-REC_TEST_FRACTION = 0.2
+#: share of each identity's images in the test split of a RecordIO pack read directly (``--store X.rec``)
+#: unless ``--val-fraction`` says otherwise: ``prepare``'s default ``--test-fraction``, so a pack and
+#: ``prepare rec``'s store of it split alike
+REC_TEST_FRACTION = VAL_FRACTION
 
 
 class RecDataset(Dataset):

@@ -66,6 +66,7 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
     the ranks and rank 0 alone writes the store one process writes (:func:`facetool.prepare.build_store`);
     the other ranks return None."""
     from facetool.data.imdbface import finish_report, guard_report
+    from facetool.data.sources import input_paths
     from facetool.prepare import build_store
 
     for name, v in (("--identities", identities), ("--per-identity", per_identity), ("--size", size)):
@@ -73,8 +74,7 @@ def prepare_rec(rec: str | Path, out: str | Path, *, identities: int | None = No
             raise FacetoolError(f"{name} must be >= 1, got {v}")
     if not 0.0 <= test_fraction < 1.0:
         raise FacetoolError(f"--test-fraction must be in [0, 1), got {test_fraction}")
-    rec = Path(rec)
-    inputs = (rec, rec.with_suffix(".idx"))  # the output is checked before the pack is read
+    inputs = input_paths(rec)  # .rec, .idx and property; the output is checked before the pack is read
     out = guard_output(out, inputs=inputs, overwrite=overwrite or resume, suffix=STORE_SUFFIXES)
     guard_report(out, overwrite, inputs=inputs)
     pk = RecordPack(rec)

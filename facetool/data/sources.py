@@ -17,6 +17,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from facetool.data.recordio import VAL_FRACTION
 from facetool.errors import FacetoolError
 from facetool.io import STORE_SUFFIXES, file_head, is_hdf5_head
 
@@ -59,23 +60,66 @@ def face_source(path: str | Path, option: str = "--store", *, rec: bool = False)
     raise FacetoolError(f"{option} {p} is not a face source; a face source is {allowed}")
 
 
-def open_dataset(path: str | Path, split: str | None = "train", *, option: str = "--store", **kw: Any):
+def is_pack(path: str | Path) -> bool:
+    """``path`` (a face source) is a RecordIO pack rather than a face store."""
+    from facetool.data.recordio import is_rec_path
+
+    p = Path(path)
+    return p.suffix.lower() not in STORE_SUFFIXES and is_rec_path(p)
+
+
+def input_paths(path: str | Path | None) -> tuple[Path, ...]:
+    """Every file the face source ``path`` reads: a store itself; a pack's ``.rec``, its ``.idx`` and its
+    ``property`` (where present); nothing for None. Commands pass these to ``guard_output`` /
+    ``guard_run_folder`` as inputs, so an output never replaces or sits over any of them."""
+    if path is None or str(path) == "":
+        return ()
+    p = Path(path)
+    if not is_pack(p):
+        return (p,)
+    from facetool.data.recordio import rec_paths
+
+    rec, idx, prop = rec_paths(p)
+    return (rec, idx, *([prop] if prop.exists() else []))
+
+
+def check_val_fraction(path: str | Path, val_fraction: float | None, option: str = "--val-fraction") -> float:
+    """The held-out share of each identity for the face source ``path``: ``val_fraction`` (default
+    :data:`VAL_FRACTION`) in [0, 1) for a pack. A face store's split is fixed at prepare time (``eval classify
+    --split test`` and the explainers read the same one), so another value is refused in one line that
+    says how to make a store with that split."""
+    import math
+
+    f = VAL_FRACTION if val_fraction is None else float(val_fraction)
+    if not (math.isfinite(f) and 0.0 <= f < 1.0):
+        raise FacetoolError(f"{option} must be in [0, 1), got {val_fraction}")
+    if f != VAL_FRACTION and not is_pack(path):
+        raise FacetoolError(f"{option} {f:g} splits a RecordIO pack; face store {path} carries its own train/test "
+                            f"split, fixed at prepare time: drop {option}, or prepare the store again with "
+                            f"`facetool prepare ... --test-fraction {f:g}`")
+    return f
+
+
+def open_dataset(path: str | Path, split: str | None = "train", *, option: str = "--store",
+                 val_fraction: float | None = None, **kw: Any):
     """The faces of ``split`` (``train``, ``test``, or None for every image) of the face source ``path``
     as a dataset of model inputs: a :class:`facetool.data.dataset.FaceDataset` for a face store (``kw``
     are its keywords: ``flip``, ``attributes``, ``size``, ``indices``), a
     :class:`facetool.data.dataset.RecDataset` for a RecordIO pack (the same keywords and items; the split is
-    per identity, deterministic). Anything else is refused with a one-line error naming ``option`` and what
+    per identity and deterministic, ``val_fraction`` of each identity's images in ``test``, the same on
+    every rank). ``val_fraction`` other than :data:`VAL_FRACTION` is refused for a face store
+    (:func:`check_val_fraction`). Anything else is refused with a one-line error naming ``option`` and what
     a face source may be."""
-    from facetool.data.recordio import is_rec_path
-
     p = face_source(path, option, rec=True)
-    if p.suffix.lower() not in STORE_SUFFIXES and is_rec_path(p):
+    f = check_val_fraction(p, val_fraction)
+    if is_pack(p):
         from facetool.data.dataset import RecDataset
 
-        return RecDataset(p, split, **kw)
+        return RecDataset(p, split, test_fraction=f, **kw)
     from facetool.data.dataset import FaceDataset
 
     return FaceDataset(p, split, **kw)
 
 
-__all__ = ["ALLOWED", "ALLOWED_REC", "STORE_SUFFIXES", "face_source", "open_dataset"]
+__all__ = ["ALLOWED", "ALLOWED_REC", "STORE_SUFFIXES", "VAL_FRACTION", "check_val_fraction", "face_source",
+           "input_paths", "is_pack", "open_dataset"]

@@ -437,6 +437,7 @@ def dissect_routing(
     (``rows``: one record per model x clustering with ``<target>_purity`` / ``<target>_ami`` in %)."""
     from facetool.data.sources import face_source
     from facetool.models import load_model
+    from facetool.models.features import is_landmark_model, landmark_refusal
 
     store = face_source(store)
     rows = sample_rows(store, split, max_images, seed)
@@ -449,6 +450,8 @@ def dissect_routing(
         if not isinstance(m, nn.Module):
             raise FacetoolError(f"{p}: dissect routing needs a PyTorch model (an ONNX file has no routing vectors "
                                 "or stages)")
+        if is_landmark_model(m):
+            raise landmark_refusal(m, "--model" if p == paths[0] else "--compare")
         if not has_routing(m):
             bl_stages(m)
     out = Path(out)

@@ -67,7 +67,8 @@ MAX_INPUT_SIZE = 4096
 #: integer constructor arguments a config may record, with the largest plausible value (a larger one is
 #: damage: it would only allocate memory before the weights are compared with the state_dict)
 SIZE_ARGUMENTS = {"input_size": MAX_INPUT_SIZE, "num_classes": 10_000_000, "width": 1024, "embedding_size": 65536,
-                  "gate_hidden": 65536, "att_channels": 65536}
+                  "gate_hidden": 65536, "att_channels": 65536,
+                  "num_landmarks": 1024}  # a FAN's heatmaps (68 / 98 / dense 468 in practice)
 
 
 def _few(xs: list[str], n: int = 3) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from facetool.errors import FacetoolError
-from facetool.models.base import CLASSIFICATION, EMBEDDING, FaceModel
+from facetool.models.base import CLASSIFICATION, EMBEDDING, HEATMAPS, FaceModel
 
 #: the choices of ``--features``
 FEATURES = ("embedding", "penultimate", "logits")
@@ -32,6 +32,20 @@ EMBEDDING_FEATURES = ("embedding", "penultimate")
 def is_classifier(model: Any) -> bool:
     """Whether ``model`` outputs class logits (a class head), not an embedding."""
     return getattr(model, "output_kind", EMBEDDING) == CLASSIFICATION
+
+
+def is_landmark_model(model: Any) -> bool:
+    """Whether ``model`` outputs landmark heatmaps (a FAN): neither an embedding nor class logits."""
+    return getattr(model, "output_kind", None) == HEATMAPS
+
+
+def landmark_refusal(model: Any, option: str = "--model") -> FacetoolError:
+    """The one message for "this is a landmark model (FAN), not a face-recognition model or classifier"."""
+    name = getattr(model, "name", None) or getattr(model, "config", {}).get("name") or type(model).__name__
+    return FacetoolError(f"{option}: {name} is a landmark model (FAN): its outputs are landmark heatmaps, not a face "
+                         "embedding or class logits; this command takes a face-recognition model (train arcface, an "
+                         "arcface_torch backbone, an ONNX recognition model) or a classifier (with --features "
+                         "penultimate); a FAN is for eval landmarks and train fanface --fan")
 
 
 def model_label(model: Any) -> str:
@@ -103,6 +117,8 @@ def select_features(model: Any, features: str = "embedding", *, option: str = "-
     """
     if features not in allowed:
         raise FacetoolError(f"{option} {features!r} is not one of: {', '.join(allowed)}")
+    if is_landmark_model(model):  # no choice of features makes heatmaps a face embedding
+        raise landmark_refusal(model)
     if features == "embedding":
         if is_classifier(model):
             raise classifier_refusal(model, option, logits="logits" in allowed)
@@ -119,6 +135,9 @@ def select_features(model: Any, features: str = "embedding", *, option: str = "-
 
 
 def require_embedder(model: Any, option: str = "--features") -> None:
-    """Refuse a classifier where an embedding is needed (the check every embedding protocol runs)."""
+    """Refuse a classifier or a landmark model where an embedding is needed (the check every embedding protocol
+    runs)."""
+    if is_landmark_model(model):
+        raise landmark_refusal(model)
     if is_classifier(model):
         raise classifier_refusal(model, option)

@@ -226,8 +226,9 @@ def train_arcface(
         prepare_model(model)
     if getattr(model, "output_kind", None) != "embedding":
         raise FacetoolError(f"network {network!r} is not an embedding model; use r18/r34/r50/r100/r200/mbf")
-    train_ds = open_dataset(store, "train", size=input_size)
-    test_ds = open_dataset(store, "test", size=input_size)
+    vf = getattr(cfg, "val_fraction", None)
+    train_ds = open_dataset(store, "train", size=input_size, val_fraction=vf)
+    test_ds = open_dataset(store, "test", size=input_size, val_fraction=vf)
     val_ds = test_ds if len(test_ds) else None
     pair_ds = None
     idx = test_ds.indices

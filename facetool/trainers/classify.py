@@ -123,11 +123,12 @@ def train_on_store(store: str | Path, model_name: str, method_factory: Callable[
 
         attributes = list(dict.fromkeys([*task.names, *attributes]))
         stats = class_stats(store, task, "train")
-    train_ds = open_dataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size)
+    vf = getattr(cfg, "val_fraction", None)
+    train_ds = open_dataset(store, "train", flip=cfg.flip, attributes=attributes, size=input_size, val_fraction=vf)
     size = input_size or int(train_ds.image_size[0])
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    val_ds = open_dataset(store, "test", attributes=attributes, size=input_size)
+    val_ds = open_dataset(store, "test", attributes=attributes, size=input_size, val_fraction=vf)
     seed_everything(cfg.seed)
     ncls = train_ds.num_classes if stats is None else task.num_outputs
     model = create_model(model_name, num_classes=ncls, input_size=size, **(model_kwargs or {}))

@@ -112,10 +112,12 @@ def train_fan(store: str | Path, cfg: TrainConfig, *, stacks: int = 2, loss: str
     engine's run folder (``model.pt`` loads with :func:`facetool.load_model`). ``init``: start from a FAN
     file (public layout or facetool checkpoint). ``peak``: the target heatmaps' maximum (:data:`DEFAULT_PEAK`)."""
     from facetool.data.heatmaps import LandmarkDataset
+    from facetool.data.sources import check_val_fraction
     from facetool.data.landmarks import CONVENTIONS
     from facetool.models import create_model, load_model
     from facetool.models.fan import fan_name
 
+    check_val_fraction(store, getattr(cfg, "val_fraction", None))  # a face store keeps its prepared split
     if loss not in LOSSES:
         raise FacetoolError(f"unknown --loss {loss!r}; use one of {', '.join(LOSSES)}")
     if not (sigma > 0 and math.isfinite(sigma)):

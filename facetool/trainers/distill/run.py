@@ -90,7 +90,8 @@ def distill(
     check_plus(kind, plus)
     cfg.validate()
     store = face_source(require_file(store, "face store"), rec=True)
-    probe = open_dataset(store, None, indices=[])  # a face store or a RecordIO pack
+    vf = getattr(cfg, "val_fraction", None)
+    probe = open_dataset(store, None, indices=[], val_fraction=vf)  # a face store or a RecordIO pack
     num_classes, store_size = probe.num_classes, int(probe.image_size[0])
     if teacher_arch is not None and teacher is None:
         raise FacetoolError("--teacher-arch names the architecture of --teacher; give --teacher too")
@@ -145,12 +146,12 @@ def distill(
             raise FacetoolError(f"--transfer {transfer} has no {empty} images: the linear probe trains on the transfer "
                                 "store's train split and scores its test split")
     notes: list[str] = []
-    train_ds = open_dataset(store, "train", size=size if size != store_size else None)
+    train_ds = open_dataset(store, "train", size=size if size != store_size else None, val_fraction=vf)
     if labeled_per_identity:
         train_ds.indices = first_per_identity(train_ds.labels, train_ds.indices, labeled_per_identity)
     if len(train_ds) == 0:
         raise FacetoolError(f"store {store} has no training images")
-    test_ds = open_dataset(store, "test", size=size if size != store_size else None)
+    test_ds = open_dataset(store, "test", size=size if size != store_size else None, val_fraction=vf)
     u_ds = open_unlabeled(unlabeled, size, notes) if unlabeled is not None else None
     out = Path(cfg.out)
     for f in (teacher, *teacher_heads):
