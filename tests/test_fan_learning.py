@@ -13,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tests.conftest import learning_seeds
+from conftest import learning_seeds
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_facetool
+from conftest import run_facetool
 
 
 @pytest.fixture(scope="module")
@@ -131,7 +131,7 @@ def test_train_fan_then_eval_landmarks(tmp_path, landmark_store):
 def test_eval_landmarks_on_a_public_state_dict(tmp_path, landmark_store):
     """A state_dict written by the test in the public 2DFAN4 layout (no num_batches_tracked), 2 stacks taken
     from it with --arch fan2, scored at 256 px."""
-    from tests.test_fan import public_state_dict
+    from test_fan import public_state_dict
 
     path = tmp_path / "2DFAN4-test.pth.tar"
     torch.save(public_state_dict(4), path)
@@ -142,7 +142,7 @@ def test_eval_landmarks_on_a_public_state_dict(tmp_path, landmark_store):
 
 
 def test_a_fan_file_with_wrong_keys_is_named(tmp_path, landmark_store):
-    from tests.test_fan import public_state_dict
+    from test_fan import public_state_dict
 
     sd = public_state_dict(2)
     sd["l1.extra"] = sd.pop("l1.bias")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import run_facetool
+from conftest import run_facetool
 
 FAN = {"name": "fan2", "width": 16, "input_size": 64}
 
@@ -196,7 +196,7 @@ def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
     from facetool.models import load_model
     from facetool.models.onnx_model import OnnxModel
     from facetool.store import FaceStore
-    from tests.fixtures_ijb import write_bin
+    from fixtures_ijb import write_bin
 
     root, store = fanface_run
     model = root / "ff" / "model.pt"
@@ -231,7 +231,7 @@ def test_eval_lfw_and_export_of_a_fanface_checkpoint(fanface_run, tmp_path):
 
 def test_eval_ijbc_of_a_fanface_checkpoint(fanface_run, tmp_path):
     """eval ijbc runs the whole pipeline (frozen FAN included) on the 112 crops resized to the model's 32 px."""
-    from tests.fixtures_ijb import make_ijb
+    from fixtures_ijb import make_ijb
 
     root, _ = fanface_run
     ijb = tmp_path / "IJB"
@@ -310,7 +310,7 @@ def test_fanface_bl_h2l2_learns_to_verify(tmp_path):
     from facetool.engine import TrainConfig
     from facetool.models import create_model, save_checkpoint
     from facetool.trainers.fanface import train_fanface
-    from tests.conftest import learning_seeds
+    from conftest import learning_seeds
 
     store = tmp_path / "s.h5"
     prepare_synthetic(store, identities=16, per_identity=10, size=64, seed=learning_seeds(1)[0])

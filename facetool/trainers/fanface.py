@@ -91,8 +91,7 @@ def train_fanface(store: str | Path, cfg: TrainConfig, *, fan: str | Path, netwo
     if not frn.startswith("iresnet"):
         raise FacetoolError(f"FAN-Face's recogniser is an IR-ResNet (r18 .. r200), not {network!r}")
     fan_model = load_fan(fan)
-    fan_cfg = dict(fan_model.config)
-    fan_cfg.pop("task", None)
+    fan_cfg = dict(fan_model.config)  # a FAN has no task: its config is its constructor keywords
 
     def load_weights(model: nn.Module) -> None:
         model.fan.load_state_dict(fan_model.state_dict())
