@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from facetool.data.recordio import VAL_FRACTION
-from facetool.data.transforms import MEAN, STD
+from facetool.data.transforms import item_image
 from facetool.store import FaceStore
 
 
@@ -56,14 +56,7 @@ class FaceDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = int(self.indices[i])
-        img = torch.from_numpy(self._images()[row]).permute(2, 0, 1).float()
-        if self.flip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        img = (img - MEAN) / STD
-        if self.size is not None and img.shape[-1] != self.size:
-            img = torch.nn.functional.interpolate(
-                img[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
-            )[0]
+        img = item_image(self._images()[row], self.flip, self.size)
         item = {
             "image": img,
             "label": torch.tensor(int(self.labels[row])),
@@ -140,14 +133,7 @@ class RecDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         row = int(self.indices[i])
-        img = torch.from_numpy(self.raw(row)).permute(2, 0, 1).float()
-        if self.flip and torch.rand(()) < 0.5:
-            img = img.flip(-1)
-        img = (img - MEAN) / STD
-        if self.size is not None and img.shape[-1] != self.size:
-            img = torch.nn.functional.interpolate(
-                img[None], size=(self.size, self.size), mode="bilinear", align_corners=False, antialias=True
-            )[0]
+        img = item_image(self.raw(row), self.flip, self.size)
         return {"image": img, "label": torch.tensor(int(self.labels[row])), "index": torch.tensor(row)}
 
 

@@ -25,11 +25,25 @@ def denormalize(x: torch.Tensor) -> np.ndarray:
     return x.permute(0, 2, 3, 1).numpy()
 
 
+def _resize(x: torch.Tensor, size: int | None) -> torch.Tensor:
+    """(N,3,H,W) resized to ``size`` x ``size`` (bilinear, antialiased) when it is another size."""
+    if size is None or x.shape[-1] == size:
+        return x
+    return torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+
+
+def item_image(image: np.ndarray, flip: bool = False, size: int | None = None) -> torch.Tensor:
+    """One uint8 (H,W,3) RGB crop as a dataset serves it: a random horizontal flip when ``flip`` (training
+    augmentation; one ``torch.rand`` draw), :func:`normalize`, resized to ``size`` -> float32 (3,H,W).
+    The face store's and the RecordIO pack's datasets both serve their items through it."""
+    img = torch.from_numpy(image).permute(2, 0, 1).float()
+    if flip and torch.rand(()) < 0.5:
+        img = img.flip(-1)
+    return _resize(((img - MEAN) / STD)[None], size)[0]
+
+
 def model_input(images: np.ndarray, size: int | None = None) -> torch.Tensor:
     """uint8 (N,H,W,3) RGB crops -> the model's input: :func:`normalize`, then resized to ``size`` (bilinear,
     antialiased) exactly as :class:`facetool.data.dataset.FaceDataset` serves them (for images rendered or
     edited in memory that never pass through a store)."""
-    x = normalize(images)
-    if size is not None and x.shape[-1] != size:
-        x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-    return x
+    return _resize(normalize(images), size)
